@@ -1,0 +1,81 @@
+// Host dispatch of the sm_90a expert grouped GEMM: picks the dtype instantiation and the tile config.
+// No CUTLASS headers here (the per-dtype TUs hold the templates), so this TU compiles in seconds.
+#include "expert_gemm_sm90.cuh"
+
+#include <algorithm>
+
+namespace moelora::cuda {
+
+#if defined(MOELORA_WITH_CUDA) && !defined(MOELORA_NO_CUTLASS)
+namespace {
+
+// True when this TU was compiled with a compute_90 device pass. The CUTLASS kernels need sm_90a
+// (wgmma/TMA/setmaxnreg); the build always pairs compute_90 with the "a" variant
+// (-gencode=arch=compute_90a,code=sm_90a). nvcc's host pass only sees "900" in __CUDA_ARCH_LIST__,
+// whichever variant; a plain compute_90 device pass is refused with #error in expert_gemm_sm90.cuh, so
+// 900 in the list means the sm_90a kernels are really there.
+constexpr bool built_for_sm90() {
+#if defined(__CUDA_ARCH_LIST__)
+  constexpr int archs[] = {__CUDA_ARCH_LIST__};
+  for (int a : archs)
+    if (a == 900) return true;
+  return false;
+#else
+  return true;
+#endif
+}
+
+// Config choice from the host-known row count (T*k), never from device values.
+// Average rows per expert m = rows_hint / E (routing skew aside):
+//  * m < 64: decode / small batches. Each active expert's W[e] (N*K) must be streamed from HBM once and
+//    there are few rows to amortize it over, so the GEMM is memory bound (H100 ridge ~300 FLOP/B).
+//    SmallM (64x128x128 pingpong) gives the most weight-streaming CTAs and the least padded MMA work.
+//  * m >= 64: 128x256x64 cooperative. Once many experts hold more than 64 rows, SmallM needs two M tiles
+//    per N column (W streamed twice through L2, twice the tile overhead) and loses.
+// Measured on H100 (bf16, tools/expert_gemm_sm90_selftest.cu, uniform random routing), small vs large:
+// qwen3 fc1 T=1 25.6 vs 37.4 us, T=64 276 vs 289 us; at m = 64 qwen3 fc1 T=1024 306 vs 324 us but
+// mixtral fc1 T=256 800 vs 694 us (a wash on average, skewed routing favours large); m >= 128 large wins
+// by 20-40% (qwen3 fc1 T=4096 603 vs 431 us, gpt-oss fc2 T=1024 285 vs 233 us).
+detail::ExpertGemmTile pick_tile(const ExpertGemmParams& p) {
+  const long long rows = p.rows_hint > 0 ? p.rows_hint : 0;
+  return rows >= 64LL * p.num_experts ? detail::ExpertGemmTile::LargeM : detail::ExpertGemmTile::SmallM;
+}
+
+}  // namespace
+
+bool expert_gemm_sm90_compiled() { return built_for_sm90(); }
+
+size_t expert_gemm_sm90_workspace_bytes(int num_experts, int sm_count) {
+  // The dtype is not an argument, so cover every instantiation (they differ by a few hundred bytes).
+  size_t bytes = 0;
+  for (auto tile : {detail::ExpertGemmTile::SmallM, detail::ExpertGemmTile::LargeM}) {
+    bytes = std::max(bytes, detail::expert_gemm_sm90_bf16_workspace(tile, num_experts, sm_count));
+    bytes = std::max(bytes, detail::expert_gemm_sm90_fp16_workspace(tile, num_experts, sm_count));
+  }
+  return bytes;
+}
+
+cudaError_t expert_gemm_sm90(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
+                             cudaStream_t stream) {
+  if (!built_for_sm90()) return cudaErrorNotSupported;
+  const detail::ExpertGemmTile tile = pick_tile(p);
+  switch (p.dtype) {
+    case DType::BF16:
+      return detail::expert_gemm_sm90_bf16_run(tile, p, workspace, workspace_bytes, sm_count, stream);
+    case DType::FP16:
+      return detail::expert_gemm_sm90_fp16_run(tile, p, workspace, workspace_bytes, sm_count, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+#else  // built without CUDA CUTLASS support
+
+bool expert_gemm_sm90_compiled() { return false; }
+size_t expert_gemm_sm90_workspace_bytes(int, int) { return 0; }
+cudaError_t expert_gemm_sm90(const ExpertGemmParams&, void*, size_t, int, cudaStream_t) {
+  return cudaErrorNotSupported;
+}
+
+#endif
+
+}  // namespace moelora::cuda

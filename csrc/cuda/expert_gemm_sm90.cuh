@@ -1,0 +1,256 @@
+// Templated implementation of the sm_90a expert grouped GEMM (interface: expert_gemm_sm90.h).
+//
+// Two parts:
+//  * declarations (always visible): the per-dtype entry points that expert_gemm_sm90_{bf16,fp16}.cu
+//    define and expert_gemm_sm90.cu dispatches to, so the dispatcher stays free of CUTLASS headers;
+//  * the CUTLASS template (only with MOELORA_EXPERT_GEMM_SM90_IMPL, i.e. in the per-dtype TUs).
+//
+// Design (why it is graph-capturable):
+//  * CUTLASS 3.x ptr-array grouped GEMM, one group per expert, GroupProblemShape with host shapes = nullptr.
+//    Problem shapes, A/B/D pointer arrays and strides live in the caller's workspace and are written by
+//    build_expert_groups_kernel from expert_offsets on the same stream, so nothing on the host depends on
+//    the routing. With no host shapes the CUTLASS grid is sized from sm_count alone
+//    (PersistentTileSchedulerSm90Group::get_tiled_cta_shape_mnl -> total_ctas = sm_count; cluster 1x1
+//    -> grid = sm_count persistent CTAs).
+//  * Experts with 0 rows: the group tile scheduler computes ceil_div(M, tileM) * ceil_div(N, tileN) = 0
+//    tiles for them and its warp-wide prefix scan walks past them, so no CTA ever touches their (valid but
+//    unused) pointers. rows == 0 in total: every CTA gets an invalid tile and exits.
+//  * Partial M tiles: the mainloop/epilogue rewrite the TMA descriptors per group with that group's M, so
+//    TMA loads zero-fill and TMA stores clip at the expert's last row (no spill into the next expert).
+//  * Host-side CUTLASS work per call: building TMA descriptor templates (cuTensorMapEncode, host only) and
+//    cudaFuncSetAttribute (not a stream op): both are legal during stream capture. No cudaMalloc, no sync.
+#pragma once
+#include <cuda_runtime.h>
+#include <cstddef>
+
+#include "expert_gemm_sm90.h"
+
+namespace moelora::cuda::detail {
+
+// Tile configurations (see expert_gemm_sm90.cu for how rows_hint picks one).
+enum class ExpertGemmTile { SmallM, LargeM };
+
+size_t expert_gemm_sm90_bf16_workspace(ExpertGemmTile tile, int num_experts, int sm_count);
+cudaError_t expert_gemm_sm90_bf16_run(ExpertGemmTile tile, const ExpertGemmParams& p, void* workspace,
+                                      size_t workspace_bytes, int sm_count, cudaStream_t stream);
+size_t expert_gemm_sm90_fp16_workspace(ExpertGemmTile tile, int num_experts, int sm_count);
+cudaError_t expert_gemm_sm90_fp16_run(ExpertGemmTile tile, const ExpertGemmParams& p, void* workspace,
+                                      size_t workspace_bytes, int sm_count, cudaStream_t stream);
+
+}  // namespace moelora::cuda::detail
+
+#if defined(MOELORA_EXPERT_GEMM_SM90_IMPL) && defined(MOELORA_WITH_CUDA) && !defined(MOELORA_NO_CUTLASS)
+
+// A compute_90 device pass without the "a" features would compile CUTLASS's kernels to an error printf,
+// while the host (which only sees 900 in __CUDA_ARCH_LIST__) would report expert_gemm_sm90_compiled().
+// Refuse that build instead, so compiled() == "sm_90a code is in the binary". Other arches (sm_80) get
+// CUTLASS's empty arch-guarded kernel bodies, never launched (the caller checks compute capability 9.0).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "expert_gemm_sm90: build Hopper as -gencode=arch=compute_90a,code=sm_90a (wgmma/TMA need the 'a' target)"
+#endif
+
+#include <cstdint>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/operations.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/kernel_hardware_info.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+namespace moelora::cuda::detail {
+
+using namespace cute;
+
+// Decode / small rows per expert: memory bound on streaming W. Pingpong with 64-row tiles wastes the
+// least MMA work on mostly-empty M tiles, keeps two consumer warpgroups alternating so the producer
+// streams weight tiles continuously, and a 128-deep K tile with 4+ stages keeps ~190 KB of W in flight
+// per SM. N=128 (not 256) doubles the number of tiles so more SMs stream weights when only a few experts
+// are active (e.g. T=1, k=8: 8 experts x N/128 tiles).
+struct SmallMTile {
+  using TileShape = Shape<_64, _128, _128>;
+  using ClusterShape = Shape<_1, _1, _1>;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+};
+
+// Prefill / many rows per expert: compute bound. The usual best Hopper bf16 tile: 128x256x64 with two
+// cooperative consumer warpgroups (64x256 each). Cluster 1x1: a 2-CTA cluster would round every
+// expert's tile count up to the cluster size (idle CTAs on small experts) and needs max_active_clusters.
+struct LargeMTile {
+  using TileShape = Shape<_128, _256, _64>;
+  using ClusterShape = Shape<_1, _1, _1>;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+};
+
+template <class Element, class Tile>
+struct ExpertGemmKernel {
+  using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // per group <M, N, K>
+  using ElementAcc = float;
+  using LayoutA = cutlass::layout::RowMajor;     // A [rows, K]
+  using LayoutB = cutlass::layout::ColumnMajor;  // W[e] [N, K] row-major == K x N column-major (TN)
+  using LayoutD = cutlass::layout::RowMajor;     // D [rows, N]
+  static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16 B (TMA)
+
+  // No C operand (void): D = acc, beta = 0, nothing loaded in the epilogue.
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Tile::TileShape,
+      typename Tile::ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementAcc,
+      void, LayoutD*, kAlign, Element, LayoutD*, kAlign, typename Tile::EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<Element, ElementAcc>>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element, LayoutB*,
+      kAlign, ElementAcc, typename Tile::TileShape, typename Tile::ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      typename Tile::KernelSchedule>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  using Shape3 = typename ProblemShape::UnderlyingProblemShape;
+  using StrideA = typename Kernel::InternalStrideA;
+  using StrideB = typename Kernel::InternalStrideB;
+  using StrideD = typename Kernel::InternalStrideD;
+  using StrideC = typename Kernel::InternalStrideC;
+  using ElementC = typename Gemm::ElementC;  // void
+  using ElementD = typename Gemm::EpilogueOutputOp::ElementOutput;
+  static_assert(cute::is_same_v<ElementD, Element>, "D has the input element type");
+};
+
+// Our per-group tables in the workspace, followed by CUTLASS's own workspace (TMA descriptor copies).
+struct GroupTableLayout {
+  static constexpr size_t kAlign = 256;
+  static size_t up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+  size_t shapes, ptr_a, ptr_b, ptr_d, stride_a, stride_b, stride_d, cutlass_ws, end;
+  template <class K>
+  static GroupTableLayout make(int E) {
+    GroupTableLayout l{};
+    size_t o = 0;
+    l.shapes = o;   o = up(o + sizeof(typename K::Shape3) * E);
+    l.ptr_a = o;    o = up(o + sizeof(void*) * E);
+    l.ptr_b = o;    o = up(o + sizeof(void*) * E);
+    l.ptr_d = o;    o = up(o + sizeof(void*) * E);
+    l.stride_a = o; o = up(o + sizeof(typename K::StrideA) * E);
+    l.stride_b = o; o = up(o + sizeof(typename K::StrideB) * E);
+    l.stride_d = o; o = up(o + sizeof(typename K::StrideD) * E);
+    l.cutlass_ws = o;
+    l.end = o;
+    return l;
+  }
+};
+
+// One thread per expert: the group table of the ptr-array GEMM, from the device expert offsets.
+template <class K, class Element>
+__global__ void build_expert_groups_kernel(const int* __restrict__ offsets, int E, int N, int K_,
+                                           const Element* A, const Element* W, Element* D,
+                                           typename K::Shape3* shapes, const Element** ptr_a,
+                                           const Element** ptr_b, Element** ptr_d,
+                                           typename K::StrideA* stride_a, typename K::StrideB* stride_b,
+                                           typename K::StrideD* stride_d) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= E) return;
+  const int begin = offsets[e];
+  const int m = max(offsets[e + 1] - begin, 0);
+  shapes[e] = typename K::Shape3{m, N, K_};
+  ptr_a[e] = A + static_cast<int64_t>(begin) * K_;
+  ptr_b[e] = W + static_cast<int64_t>(e) * N * K_;
+  ptr_d[e] = D + static_cast<int64_t>(begin) * N;
+  // Packed strides do not depend on M (a leading dimension only), so every group gets the same ones.
+  stride_a[e] = cutlass::make_cute_packed_stride(typename K::StrideA{}, cute::make_shape(1, K_, 1));
+  stride_b[e] = cutlass::make_cute_packed_stride(typename K::StrideB{}, cute::make_shape(N, K_, 1));
+  stride_d[e] = cutlass::make_cute_packed_stride(typename K::StrideD{}, cute::make_shape(1, N, 1));
+}
+
+template <class K>
+typename K::Gemm::Arguments make_arguments(const GroupTableLayout& l, char* ws, int E, int sm_count) {
+  using ElementA = typename K::Gemm::ElementA;
+  using ElementB = typename K::Gemm::ElementB;
+  cutlass::KernelHardwareInfo hw{};
+  hw.device_id = 0;  // only read by CUTLASS when sm_count <= 0, which we reject
+  hw.sm_count = sm_count;
+  hw.max_active_clusters = 0;  // unused with a 1x1 cluster
+
+  typename K::Gemm::Arguments args{};
+  args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+  args.problem_shape = {E, reinterpret_cast<typename K::Shape3*>(ws + l.shapes), nullptr};
+  args.mainloop = {reinterpret_cast<const ElementA**>(ws + l.ptr_a),
+                   reinterpret_cast<typename K::StrideA*>(ws + l.stride_a),
+                   reinterpret_cast<const ElementB**>(ws + l.ptr_b),
+                   reinterpret_cast<typename K::StrideB*>(ws + l.stride_b)};
+  args.epilogue.thread.alpha = 1.0f;
+  args.epilogue.thread.beta = 0.0f;
+  args.epilogue.ptr_C = nullptr;
+  args.epilogue.dC = nullptr;
+  args.epilogue.ptr_D = reinterpret_cast<typename K::ElementD**>(ws + l.ptr_d);
+  args.epilogue.dD = reinterpret_cast<typename K::StrideD*>(ws + l.stride_d);
+  args.hw_info = hw;
+  // Along M: consecutive tiles are the M tiles of one N column of one expert, so CTAs running at the
+  // same time share the weight tile through L2 when an expert has several M tiles.
+  args.scheduler.raster_order = cutlass::gemm::kernel::detail::RasterOrderOptions::AlongM;
+  return args;
+}
+
+template <class Element, class Tile>
+size_t expert_gemm_workspace_bytes(int num_experts, int sm_count) {
+  using K = ExpertGemmKernel<Element, Tile>;
+  if (num_experts <= 0 || sm_count <= 0) return 0;
+  const GroupTableLayout l = GroupTableLayout::make<K>(num_experts);
+  // CUTLASS's workspace here depends only on sm_count (per-SM TMA descriptor copies), not on the routing;
+  // the arguments only need a valid group count and sm_count.
+  auto args = make_arguments<K>(l, nullptr, num_experts, sm_count);
+  return l.end + GroupTableLayout::up(K::Gemm::get_workspace_size(args)) + GroupTableLayout::kAlign;
+}
+
+template <class Element, class Tile>
+cudaError_t expert_gemm_run(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
+                            cudaStream_t stream) {
+  using K = ExpertGemmKernel<Element, Tile>;
+  using ElementA = typename K::Gemm::ElementA;
+  const int E = p.num_experts;
+  if (E <= 0 || sm_count <= 0 || p.N <= 0 || p.K <= 0) return cudaErrorInvalidValue;
+  // TMA: 16-byte aligned rows and base pointers.
+  if (p.N % K::kAlign != 0 || p.K % K::kAlign != 0) return cudaErrorInvalidValue;
+  if ((reinterpret_cast<uintptr_t>(p.A) | reinterpret_cast<uintptr_t>(p.W) | reinterpret_cast<uintptr_t>(p.D)) % 16)
+    return cudaErrorInvalidValue;
+  if (workspace == nullptr || workspace_bytes < expert_gemm_workspace_bytes<Element, Tile>(E, sm_count))
+    return cudaErrorInvalidValue;
+
+  // Align the base (the caller's allocation is at least 256-aligned in practice; be safe anyway).
+  const uintptr_t base = reinterpret_cast<uintptr_t>(workspace);
+  char* ws = reinterpret_cast<char*>((base + GroupTableLayout::kAlign - 1) / GroupTableLayout::kAlign *
+                                     GroupTableLayout::kAlign);
+  const GroupTableLayout l = GroupTableLayout::make<K>(E);
+
+  constexpr int kThreads = 128;
+  build_expert_groups_kernel<K, ElementA><<<(E + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+      p.expert_offsets, E, p.N, p.K, static_cast<const ElementA*>(p.A), static_cast<const ElementA*>(p.W),
+      static_cast<ElementA*>(p.D), reinterpret_cast<typename K::Shape3*>(ws + l.shapes),
+      reinterpret_cast<const ElementA**>(ws + l.ptr_a), reinterpret_cast<const ElementA**>(ws + l.ptr_b),
+      reinterpret_cast<ElementA**>(ws + l.ptr_d), reinterpret_cast<typename K::StrideA*>(ws + l.stride_a),
+      reinterpret_cast<typename K::StrideB*>(ws + l.stride_b),
+      reinterpret_cast<typename K::StrideD*>(ws + l.stride_d));
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+
+  auto args = make_arguments<K>(l, ws, E, sm_count);
+  typename K::Gemm gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
+  if (gemm.initialize(args, ws + l.cutlass_ws, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
+  if (gemm.run(stream) != cutlass::Status::kSuccess) {
+    err = cudaGetLastError();
+    return err != cudaSuccess ? err : cudaErrorLaunchFailure;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace moelora::cuda::detail
+
+#endif  // MOELORA_EXPERT_GEMM_SM90_IMPL && MOELORA_WITH_CUDA && !MOELORA_NO_CUTLASS

@@ -1,0 +1,232 @@
+// CUDA entry of moelora::fused_moe: checks the arguments, takes the workspace from PyTorch's caching
+// allocator on the current stream, and launches the stages in order (see stages.h). No host sync and
+// no host decision that depends on tensor values, so the op can be captured in a CUDA graph.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+
+#include "../fused_moe_args.h"
+#include "expert_gemm_sm90.h"
+#include "stages.h"
+
+namespace moelora {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+namespace mc = moelora::cuda;
+
+bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "0") != 0 && v[0] != '\0';
+}
+
+mc::DType to_dtype(at::ScalarType t) { return t == at::kBFloat16 ? mc::DType::BF16 : mc::DType::FP16; }
+
+int device_attribute(cudaDeviceAttr attr, int device) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return value;
+}
+
+// Which implementation runs the base fc1/fc2 GEMMs: CUTLASS sm90 on Hopper unless MOELORA_PORTABLE=1.
+bool use_sm90(int device) {
+  return device_attribute(cudaDevAttrComputeCapabilityMajor, device) == 9 &&
+         device_attribute(cudaDevAttrComputeCapabilityMinor, device) == 0 && mc::expert_gemm_sm90_compiled() &&
+         !env_flag("MOELORA_PORTABLE");
+}
+
+// One LoRA pair (shrink with A, expand with B) on top of a base GEMM output. Segments are the routing
+// buckets: expert-major, slot -1 first (those get no tiles).
+struct LoraSide {
+  const at::Tensor& a;  // [S, E, R, K] or [S, R, K] when shared
+  const at::Tensor& b;  // [S, E, N, R] or [S, N, R] when shared
+  bool shared_a, shared_b;
+};
+
+void run_lora(const LoraSide& side, const at::Tensor& input, at::Tensor& t_buf, at::Tensor& out,
+              const at::Tensor& bucket_offsets, const at::Tensor& lora_tile_prefix, const at::Tensor& scalings,
+              const FusedMoeDims& d, int N, int K, int sm_count, cudaStream_t stream) {
+  const int64_t R = d.R;
+  const int pairs = static_cast<int>(d.T * d.k);
+  mc::SegmentGemmParams p{};
+  p.row_offsets = bucket_offsets.data_ptr<int>();
+  p.tile_prefix = lora_tile_prefix.data_ptr<int>();
+  p.nseg = static_cast<int>(d.E * (d.S + 1));
+  p.seg_per_expert = static_cast<int>(d.S + 1);
+  p.slot_base = -1;
+  p.max_rows = pairs;
+  p.max_active_segments = static_cast<int>(d.E * d.S);
+  p.dtype = to_dtype(input.scalar_type());
+
+  // Shrink: t[r, :R] = A[slot, e] @ input[r]  (scaling applied once, at the expand).
+  p.A = input.data_ptr(); p.lda = K;
+  p.W = side.a.data_ptr(); p.ldw = K;
+  p.w_expert_stride = side.shared_a ? 0 : R * K;  // shared-outer gating: no expert offset
+  p.w_slot_stride = side.shared_a ? R * K : d.E * R * K;
+  p.D = t_buf.data_ptr(); p.ldd = R;
+  p.slot_scale = nullptr; p.accumulate = false;
+  p.N = static_cast<int>(R); p.K = K;
+  C10_CUDA_CHECK(mc::launch_segment_gemm(p, mc::SegmentGemmShape::Narrow, sm_count, stream));
+
+  // Expand: out[r, :N] += scaling[slot] * B[slot, e] @ t[r].
+  p.A = t_buf.data_ptr(); p.lda = R;
+  p.W = side.b.data_ptr(); p.ldw = R;
+  p.w_expert_stride = side.shared_b ? 0 : static_cast<int64_t>(N) * R;
+  p.w_slot_stride = side.shared_b ? static_cast<int64_t>(N) * R : d.E * N * R;
+  p.D = out.data_ptr(); p.ldd = N;
+  p.slot_scale = scalings.data_ptr<float>(); p.accumulate = true;
+  p.N = N; p.K = static_cast<int>(R);
+  C10_CUDA_CHECK(mc::launch_segment_gemm(p, mc::SegmentGemmShape::Wide, sm_count, stream));
+}
+
+// Base expert GEMM: out[rows of e] = input[rows of e] @ W[e]^T, W [E, N, K].
+void run_expert_gemm(bool sm90, const at::Tensor& input, const at::Tensor& weight, at::Tensor& out,
+                     const at::Tensor& expert_offsets, const at::Tensor& expert_tile_prefix, const FusedMoeDims& d,
+                     int N, int K, int sm_count, cudaStream_t stream) {
+  const int pairs = static_cast<int>(d.T * d.k);
+  if (sm90) {
+    mc::ExpertGemmParams g{};
+    g.A = input.data_ptr(); g.W = weight.data_ptr(); g.D = out.data_ptr();
+    g.expert_offsets = expert_offsets.data_ptr<int>();
+    g.num_experts = static_cast<int>(d.E); g.N = N; g.K = K;
+    g.rows_hint = pairs;
+    g.dtype = to_dtype(input.scalar_type());
+    const size_t bytes = mc::expert_gemm_sm90_workspace_bytes(g.num_experts, sm_count);
+    at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, input.options().dtype(at::kByte));
+    C10_CUDA_CHECK(mc::expert_gemm_sm90(g, ws.data_ptr(), bytes, sm_count, stream));
+    return;
+  }
+  mc::SegmentGemmParams p{};
+  p.A = input.data_ptr(); p.lda = K;
+  p.W = weight.data_ptr(); p.ldw = K;
+  p.w_expert_stride = static_cast<int64_t>(N) * K; p.w_slot_stride = 0;
+  p.D = out.data_ptr(); p.ldd = N;
+  p.row_offsets = expert_offsets.data_ptr<int>();
+  p.tile_prefix = expert_tile_prefix.data_ptr<int>();
+  p.nseg = static_cast<int>(d.E); p.seg_per_expert = 1; p.slot_base = 0;
+  p.slot_scale = nullptr; p.accumulate = false;
+  p.N = N; p.K = K;
+  p.max_rows = pairs; p.max_active_segments = static_cast<int>(d.E);
+  p.dtype = to_dtype(input.scalar_type());
+  C10_CUDA_CHECK(mc::launch_segment_gemm(p, mc::SegmentGemmShape::Wide, sm_count, stream));
+}
+
+at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13, const at::Tensor& w2,
+                          const at::Tensor& topk_weights, const at::Tensor& topk_ids, const OptTensor& token_lora_ids,
+                          const OptTensor& w13_lora_a, const OptTensor& w13_lora_b, const OptTensor& w2_lora_a,
+                          const OptTensor& w2_lora_b, const OptTensor& lora_scalings, bool w13_shared_a,
+                          bool w13_shared_b, bool w2_shared_a, bool w2_shared_b, c10::string_view activation) {
+  const FusedMoeDims d = check_fused_moe_args(hidden_states, w13, w2, topk_weights, topk_ids, token_lora_ids,
+                                              w13_lora_a, w13_lora_b, w2_lora_a, w2_lora_b, lora_scalings,
+                                              w13_shared_a, w13_shared_b, w2_shared_a, w2_shared_b, activation);
+  const auto dtype = hidden_states.scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
+              "moelora::fused_moe on CUDA: hidden_states must be bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(d.H % 8 == 0 && d.I % 8 == 0, "moelora::fused_moe on CUDA: the hidden size H (", d.H,
+              ") and the expert intermediate size I (", d.I, ") must be multiples of 8");
+  TORCH_CHECK(d.T * d.k <= (int64_t{1} << 30), "moelora::fused_moe on CUDA: T * k = ", d.T * d.k,
+              " rows is above the supported 2^30");
+
+  c10::cuda::CUDAGuard guard(hidden_states.device());
+  at::Tensor out = at::empty({d.T, d.H}, hidden_states.options());
+  if (d.T == 0) return out;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int device = hidden_states.get_device();
+  const int sm_count = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  const bool sm90 = use_sm90(device);
+
+  const at::Tensor x = hidden_states.contiguous();
+  const at::Tensor w13c = w13.contiguous(), w2c = w2.contiguous();
+  const at::Tensor ids = topk_ids.to(at::kInt).contiguous();
+  const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
+  const int pairs = static_cast<int>(d.T * d.k);
+  const int E = static_cast<int>(d.E), S = d.has_lora ? static_cast<int>(d.S) : 0;
+  const int H = static_cast<int>(d.H), I = static_cast<int>(d.I);
+  const int64_t nbuckets = static_cast<int64_t>(E) * (S + 1);
+
+  // ---- workspace ----------------------------------------------------------------------------------
+  const auto iopt = x.options().dtype(at::kInt);
+  at::Tensor bucket_counts = at::empty({nbuckets}, iopt);
+  at::Tensor pair_rank = at::empty({pairs}, iopt);
+  at::Tensor pair_row = at::empty({pairs}, iopt);
+  at::Tensor bucket_offsets = at::empty({nbuckets + 1}, iopt);
+  at::Tensor expert_offsets = at::empty({E + 1}, iopt);
+  at::Tensor expert_tile_prefix = at::empty({E + 1}, iopt);
+  at::Tensor lora_tile_prefix = at::empty({S > 0 ? nbuckets + 1 : 0}, iopt);
+  at::Tensor permuted = at::empty({pairs, H}, x.options());  // fc1 input; reused as the fc2 output
+  at::Tensor gu = at::empty({pairs, 2 * I}, x.options());
+  at::Tensor h = at::empty({pairs, I}, x.options());
+  at::Tensor token_slots;
+  at::Tensor lora_t, scalings;
+  if (d.has_lora) {
+    token_slots = token_lora_ids->to(at::kInt).contiguous();
+    lora_t = at::empty({pairs, d.R}, x.options());  // shrink output, reused by fc1 and fc2
+    scalings = lora_scalings.has_value() ? lora_scalings->to(at::kFloat).contiguous()
+                                         : at::ones({d.S}, x.options().dtype(at::kFloat));
+  }
+
+  // ---- 1. routing ---------------------------------------------------------------------------------
+  mc::RoutingParams rp{};
+  rp.topk_ids = ids.data_ptr<int>();
+  rp.token_slots = d.has_lora ? token_slots.data_ptr<int>() : nullptr;
+  rp.T = static_cast<int>(d.T); rp.k = static_cast<int>(d.k); rp.E = E; rp.S = S;
+  rp.bucket_counts = bucket_counts.data_ptr<int>();
+  rp.pair_rank = pair_rank.data_ptr<int>();
+  rp.bucket_offsets = bucket_offsets.data_ptr<int>();
+  rp.expert_offsets = expert_offsets.data_ptr<int>();
+  rp.expert_tile_prefix = expert_tile_prefix.data_ptr<int>();
+  rp.lora_tile_prefix = S > 0 ? lora_tile_prefix.data_ptr<int>() : nullptr;
+  C10_CUDA_CHECK(mc::launch_routing(rp, stream));
+
+  // ---- 2. permute (gather rows into expert-major order) -------------------------------------------
+  mc::PermuteParams pp{};
+  pp.hidden = x.data_ptr(); pp.topk_ids = rp.topk_ids; pp.token_slots = rp.token_slots;
+  pp.pair_rank = rp.pair_rank; pp.bucket_offsets = rp.bucket_offsets;
+  pp.T = rp.T; pp.k = rp.k; pp.E = E; pp.S = S; pp.H = H;
+  pp.pair_row = pair_row.data_ptr<int>(); pp.permuted = permuted.data_ptr(); pp.dtype = to_dtype(dtype);
+  C10_CUDA_CHECK(mc::launch_permute(pp, stream));
+
+  // ---- 3-5. fc1 + LoRA ----------------------------------------------------------------------------
+  run_expert_gemm(sm90, permuted, w13c, gu, expert_offsets, expert_tile_prefix, d, 2 * I, H, sm_count, stream);
+  at::Tensor a13, b13, a2, b2;
+  if (d.has_lora) {
+    a13 = w13_lora_a->contiguous(); b13 = w13_lora_b->contiguous();
+    a2 = w2_lora_a->contiguous(); b2 = w2_lora_b->contiguous();
+    run_lora({a13, b13, w13_shared_a, w13_shared_b}, permuted, lora_t, gu, bucket_offsets, lora_tile_prefix,
+             scalings, d, 2 * I, H, sm_count, stream);
+  }
+
+  // ---- 6. activation ------------------------------------------------------------------------------
+  mc::ActivationParams ap{};
+  ap.gu = gu.data_ptr(); ap.h = h.data_ptr(); ap.num_rows = expert_offsets.data_ptr<int>() + E;
+  ap.max_rows = pairs; ap.I = I;
+  ap.kind = d.activation == Activation::Silu ? mc::ActivationKind::Silu : mc::ActivationKind::Gelu;
+  ap.dtype = to_dtype(dtype);
+  C10_CUDA_CHECK(mc::launch_activation(ap, stream));
+
+  // ---- 7. fc2 + LoRA, then finalize ---------------------------------------------------------------
+  at::Tensor& y = permuted;  // the gathered input is dead once fc1 and its LoRA shrink have run
+  run_expert_gemm(sm90, h, w2c, y, expert_offsets, expert_tile_prefix, d, H, I, sm_count, stream);
+  if (d.has_lora) {
+    run_lora({a2, b2, w2_shared_a, w2_shared_b}, h, lora_t, y, bucket_offsets, lora_tile_prefix, scalings, d, H, I,
+             sm_count, stream);
+  }
+  mc::FinalizeParams fp{};
+  fp.y = y.data_ptr(); fp.pair_row = pp.pair_row; fp.topk_weights = weights.data_ptr<float>();
+  fp.out = out.data_ptr(); fp.T = rp.T; fp.k = rp.k; fp.H = H; fp.dtype = to_dtype(dtype);
+  C10_CUDA_CHECK(mc::launch_finalize(fp, stream));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moelora, CUDA, m) { m.impl("fused_moe", &fused_moe_cuda); }
+
+}  // namespace moelora

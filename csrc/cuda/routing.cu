@@ -1,0 +1,80 @@
+// Routing on the device: count the (token, expert) pairs per (expert, adapter-slot) bucket, then one
+// block turns the counts into offsets and tile prefixes. No host sync: every size the host needs is an
+// upper bound known from the shapes (T * k rows).
+#include <cub/block/block_scan.cuh>
+
+#include "cuda_utils.cuh"
+#include "routing.cuh"
+#include "stages.h"
+
+namespace moelora::cuda {
+namespace {
+
+// One thread per pair. The atomic's order decides a pair's position inside its bucket; that position
+// never changes the math (every row of a GEMM is computed the same way wherever it sits), so the
+// output stays deterministic.
+__global__ void count_pairs_kernel(RoutingParams p) {
+  const int pair = blockIdx.x * blockDim.x + threadIdx.x;
+  if (pair >= p.T * p.k) return;
+  const int bucket = pair_bucket(p.topk_ids, p.token_slots, pair, p.k, p.E, p.S);
+  p.pair_rank[pair] = bucket < 0 ? -1 : atomicAdd(&p.bucket_counts[bucket], 1);
+}
+
+constexpr int kPlanThreads = 1024;
+using PlanScan = cub::BlockScan<int, kPlanThreads>;
+
+// Exclusive prefix sum of value(i) for i in [0, n) into out[0..n], by one block: each thread sums a
+// contiguous chunk, the block scans the chunk sums, then each thread writes its chunk.
+template <typename ValueOf>
+__device__ void block_prefix_sum(int n, ValueOf value, int* out, PlanScan::TempStorage& tmp) {
+  const int chunk = ceil_div(n, kPlanThreads);
+  const int begin = min(n, static_cast<int>(threadIdx.x) * chunk);
+  const int end = min(n, begin + chunk);
+  int local = 0;
+  for (int i = begin; i < end; ++i) local += value(i);
+  int running, total;
+  PlanScan(tmp).ExclusiveSum(local, running, total);
+  for (int i = begin; i < end; ++i) {
+    out[i] = running;
+    running += value(i);
+  }
+  if (threadIdx.x == 0) out[n] = total;
+  __syncthreads();  // tmp is reused by the next scan; out is read by the next one
+}
+
+__global__ void __launch_bounds__(kPlanThreads) plan_kernel(RoutingParams p) {
+  __shared__ PlanScan::TempStorage tmp;
+  const int per_expert = p.S + 1;
+  const int nbuckets = p.E * per_expert;
+  const int* counts = p.bucket_counts;
+
+  block_prefix_sum(nbuckets, [&](int b) { return counts[b]; }, p.bucket_offsets, tmp);
+  for (int e = threadIdx.x; e <= p.E; e += blockDim.x) p.expert_offsets[e] = p.bucket_offsets[e * per_expert];
+  __syncthreads();
+  const int* expert_offsets = p.expert_offsets;
+  block_prefix_sum(
+      p.E, [&](int e) { return ceil_div(expert_offsets[e + 1] - expert_offsets[e], kTileRows); },
+      p.expert_tile_prefix, tmp);
+  if (p.S > 0) {
+    // Buckets of rows without an adapter (slot -1, the first of each expert) get no LoRA tiles.
+    block_prefix_sum(
+        nbuckets, [&](int b) { return b % per_expert == 0 ? 0 : ceil_div(counts[b], kTileRows); },
+        p.lora_tile_prefix, tmp);
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_routing(const RoutingParams& p, cudaStream_t stream) {
+  const int pairs = p.T * p.k;
+  const size_t nbuckets = static_cast<size_t>(p.E) * (p.S + 1);
+  cudaError_t err = cudaMemsetAsync(p.bucket_counts, 0, nbuckets * sizeof(int), stream);
+  if (err != cudaSuccess) return err;
+  if (pairs > 0) {
+    count_pairs_kernel<<<ceil_div(pairs, 256), 256, 0, stream>>>(p);
+  }
+  plan_kernel<<<1, kPlanThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace moelora::cuda

@@ -1,0 +1,188 @@
+// Segment GEMM: our own tensor-core grouped GEMM over row segments (WMMA / mma.sync, sm80+).
+// Serves the LoRA shrink (N = rank) and expand (K = rank, accumulating into the base output with the
+// slot's scaling), and the portable base GEMMs when the sm90 CUTLASS path is not used.
+//
+// A persistent grid walks the tiles: the number of tiles is read from the device (tile_prefix[nseg]),
+// so the host sizes the grid from shapes alone, and the launch is CUDA-graph safe.
+#include <mma.h>
+
+#include "cuda_utils.cuh"
+#include "stages.h"
+
+namespace moelora::cuda {
+namespace {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kBK = 32;           // K slice per pipeline stage
+constexpr int kPad = 8;           // smem row padding (16 bytes) against bank conflicts
+constexpr int kLds = kBK + kPad;  // smem row stride in elements (80 bytes: keeps 16-byte alignment)
+
+template <int BM, int BN, int WARPS_M, int WARPS_N>
+struct TileShape {
+  static constexpr int kThreads = WARPS_M * WARPS_N * 32;
+  static constexpr int kFragsM = BM / WARPS_M / 16;
+  static constexpr int kFragsN = BN / WARPS_N / 16;
+  static constexpr int kLdc = BN + 4;  // fp32 epilogue tile stride
+  static constexpr int kStageElems = (BM + BN) * kLds;
+  static constexpr size_t kPipelineBytes = 2 * kStageElems * 2;  // two stages of 16-bit A and W tiles
+  static constexpr size_t kEpilogueBytes = static_cast<size_t>(BM) * kLdc * 4;
+  static constexpr size_t kSmemBytes = kPipelineBytes > kEpilogueBytes ? kPipelineBytes : kEpilogueBytes;
+  static_assert(BM == kTileRows, "tile rows must match the routing tile prefix");
+  static_assert(kFragsM >= 1 && kFragsN >= 1, "warp tile must hold at least one 16x16 fragment");
+};
+
+// Loads rows [0, nrows) x cols [k0, k0 + kBK) of a row-major matrix into smem (kLds stride), zero
+// outside the valid rows / K. 16-byte cp.async when the layout allows it, else element by element.
+template <typename T, int ROWS, int THREADS>
+__device__ __forceinline__ void load_tile(T* smem, const T* src, int64_t ld, int nrows, int k0, int K, bool vec) {
+  if (vec) {
+    constexpr int kChunks = ROWS * kBK / 8;
+    for (int c = threadIdx.x; c < kChunks; c += THREADS) {
+      const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
+      const bool ok = r < nrows && k0 + kc < K;
+      const T* g = ok ? src + r * ld + k0 + kc : src;
+      cp_async_16(smem + r * kLds + kc, g, ok);
+    }
+  } else {
+    for (int c = threadIdx.x; c < ROWS * kBK; c += THREADS) {
+      const int r = c / kBK, kc = c % kBK;
+      const bool ok = r < nrows && k0 + kc < K;
+      smem[r * kLds + kc] = ok ? src[r * ld + k0 + kc] : from_float<T>(0.f);
+    }
+  }
+}
+
+template <typename T, int BM, int BN, int WARPS_M, int WARPS_N>
+__global__ void __launch_bounds__(TileShape<BM, BN, WARPS_M, WARPS_N>::kThreads)
+    segment_gemm_kernel(SegmentGemmParams p) {
+  using Shape = TileShape<BM, BN, WARPS_M, WARPS_N>;
+  constexpr int kThreads = Shape::kThreads;
+  __shared__ alignas(128) unsigned char smem_raw[Shape::kSmemBytes];
+  T* stage_base = reinterpret_cast<T*>(smem_raw);
+  float* ctile = reinterpret_cast<float*>(smem_raw);  // reuses the pipeline buffers after the K loop
+
+  const T* A = static_cast<const T*>(p.A);
+  const T* Wbase = static_cast<const T*>(p.W);
+  T* D = static_cast<T*>(p.D);
+  const int warp = threadIdx.x / 32;
+  const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
+  const int n_tiles = ceil_div(p.N, BN);
+  const int k_tiles = ceil_div(p.K, kBK);
+  const int total_tiles = p.tile_prefix[p.nseg] * n_tiles;
+  const bool vec = (p.K % 8 == 0) && (p.lda % 8 == 0) && (p.ldw % 8 == 0) &&
+                   (reinterpret_cast<uintptr_t>(A) % 16 == 0) && (reinterpret_cast<uintptr_t>(Wbase) % 16 == 0) &&
+                   (p.w_expert_stride % 8 == 0) && (p.w_slot_stride % 8 == 0);
+
+  for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+    const int mt = tile / n_tiles, nt = tile % n_tiles;
+    // Segment owning m-tile mt: the last s with tile_prefix[s] <= mt (empty segments share prefixes).
+    int lo = 0, hi = p.nseg;
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (p.tile_prefix[mid] <= mt) lo = mid; else hi = mid;
+    }
+    const int seg = lo;
+    const int row0 = p.row_offsets[seg] + (mt - p.tile_prefix[seg]) * BM;
+    const int rows = min(BM, p.row_offsets[seg + 1] - row0);
+    const int expert = seg / p.seg_per_expert;
+    const int slot = seg % p.seg_per_expert + p.slot_base;
+    const int n0 = nt * BN;
+    const T* a_src = A + static_cast<int64_t>(row0) * p.lda;
+    const T* w_src = Wbase + expert * p.w_expert_stride + slot * p.w_slot_stride + static_cast<int64_t>(n0) * p.ldw;
+    const int ncols = min(BN, p.N - n0);
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[Shape::kFragsM][Shape::kFragsN];
+#pragma unroll
+    for (int i = 0; i < Shape::kFragsM; ++i)
+#pragma unroll
+      for (int j = 0; j < Shape::kFragsN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+    auto stage_a = [&](int s) { return stage_base + s * Shape::kStageElems; };
+    auto stage_w = [&](int s) { return stage_base + s * Shape::kStageElems + BM * kLds; };
+    load_tile<T, BM, kThreads>(stage_a(0), a_src, p.lda, rows, 0, p.K, vec);
+    load_tile<T, BN, kThreads>(stage_w(0), w_src, p.ldw, ncols, 0, p.K, vec);
+    cp_async_commit();
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      if (kt + 1 < k_tiles) {  // prefetch the next K slice while this one is multiplied
+        load_tile<T, BM, kThreads>(stage_a((kt + 1) & 1), a_src, p.lda, rows, (kt + 1) * kBK, p.K, vec);
+        load_tile<T, BN, kThreads>(stage_w((kt + 1) & 1), w_src, p.ldw, ncols, (kt + 1) * kBK, p.K, vec);
+      }
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();
+      const T* as = stage_a(kt & 1);
+      const T* ws = stage_w(kt & 1);
+#pragma unroll
+      for (int kk = 0; kk < kBK; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[Shape::kFragsM];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[Shape::kFragsN];
+#pragma unroll
+        for (int i = 0; i < Shape::kFragsM; ++i)
+          wmma::load_matrix_sync(fa[i], as + ((warp_m * Shape::kFragsM + i) * 16) * kLds + kk, kLds);
+#pragma unroll
+        for (int j = 0; j < Shape::kFragsN; ++j)  // W is [N, K] row-major == B (K x N) column-major
+          wmma::load_matrix_sync(fb[j], ws + ((warp_n * Shape::kFragsN + j) * 16) * kLds + kk, kLds);
+#pragma unroll
+        for (int i = 0; i < Shape::kFragsM; ++i)
+#pragma unroll
+          for (int j = 0; j < Shape::kFragsN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+      }
+      __syncthreads();  // the stage just read is overwritten by the next prefetch
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+#pragma unroll
+    for (int i = 0; i < Shape::kFragsM; ++i)
+#pragma unroll
+      for (int j = 0; j < Shape::kFragsN; ++j)
+        wmma::store_matrix_sync(ctile + ((warp_m * Shape::kFragsM + i) * 16) * Shape::kLdc +
+                                    (warp_n * Shape::kFragsN + j) * 16,
+                                acc[i][j], Shape::kLdc, wmma::mem_row_major);
+    __syncthreads();
+    const float alpha = p.slot_scale != nullptr ? p.slot_scale[slot] : 1.f;
+    for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
+      const int r = e / BN, c = e % BN;
+      if (r >= rows || c >= ncols) continue;
+      T* dst = D + static_cast<int64_t>(row0 + r) * p.ldd + n0 + c;
+      float v = alpha * ctile[r * Shape::kLdc + c];
+      if (p.accumulate) v += to_float(*dst);
+      *dst = from_float<T>(v);
+    }
+    __syncthreads();  // ctile aliases the next tile's pipeline buffers
+  }
+}
+
+template <typename T, int BM, int BN, int WARPS_M, int WARPS_N>
+void launch_shape(const SegmentGemmParams& p, int sm_count, int blocks_per_sm, cudaStream_t stream) {
+  const int n_tiles = ceil_div(p.N, BN);
+  // Upper bound of the m-tiles: every active segment adds at most one partial tile.
+  const int64_t m_tiles_ub = ceil_div(p.max_rows, BM) + static_cast<int64_t>(std::min(p.max_active_segments, p.max_rows));
+  const int64_t tiles_ub = m_tiles_ub * n_tiles;
+  const int grid = static_cast<int>(std::min<int64_t>(tiles_ub, static_cast<int64_t>(sm_count) * blocks_per_sm));
+  if (grid <= 0) return;
+  segment_gemm_kernel<T, BM, BN, WARPS_M, WARPS_N><<<grid, TileShape<BM, BN, WARPS_M, WARPS_N>::kThreads, 0, stream>>>(p);
+}
+
+template <typename T>
+void launch_typed(const SegmentGemmParams& p, SegmentGemmShape shape, int sm_count, cudaStream_t stream) {
+  if (shape == SegmentGemmShape::Wide)
+    launch_shape<T, kTileRows, 128, 2, 4>(p, sm_count, 2, stream);  // 8 warps, 32x32 per warp
+  else
+    launch_shape<T, kTileRows, 64, 4, 1>(p, sm_count, 4, stream);   // 4 warps, 16x64 per warp
+}
+
+}  // namespace
+
+cudaError_t launch_segment_gemm(const SegmentGemmParams& p, SegmentGemmShape shape, int sm_count,
+                                cudaStream_t stream) {
+  if (p.max_rows == 0 || p.N == 0) return cudaSuccess;
+  if (p.dtype == DType::BF16)
+    launch_typed<__nv_bfloat16>(p, shape, sm_count, stream);
+  else
+    launch_typed<__half>(p, shape, sm_count, stream);
+  return cudaGetLastError();
+}
+
+}  // namespace moelora::cuda

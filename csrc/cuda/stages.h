@@ -1,0 +1,96 @@
+// Host-side launchers of the CUDA stages of fused_moe, with plain parameter structs (no torch types).
+// Pipeline (csrc/cuda/fused_moe_cuda.cu runs them in this order):
+//   routing -> permute -> fc1 GEMM (+ LoRA shrink/expand) -> activation -> fc2 GEMM (+ LoRA) -> finalize
+#pragma once
+#include <cuda_runtime.h>
+#include <cstdint>
+
+#include "expert_gemm_sm90.h"  // DType
+
+namespace moelora::cuda {
+
+// Rows of one segment GEMM tile; also the granularity of the tile prefix arrays built by routing.
+constexpr int kTileRows = 64;
+
+// ---- routing.cu: bucket the T*k (token, expert) pairs by (expert, adapter slot) -------------------
+// A bucket is b = e * (S + 1) + (slot + 1): expert-major, and inside an expert the rows without an
+// adapter come first, then slot 0, 1, ... Pairs whose expert id is outside [0, E) are dropped; slot ids
+// outside [-1, S) are treated as -1 (the host cannot check them without a sync).
+struct RoutingParams {
+  const int* topk_ids;      // [T * k]
+  const int* token_slots;   // [T] or nullptr (no LoRA; then S must be 0)
+  int T, k, E, S;
+  int* bucket_counts;       // [E*(S+1)] workspace
+  int* pair_rank;           // [T*k] rank of each pair inside its bucket (workspace)
+  int* bucket_offsets;      // [E*(S+1)+1] out: first sorted row of each bucket
+  int* expert_offsets;      // [E+1] out: first sorted row of each expert
+  int* expert_tile_prefix;  // [E+1] out: prefix sum of ceil(rows/kTileRows) per expert
+  int* lora_tile_prefix;    // [E*(S+1)+1] out (only when S > 0): same per bucket, 0 for slot -1 buckets
+};
+cudaError_t launch_routing(const RoutingParams& p, cudaStream_t stream);
+
+// ---- permute.cu: sorted-row map and the gather of hidden rows into expert-major order ---------------
+struct PermuteParams {
+  const void* hidden;        // [T, H]
+  const int* topk_ids;       // [T*k]
+  const int* token_slots;    // [T] or nullptr
+  const int* pair_rank;      // [T*k] from routing
+  const int* bucket_offsets; // [E*(S+1)+1] from routing
+  int T, k, E, S, H;
+  int* pair_row;             // [T*k] out: sorted row of pair (t, j), -1 when dropped
+  void* permuted;            // [T*k, H] out: permuted[pair_row[p]] = hidden[p / k]
+  DType dtype;
+};
+cudaError_t launch_permute(const PermuteParams& p, cudaStream_t stream);
+
+// ---- segment_gemm.cu: D[rows of seg] (+)= alpha(slot) * A[rows of seg] @ W(seg)^T -------------------
+// Our own tensor-core (mma.sync via WMMA, sm80+) grouped GEMM over row segments. Used for the LoRA
+// shrink/expand and for the portable base GEMMs. The segment list is the bucket/expert layout built by
+// routing: segment s covers sorted rows [row_offsets[s], row_offsets[s+1]) and belongs to
+// expert = s / seg_per_expert, slot = s % seg_per_expert + slot_base. Its weight is
+// W + expert * w_expert_stride + slot * w_slot_stride, an [N, K] row-major matrix with row stride ldw.
+// Shared-outer gating is w_expert_stride = 0. Tiles come from tile_prefix (kTileRows rows each), so the
+// grid is sized on the host without knowing the routing.
+struct SegmentGemmParams {
+  const void* A; int64_t lda;          // activations, sorted row r at A + r * lda
+  const void* W; int64_t ldw;
+  int64_t w_expert_stride, w_slot_stride;  // in elements
+  void* D; int64_t ldd;
+  const int* row_offsets;              // [nseg+1]
+  const int* tile_prefix;              // [nseg+1]
+  int nseg, seg_per_expert, slot_base;
+  const float* slot_scale;             // alpha per slot, or nullptr for 1
+  int N, K;
+  bool accumulate;                     // D = alpha * acc + D   instead of   D = alpha * acc
+  int max_rows;                        // host upper bound of the rows (T*k), sizes the grid
+  int max_active_segments;             // host upper bound of the non-empty segments with tiles
+  DType dtype;
+};
+enum class SegmentGemmShape { Wide, Narrow };  // Wide: N-blocks of 128 (base, expand); Narrow: 64 (shrink)
+cudaError_t launch_segment_gemm(const SegmentGemmParams& p, SegmentGemmShape shape, int sm_count,
+                                cudaStream_t stream);
+
+// ---- activation.cu: h[r, i] = act(gu[r, i]) * gu[r, I + i] for the routed rows ---------------------
+enum class ActivationKind { Silu, Gelu };
+struct ActivationParams {
+  const void* gu;            // [rows, 2I]
+  void* h;                   // [rows, I]
+  const int* num_rows;       // device scalar: rows actually routed (expert_offsets[E])
+  int max_rows, I;
+  ActivationKind kind;
+  DType dtype;
+};
+cudaError_t launch_activation(const ActivationParams& p, cudaStream_t stream);
+
+// ---- finalize.cu: out[t] = sum_j topk_weights[t, j] * y[pair_row[t, j]], in j order ----------------
+struct FinalizeParams {
+  const void* y;             // [rows, H]
+  const int* pair_row;       // [T*k]
+  const float* topk_weights; // [T*k]
+  void* out;                 // [T, H]
+  int T, k, H;
+  DType dtype;
+};
+cudaError_t launch_finalize(const FinalizeParams& p, cudaStream_t stream);
+
+}  // namespace moelora::cuda

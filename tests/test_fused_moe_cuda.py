@@ -1,0 +1,257 @@
+"""CUDA-only properties of moelora::fused_moe: both GEMM paths (CUTLASS sm90 and the portable one),
+CUDA-graph capture and replay with rewritten inputs, torch.compile(mode="reduce-overhead"), streams,
+determinism, large shapes, shared-outer bit-identity, and the opt-in slot-id check.
+
+The shape/dtype/bad-input suite in test_fused_moe.py runs on CUDA as well; this file adds what only the
+device path has. Tolerances: bf16 keeps 8 mantissa bits (unit roundoff 2^-9 = 2e-3); the op rounds the
+gathered input, the fc1 output, the LoRA intermediate, h and the fc2 output to the input dtype, so a few
+roundings of ~2e-3 each add up to a relative-norm error near 5e-3; we allow 2e-2. fp16 has 11 bits
+(2^-12 = 2.4e-4): we allow 5e-3.
+"""
+import os
+
+import pytest
+import torch
+
+import moelora_ext
+from moelora_ext.reference import fused_moe_reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+PATHS = ["default", "portable"]  # default = CUTLASS sm90 on Hopper; portable = MOELORA_PORTABLE=1
+
+
+@pytest.fixture(params=PATHS)
+def gemm_path(request, monkeypatch):
+    if request.param == "portable":
+        monkeypatch.setenv("MOELORA_PORTABLE", "1")
+    else:
+        monkeypatch.delenv("MOELORA_PORTABLE", raising=False)
+    return request.param
+
+
+def make_case(T, H, I, E, k, S=0, R=0, dtype=torch.bfloat16, seed=0, shared=(False, False, False, False),
+              invalid_ids=True, device="cuda"):
+    """Random inputs with uneven routing (a skewed expert distribution leaves experts unused), some
+    expert ids outside [0, E), tokens without adapter, and mixed adapters. Weights are scaled so
+    activations stay O(1)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
+
+    x = rnd(T, H)
+    w13 = rnd(E, 2 * I, H, scale=H ** -0.5)
+    w2 = rnd(E, H, I, scale=I ** -0.5)
+    # Skewed routing: expert popularity ~ exp(normal), so some experts get many rows and some none.
+    popularity = torch.exp(2 * torch.randn(E, generator=g))
+    ids = torch.stack([torch.multinomial(popularity, k, replacement=False, generator=g) for _ in range(T)]) if T else torch.zeros(0, k, dtype=torch.long)
+    if invalid_ids and T:
+        drop = torch.rand(T, k, generator=g) < 0.05
+        ids[drop] = torch.where(torch.rand(int(drop.sum()), generator=g) < 0.5, -1, E)
+    weights = torch.softmax(torch.randn(T, k, generator=g), dim=-1)
+    args = dict(hidden_states=x, w13=w13, w2=w2, topk_weights=weights.to(device), topk_ids=ids.to(torch.int32).to(device))
+    if S:
+        sa13, sb13, sa2, sb2 = shared
+        slots = torch.randint(-1, S, (T,), generator=g, dtype=torch.int32)
+        args.update(
+            token_lora_ids=slots.to(device),
+            w13_lora_a=rnd(*((S,) if sa13 else (S, E)), R, H, scale=H ** -0.5),
+            w13_lora_b=rnd(*((S,) if sb13 else (S, E)), 2 * I, R, scale=R ** -0.5),
+            w2_lora_a=rnd(*((S,) if sa2 else (S, E)), R, I, scale=I ** -0.5),
+            w2_lora_b=rnd(*((S,) if sb2 else (S, E)), H, R, scale=R ** -0.5),
+            lora_scalings=(0.5 + torch.rand(S, generator=g)).to(device),
+            w13_shared_a=sa13, w13_shared_b=sb13, w2_shared_a=sa2, w2_shared_b=sb2,
+        )
+    return args
+
+
+def rel_err(out, ref):
+    out, ref = out.float(), ref.float()
+    assert torch.isfinite(out).all(), "output has NaN/Inf (unwritten rows?)"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def poison_allocator(nbytes=1 << 28):
+    """Fill blocks the caching allocator will hand out next with NaN, so unwritten output shows."""
+    torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").fill_(float("nan"))
+    torch.empty(nbytes // 8, dtype=torch.bfloat16, device="cuda").fill_(float("nan"))
+
+
+def check(args, dtype):
+    poison_allocator()
+    out = moelora_ext.fused_moe(**args)
+    ref = fused_moe_reference(**args)
+    assert out.dtype == dtype and out.shape == ref.shape
+    err = rel_err(out, ref)
+    assert err < TOL[dtype], f"relative error {err:.3e} over {TOL[dtype]:.1e}"
+    return out
+
+
+SHAPES = [
+    # T,    H,    I,    E,   k, S,  R
+    (1, 256, 128, 8, 2, 4, 16),
+    (7, 128, 64, 16, 8, 3, 1),
+    (300, 256, 192, 32, 4, 8, 8),
+    (64, 2880, 2880, 4, 2, 2, 16),
+    (513, 512, 256, 256, 8, 64, 16),
+    (200, 256, 128, 16, 2, 4, 64),
+    (100, 256, 128, 8, 2, 3, 128),
+    (0, 256, 128, 8, 2, 4, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_H{}_I{}_E{}_k{}_S{}_R{}".format(*s))
+def test_matches_reference(shape, dtype, gemm_path):
+    T, H, I, E, k, S, R = shape
+    check(make_case(T, H, I, E, k, S, R, dtype=dtype, seed=hash(shape) % 1000), dtype)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_activation_and_no_lora(activation, gemm_path):
+    args = make_case(96, 256, 128, 8, 2, dtype=torch.bfloat16, seed=3)
+    poison_allocator()
+    out = moelora_ext.fused_moe(**args, activation=activation)
+    assert rel_err(out, fused_moe_reference(**args, activation=activation)) < TOL[torch.bfloat16]
+
+
+def test_all_rows_in_one_expert_and_all_dropped(gemm_path):
+    args = make_case(130, 256, 128, 8, 1, 4, 16, seed=4)
+    args["topk_ids"].fill_(5)
+    check(args, torch.bfloat16)
+    args["topk_ids"].fill_(-1)  # every expert elsewhere: output is exactly zero
+    out = moelora_ext.fused_moe(**args)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("flags", [(True, False, False, False), (False, True, False, False),
+                                   (False, False, True, False), (False, False, False, True),
+                                   (True, True, True, True)])
+def test_shared_outer_bit_identical(flags, gemm_path):
+    shared = make_case(77, 256, 128, 8, 4, 4, 16, seed=5, shared=flags)
+    replicated = dict(shared)
+    E = shared["w13"].shape[0]
+    for name, flag in zip(["w13_lora_a", "w13_lora_b", "w2_lora_a", "w2_lora_b"], flags):
+        if flag:
+            replicated[name] = shared[name].unsqueeze(1).expand(-1, E, -1, -1).contiguous()
+    replicated.update(w13_shared_a=False, w13_shared_b=False, w2_shared_a=False, w2_shared_b=False)
+    out_shared = check(shared, torch.bfloat16)
+    assert torch.equal(out_shared, moelora_ext.fused_moe(**replicated))
+
+
+def test_repeated_runs_identical(gemm_path):
+    args = make_case(1000, 256, 128, 16, 4, 8, 16, seed=6)
+    first = moelora_ext.fused_moe(**args)
+    for _ in range(3):
+        assert torch.equal(first, moelora_ext.fused_moe(**args))
+
+
+def test_paths_agree():
+    """The CUTLASS and portable GEMMs accumulate in fp32 over the same K: results agree to rounding."""
+    args = make_case(300, 512, 256, 16, 4, 4, 16, seed=7)
+    a = moelora_ext.fused_moe(**args)
+    os.environ["MOELORA_PORTABLE"] = "1"
+    try:
+        b = moelora_ext.fused_moe(**args)
+    finally:
+        del os.environ["MOELORA_PORTABLE"]
+    assert rel_err(a, b) < 1e-2
+
+
+def _rewrite_inputs(args, seed):
+    """New routing, new slot ids and new adapter weights, written in place (same storage)."""
+    fresh = make_case(args["hidden_states"].shape[0], args["hidden_states"].shape[1], args["w2"].shape[2],
+                      args["w13"].shape[0], args["topk_ids"].shape[1], args["lora_scalings"].shape[0],
+                      args["w13_lora_a"].shape[-2], seed=seed)
+    for name in ["hidden_states", "topk_weights", "topk_ids", "token_lora_ids", "w13_lora_a", "w13_lora_b",
+                 "w2_lora_a", "w2_lora_b", "lora_scalings"]:
+        args[name].copy_(fresh[name])
+
+
+def test_cuda_graph_replay_with_new_inputs(gemm_path):
+    args = make_case(333, 256, 128, 16, 4, 8, 16, seed=8)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        moelora_ext.fused_moe(**args)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = moelora_ext.fused_moe(**args)
+    for seed in range(9, 13):
+        _rewrite_inputs(args, seed)
+        static_out.fill_(float("nan"))
+        graph.replay()
+        eager = moelora_ext.fused_moe(**args)
+        assert torch.equal(static_out, eager), f"replay differs from eager (seed {seed})"
+        assert rel_err(static_out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
+
+
+class _MoE(torch.nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = {k: v for k, v in args.items() if k not in ("hidden_states", "topk_ids", "topk_weights", "token_lora_ids")}
+
+    def forward(self, x, ids, weights, slots):
+        return moelora_ext.fused_moe(x, topk_ids=ids, topk_weights=weights, token_lora_ids=slots, **self.args)
+
+
+def test_compile_reduce_overhead_matches_eager(gemm_path):
+    args = make_case(64, 256, 128, 8, 2, 4, 16, seed=14)
+    module = _MoE(args)
+    compiled = torch.compile(module, mode="reduce-overhead", fullgraph=True)
+    for seed in range(15, 19):
+        _rewrite_inputs(args, seed)
+        inputs = (args["hidden_states"], args["topk_ids"], args["topk_weights"], args["token_lora_ids"])
+        got = compiled(*inputs).clone()
+        assert torch.equal(got, module(*inputs))
+
+
+def test_non_default_stream(gemm_path):
+    args = make_case(257, 256, 128, 8, 2, 4, 16, seed=20)
+    expected = moelora_ext.fused_moe(**args)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = moelora_ext.fused_moe(**args)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(out, expected)
+
+
+def test_large_T_checked_on_token_subset(gemm_path):
+    """T = 65536, k = 8 (524288 rows): the op is per-token, so the reference runs on a token subset."""
+    args = make_case(65536, 512, 256, 64, 8, 8, 16, seed=21)
+    poison_allocator(1 << 30)
+    out = moelora_ext.fused_moe(**args)
+    assert torch.isfinite(out.float()).all()
+    pick = torch.randperm(65536, device="cuda")[:512]
+    sub = dict(args)
+    for name in ["hidden_states", "topk_ids", "topk_weights", "token_lora_ids"]:
+        sub[name] = args[name][pick]
+    assert rel_err(out[pick], fused_moe_reference(**sub)) < TOL[torch.bfloat16]
+
+
+def test_slot_ids_out_of_range(monkeypatch):
+    """Without the check, slot ids outside [-1, S) act as -1 (never an out-of-bounds read); with
+    MOELORA_CHECK_IDS=1 the wrapper reads them (one host sync) and raises."""
+    args = make_case(50, 256, 128, 8, 2, 4, 16, seed=22)
+    bad, as_none = dict(args), dict(args)
+    bad["token_lora_ids"] = args["token_lora_ids"].clone()
+    bad["token_lora_ids"][::3] = 1000
+    bad["token_lora_ids"][1::7] = -5
+    as_none["token_lora_ids"] = torch.where((bad["token_lora_ids"] < -1) | (bad["token_lora_ids"] >= 4), -1,
+                                            bad["token_lora_ids"])
+    monkeypatch.delenv("MOELORA_CHECK_IDS", raising=False)
+    assert torch.equal(moelora_ext.fused_moe(**bad), moelora_ext.fused_moe(**as_none))
+    monkeypatch.setenv("MOELORA_CHECK_IDS", "1")
+    with pytest.raises(ValueError, match="token_lora_ids"):
+        moelora_ext.fused_moe(**bad)
+
+
+def test_cuda_rejects_unsupported():
+    args = make_case(4, 256, 128, 8, 2, dtype=torch.bfloat16, seed=23)
+    args32 = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in args.items()}
+    with pytest.raises((RuntimeError, ValueError), match="bfloat16 or float16|dtype"):
+        torch.ops.moelora.fused_moe(args32["hidden_states"], args32["w13"], args32["w2"], args32["topk_weights"], args32["topk_ids"])
