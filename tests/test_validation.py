@@ -1,6 +1,10 @@
 """Every kind of bad input raises a clear error, never a crash: ValueError from moelora_ext.fused_moe
 (naming the argument, what it got and what was expected) and RuntimeError (TORCH_CHECK, or torch._check in
 the fake kernel) from a direct torch.ops.moelora.fused_moe call."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -72,6 +76,14 @@ BAD_INPUTS = [
     ("activation", _set(activation="relu"), r"activation must be \"silu\" or \"gelu\", got .relu."),
 ]
 
+# Bad only on a GPU: a tensor left on the CPU, and fp32 (the CUDA kernels take bf16/fp16).
+_FLOATS = ("hidden_states", "w13", "w2", "w13_lora_a", "w13_lora_b", "w2_lora_a", "w2_lora_b")
+CUDA_BAD_INPUTS = [
+    ("w2_on_cpu", _set(w2=lambda a: a["w2"].cpu()), r"w2 must be on the device of hidden_states"),
+    ("fp32_on_cuda", _set(**{n: (lambda a, n=n: a[n].float()) for n in _FLOATS}),
+     r"hidden_states must be bfloat16 or float16"),
+]
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,mutate,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
@@ -84,10 +96,44 @@ def test_wrapper_raises_value_error(name, mutate, match, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,mutate,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_direct_op_raises_runtime_error(name, mutate, match, device):
+    if device != "cpu":
+        _assert_direct_op_raises_in_child(name, device)
+        return
     args = mutate(good(device))
     pos, kw = op_positional(args)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.moelora.fused_moe(*pos, **kw)
+
+
+_CHILD = """
+import re, sys
+sys.path.insert(0, {tests!r})
+import torch, moelora_ext
+from test_validation import BAD_INPUTS, CUDA_BAD_INPUTS, good, op_positional
+name, mutate, match = next(b for b in BAD_INPUTS + CUDA_BAD_INPUTS if b[0] == {name!r})
+pos, kw = op_positional(mutate(good({device!r})))
+try:
+    torch.ops.moelora.fused_moe(*pos, **kw)
+except RuntimeError as e:
+    if re.search(match, str(e)):
+        print("RAISED_AS_EXPECTED")
+        sys.exit(0)
+    print("WRONG_MESSAGE:", e)
+    sys.exit(2)
+print("NO_ERROR")
+sys.exit(3)
+"""
+
+
+def _assert_direct_op_raises_in_child(name, device):
+    """On a GPU the direct-op error path runs in a child process, so a crash there (seen once on an H100:
+    a segfault while the CUDA kernel's TORCH_CHECK was raising) fails this one test instead of killing the
+    whole suite."""
+    code = _CHILD.format(tests=os.path.dirname(os.path.abspath(__file__)), name=name, device=device)
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0 and "RAISED_AS_EXPECTED" in child.stdout, (
+        f"direct torch.ops call with bad input {name!r} on {device}: exit code {child.returncode} "
+        f"(negative = killed by that signal)\nstdout: {child.stdout[-2000:]}\nstderr: {child.stderr[-2000:]}")
 
 
 @pytest.mark.parametrize("name,mutate,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
@@ -134,9 +180,12 @@ def test_device_mismatch_cuda():
     bad = dict(args, w2=args["w2"].cpu())
     with pytest.raises(ValueError, match=r"w2 must be on the device of hidden_states"):
         moelora_ext.fused_moe(**bad)
-    pos, kw = op_positional(bad)
-    with pytest.raises(RuntimeError, match=r"w2 must be on the device of hidden_states"):
-        torch.ops.moelora.fused_moe(*pos, **kw)
+    _assert_direct_op_raises_in_child("w2_on_cpu", "cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_kernel_rejects_fp32_directly():
+    _assert_direct_op_raises_in_child("fp32_on_cuda", "cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -14,50 +14,52 @@ namespace {
 
 namespace wmma = nvcuda::wmma;
 
-constexpr int kBK = 32;           // K slice per pipeline stage
-constexpr int kPad = 8;           // smem row padding (16 bytes) against bank conflicts
-constexpr int kLds = kBK + kPad;  // smem row stride in elements (80 bytes: keeps 16-byte alignment)
+constexpr int kPad = 8;  // smem row padding (16 bytes) against bank conflicts
 
-template <int BM, int BN, int WARPS_M, int WARPS_N>
+template <int BM, int BN, int BK, int STAGES, int WARPS_M, int WARPS_N>
 struct TileShape {
   static constexpr int kThreads = WARPS_M * WARPS_N * 32;
   static constexpr int kFragsM = BM / WARPS_M / 16;
   static constexpr int kFragsN = BN / WARPS_N / 16;
-  static constexpr int kLdc = BN + 4;  // fp32 epilogue tile stride
+  static constexpr int kLds = BK + kPad;  // smem row stride in elements (keeps 16-byte alignment)
+  static constexpr int kLdc = BN + 4;     // fp32 epilogue tile stride
   static constexpr int kStageElems = (BM + BN) * kLds;
-  static constexpr size_t kPipelineBytes = 2 * kStageElems * 2;  // two stages of 16-bit A and W tiles
+  static constexpr size_t kPipelineBytes = static_cast<size_t>(STAGES) * kStageElems * 2;  // 16-bit A and W
   static constexpr size_t kEpilogueBytes = static_cast<size_t>(BM) * kLdc * 4;
   static constexpr size_t kSmemBytes = kPipelineBytes > kEpilogueBytes ? kPipelineBytes : kEpilogueBytes;
   static_assert(BM == kTileRows, "tile rows must match the routing tile prefix");
   static_assert(kFragsM >= 1 && kFragsN >= 1, "warp tile must hold at least one 16x16 fragment");
+  static_assert(BK % 16 == 0 && BN % 8 == 0 && STAGES >= 2, "tile shape");
+  static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
 };
 
-// Loads rows [0, nrows) x cols [k0, k0 + kBK) of a row-major matrix into smem (kLds stride), zero
-// outside the valid rows / K. 16-byte cp.async when the layout allows it, else element by element.
-template <typename T, int ROWS, int THREADS>
+// Loads rows [0, nrows) x cols [k0, k0 + BK) of a row-major matrix into smem (LDS stride), zero outside
+// the valid rows / K. 16-byte cp.async when the layout allows it, else element by element.
+template <typename T, int ROWS, int BK, int LDS, int THREADS>
 __device__ __forceinline__ void load_tile(T* smem, const T* src, int64_t ld, int nrows, int k0, int K, bool vec) {
   if (vec) {
-    constexpr int kChunks = ROWS * kBK / 8;
+    constexpr int kChunks = ROWS * BK / 8;
     for (int c = threadIdx.x; c < kChunks; c += THREADS) {
-      const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
+      const int r = c / (BK / 8), kc = (c % (BK / 8)) * 8;
       const bool ok = r < nrows && k0 + kc < K;
       const T* g = ok ? src + r * ld + k0 + kc : src;
-      cp_async_16(smem + r * kLds + kc, g, ok);
+      cp_async_16(smem + r * LDS + kc, g, ok);
     }
   } else {
-    for (int c = threadIdx.x; c < ROWS * kBK; c += THREADS) {
-      const int r = c / kBK, kc = c % kBK;
+    for (int c = threadIdx.x; c < ROWS * BK; c += THREADS) {
+      const int r = c / BK, kc = c % BK;
       const bool ok = r < nrows && k0 + kc < K;
-      smem[r * kLds + kc] = ok ? src[r * ld + k0 + kc] : from_float<T>(0.f);
+      smem[r * LDS + kc] = ok ? src[r * ld + k0 + kc] : from_float<T>(0.f);
     }
   }
 }
 
-template <typename T, int BM, int BN, int WARPS_M, int WARPS_N>
-__global__ void __launch_bounds__(TileShape<BM, BN, WARPS_M, WARPS_N>::kThreads)
+template <typename T, int BM, int BN, int BK, int STAGES, int WARPS_M, int WARPS_N>
+__global__ void __launch_bounds__(TileShape<BM, BN, BK, STAGES, WARPS_M, WARPS_N>::kThreads)
     segment_gemm_kernel(SegmentGemmParams p) {
-  using Shape = TileShape<BM, BN, WARPS_M, WARPS_N>;
+  using Shape = TileShape<BM, BN, BK, STAGES, WARPS_M, WARPS_N>;
   constexpr int kThreads = Shape::kThreads;
+  constexpr int kLds = Shape::kLds;
   __shared__ alignas(128) unsigned char smem_raw[Shape::kSmemBytes];
   T* stage_base = reinterpret_cast<T*>(smem_raw);
   float* ctile = reinterpret_cast<float*>(smem_raw);  // reuses the pipeline buffers after the K loop
@@ -68,11 +70,12 @@ __global__ void __launch_bounds__(TileShape<BM, BN, WARPS_M, WARPS_N>::kThreads)
   const int warp = threadIdx.x / 32;
   const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
   const int n_tiles = ceil_div(p.N, BN);
-  const int k_tiles = ceil_div(p.K, kBK);
+  const int k_tiles = ceil_div(p.K, BK);
   const int total_tiles = p.tile_prefix[p.nseg] * n_tiles;
   const bool vec = (p.K % 8 == 0) && (p.lda % 8 == 0) && (p.ldw % 8 == 0) &&
                    (reinterpret_cast<uintptr_t>(A) % 16 == 0) && (reinterpret_cast<uintptr_t>(Wbase) % 16 == 0) &&
                    (p.w_expert_stride % 8 == 0) && (p.w_slot_stride % 8 == 0);
+  const bool vec_out = (p.N % 8 == 0) && (p.ldd % 8 == 0) && (reinterpret_cast<uintptr_t>(D) % 16 == 0);
 
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
     const int mt = tile / n_tiles, nt = tile % n_tiles;
@@ -91,6 +94,8 @@ __global__ void __launch_bounds__(TileShape<BM, BN, WARPS_M, WARPS_N>::kThreads)
     const T* a_src = A + static_cast<int64_t>(row0) * p.lda;
     const T* w_src = Wbase + expert * p.w_expert_stride + slot * p.w_slot_stride + static_cast<int64_t>(n0) * p.ldw;
     const int ncols = min(BN, p.N - n0);
+    // Warps whose rows are all past the segment's end skip the MMAs (decode: segments of 1-2 rows).
+    const bool warp_active = warp_m * Shape::kFragsM * 16 < rows;
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[Shape::kFragsM][Shape::kFragsN];
 #pragma unroll
@@ -100,35 +105,42 @@ __global__ void __launch_bounds__(TileShape<BM, BN, WARPS_M, WARPS_N>::kThreads)
 
     auto stage_a = [&](int s) { return stage_base + s * Shape::kStageElems; };
     auto stage_w = [&](int s) { return stage_base + s * Shape::kStageElems + BM * kLds; };
-    load_tile<T, BM, kThreads>(stage_a(0), a_src, p.lda, rows, 0, p.K, vec);
-    load_tile<T, BN, kThreads>(stage_w(0), w_src, p.ldw, ncols, 0, p.K, vec);
-    cp_async_commit();
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      if (kt + 1 < k_tiles) {  // prefetch the next K slice while this one is multiplied
-        load_tile<T, BM, kThreads>(stage_a((kt + 1) & 1), a_src, p.lda, rows, (kt + 1) * kBK, p.K, vec);
-        load_tile<T, BN, kThreads>(stage_w((kt + 1) & 1), w_src, p.ldw, ncols, (kt + 1) * kBK, p.K, vec);
-      }
+    auto load_stage = [&](int s, int kt) {
+      load_tile<T, BM, BK, kLds, kThreads>(stage_a(s), a_src, p.lda, rows, kt * BK, p.K, vec);
+      load_tile<T, BN, BK, kLds, kThreads>(stage_w(s), w_src, p.ldw, ncols, kt * BK, p.K, vec);
+    };
+    // STAGES-deep cp.async pipeline: STAGES-1 K slices in flight while one is multiplied.
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < k_tiles) load_stage(s, s);
       cp_async_commit();
-      cp_async_wait<1>();
+    }
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      const int prefetch = kt + STAGES - 1;
+      if (prefetch < k_tiles) load_stage(prefetch % STAGES, prefetch);
+      cp_async_commit();
+      cp_async_wait<STAGES - 1>();
       __syncthreads();
-      const T* as = stage_a(kt & 1);
-      const T* ws = stage_w(kt & 1);
+      if (warp_active) {
+        const T* as = stage_a(kt % STAGES);
+        const T* ws = stage_w(kt % STAGES);
 #pragma unroll
-      for (int kk = 0; kk < kBK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[Shape::kFragsM];
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[Shape::kFragsN];
+        for (int kk = 0; kk < BK; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[Shape::kFragsM];
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[Shape::kFragsN];
 #pragma unroll
-        for (int i = 0; i < Shape::kFragsM; ++i)
-          wmma::load_matrix_sync(fa[i], as + ((warp_m * Shape::kFragsM + i) * 16) * kLds + kk, kLds);
+          for (int i = 0; i < Shape::kFragsM; ++i)
+            wmma::load_matrix_sync(fa[i], as + ((warp_m * Shape::kFragsM + i) * 16) * kLds + kk, kLds);
 #pragma unroll
-        for (int j = 0; j < Shape::kFragsN; ++j)  // W is [N, K] row-major == B (K x N) column-major
-          wmma::load_matrix_sync(fb[j], ws + ((warp_n * Shape::kFragsN + j) * 16) * kLds + kk, kLds);
+          for (int j = 0; j < Shape::kFragsN; ++j)  // W is [N, K] row-major == B (K x N) column-major
+            wmma::load_matrix_sync(fb[j], ws + ((warp_n * Shape::kFragsN + j) * 16) * kLds + kk, kLds);
 #pragma unroll
-        for (int i = 0; i < Shape::kFragsM; ++i)
+          for (int i = 0; i < Shape::kFragsM; ++i)
 #pragma unroll
-          for (int j = 0; j < Shape::kFragsN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+            for (int j = 0; j < Shape::kFragsN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        }
       }
-      __syncthreads();  // the stage just read is overwritten by the next prefetch
+      __syncthreads();  // the stage just read is overwritten by a later prefetch
     }
     cp_async_wait<0>();
     __syncthreads();
@@ -142,19 +154,34 @@ __global__ void __launch_bounds__(TileShape<BM, BN, WARPS_M, WARPS_N>::kThreads)
                                 acc[i][j], Shape::kLdc, wmma::mem_row_major);
     __syncthreads();
     const float alpha = p.slot_scale != nullptr ? p.slot_scale[slot] : 1.f;
-    for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
-      const int r = e / BN, c = e % BN;
-      if (r >= rows || c >= ncols) continue;
-      T* dst = D + static_cast<int64_t>(row0 + r) * p.ldd + n0 + c;
-      float v = alpha * ctile[r * Shape::kLdc + c];
-      if (p.accumulate) v += to_float(*dst);
-      *dst = from_float<T>(v);
+    if (vec_out) {  // 8 columns (16 bytes) per access; only the segment's rows
+      for (int c = threadIdx.x; c < rows * (BN / 8); c += kThreads) {
+        const int r = c / (BN / 8), col = (c % (BN / 8)) * 8;
+        if (col >= ncols) continue;
+        auto* dst = reinterpret_cast<Vec8<T>*>(D + static_cast<int64_t>(row0 + r) * p.ldd + n0 + col);
+        const float* src = ctile + r * Shape::kLdc + col;
+        Vec8<T> prev;
+        if (p.accumulate) prev = *dst;
+        Vec8<T> out;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) out.v[i] = from_float<T>(alpha * src[i] + (p.accumulate ? to_float(prev.v[i]) : 0.f));
+        *dst = out;
+      }
+    } else {
+      for (int c = threadIdx.x; c < rows * BN; c += kThreads) {
+        const int r = c / BN, col = c % BN;
+        if (col >= ncols) continue;
+        T* dst = D + static_cast<int64_t>(row0 + r) * p.ldd + n0 + col;
+        float v = alpha * ctile[r * Shape::kLdc + col];
+        if (p.accumulate) v += to_float(*dst);
+        *dst = from_float<T>(v);
+      }
     }
     __syncthreads();  // ctile aliases the next tile's pipeline buffers
   }
 }
 
-template <typename T, int BM, int BN, int WARPS_M, int WARPS_N>
+template <typename T, int BM, int BN, int BK, int STAGES, int WARPS_M, int WARPS_N>
 void launch_shape(const SegmentGemmParams& p, int sm_count, int blocks_per_sm, cudaStream_t stream) {
   const int n_tiles = ceil_div(p.N, BN);
   // Upper bound of the m-tiles: every active segment adds at most one partial tile.
@@ -162,15 +189,16 @@ void launch_shape(const SegmentGemmParams& p, int sm_count, int blocks_per_sm, c
   const int64_t tiles_ub = m_tiles_ub * n_tiles;
   const int grid = static_cast<int>(std::min<int64_t>(tiles_ub, static_cast<int64_t>(sm_count) * blocks_per_sm));
   if (grid <= 0) return;
-  segment_gemm_kernel<T, BM, BN, WARPS_M, WARPS_N><<<grid, TileShape<BM, BN, WARPS_M, WARPS_N>::kThreads, 0, stream>>>(p);
+  using Shape = TileShape<BM, BN, BK, STAGES, WARPS_M, WARPS_N>;
+  segment_gemm_kernel<T, BM, BN, BK, STAGES, WARPS_M, WARPS_N><<<grid, Shape::kThreads, 0, stream>>>(p);
 }
 
 template <typename T>
 void launch_typed(const SegmentGemmParams& p, SegmentGemmShape shape, int sm_count, cudaStream_t stream) {
-  if (shape == SegmentGemmShape::Wide)
-    launch_shape<T, kTileRows, 128, 2, 4>(p, sm_count, 2, stream);  // 8 warps, 32x32 per warp
-  else
-    launch_shape<T, kTileRows, 64, 4, 1>(p, sm_count, 4, stream);   // 4 warps, 16x64 per warp
+  if (shape == SegmentGemmShape::Wide)  // base GEMM / expand: wide N, short K (expand: K = rank)
+    launch_shape<T, kTileRows, 128, 32, 2, 2, 4>(p, sm_count, 2, stream);  // 8 warps, 32x32 per warp
+  else  // shrink: N = rank (narrow), long K: deeper pipeline keeps more of A and W in flight
+    launch_shape<T, kTileRows, 32, 64, 3, 4, 1>(p, sm_count, 3, stream);   // 4 warps, 16x32 per warp (3/SM: registers)
 }
 
 }  // namespace

@@ -66,7 +66,7 @@ struct SegmentGemmParams {
   int max_active_segments;             // host upper bound of the non-empty segments with tiles
   DType dtype;
 };
-enum class SegmentGemmShape { Wide, Narrow };  // Wide: N-blocks of 128 (base, expand); Narrow: 64 (shrink)
+enum class SegmentGemmShape { Wide, Narrow };  // Wide: N-blocks of 128 (base, expand); Narrow: 32 (shrink)
 cudaError_t launch_segment_gemm(const SegmentGemmParams& p, SegmentGemmShape shape, int sm_count,
                                 cudaStream_t stream);
 
