@@ -279,7 +279,9 @@ def _grouped(x, w, offs):
     return out
 
 
-MAX_GROUPS = 1024  # torch._grouped_mm: "Can't process more than 1024 groups"
+# torch._grouped_mm refuses large group counts ("Can't process more than 1024 groups"); chunks of exactly
+# 1024 groups (1023 + the zero group) still failed on the H100 with torch 2.11 (2026-11-23), so stay well below.
+MAX_GROUPS = 512
 
 
 class _ChunkedGroups:
