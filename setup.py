@@ -2,7 +2,7 @@
 
 CPU-only (csrc/*.cpp, csrc/cpu/*.cpp) unless torch has CUDA and nvcc is found, or MOELORA_FORCE_CUDA=1:
 then csrc/cuda/*.cu are compiled too, with CUTLASS headers from $CUTLASS_DIR or the installed
-`nvidia-cutlass` wheel. Environment knobs: MOELORA_FORCE_CUDA=1, MOELORA_CUDA_ARCHS (nvcc -gencode flags),
+`nvidia-cutlass` wheel. Environment knobs: MOELORA_CPU_ONLY=1, MOELORA_FORCE_CUDA=1, MOELORA_CUDA_ARCHS (nvcc -gencode flags),
 CUTLASS_DIR, MAX_JOBS (parallel compile jobs, read by torch's BuildExtension).
 
 Install with `pip install --no-build-isolation .` (or `-e .`): the build needs the torch you run with.
@@ -36,6 +36,8 @@ def nvcc_path():
 
 
 def want_cuda():
+    if os.environ.get("MOELORA_CPU_ONLY", "0") == "1":
+        return False
     if os.environ.get("MOELORA_FORCE_CUDA", "0") == "1":
         return True
     return torch.version.cuda is not None and nvcc_path() is not None
@@ -77,7 +79,7 @@ def make_extension():
         return CppExtension("moelora_ext._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
 
     archs = os.environ.get("MOELORA_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).split()
-    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--expt-extended-lambda", "-lineinfo"] + archs
+    nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "--expt-extended-lambda", "-lineinfo"] + archs
     defines = ["-DMOELORA_WITH_CUDA"]
     include_dirs = []
     cutlass = find_cutlass()

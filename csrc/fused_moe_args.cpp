@@ -1,6 +1,7 @@
 // Shape/dtype/device checks for moelora::fused_moe (see fused_moe_args.h). The Python mirror of these
 // rules is moelora_ext/_validation.py; keep the two in step.
 #include "fused_moe_args.h"
+#include "check_message.h"
 
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
@@ -14,29 +15,29 @@ namespace {
 constexpr const char* kOp = "moelora::fused_moe: ";
 
 // "torch.bfloat16" etc., as Python users know the dtypes.
-std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+std::string dtype_name(at::ScalarType t) { return message(t); }
 
 // `name` must have exactly `expected` (written symbolically as `symbolic`, e.g. "[E, 2I, H]").
 void check_shape(const at::Tensor& t, const char* name, const char* symbolic, const std::vector<int64_t>& expected) {
-  TORCH_CHECK(t.dim() == static_cast<int64_t>(expected.size()), kOp, name, " must be ", expected.size(),
+  MOELORA_CHECK(t.dim() == static_cast<int64_t>(expected.size()), kOp, name, " must be ", expected.size(),
               "-D with shape ", symbolic, " = ", c10::IntArrayRef(expected), ", got a ", t.dim(), "-D tensor of shape ",
               t.sizes());
-  TORCH_CHECK(t.sizes() == c10::IntArrayRef(expected), kOp, name, " must have shape ", symbolic, " = ",
+  MOELORA_CHECK(t.sizes() == c10::IntArrayRef(expected), kOp, name, " must have shape ", symbolic, " = ",
               c10::IntArrayRef(expected), ", got ", t.sizes());
 }
 
 void check_rank(const at::Tensor& t, const char* name, int64_t dim, const char* symbolic) {
-  TORCH_CHECK(t.dim() == dim, kOp, name, " must be ", dim, "-D with shape ", symbolic, ", got a ", t.dim(),
+  MOELORA_CHECK(t.dim() == dim, kOp, name, " must be ", dim, "-D with shape ", symbolic, ", got a ", t.dim(),
               "-D tensor of shape ", t.sizes());
 }
 
 void check_dtype(const at::Tensor& t, const char* name, at::ScalarType expected, const char* why) {
-  TORCH_CHECK(t.scalar_type() == expected, kOp, name, " must have dtype ", dtype_name(expected), " (", why,
+  MOELORA_CHECK(t.scalar_type() == expected, kOp, name, " must have dtype ", dtype_name(expected), " (", why,
               "), got ", dtype_name(t.scalar_type()));
 }
 
 void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.device() == device, kOp, name, " must be on the device of hidden_states (", device, "), got ",
+  MOELORA_CHECK(t.device() == device, kOp, name, " must be on the device of hidden_states (", device, "), got ",
               t.device());
 }
 
@@ -44,7 +45,7 @@ void check_device(const at::Tensor& t, const char* name, const at::Device& devic
 void check_lora_rank(const at::Tensor& t, const char* name, const char* flag, bool shared, const char* sym_shared,
                      const char* sym_full) {
   const int64_t want_dim = shared ? 3 : 4;
-  TORCH_CHECK(t.dim() == want_dim, kOp, name, " must be ", want_dim, "-D with shape ", shared ? sym_shared : sym_full,
+  MOELORA_CHECK(t.dim() == want_dim, kOp, name, " must be ", want_dim, "-D with shape ", shared ? sym_shared : sym_full,
               " because ", flag, "=", shared ? "True" : "False", ", got a ", t.dim(), "-D tensor of shape ", t.sizes(),
               shared ? " (clear the flag for a per-expert tensor)" : " (set the flag for a tensor shared by all experts)");
 }
@@ -76,18 +77,18 @@ FusedMoeDims check_fused_moe_args(
   } else if (activation == "gelu") {
     d.activation = Activation::Gelu;
   } else {
-    TORCH_CHECK(false, kOp, "activation must be \"silu\" or \"gelu\", got \"", std::string(activation), "\"");
+    MOELORA_CHECK(false, kOp, "activation must be \"silu\" or \"gelu\", got \"", std::string(activation), "\"");
   }
 
   // Base shapes: hidden_states [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, k].
   check_rank(hidden_states, "hidden_states", 2, "[T, H]");
   d.T = hidden_states.size(0);
   d.H = hidden_states.size(1);
-  TORCH_CHECK(d.H >= 1, kOp, "hidden_states must have H >= 1 columns, got shape ", hidden_states.sizes());
+  MOELORA_CHECK(d.H >= 1, kOp, "hidden_states must have H >= 1 columns, got shape ", hidden_states.sizes());
   check_rank(w13, "w13", 3, "[E, 2I, H]");
   d.E = w13.size(0);
-  TORCH_CHECK(d.E >= 1, kOp, "w13 must hold at least one expert (E >= 1), got shape ", w13.sizes());
-  TORCH_CHECK(w13.size(1) >= 2 && w13.size(1) % 2 == 0, kOp,
+  MOELORA_CHECK(d.E >= 1, kOp, "w13 must hold at least one expert (E >= 1), got shape ", w13.sizes());
+  MOELORA_CHECK(w13.size(1) >= 2 && w13.size(1) % 2 == 0, kOp,
               "w13 must have shape [E, 2I, H] (gate rows then up rows) with an even, non-zero second dim, got ",
               w13.sizes());
   d.I = w13.size(1) / 2;
@@ -95,20 +96,20 @@ FusedMoeDims check_fused_moe_args(
   check_shape(w2, "w2", "[E, H, I]", {d.E, d.H, d.I});
   check_rank(topk_ids, "topk_ids", 2, "[T, k]");
   d.k = topk_ids.size(1);
-  TORCH_CHECK(d.k >= 1, kOp, "topk_ids must have k >= 1 columns, got shape ", topk_ids.sizes());
+  MOELORA_CHECK(d.k >= 1, kOp, "topk_ids must have k >= 1 columns, got shape ", topk_ids.sizes());
   check_shape(topk_ids, "topk_ids", "[T, k]", {d.T, d.k});
   check_shape(topk_weights, "topk_weights", "[T, k]", {d.T, d.k});
 
   // Base dtypes.
   const auto dtype = hidden_states.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kOp,
+  MOELORA_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kOp,
               "hidden_states must have dtype torch.float32, torch.bfloat16 or torch.float16, got ", dtype_name(dtype));
   check_dtype(w13, "w13", dtype, "the dtype of hidden_states");
   check_dtype(w2, "w2", dtype, "the dtype of hidden_states");
-  TORCH_CHECK(topk_weights.scalar_type() == at::kFloat || topk_weights.scalar_type() == dtype, kOp,
+  MOELORA_CHECK(topk_weights.scalar_type() == at::kFloat || topk_weights.scalar_type() == dtype, kOp,
               "topk_weights must have dtype torch.float32 or ", dtype_name(dtype), " (the dtype of hidden_states), got ",
               dtype_name(topk_weights.scalar_type()));
-  TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong, kOp,
+  MOELORA_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong, kOp,
               "topk_ids must have dtype torch.int32 or torch.int64, got ", dtype_name(topk_ids.scalar_type()));
 
   // Devices.
@@ -130,14 +131,14 @@ FusedMoeDims check_fused_moe_args(
       std::string& dst = given[i] ? have : missing;
       dst += (dst.empty() ? "" : ", ") + std::string(names[i]);
     }
-    TORCH_CHECK(false, kOp, "LoRA is all-or-none: token_lora_ids, w13_lora_a, w13_lora_b, w2_lora_a and w2_lora_b "
+    MOELORA_CHECK(false, kOp, "LoRA is all-or-none: token_lora_ids, w13_lora_a, w13_lora_b, w2_lora_a and w2_lora_b "
                 "must be given together; got ", have, " but not ", missing);
   }
   d.has_lora = n_given == 5;
   if (!d.has_lora) {
-    TORCH_CHECK(!lora_scalings.has_value(), kOp,
+    MOELORA_CHECK(!lora_scalings.has_value(), kOp,
                 "lora_scalings was given without LoRA tensors (token_lora_ids, w13_lora_a, ...); pass both or neither");
-    TORCH_CHECK(!(w13_shared_a || w13_shared_b || w2_shared_a || w2_shared_b), kOp,
+    MOELORA_CHECK(!(w13_shared_a || w13_shared_b || w2_shared_a || w2_shared_b), kOp,
                 "a *_shared_* flag is set but no LoRA tensors were given (w13_shared_a=", w13_shared_a,
                 ", w13_shared_b=", w13_shared_b, ", w2_shared_a=", w2_shared_a, ", w2_shared_b=", w2_shared_b, ")");
     d.S = 0;
@@ -153,8 +154,8 @@ FusedMoeDims check_fused_moe_args(
   check_lora_rank(a13, "w13_lora_a", "w13_shared_a", w13_shared_a, "[S, R, H]", "[S, E, R, H]");
   d.S = a13.size(0);
   d.R = a13.size(-2);
-  TORCH_CHECK(d.S >= 1, kOp, "w13_lora_a must hold at least one adapter slot (S >= 1), got shape ", a13.sizes());
-  TORCH_CHECK(d.R >= 1, kOp, "w13_lora_a must have rank R >= 1, got shape ", a13.sizes());
+  MOELORA_CHECK(d.S >= 1, kOp, "w13_lora_a must hold at least one adapter slot (S >= 1), got shape ", a13.sizes());
+  MOELORA_CHECK(d.R >= 1, kOp, "w13_lora_a must have rank R >= 1, got shape ", a13.sizes());
   check_lora_tensor(a13, "w13_lora_a", "w13_shared_a", w13_shared_a, d.S, d.E, d.R, d.H, "[S, R, H]", "[S, E, R, H]");
   check_lora_tensor(b13, "w13_lora_b", "w13_shared_b", w13_shared_b, d.S, d.E, 2 * d.I, d.R, "[S, 2I, R]",
                     "[S, E, 2I, R]");

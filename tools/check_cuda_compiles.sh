@@ -48,7 +48,7 @@ if ! "$PY" -c "import os, torch, sys; sys.exit(not os.path.exists(os.path.join(o
   includes+=("-I$OUT_DIR/shim")
 fi
 export NVCC OUT_DIR
-export NVCC_FLAGS="-std=c++17 -O3 --expt-relaxed-constexpr --expt-extended-lambda -lineinfo \
+export NVCC_FLAGS="-std=c++20 -O3 --expt-relaxed-constexpr --expt-extended-lambda -lineinfo \
 -gencode=arch=compute_90a,code=sm_90a -Xcompiler -fPIC -D_GLIBCXX_USE_CXX11_ABI=$abi \
 -DMOELORA_WITH_CUDA -DCUTLASS_ENABLE_TENSOR_CORE_MMA=1 -I$CUTLASS_DIR/include -I$CUTLASS_DIR/tools/util/include \
 ${includes[*]}"

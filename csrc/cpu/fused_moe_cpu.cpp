@@ -11,6 +11,7 @@
 #include <string_view>
 #include <vector>
 
+#include "../check_message.h"
 #include "../fused_moe_args.h"
 
 namespace moelora {
@@ -94,7 +95,7 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden_states, const at::Tensor& w13,
     const at::Tensor slots = token_lora_ids->contiguous();
     const int32_t* p = slots.data_ptr<int32_t>();
     for (int64_t t = 0; t < d.T; ++t) {
-      TORCH_CHECK(p[t] >= -1 && p[t] < d.S, "moelora::fused_moe: token_lora_ids[", t, "] = ", p[t],
+      MOELORA_CHECK(p[t] >= -1 && p[t] < d.S, "moelora::fused_moe: token_lora_ids[", t, "] = ", p[t],
                   " is outside [-1, S) = [-1, ", d.S, ")");
       slot_of_token[t] = p[t];
     }

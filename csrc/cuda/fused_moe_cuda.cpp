@@ -11,6 +11,7 @@
 #include <cstring>
 #include <optional>
 
+#include "../check_message.h"
 #include "../fused_moe_args.h"
 #include "expert_gemm_sm90.h"
 #include "stages.h"
@@ -126,11 +127,11 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
                                               w13_lora_a, w13_lora_b, w2_lora_a, w2_lora_b, lora_scalings,
                                               w13_shared_a, w13_shared_b, w2_shared_a, w2_shared_b, activation);
   const auto dtype = hidden_states.scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
+  MOELORA_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
               "moelora::fused_moe on CUDA: hidden_states must be bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(d.H % 8 == 0 && d.I % 8 == 0, "moelora::fused_moe on CUDA: the hidden size H (", d.H,
+  MOELORA_CHECK(d.H % 8 == 0 && d.I % 8 == 0, "moelora::fused_moe on CUDA: the hidden size H (", d.H,
               ") and the expert intermediate size I (", d.I, ") must be multiples of 8");
-  TORCH_CHECK(d.T * d.k <= (int64_t{1} << 30), "moelora::fused_moe on CUDA: T * k = ", d.T * d.k,
+  MOELORA_CHECK(d.T * d.k <= (int64_t{1} << 30), "moelora::fused_moe on CUDA: T * k = ", d.T * d.k,
               " rows is above the supported 2^30");
 
   c10::cuda::CUDAGuard guard(hidden_states.device());
