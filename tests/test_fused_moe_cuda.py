@@ -99,6 +99,10 @@ SHAPES = [
     (200, 256, 128, 16, 2, 4, 64),
     (100, 256, 128, 8, 2, 3, 128),
     (0, 256, 128, 8, 2, 4, 16),
+    (20, 128, 64, 4, 2, 2, 5),          # rank not a multiple of 8: element-wise adapter loads
+    (33, 128, 64, 4, 2, 2, 40),         # rank padded to 64 inside the LoRA kernels
+    (4, 4096, 1024, 8, 2, 2, 16),       # decode, long K: the shrink splits K over many CTAs
+    (50, 256, 128, 8, 2, 3, 192),       # rank above 128: the segment-GEMM LoRA path
 ]
 
 
@@ -107,6 +111,20 @@ SHAPES = [
 def test_matches_reference(shape, dtype, gemm_path):
     T, H, I, E, k, S, R = shape
     check(make_case(T, H, I, E, k, S, R, dtype=dtype, seed=hash(shape) % 1000), dtype)
+
+
+@pytest.mark.parametrize("shape", [(1, 256, 128, 8, 2, 4, 16), (300, 256, 192, 32, 4, 8, 8), (4, 4096, 1024, 8, 2, 2, 16),
+                                   (100, 256, 128, 8, 2, 3, 128)], ids=lambda s: "T{}_H{}_R{}".format(s[0], s[1], s[6]))
+def test_lora_kernels_agree_with_segment_gemm(shape, monkeypatch):
+    """lora_gemm.cu (split-K shrink, N-range expand) against the older segment-GEMM LoRA path
+    (MOELORA_LORA_SEGMENT_GEMM=1): both match the reference, and each other to bf16 rounding."""
+    T, H, I, E, k, S, R = shape
+    args = make_case(T, H, I, E, k, S, R, seed=11)
+    monkeypatch.delenv("MOELORA_LORA_SEGMENT_GEMM", raising=False)
+    new = check(args, torch.bfloat16)
+    monkeypatch.setenv("MOELORA_LORA_SEGMENT_GEMM", "1")
+    old = check(args, torch.bfloat16)
+    assert rel_err(new, old) < 1e-2
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])

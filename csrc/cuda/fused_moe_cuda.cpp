@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -50,19 +51,77 @@ struct LoraSide {
   bool shared_a, shared_b;
 };
 
-void run_lora(const LoraSide& side, const at::Tensor& input, at::Tensor& t_buf, at::Tensor& out,
+// The LoRA kernels in use: lora_gemm.cu (split-K shrink + N-range expand) for ranks up to kLoraMaxRank,
+// else (or with MOELORA_LORA_SEGMENT_GEMM=1, kept for comparison) the generic segment GEMM, which
+// rounds the shrink output through a [rows, R] buffer.
+bool use_lora_kernels(int64_t R) { return R <= mc::kLoraMaxRank && !env_flag("MOELORA_LORA_SEGMENT_GEMM"); }
+
+// LoRA workspace: split-K partial sums (lora_gemm.cu) or the rounded shrink output (segment GEMM).
+struct LoraWorkspace {
+  at::Tensor buf;
+  int k_splits_fc1 = 1, k_splits_fc2 = 1;
+};
+
+LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions& act_options, int sm_count) {
+  LoraWorkspace ws;
+  const int pairs = static_cast<int>(d.T * d.k);
+  const int active = static_cast<int>(d.E * d.S);
+  if (use_lora_kernels(d.R)) {
+    ws.k_splits_fc1 = mc::lora_k_splits(static_cast<int>(d.H), pairs, active, sm_count);
+    ws.k_splits_fc2 = mc::lora_k_splits(static_cast<int>(d.I), pairs, active, sm_count);
+    const int64_t splits = std::max(ws.k_splits_fc1, ws.k_splits_fc2);
+    ws.buf = at::empty({splits, pairs, d.R}, act_options.dtype(at::kFloat));
+  } else {
+    ws.buf = at::empty({pairs, d.R}, act_options);
+  }
+  return ws;
+}
+
+void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, int k_splits, at::Tensor& out,
               const at::Tensor& bucket_offsets, const at::Tensor& lora_tile_prefix, const at::Tensor& scalings,
               const FusedMoeDims& d, int N, int K, int sm_count, cudaStream_t stream) {
   const int64_t R = d.R;
   const int pairs = static_cast<int>(d.T * d.k);
+  const int nseg = static_cast<int>(d.E * (d.S + 1));
+  const int active = static_cast<int>(d.E * d.S);
+  if (use_lora_kernels(R)) {
+    mc::LoraShrinkParams s{};
+    s.X = input.data_ptr(); s.ldx = K;
+    s.A = side.a.data_ptr();
+    s.a_expert_stride = side.shared_a ? 0 : R * K;  // shared-outer gating: no expert offset
+    s.a_slot_stride = side.shared_a ? R * K : d.E * R * K;
+    s.partial = ws.buf.data_ptr<float>();
+    s.row_offsets = bucket_offsets.data_ptr<int>(); s.tile_prefix = lora_tile_prefix.data_ptr<int>();
+    s.nseg = nseg; s.seg_per_expert = static_cast<int>(d.S + 1); s.slot_base = -1;
+    s.R = static_cast<int>(R); s.K = K; s.k_splits = k_splits; s.k_chunk = mc::lora_k_chunk(K, k_splits);
+    s.max_rows = pairs; s.max_active_segments = active;
+    s.dtype = to_dtype(input.scalar_type());
+    C10_CUDA_CHECK(mc::launch_lora_shrink(s, sm_count, stream));
+
+    mc::LoraExpandParams e{};
+    e.partial = s.partial; e.k_splits = k_splits;
+    e.B = side.b.data_ptr();
+    e.b_expert_stride = side.shared_b ? 0 : static_cast<int64_t>(N) * R;
+    e.b_slot_stride = side.shared_b ? static_cast<int64_t>(N) * R : d.E * N * R;
+    e.D = out.data_ptr(); e.ldd = N;
+    e.slot_scale = scalings.data_ptr<float>();
+    e.row_offsets = s.row_offsets; e.tile_prefix = s.tile_prefix;
+    e.nseg = nseg; e.seg_per_expert = s.seg_per_expert; e.slot_base = -1;
+    e.R = s.R; e.N = N; e.n_range = mc::lora_n_range(N, s.R, pairs, active, sm_count);
+    e.max_rows = pairs; e.max_active_segments = active;
+    e.dtype = s.dtype;
+    C10_CUDA_CHECK(mc::launch_lora_expand(e, sm_count, stream));
+    return;
+  }
+
   mc::SegmentGemmParams p{};
   p.row_offsets = bucket_offsets.data_ptr<int>();
   p.tile_prefix = lora_tile_prefix.data_ptr<int>();
-  p.nseg = static_cast<int>(d.E * (d.S + 1));
+  p.nseg = nseg;
   p.seg_per_expert = static_cast<int>(d.S + 1);
   p.slot_base = -1;
   p.max_rows = pairs;
-  p.max_active_segments = static_cast<int>(d.E * d.S);
+  p.max_active_segments = active;
   p.dtype = to_dtype(input.scalar_type());
 
   // Shrink: t[r, :R] = A[slot, e] @ input[r]  (scaling applied once, at the expand).
@@ -70,13 +129,13 @@ void run_lora(const LoraSide& side, const at::Tensor& input, at::Tensor& t_buf, 
   p.W = side.a.data_ptr(); p.ldw = K;
   p.w_expert_stride = side.shared_a ? 0 : R * K;  // shared-outer gating: no expert offset
   p.w_slot_stride = side.shared_a ? R * K : d.E * R * K;
-  p.D = t_buf.data_ptr(); p.ldd = R;
+  p.D = ws.buf.data_ptr(); p.ldd = R;
   p.slot_scale = nullptr; p.accumulate = false;
   p.N = static_cast<int>(R); p.K = K;
   C10_CUDA_CHECK(mc::launch_segment_gemm(p, mc::SegmentGemmShape::Narrow, sm_count, stream));
 
   // Expand: out[r, :N] += scaling[slot] * B[slot, e] @ t[r].
-  p.A = t_buf.data_ptr(); p.lda = R;
+  p.A = ws.buf.data_ptr(); p.lda = R;
   p.W = side.b.data_ptr(); p.ldw = R;
   p.w_expert_stride = side.shared_b ? 0 : static_cast<int64_t>(N) * R;
   p.w_slot_stride = side.shared_b ? static_cast<int64_t>(N) * R : d.E * N * R;
@@ -165,10 +224,11 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   at::Tensor gu = at::empty({pairs, 2 * I}, x.options());
   at::Tensor h = at::empty({pairs, I}, x.options());
   at::Tensor token_slots;
-  at::Tensor lora_t, scalings;
+  LoraWorkspace lora_ws;
+  at::Tensor scalings;
   if (d.has_lora) {
     token_slots = token_lora_ids->to(at::kInt).contiguous();
-    lora_t = at::empty({pairs, d.R}, x.options());  // shrink output, reused by fc1 and fc2
+    lora_ws = make_lora_workspace(d, x.options(), sm_count);  // reused by fc1 and fc2
     scalings = lora_scalings.has_value() ? lora_scalings->to(at::kFloat).contiguous()
                                          : at::ones({d.S}, x.options().dtype(at::kFloat));
   }
@@ -200,7 +260,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   if (d.has_lora) {
     a13 = w13_lora_a->contiguous(); b13 = w13_lora_b->contiguous();
     a2 = w2_lora_a->contiguous(); b2 = w2_lora_b->contiguous();
-    run_lora({a13, b13, w13_shared_a, w13_shared_b}, permuted, lora_t, gu, bucket_offsets, lora_tile_prefix,
+    run_lora({a13, b13, w13_shared_a, w13_shared_b}, permuted, lora_ws, lora_ws.k_splits_fc1, gu, bucket_offsets, lora_tile_prefix,
              scalings, d, 2 * I, H, sm_count, stream);
   }
 
@@ -216,7 +276,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   at::Tensor& y = permuted;  // the gathered input is dead once fc1 and its LoRA shrink have run
   run_expert_gemm(sm90, h, w2c, y, expert_offsets, expert_tile_prefix, d, H, I, sm_count, stream);
   if (d.has_lora) {
-    run_lora({a2, b2, w2_shared_a, w2_shared_b}, h, lora_t, y, bucket_offsets, lora_tile_prefix, scalings, d, H, I,
+    run_lora({a2, b2, w2_shared_a, w2_shared_b}, h, lora_ws, lora_ws.k_splits_fc2, y, bucket_offsets, lora_tile_prefix, scalings, d, H, I,
              sm_count, stream);
   }
   mc::FinalizeParams fp{};

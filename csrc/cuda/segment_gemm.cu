@@ -7,6 +7,7 @@
 #include <mma.h>
 
 #include "cuda_utils.cuh"
+#include "smem_tiles.cuh"
 #include "stages.h"
 
 namespace moelora::cuda {
@@ -33,27 +34,6 @@ struct TileShape {
   static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
 };
 
-// Loads rows [0, nrows) x cols [k0, k0 + BK) of a row-major matrix into smem (LDS stride), zero outside
-// the valid rows / K. 16-byte cp.async when the layout allows it, else element by element.
-template <typename T, int ROWS, int BK, int LDS, int THREADS>
-__device__ __forceinline__ void load_tile(T* smem, const T* src, int64_t ld, int nrows, int k0, int K, bool vec) {
-  if (vec) {
-    constexpr int kChunks = ROWS * BK / 8;
-    for (int c = threadIdx.x; c < kChunks; c += THREADS) {
-      const int r = c / (BK / 8), kc = (c % (BK / 8)) * 8;
-      const bool ok = r < nrows && k0 + kc < K;
-      const T* g = ok ? src + r * ld + k0 + kc : src;
-      cp_async_16(smem + r * LDS + kc, g, ok);
-    }
-  } else {
-    for (int c = threadIdx.x; c < ROWS * BK; c += THREADS) {
-      const int r = c / BK, kc = c % BK;
-      const bool ok = r < nrows && k0 + kc < K;
-      smem[r * LDS + kc] = ok ? src[r * ld + k0 + kc] : from_float<T>(0.f);
-    }
-  }
-}
-
 template <typename T, int BM, int BN, int BK, int STAGES, int WARPS_M, int WARPS_N>
 __global__ void __launch_bounds__(TileShape<BM, BN, BK, STAGES, WARPS_M, WARPS_N>::kThreads)
     segment_gemm_kernel(SegmentGemmParams p) {
@@ -79,13 +59,7 @@ __global__ void __launch_bounds__(TileShape<BM, BN, BK, STAGES, WARPS_M, WARPS_N
 
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
     const int mt = tile / n_tiles, nt = tile % n_tiles;
-    // Segment owning m-tile mt: the last s with tile_prefix[s] <= mt (empty segments share prefixes).
-    int lo = 0, hi = p.nseg;
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (p.tile_prefix[mid] <= mt) lo = mid; else hi = mid;
-    }
-    const int seg = lo;
+    const int seg = segment_of_tile(p.tile_prefix, p.nseg, mt);
     const int row0 = p.row_offsets[seg] + (mt - p.tile_prefix[seg]) * BM;
     const int rows = min(BM, p.row_offsets[seg + 1] - row0);
     const int expert = seg / p.seg_per_expert;

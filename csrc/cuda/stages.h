@@ -70,6 +70,44 @@ enum class SegmentGemmShape { Wide, Narrow };  // Wide: N-blocks of 128 (base, e
 cudaError_t launch_segment_gemm(const SegmentGemmParams& p, SegmentGemmShape shape, int sm_count,
                                 cudaStream_t stream);
 
+// ---- lora_gemm.cu: LoRA shrink (split-K) and expand over the (expert, slot) segments ----------------
+// Segments and tiles as for the segment GEMM (slot = s % seg_per_expert + slot_base; slot -1 buckets have
+// no tiles). Adapter matrices of segment (e, slot) start at base + e * expert_stride + slot * slot_stride
+// (shared-outer gating: expert_stride = 0). Ranks up to kLoraMaxRank; above it the host uses the segment
+// GEMM path.
+constexpr int kLoraMaxRank = 128;
+struct LoraShrinkParams {
+  const void* X; int64_t ldx;               // sorted activations [rows, K]
+  const void* A;                            // per segment [R, K] row-major
+  int64_t a_expert_stride, a_slot_stride;   // elements
+  float* partial;                           // out: [k_splits, max_rows, R] fp32 partial sums
+  const int* row_offsets;                   // [nseg+1]
+  const int* tile_prefix;                   // [nseg+1]
+  int nseg, seg_per_expert, slot_base;
+  int R, K, k_chunk, k_splits;              // K-chunk ks covers [ks * k_chunk, min(K, (ks+1) * k_chunk))
+  int max_rows, max_active_segments;        // host upper bounds (grid sizing, partial layout)
+  DType dtype;
+};
+struct LoraExpandParams {
+  const float* partial; int k_splits;       // t = sum over ks of partial[ks] (fixed order)
+  const void* B;                            // per segment [N, R] row-major
+  int64_t b_expert_stride, b_slot_stride;
+  void* D; int64_t ldd;                     // D[r, :N] += slot_scale[slot] * t[r] @ B^T
+  const float* slot_scale;                  // [S] or nullptr for 1
+  const int* row_offsets;
+  const int* tile_prefix;
+  int nseg, seg_per_expert, slot_base;
+  int R, N, n_range;                        // one work item = one m-tile x n_range columns
+  int max_rows, max_active_segments;
+  DType dtype;
+};
+// Host heuristics (shapes only, no routing values): split counts that fill the GPU with work items.
+int lora_k_splits(int K, int max_rows, int max_active_segments, int sm_count);
+int lora_k_chunk(int K, int k_splits);
+int lora_n_range(int N, int R, int max_rows, int max_active_segments, int sm_count);
+cudaError_t launch_lora_shrink(const LoraShrinkParams& p, int sm_count, cudaStream_t stream);
+cudaError_t launch_lora_expand(const LoraExpandParams& p, int sm_count, cudaStream_t stream);
+
 // ---- activation.cu: h[r, i] = act(gu[r, i]) * gu[r, I + i] for the routed rows ---------------------
 enum class ActivationKind { Silu, Gelu };
 struct ActivationParams {

@@ -1,0 +1,326 @@
+// LoRA on the (expert, slot) segments of the sorted rows, in two kernels per projection:
+//
+//   shrink: partial[ks, r, :R] = X[r, K-chunk ks] @ A[slot, e][:, K-chunk ks]^T      (split-K, fp32)
+//   expand: D[r, n-range]     += scale[slot] * bf16(sum_ks partial[ks, r]) @ B[slot, e][n-range]^T
+//
+// Why this shape (benchmarks/NOTES.md, v3): at decode and mid batch sizes a segment holds a handful of
+// rows, so a kernel is bound by latency, not bytes. The shrink's K loop (K = H or I, up to 14336) is split
+// over CTAs so every SM streams adapter A, with the partial sums reduced by the expand in a fixed order
+// (deterministic, no atomics). The expand keeps the rank-R input tile in shared memory and walks a range
+// of N with double-buffered B chunks, instead of one tile launch-equivalent per 128 columns.
+// Tile counts come from the routing's device-side tile prefix, so grids are sized from shapes alone and
+// both kernels are CUDA-graph safe.
+#include <mma.h>
+
+#include <algorithm>
+
+#include "cuda_utils.cuh"
+#include "smem_tiles.cuh"
+#include "stages.h"
+
+namespace moelora::cuda {
+namespace {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kWarps = 4;                 // each warp owns 16 of the tile's 64 rows
+constexpr int kThreads = kWarps * 32;
+constexpr int kBlocksPerSm = 4;
+constexpr int kPad = 8;                   // 16-byte smem row padding against bank conflicts
+static_assert(kTileRows == kWarps * 16, "one 16-row fragment band per warp");
+
+struct SegmentTile {
+  int row0, rows, expert, slot;
+};
+
+__device__ __forceinline__ SegmentTile locate(const int* row_offsets, const int* tile_prefix, int nseg,
+                                              int seg_per_expert, int slot_base, int mt) {
+  const int seg = segment_of_tile(tile_prefix, nseg, mt);
+  SegmentTile t;
+  t.row0 = row_offsets[seg] + (mt - tile_prefix[seg]) * kTileRows;
+  t.rows = min(kTileRows, row_offsets[seg + 1] - t.row0);
+  t.expert = seg / seg_per_expert;
+  t.slot = seg % seg_per_expert + slot_base;
+  return t;
+}
+
+// ---- shrink ----------------------------------------------------------------------------------------
+template <int RP>
+struct ShrinkShape {
+  static constexpr int kBK = 32;
+  static constexpr int kStages = RP >= 128 ? 3 : 4;
+  static constexpr int kLds = kBK + kPad;
+  static constexpr int kStageElems = (kTileRows + RP) * kLds;
+  static constexpr size_t kPipelineBytes = size_t(kStages) * kStageElems * 2;
+  static constexpr int kLdc = RP + 4;
+  static constexpr size_t kOutBytes = size_t(kTileRows) * kLdc * 4;
+  static constexpr size_t kSmemBytes = kPipelineBytes > kOutBytes ? kPipelineBytes : kOutBytes;
+  static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
+};
+
+template <typename T, int RP>
+__global__ void __launch_bounds__(kThreads) lora_shrink_kernel(LoraShrinkParams p) {
+  using Shape = ShrinkShape<RP>;
+  constexpr int kBK = Shape::kBK, kLds = Shape::kLds, kStages = Shape::kStages;
+  __shared__ alignas(128) unsigned char smem_raw[Shape::kSmemBytes];
+  T* stage_base = reinterpret_cast<T*>(smem_raw);
+  float* ctile = reinterpret_cast<float*>(smem_raw);  // after the K loop
+
+  const T* X = static_cast<const T*>(p.X);
+  const T* Abase = static_cast<const T*>(p.A);
+  const int warp = threadIdx.x / 32;
+  const bool vec = (p.K % 8 == 0) && (p.ldx % 8 == 0) && (p.a_expert_stride % 8 == 0) &&
+                   (p.a_slot_stride % 8 == 0) && (reinterpret_cast<uintptr_t>(X) % 16 == 0) &&
+                   (reinterpret_cast<uintptr_t>(Abase) % 16 == 0);
+  const int total = p.tile_prefix[p.nseg] * p.k_splits;
+
+  for (int item = blockIdx.x; item < total; item += gridDim.x) {
+    const int mt = item / p.k_splits, ks = item % p.k_splits;
+    const SegmentTile st = locate(p.row_offsets, p.tile_prefix, p.nseg, p.seg_per_expert, p.slot_base, mt);
+    const int k_begin = ks * p.k_chunk;
+    const int k_end = min(p.K, k_begin + p.k_chunk);
+    const int k_tiles = ceil_div(k_end - k_begin, kBK);
+    const T* x_src = X + static_cast<int64_t>(st.row0) * p.ldx;
+    const T* a_src = Abase + st.expert * p.a_expert_stride + st.slot * p.a_slot_stride;  // [R, K]
+    const bool warp_active = warp * 16 < st.rows;
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[RP / 16];
+#pragma unroll
+    for (int j = 0; j < RP / 16; ++j) wmma::fill_fragment(acc[j], 0.f);
+
+    auto stage_x = [&](int s) { return stage_base + s * Shape::kStageElems; };
+    auto stage_a = [&](int s) { return stage_base + s * Shape::kStageElems + kTileRows * kLds; };
+    auto load_stage = [&](int s, int kt) {
+      const int k0 = k_begin + kt * kBK;
+      load_tile<T, kTileRows, kBK, kLds, kThreads>(stage_x(s), x_src, p.ldx, st.rows, k0, k_end, vec);
+      load_tile<T, RP, kBK, kLds, kThreads>(stage_a(s), a_src, p.K, p.R, k0, k_end, vec);
+    };
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < k_tiles) load_stage(s, s);
+      cp_async_commit();
+    }
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      const int prefetch = kt + kStages - 1;
+      if (prefetch < k_tiles) load_stage(prefetch % kStages, prefetch);
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();
+      __syncthreads();
+      if (warp_active) {
+        const T* xs = stage_x(kt % kStages);
+        const T* as = stage_a(kt % kStages);
+#pragma unroll
+        for (int kk = 0; kk < kBK; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+          wmma::load_matrix_sync(fa, xs + warp * 16 * kLds + kk, kLds);
+#pragma unroll
+          for (int j = 0; j < RP / 16; ++j) {  // A is [R, K] row-major == (K x R) column-major
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+            wmma::load_matrix_sync(fb, as + j * 16 * kLds + kk, kLds);
+            wmma::mma_sync(acc[j], fa, fb, acc[j]);
+          }
+        }
+      }
+      __syncthreads();  // the stage just read is refilled by a later prefetch
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    if (warp_active) {
+#pragma unroll
+      for (int j = 0; j < RP / 16; ++j)
+        wmma::store_matrix_sync(ctile + warp * 16 * Shape::kLdc + j * 16, acc[j], Shape::kLdc, wmma::mem_row_major);
+    }
+    __syncthreads();
+    float* dst = p.partial + (static_cast<int64_t>(ks) * p.max_rows + st.row0) * p.R;
+    for (int c = threadIdx.x; c < st.rows * p.R; c += kThreads) {
+      const int r = c / p.R, col = c % p.R;
+      dst[c] = ctile[r * Shape::kLdc + col];
+    }
+    __syncthreads();  // ctile aliases the next item's pipeline buffers
+  }
+}
+
+// ---- expand ----------------------------------------------------------------------------------------
+template <int RP>
+struct ExpandShape {
+  static constexpr int kBN = RP >= 128 ? 32 : 64;
+  static constexpr int kLdt = RP + kPad;               // t tile and B chunk row stride (elements)
+  static constexpr int kScratchLd = 16 + 4;            // per-warp fp32 16x16 epilogue scratch
+  static constexpr size_t kTBytes = size_t(kTileRows) * kLdt * 2;
+  static constexpr size_t kBBytes = size_t(2) * kBN * kLdt * 2;  // double buffered
+  static constexpr size_t kScratchBytes = size_t(kWarps) * 16 * kScratchLd * 4;
+  static constexpr size_t kSmemBytes = kTBytes + kBBytes + kScratchBytes;
+  static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
+};
+
+template <typename T, int RP>
+__global__ void __launch_bounds__(kThreads) lora_expand_kernel(LoraExpandParams p) {
+  using Shape = ExpandShape<RP>;
+  constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt;
+  __shared__ alignas(128) unsigned char smem_raw[Shape::kSmemBytes];
+  T* t_tile = reinterpret_cast<T*>(smem_raw);
+  T* b_buf = reinterpret_cast<T*>(smem_raw + Shape::kTBytes);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* scratch = reinterpret_cast<float*>(smem_raw + Shape::kTBytes + Shape::kBBytes) + warp * 16 * Shape::kScratchLd;
+
+  const T* Bbase = static_cast<const T*>(p.B);
+  T* D = static_cast<T*>(p.D);
+  const bool vec_b = (p.R % 8 == 0) && (p.b_expert_stride % 8 == 0) && (p.b_slot_stride % 8 == 0) &&
+                     (reinterpret_cast<uintptr_t>(Bbase) % 16 == 0);
+  const bool vec_out = (p.N % 8 == 0) && (p.ldd % 8 == 0) && (reinterpret_cast<uintptr_t>(D) % 16 == 0);
+  const int n_ranges = ceil_div(p.N, p.n_range);
+  const int total = p.tile_prefix[p.nseg] * n_ranges;
+
+  for (int item = blockIdx.x; item < total; item += gridDim.x) {
+    const int mt = item / n_ranges, nr = item % n_ranges;
+    const SegmentTile st = locate(p.row_offsets, p.tile_prefix, p.nseg, p.seg_per_expert, p.slot_base, mt);
+    const int n_begin = nr * p.n_range;
+    const int n_end = min(p.N, n_begin + p.n_range);
+    const int chunks = ceil_div(n_end - n_begin, kBN);
+    const T* b_src = Bbase + st.expert * p.b_expert_stride + st.slot * p.b_slot_stride;  // [N, R]
+    const float alpha = p.slot_scale != nullptr ? p.slot_scale[st.slot] : 1.f;
+    const int my_row0 = warp * 16;
+    const bool warp_active = my_row0 < st.rows;
+
+    auto load_chunk = [&](int stage, int c) {
+      const int n0 = n_begin + c * kBN;
+      load_tile<T, kBN, RP, kLdt, kThreads>(b_buf + stage * kBN * kLdt, b_src + static_cast<int64_t>(n0) * p.R, p.R,
+                                            min(kBN, n_end - n0), 0, p.R, vec_b);
+    };
+    load_chunk(0, 0);
+    cp_async_commit();
+
+    // t = sum of the split-K partials in a fixed order, rounded to the activation dtype (zero padded).
+    for (int c = threadIdx.x; c < kTileRows * RP; c += kThreads) {
+      const int r = c / RP, col = c % RP;
+      float v = 0.f;
+      if (r < st.rows && col < p.R) {
+        const float* src = p.partial + static_cast<int64_t>(st.row0 + r) * p.R + col;
+        for (int ks = 0; ks < p.k_splits; ++ks) v += src[static_cast<int64_t>(ks) * p.max_rows * p.R];
+      }
+      t_tile[r * kLdt + col] = from_float<T>(v);
+    }
+
+    for (int c = 0; c < chunks; ++c) {
+      if (c + 1 < chunks) load_chunk((c + 1) % 2, c + 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();
+      if (warp_active) {
+        const T* bs = b_buf + (c % 2) * kBN * kLdt;
+        const int n0 = n_begin + c * kBN;
+#pragma unroll
+        for (int j = 0; j < kBN / 16; ++j) {
+          wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+          wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+          for (int kk = 0; kk < RP; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // B [N, R] row-major
+            wmma::load_matrix_sync(fa, t_tile + my_row0 * kLdt + kk, kLdt);
+            wmma::load_matrix_sync(fb, bs + j * 16 * kLdt + kk, kLdt);
+            wmma::mma_sync(acc, fa, fb, acc);
+          }
+          wmma::store_matrix_sync(scratch, acc, Shape::kScratchLd, wmma::mem_row_major);
+          __syncwarp();
+          // Read-modify-write of the 16x16 block: lane -> (row, 8 columns), rows past the segment skipped.
+          const int r = lane / 2, col = (lane % 2) * 8;
+          const int grow = my_row0 + r, gcol = n0 + j * 16 + col;
+          if (grow < st.rows && gcol < n_end) {
+            T* dst = D + static_cast<int64_t>(st.row0 + grow) * p.ldd + gcol;
+            const float* src = scratch + r * Shape::kScratchLd + col;
+            if (vec_out) {
+              auto* dv = reinterpret_cast<Vec8<T>*>(dst);
+              const Vec8<T> prev = *dv;
+              Vec8<T> out;
+#pragma unroll
+              for (int i = 0; i < 8; ++i) out.v[i] = from_float<T>(alpha * src[i] + to_float(prev.v[i]));
+              *dv = out;
+            } else {
+              for (int i = 0; i < 8 && gcol + i < n_end; ++i) dst[i] = from_float<T>(alpha * src[i] + to_float(dst[i]));
+            }
+          }
+          __syncwarp();  // scratch is reused by the next fragment
+        }
+      }
+      __syncthreads();  // the chunk just read is refilled by the next prefetch
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // t_tile is rewritten by the next item
+  }
+}
+
+// Work items wanted per launch: two waves of resident CTAs, so the tail of uneven items is short.
+int target_items(int sm_count) { return 2 * sm_count * kBlocksPerSm; }
+
+// Host upper bound of the m-tiles: every active segment adds at most one partial tile.
+int64_t m_tiles_upper_bound(int max_rows, int max_active_segments) {
+  return ceil_div(max_rows, kTileRows) + static_cast<int64_t>(std::min(max_active_segments, max_rows));
+}
+
+template <typename T, int RP>
+void launch_shrink_typed(const LoraShrinkParams& p, int sm_count, cudaStream_t stream) {
+  const int64_t items_ub = m_tiles_upper_bound(p.max_rows, p.max_active_segments) * p.k_splits;
+  const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
+  if (grid > 0) lora_shrink_kernel<T, RP><<<grid, kThreads, 0, stream>>>(p);
+}
+
+template <typename T, int RP>
+void launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStream_t stream) {
+  const int64_t items_ub = m_tiles_upper_bound(p.max_rows, p.max_active_segments) * ceil_div(p.N, p.n_range);
+  const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
+  if (grid > 0) lora_expand_kernel<T, RP><<<grid, kThreads, 0, stream>>>(p);
+}
+
+}  // namespace
+
+int lora_k_splits(int K, int max_rows, int max_active_segments, int sm_count) {
+  // Enough (m-tile, K-chunk) items to fill the GPU, but chunks of at least 4 K-steps of 32.
+  const int64_t m_tiles = m_tiles_upper_bound(max_rows, max_active_segments);
+  const int64_t want = std::max<int64_t>(1, (target_items(sm_count) + m_tiles - 1) / std::max<int64_t>(m_tiles, 1));
+  const int max_splits = std::max(1, ceil_div(K, 128));
+  const int splits = static_cast<int>(std::min<int64_t>(want, max_splits));
+  const int chunk = ceil_div(ceil_div(K, splits), 32) * 32;
+  return ceil_div(K, chunk);
+}
+
+int lora_k_chunk(int K, int k_splits) { return ceil_div(ceil_div(K, k_splits), 32) * 32; }
+
+int lora_n_range(int N, int R, int max_rows, int max_active_segments, int sm_count) {
+  const int bn = R > 64 ? 32 : 64;
+  const int64_t m_tiles = m_tiles_upper_bound(max_rows, max_active_segments);
+  const int64_t want = std::max<int64_t>(1, (target_items(sm_count) + m_tiles - 1) / std::max<int64_t>(m_tiles, 1));
+  const int splits = static_cast<int>(std::min<int64_t>(want, ceil_div(N, bn)));
+  return ceil_div(ceil_div(N, splits), bn) * bn;
+}
+
+cudaError_t launch_lora_shrink(const LoraShrinkParams& p, int sm_count, cudaStream_t stream) {
+  if (p.max_rows == 0 || p.R == 0) return cudaSuccess;
+  if (p.R > kLoraMaxRank) return cudaErrorInvalidValue;
+  const bool bf16 = p.dtype == DType::BF16;
+#define MOELORA_SHRINK(RP) \
+  (bf16 ? launch_shrink_typed<__nv_bfloat16, RP>(p, sm_count, stream) : launch_shrink_typed<__half, RP>(p, sm_count, stream))
+  if (p.R <= 16) MOELORA_SHRINK(16);
+  else if (p.R <= 32) MOELORA_SHRINK(32);
+  else if (p.R <= 64) MOELORA_SHRINK(64);
+  else MOELORA_SHRINK(128);
+#undef MOELORA_SHRINK
+  return cudaGetLastError();
+}
+
+cudaError_t launch_lora_expand(const LoraExpandParams& p, int sm_count, cudaStream_t stream) {
+  if (p.max_rows == 0 || p.N == 0) return cudaSuccess;
+  if (p.R > kLoraMaxRank) return cudaErrorInvalidValue;
+  const bool bf16 = p.dtype == DType::BF16;
+#define MOELORA_EXPAND(RP) \
+  (bf16 ? launch_expand_typed<__nv_bfloat16, RP>(p, sm_count, stream) : launch_expand_typed<__half, RP>(p, sm_count, stream))
+  if (p.R <= 16) MOELORA_EXPAND(16);
+  else if (p.R <= 32) MOELORA_EXPAND(32);
+  else if (p.R <= 64) MOELORA_EXPAND(64);
+  else MOELORA_EXPAND(128);
+#undef MOELORA_EXPAND
+  return cudaGetLastError();
+}
+
+}  // namespace moelora::cuda
