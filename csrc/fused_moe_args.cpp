@@ -14,8 +14,6 @@ namespace {
 
 constexpr const char* kOp = "moelora::fused_moe: ";
 
-// "torch.bfloat16" etc., as Python users know the dtypes.
-std::string dtype_name(at::ScalarType t) { return message(t); }
 
 // `name` must have exactly `expected` (written symbolically as `symbolic`, e.g. "[E, 2I, H]").
 void check_shape(const at::Tensor& t, const char* name, const char* symbolic, const std::vector<int64_t>& expected) {
@@ -32,8 +30,8 @@ void check_rank(const at::Tensor& t, const char* name, int64_t dim, const char* 
 }
 
 void check_dtype(const at::Tensor& t, const char* name, at::ScalarType expected, const char* why) {
-  MOELORA_CHECK(t.scalar_type() == expected, kOp, name, " must have dtype ", dtype_name(expected), " (", why,
-              "), got ", dtype_name(t.scalar_type()));
+  MOELORA_CHECK(t.scalar_type() == expected, kOp, name, " must have dtype ", expected, " (", why,
+              "), got ", t.scalar_type());
 }
 
 void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
@@ -103,14 +101,14 @@ FusedMoeDims check_fused_moe_args(
   // Base dtypes.
   const auto dtype = hidden_states.scalar_type();
   MOELORA_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kOp,
-              "hidden_states must have dtype torch.float32, torch.bfloat16 or torch.float16, got ", dtype_name(dtype));
+              "hidden_states must have dtype torch.float32, torch.bfloat16 or torch.float16, got ", dtype);
   check_dtype(w13, "w13", dtype, "the dtype of hidden_states");
   check_dtype(w2, "w2", dtype, "the dtype of hidden_states");
   MOELORA_CHECK(topk_weights.scalar_type() == at::kFloat || topk_weights.scalar_type() == dtype, kOp,
-              "topk_weights must have dtype torch.float32 or ", dtype_name(dtype), " (the dtype of hidden_states), got ",
-              dtype_name(topk_weights.scalar_type()));
+              "topk_weights must have dtype torch.float32 or ", dtype, " (the dtype of hidden_states), got ",
+              topk_weights.scalar_type());
   MOELORA_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong, kOp,
-              "topk_ids must have dtype torch.int32 or torch.int64, got ", dtype_name(topk_ids.scalar_type()));
+              "topk_ids must have dtype torch.int32 or torch.int64, got ", topk_ids.scalar_type());
 
   // Devices.
   const at::Device device = hidden_states.device();

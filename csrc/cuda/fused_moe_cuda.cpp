@@ -58,6 +58,7 @@ bool use_lora_kernels(int64_t R) { return R <= mc::kLoraMaxRank && !env_flag("MO
 
 // LoRA workspace: split-K partial sums (lora_gemm.cu) or the rounded shrink output (segment GEMM).
 struct LoraWorkspace {
+  bool lora_kernels = false;  // use_lora_kernels(R), decided once per call
   at::Tensor buf;
   int k_splits_fc1 = 1, k_splits_fc2 = 1;
 };
@@ -66,7 +67,8 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
   LoraWorkspace ws;
   const int pairs = static_cast<int>(d.T * d.k);
   const int active = static_cast<int>(d.E * d.S);
-  if (use_lora_kernels(d.R)) {
+  ws.lora_kernels = use_lora_kernels(d.R);
+  if (ws.lora_kernels) {
     ws.k_splits_fc1 = mc::lora_k_splits(static_cast<int>(d.H), pairs, active, sm_count);
     ws.k_splits_fc2 = mc::lora_k_splits(static_cast<int>(d.I), pairs, active, sm_count);
     const int64_t splits = std::max(ws.k_splits_fc1, ws.k_splits_fc2);
@@ -84,7 +86,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
   const int pairs = static_cast<int>(d.T * d.k);
   const int nseg = static_cast<int>(d.E * (d.S + 1));
   const int active = static_cast<int>(d.E * d.S);
-  if (use_lora_kernels(R)) {
+  if (ws.lora_kernels) {
     mc::LoraShrinkParams s{};
     s.X = input.data_ptr(); s.ldx = K;
     s.A = side.a.data_ptr();

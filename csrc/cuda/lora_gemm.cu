@@ -13,6 +13,7 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda_utils.cuh"
 #include "smem_tiles.cuh"
@@ -259,6 +260,21 @@ int64_t m_tiles_upper_bound(int max_rows, int max_active_segments) {
   return ceil_div(max_rows, kTileRows) + static_cast<int64_t>(std::min(max_active_segments, max_rows));
 }
 
+// How many pieces to cut each m-tile's work into so the launch has target_items() work items.
+int splits_to_fill(int max_rows, int max_active_segments, int sm_count) {
+  const int64_t m_tiles = std::max<int64_t>(1, m_tiles_upper_bound(max_rows, max_active_segments));
+  return static_cast<int>(std::max<int64_t>(1, (target_items(sm_count) + m_tiles - 1) / m_tiles));
+}
+
+// Calls f(std::integral_constant<int, RP>{}) with the rank padded to the kernels' instantiations.
+template <typename F>
+void dispatch_padded_rank(int R, F&& f) {
+  if (R <= 16) f(std::integral_constant<int, 16>{});
+  else if (R <= 32) f(std::integral_constant<int, 32>{});
+  else if (R <= 64) f(std::integral_constant<int, 64>{});
+  else f(std::integral_constant<int, 128>{});
+}
+
 template <typename T, int RP>
 void launch_shrink_typed(const LoraShrinkParams& p, int sm_count, cudaStream_t stream) {
   const int64_t items_ub = m_tiles_upper_bound(p.max_rows, p.max_active_segments) * p.k_splits;
@@ -275,51 +291,37 @@ void launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStream_t s
 
 }  // namespace
 
-int lora_k_splits(int K, int max_rows, int max_active_segments, int sm_count) {
-  // Enough (m-tile, K-chunk) items to fill the GPU, but chunks of at least 4 K-steps of 32.
-  const int64_t m_tiles = m_tiles_upper_bound(max_rows, max_active_segments);
-  const int64_t want = std::max<int64_t>(1, (target_items(sm_count) + m_tiles - 1) / std::max<int64_t>(m_tiles, 1));
-  const int max_splits = std::max(1, ceil_div(K, 128));
-  const int splits = static_cast<int>(std::min<int64_t>(want, max_splits));
-  const int chunk = ceil_div(ceil_div(K, splits), 32) * 32;
-  return ceil_div(K, chunk);
-}
-
 int lora_k_chunk(int K, int k_splits) { return ceil_div(ceil_div(K, k_splits), 32) * 32; }
 
+int lora_k_splits(int K, int max_rows, int max_active_segments, int sm_count) {
+  // Enough (m-tile, K-chunk) items to fill the GPU, but chunks of at least 4 K-steps of 32.
+  const int splits = std::min(splits_to_fill(max_rows, max_active_segments, sm_count), std::max(1, ceil_div(K, 128)));
+  return ceil_div(K, lora_k_chunk(K, splits));
+}
+
 int lora_n_range(int N, int R, int max_rows, int max_active_segments, int sm_count) {
-  const int bn = R > 64 ? 32 : 64;
-  const int64_t m_tiles = m_tiles_upper_bound(max_rows, max_active_segments);
-  const int64_t want = std::max<int64_t>(1, (target_items(sm_count) + m_tiles - 1) / std::max<int64_t>(m_tiles, 1));
-  const int splits = static_cast<int>(std::min<int64_t>(want, ceil_div(N, bn)));
+  const int bn = R > 64 ? 32 : 64;  // ExpandShape<RP>::kBN
+  const int splits = std::min(splits_to_fill(max_rows, max_active_segments, sm_count), ceil_div(N, bn));
   return ceil_div(ceil_div(N, splits), bn) * bn;
 }
 
 cudaError_t launch_lora_shrink(const LoraShrinkParams& p, int sm_count, cudaStream_t stream) {
   if (p.max_rows == 0 || p.R == 0) return cudaSuccess;
   if (p.R > kLoraMaxRank) return cudaErrorInvalidValue;
-  const bool bf16 = p.dtype == DType::BF16;
-#define MOELORA_SHRINK(RP) \
-  (bf16 ? launch_shrink_typed<__nv_bfloat16, RP>(p, sm_count, stream) : launch_shrink_typed<__half, RP>(p, sm_count, stream))
-  if (p.R <= 16) MOELORA_SHRINK(16);
-  else if (p.R <= 32) MOELORA_SHRINK(32);
-  else if (p.R <= 64) MOELORA_SHRINK(64);
-  else MOELORA_SHRINK(128);
-#undef MOELORA_SHRINK
+  dispatch_padded_rank(p.R, [&](auto rp) {
+    if (p.dtype == DType::BF16) launch_shrink_typed<__nv_bfloat16, decltype(rp)::value>(p, sm_count, stream);
+    else launch_shrink_typed<__half, decltype(rp)::value>(p, sm_count, stream);
+  });
   return cudaGetLastError();
 }
 
 cudaError_t launch_lora_expand(const LoraExpandParams& p, int sm_count, cudaStream_t stream) {
   if (p.max_rows == 0 || p.N == 0) return cudaSuccess;
   if (p.R > kLoraMaxRank) return cudaErrorInvalidValue;
-  const bool bf16 = p.dtype == DType::BF16;
-#define MOELORA_EXPAND(RP) \
-  (bf16 ? launch_expand_typed<__nv_bfloat16, RP>(p, sm_count, stream) : launch_expand_typed<__half, RP>(p, sm_count, stream))
-  if (p.R <= 16) MOELORA_EXPAND(16);
-  else if (p.R <= 32) MOELORA_EXPAND(32);
-  else if (p.R <= 64) MOELORA_EXPAND(64);
-  else MOELORA_EXPAND(128);
-#undef MOELORA_EXPAND
+  dispatch_padded_rank(p.R, [&](auto rp) {
+    if (p.dtype == DType::BF16) launch_expand_typed<__nv_bfloat16, decltype(rp)::value>(p, sm_count, stream);
+    else launch_expand_typed<__half, decltype(rp)::value>(p, sm_count, stream);
+  });
   return cudaGetLastError();
 }
 
