@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the extension, run the CUTLASS selftest, the test suite, and the
 # benchmark, writing every log under $OUT. Usage: bash scripts/device_run.sh [build] [selftest] [tests] [bench]
-# (no argument = all). Needs the nvidia-cutlass wheel in .whl/ (see README).
+# [profile] (no argument = the first four; profile = benchmarks/profile_stages.py $PROFILE_ARGS). Needs the nvidia-cutlass wheel in .whl/ (see README).
 set -uo pipefail
 OUT=${OUT:-/tmp/moelora_out}
 mkdir -p "$OUT"
@@ -39,5 +39,9 @@ if [[ $phases == *bench* ]]; then
   tail -40 "$OUT/bench.log"
   # Few files come back from the device: pack the benchmark outputs into one.
   [[ -d $OUT/bench ]] && tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -r "$OUT/bench"
+fi
+if [[ $phases == *profile* ]]; then
+  echo "== profile ($(elapsed)s)"
+  timeout ${PROFILE_TIMEOUT:-300} python3 benchmarks/profile_stages.py --json "$OUT/profile.json" ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" | grep -v "^  "
 fi
 echo "== done in $(elapsed)s"

@@ -127,6 +127,38 @@ def test_lora_kernels_agree_with_segment_gemm(shape, monkeypatch):
     assert rel_err(new, old) < 1e-2
 
 
+ROW_PATH_SHAPES = [
+    (1, 256, 128, 8, 2, 4, 16),
+    (300, 256, 192, 32, 4, 8, 8),
+    (20, 128, 64, 4, 2, 2, 5),
+    (33, 128, 64, 4, 2, 2, 40),
+    (4, 4096, 1024, 8, 2, 2, 16),
+    (200, 256, 128, 16, 2, 4, 64),
+    (100, 256, 128, 8, 2, 3, 128),
+    (700, 512, 256, 16, 4, 3, 32),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", ROW_PATH_SHAPES, ids=lambda s: "T{}_H{}_E{}_S{}_R{}".format(s[0], s[1], s[3], s[5], s[6]))
+def test_lora_row_paths_agree(shape, dtype, monkeypatch):
+    """The LoRA kernels' two m-tile paths: 64-row tensor-core tiles (MOELORA_LORA_FEW_ROWS=0) and the
+    few-rows path on swapped-operand mma.sync (=64: every tile, so row groups of 8, ranks 5..128, split-K
+    and long N all go through it), and the default mix of both (skewed routing gives segments of 1 to 64+
+    rows). Each matches the reference; the three agree to the rounding of the LoRA intermediate."""
+    T, H, I, E, k, S, R = shape
+    args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=21)
+    outs = {}
+    for rows in ["0", "64", None]:
+        if rows is None:
+            monkeypatch.delenv("MOELORA_LORA_FEW_ROWS", raising=False)
+        else:
+            monkeypatch.setenv("MOELORA_LORA_FEW_ROWS", rows)
+        outs[rows] = check(args, dtype)
+    assert rel_err(outs["64"], outs["0"]) < TOL[dtype] / 2
+    assert rel_err(outs[None], outs["0"]) < TOL[dtype] / 2
+
+
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 def test_activation_and_no_lora(activation, gemm_path):
     args = make_case(96, 256, 128, 8, 2, dtype=torch.bfloat16, seed=3)

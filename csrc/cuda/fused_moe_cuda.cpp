@@ -59,6 +59,7 @@ bool use_lora_kernels(int64_t R) { return R <= mc::kLoraMaxRank && !env_flag("MO
 // LoRA workspace: split-K partial sums (lora_gemm.cu) or the rounded shrink output (segment GEMM).
 struct LoraWorkspace {
   bool lora_kernels = false;  // use_lora_kernels(R), decided once per call
+  int few_rows_max = mc::kLoraFewRows;  // MOELORA_LORA_FEW_ROWS overrides (0: 64-row tiles only)
   at::Tensor buf;
   int k_splits_fc1 = 1, k_splits_fc2 = 1;
 };
@@ -68,6 +69,8 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
   const int pairs = static_cast<int>(d.T * d.k);
   const int active = static_cast<int>(d.E * d.S);
   ws.lora_kernels = use_lora_kernels(d.R);
+  if (const char* v = std::getenv("MOELORA_LORA_FEW_ROWS"); v != nullptr && v[0] != '\0')
+    ws.few_rows_max = std::clamp(std::atoi(v), 0, static_cast<int>(mc::kTileRows));
   if (ws.lora_kernels) {
     ws.k_splits_fc1 = mc::lora_k_splits(static_cast<int>(d.H), pairs, active, sm_count);
     ws.k_splits_fc2 = mc::lora_k_splits(static_cast<int>(d.I), pairs, active, sm_count);
@@ -96,7 +99,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
     s.row_offsets = bucket_offsets.data_ptr<int>(); s.tile_prefix = lora_tile_prefix.data_ptr<int>();
     s.nseg = nseg; s.seg_per_expert = static_cast<int>(d.S + 1); s.slot_base = -1;
     s.R = static_cast<int>(R); s.K = K; s.k_splits = k_splits; s.k_chunk = mc::lora_k_chunk(K, k_splits);
-    s.max_rows = pairs; s.max_active_segments = active;
+    s.max_rows = pairs; s.max_active_segments = active; s.few_rows_max = ws.few_rows_max;
     s.dtype = to_dtype(input.scalar_type());
     C10_CUDA_CHECK(mc::launch_lora_shrink(s, sm_count, stream));
 
@@ -110,7 +113,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
     e.row_offsets = s.row_offsets; e.tile_prefix = s.tile_prefix;
     e.nseg = nseg; e.seg_per_expert = s.seg_per_expert; e.slot_base = -1;
     e.R = s.R; e.N = N; e.n_range = mc::lora_n_range(N, s.R, pairs, active, sm_count);
-    e.max_rows = pairs; e.max_active_segments = active;
+    e.max_rows = pairs; e.max_active_segments = active; e.few_rows_max = ws.few_rows_max;
     e.dtype = s.dtype;
     C10_CUDA_CHECK(mc::launch_lora_expand(e, sm_count, stream));
     return;

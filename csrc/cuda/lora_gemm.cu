@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "cuda_utils.cuh"
+#include "lora_rows_mma.cuh"
 #include "smem_tiles.cuh"
 #include "stages.h"
 
@@ -57,10 +58,11 @@ struct ShrinkShape {
   static constexpr size_t kOutBytes = size_t(kTileRows) * kLdc * 4;
   static constexpr size_t kSmemBytes = kPipelineBytes > kOutBytes ? kPipelineBytes : kOutBytes;
   static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
+  static_assert(kSmemBytes >= size_t(kWarps) * lora_few_rows::kRowGroup * RP * 4, "room for the few-rows path's reduction");
 };
 
 template <typename T, int RP>
-__global__ void __launch_bounds__(kThreads) lora_shrink_kernel(LoraShrinkParams p) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(LoraShrinkParams p) {
   using Shape = ShrinkShape<RP>;
   constexpr int kBK = Shape::kBK, kLds = Shape::kLds, kStages = Shape::kStages;
   __shared__ alignas(128) unsigned char smem_raw[Shape::kSmemBytes];
@@ -83,6 +85,12 @@ __global__ void __launch_bounds__(kThreads) lora_shrink_kernel(LoraShrinkParams 
     const int k_tiles = ceil_div(k_end - k_begin, kBK);
     const T* x_src = X + static_cast<int64_t>(st.row0) * p.ldx;
     const T* a_src = Abase + st.expert * p.a_expert_stride + st.slot * p.a_slot_stride;  // [R, K]
+    if (st.rows <= p.few_rows_max) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
+      lora_few_rows::shrink_tile<T, RP, kWarps>(X, p.ldx, a_src, p.K, p.R,
+                                            st.row0, st.rows, k_begin, k_end, vec,
+                                            p.partial + static_cast<int64_t>(ks) * p.max_rows * p.R, ctile);
+      continue;
+    }
     const bool warp_active = warp * 16 < st.rows;
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[RP / 16];
@@ -153,10 +161,11 @@ struct ExpandShape {
   static constexpr size_t kScratchBytes = size_t(kWarps) * 16 * kScratchLd * 4;
   static constexpr size_t kSmemBytes = kTBytes + kBBytes + kScratchBytes;
   static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
+  static_assert(kSmemBytes >= size_t(lora_few_rows::kRowGroup) * RP * 4, "room for the few-rows path's t tile");
 };
 
 template <typename T, int RP>
-__global__ void __launch_bounds__(kThreads) lora_expand_kernel(LoraExpandParams p) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(LoraExpandParams p) {
   using Shape = ExpandShape<RP>;
   constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt;
   __shared__ alignas(128) unsigned char smem_raw[Shape::kSmemBytes];
@@ -184,6 +193,13 @@ __global__ void __launch_bounds__(kThreads) lora_expand_kernel(LoraExpandParams 
     const int my_row0 = warp * 16;
     const bool warp_active = my_row0 < st.rows;
 
+    if (st.rows <= p.few_rows_max) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
+      lora_few_rows::expand_tile<T, RP, kWarps>(p.partial, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R, b_src, p.R,
+                                            vec_b, D, p.ldd, alpha, st.row0, st.rows, n_begin, n_end,
+                                            reinterpret_cast<float*>(smem_raw));
+      continue;
+    }
+
     auto load_chunk = [&](int stage, int c) {
       const int n0 = n_begin + c * kBN;
       load_tile<T, kBN, RP, kLdt, kThreads>(b_buf + stage * kBN * kLdt, b_src + static_cast<int64_t>(n0) * p.R, p.R,
@@ -203,14 +219,24 @@ __global__ void __launch_bounds__(kThreads) lora_expand_kernel(LoraExpandParams 
       t_tile[r * kLdt + col] = from_float<T>(v);
     }
 
+    const int rmw_row = my_row0 + lane / 2, rmw_col = (lane % 2) * 8;  // this lane's 8 columns of a 16x16 block
     for (int c = 0; c < chunks; ++c) {
       if (c + 1 < chunks) load_chunk((c + 1) % 2, c + 1);
       cp_async_commit();
+      const int n0 = n_begin + c * kBN;
+      // The chunk's D values are loaded before waiting for B, so the read-modify-write below costs one
+      // memory round trip per chunk instead of one per 16x16 block.
+      Vec8<T> prev[kBN / 16];
+#pragma unroll
+      for (int j = 0; j < kBN / 16; ++j) {
+        const int gcol = n0 + j * 16 + rmw_col;
+        if (vec_out && rmw_row < st.rows && gcol < n_end)
+          prev[j] = *reinterpret_cast<const Vec8<T>*>(D + static_cast<int64_t>(st.row0 + rmw_row) * p.ldd + gcol);
+      }
       cp_async_wait<1>();
       __syncthreads();
       if (warp_active) {
         const T* bs = b_buf + (c % 2) * kBN * kLdt;
-        const int n0 = n_begin + c * kBN;
 #pragma unroll
         for (int j = 0; j < kBN / 16; ++j) {
           wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
@@ -226,18 +252,15 @@ __global__ void __launch_bounds__(kThreads) lora_expand_kernel(LoraExpandParams 
           wmma::store_matrix_sync(scratch, acc, Shape::kScratchLd, wmma::mem_row_major);
           __syncwarp();
           // Read-modify-write of the 16x16 block: lane -> (row, 8 columns), rows past the segment skipped.
-          const int r = lane / 2, col = (lane % 2) * 8;
-          const int grow = my_row0 + r, gcol = n0 + j * 16 + col;
-          if (grow < st.rows && gcol < n_end) {
-            T* dst = D + static_cast<int64_t>(st.row0 + grow) * p.ldd + gcol;
-            const float* src = scratch + r * Shape::kScratchLd + col;
+          const int gcol = n0 + j * 16 + rmw_col;
+          if (rmw_row < st.rows && gcol < n_end) {
+            T* dst = D + static_cast<int64_t>(st.row0 + rmw_row) * p.ldd + gcol;
+            const float* src = scratch + (lane / 2) * Shape::kScratchLd + rmw_col;
             if (vec_out) {
-              auto* dv = reinterpret_cast<Vec8<T>*>(dst);
-              const Vec8<T> prev = *dv;
               Vec8<T> out;
 #pragma unroll
-              for (int i = 0; i < 8; ++i) out.v[i] = from_float<T>(alpha * src[i] + to_float(prev.v[i]));
-              *dv = out;
+              for (int i = 0; i < 8; ++i) out.v[i] = from_float<T>(alpha * src[i] + to_float(prev[j].v[i]));
+              *reinterpret_cast<Vec8<T>*>(dst) = out;
             } else {
               for (int i = 0; i < 8 && gcol + i < n_end; ++i) dst[i] = from_float<T>(alpha * src[i] + to_float(dst[i]));
             }

@@ -74,8 +74,10 @@ cudaError_t launch_segment_gemm(const SegmentGemmParams& p, SegmentGemmShape sha
 // Segments and tiles as for the segment GEMM (slot = s % seg_per_expert + slot_base; slot -1 buckets have
 // no tiles). Adapter matrices of segment (e, slot) start at base + e * expert_stride + slot * slot_stride
 // (shared-outer gating: expert_stride = 0). Ranks up to kLoraMaxRank; above it the host uses the segment
-// GEMM path.
+// GEMM path. M-tiles with few rows (<= few_rows_max) take a path built for streaming the adapter weights
+// (lora_rows_mma.cuh), the others the 64-row tensor-core tiles; kLoraFewRows is the default threshold.
 constexpr int kLoraMaxRank = 128;
+constexpr int kLoraFewRows = 16;
 struct LoraShrinkParams {
   const void* X; int64_t ldx;               // sorted activations [rows, K]
   const void* A;                            // per segment [R, K] row-major
@@ -86,6 +88,7 @@ struct LoraShrinkParams {
   int nseg, seg_per_expert, slot_base;
   int R, K, k_chunk, k_splits;              // K-chunk ks covers [ks * k_chunk, min(K, (ks+1) * k_chunk))
   int max_rows, max_active_segments;        // host upper bounds (grid sizing, partial layout)
+  int few_rows_max;                        // m-tiles with at most this many rows: lora_rows_mma.cuh
   DType dtype;
 };
 struct LoraExpandParams {
@@ -99,6 +102,7 @@ struct LoraExpandParams {
   int nseg, seg_per_expert, slot_base;
   int R, N, n_range;                        // one work item = one m-tile x n_range columns
   int max_rows, max_active_segments;
+  int few_rows_max;                        // as for the shrink
   DType dtype;
 };
 // Host heuristics (shapes only, no routing values): split counts that fill the GPU with work items.

@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Where the time of one fused_moe call goes: per-kernel GPU time and the graph-replay total.
+
+    python benchmarks/profile_stages.py --shapes qwen3-30b-a3b --tokens 1,256,4096 --rank 16 --adapters 8
+    python benchmarks/profile_stages.py --variant base= --variant v3=MOELORA_LORA_SIMT_ROWS=0
+
+Each --variant is NAME=ENV1=V1,ENV2=V2 (environment set while that variant's graphs are captured and its
+kernels profiled; the op reads its MOELORA_* knobs per call). For every (shape, T, variant) it prints the
+graph-replay median (CUDA events, L2 flushed before each replay, as bench_moe.py) without and with LoRA,
+and the per-kernel breakdown of the LoRA call from torch.profiler (median per kernel over the iterations).
+This is the tool behind benchmarks/NOTES.md's "count first" analysis; the side-by-side numbers live in
+bench_moe.py.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import peers as P  # noqa: E402
+from bench_moe import SHAPES  # noqa: E402
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition("=")
+    env = {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        env[k] = v
+    return name, env
+
+
+class Env:
+    """Sets environment variables for a block, restoring the previous values after."""
+
+    def __init__(self, env: dict):
+        self.env, self.saved = env, {}
+
+    def __enter__(self):
+        for k, v in self.env.items():
+            self.saved[k] = os.environ.get(k)
+            os.environ[k] = v
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def graph_of(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def replay_us(graphs, flush, iters: int) -> float:
+    times = []
+    for i in range(iters):
+        flush.add_(1)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graphs[i % len(graphs)].replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def kernel_breakdown(fns, flush, iters: int) -> list[tuple[str, int, float]]:
+    """(kernel name, launches per call, median µs per call) for the eager calls, in first-seen order."""
+    from torch.profiler import ProfilerActivity, profile
+    per_iter = []
+    for i in range(iters):
+        flush.add_(1)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fns[i % len(fns)]()
+            torch.cuda.synchronize()
+        acc = collections.OrderedDict()
+        for ev in prof.events():
+            if ev.device_type.name != "CUDA" or ev.name.startswith("Memcpy"):
+                continue
+            n, t = acc.get(ev.name, (0, 0.0))
+            acc[ev.name] = (n + 1, t + ev.time_range.elapsed_us())
+        per_iter.append(acc)
+    names = list(per_iter[-1].keys())
+    rows = []
+    for name in names:
+        vals = [it[name][1] for it in per_iter if name in it]
+        rows.append((name, per_iter[-1][name][0], statistics.median(vals)))
+    return rows
+
+
+def short(name: str, width: int = 70) -> str:
+    name = name.replace("moelora::cuda::", "").replace("(anonymous namespace)::", "")
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="qwen3-30b-a3b,mixtral-8x7b,gpt-oss-20b")
+    ap.add_argument("--tokens", default="1,64,256,4096")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--variant", action="append", default=[], help="NAME=ENV=VAL,... (repeatable)")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--no-kernels", action="store_true", help="graph totals only")
+    ap.add_argument("--json", default=None, help="write the numbers here")
+    ap.add_argument("--ncu", action="store_true",
+                    help="for Nsight Compute: one eager LoRA call per (shape, T, variant) between "
+                         "cudaProfilerStart/Stop (run under ncu --profile-from-start off), nothing timed")
+    args = ap.parse_args(argv)
+    variants = [parse_variant(v) for v in args.variant] or [("default", {})]
+
+    ours = P.import_ours()
+    dev, dtype = "cuda", torch.bfloat16
+    flush = torch.empty(int(torch.cuda.get_device_properties(0).L2_cache_size) // 2, dtype=torch.float32,
+                        device=dev)
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}; rank {args.rank}, "
+          f"{args.adapters} adapters; graph replay medians over {args.iters}, L2 flushed", flush=True)
+    out = []
+    for sname in args.shapes.split(","):
+        shape = SHAPES[sname]
+        W = P.make_expert_weights(shape.H, shape.I, shape.E, dtype, dev)
+        L = P.make_lora_weights(shape.H, shape.I, shape.E, args.adapters, args.rank, dtype, dev)
+        WL = W.with_lora(L)
+        for T in [int(t) for t in args.tokens.split(",")]:
+            batches = []
+            for c in range(2):
+                x, tw, ti = P.make_batch(T, shape.H, shape.E, shape.k, dtype, dev, seed=100 + c)
+                batches.append((x, tw, ti, P.make_lora_ids(T, args.adapters, dev, seed=200 + c)))
+
+            def call(b, lora):
+                x, tw, ti, ids = b
+                kw = dict(token_lora_ids=ids, **WL.lora_kwargs()) if lora else {}
+                return lambda: ours.fused_moe(x, W.w13, W.w2, tw, ti, **kw)
+
+            for vname, env in variants:
+                if args.ncu:
+                    with Env(env):
+                        fn = call(batches[0], True)
+                        fn(), fn()
+                        torch.cuda.synchronize()
+                        torch.cuda.profiler.start()
+                        fn()
+                        torch.cuda.synchronize()
+                        torch.cuda.profiler.stop()
+                    print(f"ncu: {sname} T={T} [{vname}] profiled", flush=True)
+                    continue
+                with Env(env):
+                    base = replay_us([graph_of(call(b, False)) for b in batches], flush, args.iters)
+                    lora = replay_us([graph_of(call(b, True)) for b in batches], flush, args.iters)
+                    rows = [] if args.no_kernels else kernel_breakdown([call(b, True) for b in batches], flush,
+                                                                      max(5, args.iters // 2))
+                ovh = 100.0 * (lora / base - 1.0)
+                print(f"\n## {sname} T={T} [{vname}] graph: base {base:.1f} µs, lora {lora:.1f} µs "
+                      f"(+{ovh:.0f}%)", flush=True)
+                total = sum(r[2] for r in rows)
+                for name, n, us in rows:
+                    print(f"  {us:8.1f} µs  x{n}  {short(name)}")
+                if rows:
+                    print(f"  {total:8.1f} µs  sum of kernel times (eager LoRA call)")
+                out.append(dict(shape=sname, T=T, variant=vname, env=env, base_us=base, lora_us=lora,
+                                kernels=[dict(name=n_, launches=c_, us=u_) for n_, c_, u_ in rows]))
+            torch.cuda.empty_cache()
+        del W, L, WL
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), rank=args.rank, adapters=args.adapters,
+                           results=out), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+// LoRA shrink/expand for m-tiles that hold only a few rows (decode and mid batch sizes, where an (expert,
+// slot) segment gets 1-16 rows), on mma.sync with the roles swapped: the adapter matrix is the 16-row "A"
+// operand, loaded straight from global memory into registers, and the token rows are the 8-wide "N" side.
+//
+// Why (benchmarks/NOTES.md, v4): in a 64-row tensor-core tile holding 2 real rows, each K step (shrink) or
+// 64-column chunk (expand) was a dependent load -> mma -> store chain with 1-2 KB in flight per CTA, and
+// Nsight Compute showed the kernels at 10-20% of DRAM bandwidth, stalled on memory latency. Here a warp
+// issues the 16-byte adapter loads (and the expand's D loads) of several steps before its first mma, every
+// load is coalesced, and one m16n8k16 mma covers 16 adapter rows x 8 token rows, so few instructions are
+// spent per byte of adapter weight.
+//
+// K order: dot products do not depend on the order of k, so each lane loads 8 consecutive k (16 bytes)
+// and the mma sees them as its k = {2q, 2q+1, 8+2q, 9+2q} of two consecutive k16 steps; A and B fragments
+// use the same mapping. Numerics as the 64-row path: fp32 accumulation, t rounded to the activation dtype
+// before the expand, D = round(alpha * acc + D); summation orders are fixed by the shapes (deterministic).
+#pragma once
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda_utils.cuh"
+#include "stages.h"
+
+namespace moelora::cuda::lora_few_rows {
+
+constexpr int kRowGroup = 8;  // token rows per mma (the N of m16n8k16); larger tiles loop over row groups
+
+// c += a (16x16, row) * b (16x8, col), fp32 accumulate.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// Two 16-bit elements in one register, the first in the low half (the mma fragment order).
+__device__ __forceinline__ uint32_t pack2(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(lo)) | (static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16);
+}
+__device__ __forceinline__ uint32_t pack2(__half lo, __half hi) {
+  return static_cast<uint32_t>(__half_as_ushort(lo)) | (static_cast<uint32_t>(__half_as_ushort(hi)) << 16);
+}
+
+// V consecutive 16-bit elements (V = 4 or 8) as V/2 packed registers: one 8/16-byte load when `vec`
+// and all are valid, else `valid` scalar loads and zeros.
+template <typename T, int V>
+struct Pack {
+  uint32_t w[V / 2];
+};
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* src, bool vec, int valid) {
+  Pack<T, V> p;
+  if (vec && valid == V) {
+    if constexpr (V == 8) {
+      const uint4 v = *reinterpret_cast<const uint4*>(src);
+      p.w[0] = v.x; p.w[1] = v.y; p.w[2] = v.z; p.w[3] = v.w;
+    } else {
+      const uint2 v = *reinterpret_cast<const uint2*>(src);
+      p.w[0] = v.x; p.w[1] = v.y;
+    }
+    return p;
+  }
+  T e[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) e[i] = i < valid ? src[i] : from_float<T>(0.f);
+#pragma unroll
+  for (int i = 0; i < V / 2; ++i) p.w[i] = pack2(e[2 * i], e[2 * i + 1]);
+  return p;
+}
+
+// ---- shrink --------------------------------------------------------------------------------------------
+// partial[row0 + r, j] = sum over k in [k_begin, k_end) of X[row0 + r, k] * A[j, k] for r < rows, j < R.
+// mma: M = 16 adapter rows j, N = 8 token rows, K = k. Warp w takes the 32-wide k blocks w, w + kWarps, ...;
+// the warps' sums meet in shared memory (`red`: kWarps * kRowGroup * RP floats) and are added in warp order.
+template <typename T, int RP, int kWarps>
+__device__ void shrink_tile(const T* __restrict__ X, int64_t ldx, const T* __restrict__ A, int64_t lda, int R,
+                            int row0, int rows, int k_begin, int k_end, bool vec, float* __restrict__ partial,
+                            float* red) {
+  constexpr int JB = RP / 16;                             // 16-row blocks of A
+  constexpr int U = JB >= 4 ? 1 : (JB == 2 ? 2 : 4);      // k blocks in flight per warp (~32 regs of loads)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, q = lane % 4;
+  const int nkb = ceil_div(k_end - k_begin, 32);
+  for (int g0 = 0; g0 < rows; g0 += kRowGroup) {
+    const int gr = min(kRowGroup, rows - g0);
+    const T* xrow = X + static_cast<int64_t>(row0 + g0 + min(g, gr - 1)) * ldx;
+    float c[JB][4];
+#pragma unroll
+    for (int jb = 0; jb < JB; ++jb) c[jb][0] = c[jb][1] = c[jb][2] = c[jb][3] = 0.f;
+
+    for (int kb0 = warp; kb0 < nkb; kb0 += kWarps * U) {
+      Pack<T, 8> xp[U], ap[U][JB][2];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int k = k_begin + (kb0 + u * kWarps) * 32 + 8 * q;
+        const bool k_ok = kb0 + u * kWarps < nkb && k < k_end;
+        xp[u] = load_pack<T, 8>(xrow + k, vec, k_ok && g < gr ? 8 : 0);
+#pragma unroll
+        for (int jb = 0; jb < JB; ++jb)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int j = 16 * jb + g + 8 * h;
+            ap[u][jb][h] = load_pack<T, 8>(A + static_cast<int64_t>(min(j, R - 1)) * lda + k, vec, k_ok && j < R ? 8 : 0);
+          }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int jb = 0; jb < JB; ++jb) {
+          mma_16816<T>(c[jb], ap[u][jb][0].w[0], ap[u][jb][1].w[0], ap[u][jb][0].w[1], ap[u][jb][1].w[1], xp[u].w[0], xp[u].w[1]);
+          mma_16816<T>(c[jb], ap[u][jb][0].w[2], ap[u][jb][1].w[2], ap[u][jb][0].w[3], ap[u][jb][1].w[3], xp[u].w[2], xp[u].w[3]);
+        }
+    }
+    // c[jb] = {(j, r), (j, r + 1), (j + 8, r), (j + 8, r + 1)} with j = 16 jb + g, r = 2q.
+#pragma unroll
+    for (int jb = 0; jb < JB; ++jb) {
+      float* dst = red + (warp * kRowGroup + 2 * q) * RP + 16 * jb + g;
+      dst[0] = c[jb][0];
+      dst[RP] = c[jb][1];
+      dst[8] = c[jb][2];
+      dst[RP + 8] = c[jb][3];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < gr * R; e += kWarps * 32) {
+      const int r = e / R, j = e % R;
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) v += red[(w * kRowGroup + r) * RP + j];
+      partial[static_cast<int64_t>(row0 + g0 + r) * R + j] = v;
+    }
+    __syncthreads();  // red is rewritten by the next row group / reused by the caller
+  }
+}
+
+// ---- expand --------------------------------------------------------------------------------------------
+// D[row0 + r, n] = round(alpha * sum_j t[r, j] * B[n, j] + D[row0 + r, n]) for n in [n_begin, n_end), with
+// t[r] = round(sum over ks of partial[ks, row0 + r]) in ks order. mma: M = 16 columns n (rows of B),
+// N = 8 token rows, K = rank. Warp w takes the 16-column blocks w, w + kWarps, ..., U at a time, issuing
+// their B and D loads before the mmas. `t_smem` is kRowGroup * RP floats of shared memory.
+template <typename T, int RP, int kWarps>
+__device__ void expand_tile(const float* __restrict__ partial, int k_splits, int64_t split_stride,
+                            const T* __restrict__ B, int R, bool vec_b, T* D, int64_t ldd, float alpha, int row0,
+                            int rows, int n_begin, int n_end, float* t_smem) {
+  constexpr int V = RP >= 32 ? 8 : 4;  // rank elements per lane per load: 4 lanes x V = one 4V-wide slice
+  constexpr int NL = RP / (4 * V);     // loads per B row
+  constexpr int U = RP >= 64 ? 2 : (RP == 16 ? 6 : 4);  // column blocks in flight per warp (~32 regs of B)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, q = lane % 4;
+  const int nblocks = ceil_div(n_end - n_begin, 16);
+
+  for (int g0 = 0; g0 < rows; g0 += kRowGroup) {
+    const int gr = min(kRowGroup, rows - g0);
+    for (int e = threadIdx.x; e < kRowGroup * RP; e += kWarps * 32) {
+      const int r = e / RP, j = e % RP;
+      float v = 0.f;
+      if (r < gr && j < R) {
+        const float* src = partial + static_cast<int64_t>(row0 + g0 + r) * R + j;
+        for (int ks = 0; ks < k_splits; ++ks) v += src[ks * split_stride];
+      }
+      t_smem[e] = v;
+    }
+    __syncthreads();
+    // t fragments (the mma's B operand, token row g): slice l, lane q holds ranks 4V l + V q + [0, V).
+    uint32_t tb[NL][V / 2];
+#pragma unroll
+    for (int l = 0; l < NL; ++l)
+#pragma unroll
+      for (int i = 0; i < V / 2; ++i) {
+        const float* src = t_smem + g * RP + 4 * V * l + V * q + 2 * i;
+        tb[l][i] = pack2(from_float<T>(src[0]), from_float<T>(src[1]));
+      }
+
+    for (int cb0 = warp; cb0 < nblocks; cb0 += kWarps * U) {
+      Pack<T, V> bp[U][NL][2];
+      float d[U][4];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int n0 = n_begin + (cb0 + u * kWarps) * 16;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int n = n0 + g + 8 * h;
+          const bool n_ok = cb0 + u * kWarps < nblocks && n < n_end;
+          const T* brow = B + static_cast<int64_t>(n_ok ? n : n_begin) * R;
+#pragma unroll
+          for (int l = 0; l < NL; ++l) {
+            const int j0 = 4 * V * l + V * q;
+            bp[u][l][h] = load_pack<T, V>(brow + j0, vec_b, n_ok ? max(0, min(V, R - j0)) : 0);
+          }
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const int r = 2 * q + i;
+            d[u][2 * h + i] = n_ok && r < gr ? to_float(D[static_cast<int64_t>(row0 + g0 + r) * ldd + n]) : 0.f;
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int l = 0; l < NL; ++l)
+#pragma unroll
+          for (int s = 0; s < V / 4; ++s)
+            mma_16816<T>(c, bp[u][l][0].w[2 * s], bp[u][l][1].w[2 * s], bp[u][l][0].w[2 * s + 1], bp[u][l][1].w[2 * s + 1],
+                         tb[l][2 * s], tb[l][2 * s + 1]);
+        // c = {(n, r), (n, r + 1), (n + 8, r), (n + 8, r + 1)} with n = n0 + g, r = 2q.
+        const int n0 = n_begin + (cb0 + u * kWarps) * 16;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int n = n0 + g + 8 * h;
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const int r = 2 * q + i;
+            if (cb0 + u * kWarps < nblocks && n < n_end && r < gr)
+              D[static_cast<int64_t>(row0 + g0 + r) * ldd + n] = from_float<T>(alpha * c[2 * h + i] + d[u][2 * h + i]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // t_smem is rewritten by the next row group / reused by the caller
+  }
+}
+
+}  // namespace moelora::cuda::lora_few_rows
