@@ -83,7 +83,8 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
 }
 
 void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, int k_splits, at::Tensor& out,
-              const at::Tensor& bucket_offsets, const at::Tensor& lora_tile_prefix, const at::Tensor& scalings,
+              const at::Tensor& bucket_offsets, const at::Tensor& lora_tile_prefix,
+              const at::Tensor& lora_tile_segment, const at::Tensor& scalings,
               const FusedMoeDims& d, int N, int K, int sm_count, cudaStream_t stream) {
   const int64_t R = d.R;
   const int pairs = static_cast<int>(d.T * d.k);
@@ -97,6 +98,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
     s.a_slot_stride = side.shared_a ? R * K : d.E * R * K;
     s.partial = ws.buf.data_ptr<float>();
     s.row_offsets = bucket_offsets.data_ptr<int>(); s.tile_prefix = lora_tile_prefix.data_ptr<int>();
+    s.tile_segment = lora_tile_segment.data_ptr<int>();
     s.nseg = nseg; s.seg_per_expert = static_cast<int>(d.S + 1); s.slot_base = -1;
     s.R = static_cast<int>(R); s.K = K; s.k_splits = k_splits; s.k_chunk = mc::lora_k_chunk(K, k_splits);
     s.max_rows = pairs; s.max_active_segments = active; s.few_rows_max = ws.few_rows_max;
@@ -110,7 +112,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
     e.b_slot_stride = side.shared_b ? static_cast<int64_t>(N) * R : d.E * N * R;
     e.D = out.data_ptr(); e.ldd = N;
     e.slot_scale = scalings.data_ptr<float>();
-    e.row_offsets = s.row_offsets; e.tile_prefix = s.tile_prefix;
+    e.row_offsets = s.row_offsets; e.tile_prefix = s.tile_prefix; e.tile_segment = s.tile_segment;
     e.nseg = nseg; e.seg_per_expert = s.seg_per_expert; e.slot_base = -1;
     e.R = s.R; e.N = N; e.n_range = mc::lora_n_range(N, s.R, pairs, active, sm_count);
     e.max_rows = pairs; e.max_active_segments = active; e.few_rows_max = ws.few_rows_max;
@@ -225,6 +227,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   at::Tensor expert_offsets = at::empty({E + 1}, iopt);
   at::Tensor expert_tile_prefix = at::empty({E + 1}, iopt);
   at::Tensor lora_tile_prefix = at::empty({S > 0 ? nbuckets + 1 : 0}, iopt);
+  const int64_t lora_tile_capacity = S > 0 ? mc::lora_tiles_upper_bound(pairs, E * S) : 0;
+  at::Tensor lora_tile_segment = at::empty({lora_tile_capacity}, iopt);
   at::Tensor permuted = at::empty({pairs, H}, x.options());  // fc1 input; reused as the fc2 output
   at::Tensor gu = at::empty({pairs, 2 * I}, x.options());
   at::Tensor h = at::empty({pairs, I}, x.options());
@@ -249,6 +253,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   rp.expert_offsets = expert_offsets.data_ptr<int>();
   rp.expert_tile_prefix = expert_tile_prefix.data_ptr<int>();
   rp.lora_tile_prefix = S > 0 ? lora_tile_prefix.data_ptr<int>() : nullptr;
+  rp.lora_tile_segment = S > 0 ? lora_tile_segment.data_ptr<int>() : nullptr;
+  rp.lora_tile_capacity = static_cast<int>(lora_tile_capacity);
   C10_CUDA_CHECK(mc::launch_routing(rp, stream));
 
   // ---- 2. permute (gather rows into expert-major order) -------------------------------------------
@@ -266,7 +272,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     a13 = w13_lora_a->contiguous(); b13 = w13_lora_b->contiguous();
     a2 = w2_lora_a->contiguous(); b2 = w2_lora_b->contiguous();
     run_lora({a13, b13, w13_shared_a, w13_shared_b}, permuted, lora_ws, lora_ws.k_splits_fc1, gu, bucket_offsets, lora_tile_prefix,
-             scalings, d, 2 * I, H, sm_count, stream);
+             lora_tile_segment, scalings, d, 2 * I, H, sm_count, stream);
   }
 
   // ---- 6. activation ------------------------------------------------------------------------------
@@ -281,7 +287,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   at::Tensor& y = permuted;  // the gathered input is dead once fc1 and its LoRA shrink have run
   run_expert_gemm(sm90, h, w2c, y, expert_offsets, expert_tile_prefix, d, H, I, sm_count, stream);
   if (d.has_lora) {
-    run_lora({a2, b2, w2_shared_a, w2_shared_b}, h, lora_ws, lora_ws.k_splits_fc2, y, bucket_offsets, lora_tile_prefix, scalings, d, H, I,
+    run_lora({a2, b2, w2_shared_a, w2_shared_b}, h, lora_ws, lora_ws.k_splits_fc2, y, bucket_offsets, lora_tile_prefix, lora_tile_segment, scalings, d, H, I,
              sm_count, stream);
   }
   mc::FinalizeParams fp{};

@@ -35,9 +35,12 @@ struct SegmentTile {
   int row0, rows, expert, slot;
 };
 
-__device__ __forceinline__ SegmentTile locate(const int* row_offsets, const int* tile_prefix, int nseg,
-                                              int seg_per_expert, int slot_base, int mt) {
-  const int seg = segment_of_tile(tile_prefix, nseg, mt);
+template <class Params>
+__device__ __forceinline__ SegmentTile locate(const Params& p, int mt) {
+  const int seg = p.tile_segment[mt];
+  const int* row_offsets = p.row_offsets;
+  const int* tile_prefix = p.tile_prefix;
+  const int seg_per_expert = p.seg_per_expert, slot_base = p.slot_base;
   SegmentTile t;
   t.row0 = row_offsets[seg] + (mt - tile_prefix[seg]) * kTileRows;
   t.rows = min(kTileRows, row_offsets[seg + 1] - t.row0);
@@ -58,7 +61,7 @@ struct ShrinkShape {
   static constexpr size_t kOutBytes = size_t(kTileRows) * kLdc * 4;
   static constexpr size_t kSmemBytes = kPipelineBytes > kOutBytes ? kPipelineBytes : kOutBytes;
   static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
-  static_assert(kSmemBytes >= size_t(kWarps) * lora_few_rows::kRowGroup * RP * 4, "room for the few-rows path's reduction");
+  static_assert(kSmemBytes >= size_t(kWarps) * 2 * lora_few_rows::kRowGroup * RP * 4, "room for the few-rows path's reduction");
 };
 
 template <typename T, int RP>
@@ -79,7 +82,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
 
   for (int item = blockIdx.x; item < total; item += gridDim.x) {
     const int mt = item / p.k_splits, ks = item % p.k_splits;
-    const SegmentTile st = locate(p.row_offsets, p.tile_prefix, p.nseg, p.seg_per_expert, p.slot_base, mt);
+    const SegmentTile st = locate(p, mt);
     const int k_begin = ks * p.k_chunk;
     const int k_end = min(p.K, k_begin + p.k_chunk);
     const int k_tiles = ceil_div(k_end - k_begin, kBK);
@@ -161,7 +164,7 @@ struct ExpandShape {
   static constexpr size_t kScratchBytes = size_t(kWarps) * 16 * kScratchLd * 4;
   static constexpr size_t kSmemBytes = kTBytes + kBBytes + kScratchBytes;
   static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
-  static_assert(kSmemBytes >= size_t(lora_few_rows::kRowGroup) * RP * 4, "room for the few-rows path's t tile");
+  static_assert(kSmemBytes >= size_t(2) * lora_few_rows::kRowGroup * RP * 4, "room for the few-rows path's t tile");
 };
 
 template <typename T, int RP>
@@ -184,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
 
   for (int item = blockIdx.x; item < total; item += gridDim.x) {
     const int mt = item / n_ranges, nr = item % n_ranges;
-    const SegmentTile st = locate(p.row_offsets, p.tile_prefix, p.nseg, p.seg_per_expert, p.slot_base, mt);
+    const SegmentTile st = locate(p, mt);
     const int n_begin = nr * p.n_range;
     const int n_end = min(p.N, n_begin + p.n_range);
     const int chunks = ceil_div(n_end - n_begin, kBN);
@@ -278,14 +281,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
 // Work items wanted per launch: two waves of resident CTAs, so the tail of uneven items is short.
 int target_items(int sm_count) { return 2 * sm_count * kBlocksPerSm; }
 
-// Host upper bound of the m-tiles: every active segment adds at most one partial tile.
-int64_t m_tiles_upper_bound(int max_rows, int max_active_segments) {
-  return ceil_div(max_rows, kTileRows) + static_cast<int64_t>(std::min(max_active_segments, max_rows));
-}
 
 // How many pieces to cut each m-tile's work into so the launch has target_items() work items.
 int splits_to_fill(int max_rows, int max_active_segments, int sm_count) {
-  const int64_t m_tiles = std::max<int64_t>(1, m_tiles_upper_bound(max_rows, max_active_segments));
+  const int64_t m_tiles = std::max<int64_t>(1, lora_tiles_upper_bound(max_rows, max_active_segments));
   return static_cast<int>(std::max<int64_t>(1, (target_items(sm_count) + m_tiles - 1) / m_tiles));
 }
 
@@ -300,14 +299,14 @@ void dispatch_padded_rank(int R, F&& f) {
 
 template <typename T, int RP>
 void launch_shrink_typed(const LoraShrinkParams& p, int sm_count, cudaStream_t stream) {
-  const int64_t items_ub = m_tiles_upper_bound(p.max_rows, p.max_active_segments) * p.k_splits;
+  const int64_t items_ub = lora_tiles_upper_bound(p.max_rows, p.max_active_segments) * p.k_splits;
   const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid > 0) lora_shrink_kernel<T, RP><<<grid, kThreads, 0, stream>>>(p);
 }
 
 template <typename T, int RP>
 void launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStream_t stream) {
-  const int64_t items_ub = m_tiles_upper_bound(p.max_rows, p.max_active_segments) * ceil_div(p.N, p.n_range);
+  const int64_t items_ub = lora_tiles_upper_bound(p.max_rows, p.max_active_segments) * ceil_div(p.N, p.n_range);
   const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid > 0) lora_expand_kernel<T, RP><<<grid, kThreads, 0, stream>>>(p);
 }

@@ -76,155 +76,214 @@ __device__ __forceinline__ Pack<T, V> load_pack(const T* src, bool vec, int vali
   return p;
 }
 
+// Rows per pass: one or two 8-row groups (NG); two share every adapter load between two mmas, for ranks
+// where the registers allow it (RP <= 32). Tiles above 16 rows loop over passes.
+template <int RP>
+constexpr bool kRowPairs = RP <= 32;
+
 // ---- shrink --------------------------------------------------------------------------------------------
-// partial[row0 + r, j] = sum over k in [k_begin, k_end) of X[row0 + r, k] * A[j, k] for r < rows, j < R.
-// mma: M = 16 adapter rows j, N = 8 token rows, K = k. Warp w takes the 32-wide k blocks w, w + kWarps, ...;
-// the warps' sums meet in shared memory (`red`: kWarps * kRowGroup * RP floats) and are added in warp order.
+// partial[row0 + r, j] = sum over k in [k_begin, k_end) of X[row0 + r, k] * A[j, k] for r < rows (<= 8 NG),
+// j < R. mma: M = 16 adapter rows j, N = 8 token rows, K = k. Warp w takes the 32-wide k blocks w, w + kWarps,
+// ...; the warps' sums meet in shared memory (`red`: kWarps * 16 * RP floats) and are added in warp order.
+template <typename T, int RP, int kWarps, int NG>
+__device__ void shrink_pass(const T* __restrict__ X, int64_t ldx, const T* __restrict__ A, int64_t lda, int R,
+                            int row0, int rows, int k_begin, int k_end, bool vec, float* __restrict__ partial,
+                            float* red) {
+  constexpr int JB = RP / 16;                                   // 16-row blocks of A
+  constexpr int U = JB >= 4 ? 1 : (JB == 2 ? 2 : 4);            // k blocks in flight per warp
+  constexpr int kRedRows = 2 * kRowGroup;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, q = lane % 4;
+  const int nkb = ceil_div(k_end - k_begin, 32);
+  const T* xrow[NG];
+#pragma unroll
+  for (int ng = 0; ng < NG; ++ng) xrow[ng] = X + static_cast<int64_t>(row0 + min(8 * ng + g, rows - 1)) * ldx;
+  float c[JB][NG][4];
+#pragma unroll
+  for (int jb = 0; jb < JB; ++jb)
+#pragma unroll
+    for (int ng = 0; ng < NG; ++ng) c[jb][ng][0] = c[jb][ng][1] = c[jb][ng][2] = c[jb][ng][3] = 0.f;
+
+  for (int kb0 = warp; kb0 < nkb; kb0 += kWarps * U) {
+    Pack<T, 8> xp[U][NG], ap[U][JB][2];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = k_begin + (kb0 + u * kWarps) * 32 + 8 * q;
+      const bool k_ok = kb0 + u * kWarps < nkb && k < k_end;
+#pragma unroll
+      for (int ng = 0; ng < NG; ++ng) xp[u][ng] = load_pack<T, 8>(xrow[ng] + k, vec, k_ok && 8 * ng + g < rows ? 8 : 0);
+#pragma unroll
+      for (int jb = 0; jb < JB; ++jb)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int j = 16 * jb + g + 8 * h;
+          ap[u][jb][h] = load_pack<T, 8>(A + static_cast<int64_t>(min(j, R - 1)) * lda + k, vec, k_ok && j < R ? 8 : 0);
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int jb = 0; jb < JB; ++jb)
+#pragma unroll
+        for (int ng = 0; ng < NG; ++ng) {
+          const Pack<T, 8>& a0 = ap[u][jb][0];
+          const Pack<T, 8>& a1 = ap[u][jb][1];
+          mma_16816<T>(c[jb][ng], a0.w[0], a1.w[0], a0.w[1], a1.w[1], xp[u][ng].w[0], xp[u][ng].w[1]);
+          mma_16816<T>(c[jb][ng], a0.w[2], a1.w[2], a0.w[3], a1.w[3], xp[u][ng].w[2], xp[u][ng].w[3]);
+        }
+  }
+  // c[jb][ng] = {(j, r), (j, r + 1), (j + 8, r), (j + 8, r + 1)} with j = 16 jb + g, r = 8 ng + 2q.
+#pragma unroll
+  for (int jb = 0; jb < JB; ++jb)
+#pragma unroll
+    for (int ng = 0; ng < NG; ++ng) {
+      float* dst = red + (warp * kRedRows + 8 * ng + 2 * q) * RP + 16 * jb + g;
+      dst[0] = c[jb][ng][0];
+      dst[RP] = c[jb][ng][1];
+      dst[8] = c[jb][ng][2];
+      dst[RP + 8] = c[jb][ng][3];
+    }
+  __syncthreads();
+  for (int e = threadIdx.x; e < rows * R; e += kWarps * 32) {
+    const int r = e / R, j = e % R;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += red[(w * kRedRows + r) * RP + j];
+    partial[static_cast<int64_t>(row0 + r) * R + j] = v;
+  }
+  __syncthreads();  // red is rewritten by the next pass / reused by the caller
+}
+
 template <typename T, int RP, int kWarps>
 __device__ void shrink_tile(const T* __restrict__ X, int64_t ldx, const T* __restrict__ A, int64_t lda, int R,
                             int row0, int rows, int k_begin, int k_end, bool vec, float* __restrict__ partial,
                             float* red) {
-  constexpr int JB = RP / 16;                             // 16-row blocks of A
-  constexpr int U = JB >= 4 ? 1 : (JB == 2 ? 2 : 4);      // k blocks in flight per warp (~32 regs of loads)
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, q = lane % 4;
-  const int nkb = ceil_div(k_end - k_begin, 32);
-  for (int g0 = 0; g0 < rows; g0 += kRowGroup) {
-    const int gr = min(kRowGroup, rows - g0);
-    const T* xrow = X + static_cast<int64_t>(row0 + g0 + min(g, gr - 1)) * ldx;
-    float c[JB][4];
-#pragma unroll
-    for (int jb = 0; jb < JB; ++jb) c[jb][0] = c[jb][1] = c[jb][2] = c[jb][3] = 0.f;
-
-    for (int kb0 = warp; kb0 < nkb; kb0 += kWarps * U) {
-      Pack<T, 8> xp[U], ap[U][JB][2];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int k = k_begin + (kb0 + u * kWarps) * 32 + 8 * q;
-        const bool k_ok = kb0 + u * kWarps < nkb && k < k_end;
-        xp[u] = load_pack<T, 8>(xrow + k, vec, k_ok && g < gr ? 8 : 0);
-#pragma unroll
-        for (int jb = 0; jb < JB; ++jb)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int j = 16 * jb + g + 8 * h;
-            ap[u][jb][h] = load_pack<T, 8>(A + static_cast<int64_t>(min(j, R - 1)) * lda + k, vec, k_ok && j < R ? 8 : 0);
-          }
+  for (int g0 = 0; g0 < rows;) {
+    const int left = rows - g0;
+    if constexpr (kRowPairs<RP>) {
+      if (left > kRowGroup) {
+        shrink_pass<T, RP, kWarps, 2>(X, ldx, A, lda, R, row0 + g0, min(left, 2 * kRowGroup), k_begin, k_end, vec,
+                                      partial, red);
+        g0 += 2 * kRowGroup;
+        continue;
       }
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-#pragma unroll
-        for (int jb = 0; jb < JB; ++jb) {
-          mma_16816<T>(c[jb], ap[u][jb][0].w[0], ap[u][jb][1].w[0], ap[u][jb][0].w[1], ap[u][jb][1].w[1], xp[u].w[0], xp[u].w[1]);
-          mma_16816<T>(c[jb], ap[u][jb][0].w[2], ap[u][jb][1].w[2], ap[u][jb][0].w[3], ap[u][jb][1].w[3], xp[u].w[2], xp[u].w[3]);
-        }
     }
-    // c[jb] = {(j, r), (j, r + 1), (j + 8, r), (j + 8, r + 1)} with j = 16 jb + g, r = 2q.
-#pragma unroll
-    for (int jb = 0; jb < JB; ++jb) {
-      float* dst = red + (warp * kRowGroup + 2 * q) * RP + 16 * jb + g;
-      dst[0] = c[jb][0];
-      dst[RP] = c[jb][1];
-      dst[8] = c[jb][2];
-      dst[RP + 8] = c[jb][3];
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < gr * R; e += kWarps * 32) {
-      const int r = e / R, j = e % R;
-      float v = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) v += red[(w * kRowGroup + r) * RP + j];
-      partial[static_cast<int64_t>(row0 + g0 + r) * R + j] = v;
-    }
-    __syncthreads();  // red is rewritten by the next row group / reused by the caller
+    shrink_pass<T, RP, kWarps, 1>(X, ldx, A, lda, R, row0 + g0, min(left, kRowGroup), k_begin, k_end, vec, partial,
+                                  red);
+    g0 += kRowGroup;
   }
 }
 
 // ---- expand --------------------------------------------------------------------------------------------
-// D[row0 + r, n] = round(alpha * sum_j t[r, j] * B[n, j] + D[row0 + r, n]) for n in [n_begin, n_end), with
-// t[r] = round(sum over ks of partial[ks, row0 + r]) in ks order. mma: M = 16 columns n (rows of B),
-// N = 8 token rows, K = rank. Warp w takes the 16-column blocks w, w + kWarps, ..., U at a time, issuing
-// their B and D loads before the mmas. `t_smem` is kRowGroup * RP floats of shared memory.
-template <typename T, int RP, int kWarps>
-__device__ void expand_tile(const float* __restrict__ partial, int k_splits, int64_t split_stride,
+// D[row0 + r, n] = round(alpha * sum_j t[r, j] * B[n, j] + D[row0 + r, n]) for n in [n_begin, n_end) and
+// r < rows (<= 8 NG), with t[r] = round(sum over ks of partial[ks, row0 + r]) in ks order. mma: M = 16
+// columns n (rows of B), N = 8 token rows, K = rank. Warp w takes the 16-column blocks w, w + kWarps, ...,
+// U at a time, issuing their B and D loads before the mmas. `t_smem` is 16 * RP floats of shared memory.
+template <typename T, int RP, int kWarps, int NG>
+__device__ void expand_pass(const float* __restrict__ partial, int k_splits, int64_t split_stride,
                             const T* __restrict__ B, int R, bool vec_b, T* D, int64_t ldd, float alpha, int row0,
                             int rows, int n_begin, int n_end, float* t_smem) {
   constexpr int V = RP >= 32 ? 8 : 4;  // rank elements per lane per load: 4 lanes x V = one 4V-wide slice
   constexpr int NL = RP / (4 * V);     // loads per B row
-  constexpr int U = RP >= 64 ? 2 : (RP == 16 ? 6 : 4);  // column blocks in flight per warp (~32 regs of B)
+  // Column blocks in flight per warp: ~24-32 registers of B and D loads.
+  constexpr int U = RP >= 64 ? 2 : RP == 32 ? (NG == 2 ? 2 : 4) : (NG == 2 ? 3 : 6);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, q = lane % 4;
   const int nblocks = ceil_div(n_end - n_begin, 16);
 
-  for (int g0 = 0; g0 < rows; g0 += kRowGroup) {
-    const int gr = min(kRowGroup, rows - g0);
-    for (int e = threadIdx.x; e < kRowGroup * RP; e += kWarps * 32) {
-      const int r = e / RP, j = e % RP;
-      float v = 0.f;
-      if (r < gr && j < R) {
-        const float* src = partial + static_cast<int64_t>(row0 + g0 + r) * R + j;
-        for (int ks = 0; ks < k_splits; ++ks) v += src[ks * split_stride];
-      }
-      t_smem[e] = v;
+  for (int e = threadIdx.x; e < 8 * NG * RP; e += kWarps * 32) {
+    const int r = e / RP, j = e % RP;
+    float v = 0.f;
+    if (r < rows && j < R) {
+      const float* src = partial + static_cast<int64_t>(row0 + r) * R + j;
+      for (int ks = 0; ks < k_splits; ++ks) v += src[ks * split_stride];
     }
-    __syncthreads();
-    // t fragments (the mma's B operand, token row g): slice l, lane q holds ranks 4V l + V q + [0, V).
-    uint32_t tb[NL][V / 2];
+    t_smem[e] = v;
+  }
+  __syncthreads();
+  // t fragments (the mma's B operand, token row 8 ng + g): slice l, lane q holds ranks 4V l + V q + [0, V).
+  uint32_t tb[NG][NL][V / 2];
+#pragma unroll
+  for (int ng = 0; ng < NG; ++ng)
 #pragma unroll
     for (int l = 0; l < NL; ++l)
 #pragma unroll
       for (int i = 0; i < V / 2; ++i) {
-        const float* src = t_smem + g * RP + 4 * V * l + V * q + 2 * i;
-        tb[l][i] = pack2(from_float<T>(src[0]), from_float<T>(src[1]));
+        const float* src = t_smem + (8 * ng + g) * RP + 4 * V * l + V * q + 2 * i;
+        tb[ng][l][i] = pack2(from_float<T>(src[0]), from_float<T>(src[1]));
       }
 
-    for (int cb0 = warp; cb0 < nblocks; cb0 += kWarps * U) {
-      Pack<T, V> bp[U][NL][2];
-      float d[U][4];
+  for (int cb0 = warp; cb0 < nblocks; cb0 += kWarps * U) {
+    Pack<T, V> bp[U][NL][2];
+    float d[U][NG][4];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int n0 = n_begin + (cb0 + u * kWarps) * 16;
+    for (int u = 0; u < U; ++u) {
+      const int n0 = n_begin + (cb0 + u * kWarps) * 16;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int n = n0 + g + 8 * h;
-          const bool n_ok = cb0 + u * kWarps < nblocks && n < n_end;
-          const T* brow = B + static_cast<int64_t>(n_ok ? n : n_begin) * R;
+      for (int h = 0; h < 2; ++h) {
+        const int n = n0 + g + 8 * h;
+        const bool n_ok = cb0 + u * kWarps < nblocks && n < n_end;
+        const T* brow = B + static_cast<int64_t>(n_ok ? n : n_begin) * R;
 #pragma unroll
-          for (int l = 0; l < NL; ++l) {
-            const int j0 = 4 * V * l + V * q;
-            bp[u][l][h] = load_pack<T, V>(brow + j0, vec_b, n_ok ? max(0, min(V, R - j0)) : 0);
-          }
+        for (int l = 0; l < NL; ++l) {
+          const int j0 = 4 * V * l + V * q;
+          bp[u][l][h] = load_pack<T, V>(brow + j0, vec_b, n_ok ? max(0, min(V, R - j0)) : 0);
+        }
+#pragma unroll
+        for (int ng = 0; ng < NG; ++ng)
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
-            const int r = 2 * q + i;
-            d[u][2 * h + i] = n_ok && r < gr ? to_float(D[static_cast<int64_t>(row0 + g0 + r) * ldd + n]) : 0.f;
+            const int r = 8 * ng + 2 * q + i;
+            d[u][ng][2 * h + i] = n_ok && r < rows ? to_float(D[static_cast<int64_t>(row0 + r) * ldd + n]) : 0.f;
           }
-        }
       }
+    }
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
+    for (int u = 0; u < U; ++u) {
+      const int n0 = n_begin + (cb0 + u * kWarps) * 16;
+#pragma unroll
+      for (int ng = 0; ng < NG; ++ng) {
         float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int l = 0; l < NL; ++l)
 #pragma unroll
           for (int s = 0; s < V / 4; ++s)
-            mma_16816<T>(c, bp[u][l][0].w[2 * s], bp[u][l][1].w[2 * s], bp[u][l][0].w[2 * s + 1], bp[u][l][1].w[2 * s + 1],
-                         tb[l][2 * s], tb[l][2 * s + 1]);
-        // c = {(n, r), (n, r + 1), (n + 8, r), (n + 8, r + 1)} with n = n0 + g, r = 2q.
-        const int n0 = n_begin + (cb0 + u * kWarps) * 16;
+            mma_16816<T>(c, bp[u][l][0].w[2 * s], bp[u][l][1].w[2 * s], bp[u][l][0].w[2 * s + 1],
+                         bp[u][l][1].w[2 * s + 1], tb[ng][l][2 * s], tb[ng][l][2 * s + 1]);
+        // c = {(n, r), (n, r + 1), (n + 8, r), (n + 8, r + 1)} with n = n0 + g, r = 8 ng + 2q.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int n = n0 + g + 8 * h;
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
-            const int r = 2 * q + i;
-            if (cb0 + u * kWarps < nblocks && n < n_end && r < gr)
-              D[static_cast<int64_t>(row0 + g0 + r) * ldd + n] = from_float<T>(alpha * c[2 * h + i] + d[u][2 * h + i]);
+            const int r = 8 * ng + 2 * q + i;
+            if (cb0 + u * kWarps < nblocks && n < n_end && r < rows)
+              D[static_cast<int64_t>(row0 + r) * ldd + n] = from_float<T>(alpha * c[2 * h + i] + d[u][ng][2 * h + i]);
           }
         }
       }
     }
-    __syncthreads();  // t_smem is rewritten by the next row group / reused by the caller
+  }
+  __syncthreads();  // t_smem is rewritten by the next pass / reused by the caller
+}
+
+template <typename T, int RP, int kWarps>
+__device__ void expand_tile(const float* __restrict__ partial, int k_splits, int64_t split_stride,
+                            const T* __restrict__ B, int R, bool vec_b, T* D, int64_t ldd, float alpha, int row0,
+                            int rows, int n_begin, int n_end, float* t_smem) {
+  for (int g0 = 0; g0 < rows;) {
+    const int left = rows - g0;
+    if constexpr (kRowPairs<RP>) {
+      if (left > kRowGroup) {
+        expand_pass<T, RP, kWarps, 2>(partial, k_splits, split_stride, B, R, vec_b, D, ldd, alpha, row0 + g0,
+                                      min(left, 2 * kRowGroup), n_begin, n_end, t_smem);
+        g0 += 2 * kRowGroup;
+        continue;
+      }
+    }
+    expand_pass<T, RP, kWarps, 1>(partial, k_splits, split_stride, B, R, vec_b, D, ldd, alpha, row0 + g0,
+                                  min(left, kRowGroup), n_begin, n_end, t_smem);
+    g0 += kRowGroup;
   }
 }
 

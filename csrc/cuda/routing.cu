@@ -60,6 +60,12 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(RoutingParams p) {
     block_prefix_sum(
         nbuckets, [&](int b) { return b % per_expert == 0 ? 0 : ceil_div(counts[b], kTileRows); },
         p.lora_tile_prefix, tmp);
+    // The LoRA kernels look up an m-tile's bucket here instead of searching the prefix (one load, not
+    // log2(buckets) dependent ones per work item).
+    for (int b = threadIdx.x; b < nbuckets; b += blockDim.x) {
+      const int end = min(p.lora_tile_prefix[b + 1], p.lora_tile_capacity);
+      for (int t = p.lora_tile_prefix[b]; t < end; ++t) p.lora_tile_segment[t] = b;
+    }
   }
 }
 

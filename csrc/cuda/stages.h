@@ -12,6 +12,12 @@ namespace moelora::cuda {
 // Rows of one segment GEMM tile; also the granularity of the tile prefix arrays built by routing.
 constexpr int kTileRows = 64;
 
+// Host upper bound of the m-tiles over row segments: every non-empty segment adds at most one partial tile.
+inline int64_t lora_tiles_upper_bound(int max_rows, int max_active_segments) {
+  return (static_cast<int64_t>(max_rows) + kTileRows - 1) / kTileRows +
+         (max_active_segments < max_rows ? max_active_segments : max_rows);
+}
+
 // ---- routing.cu: bucket the T*k (token, expert) pairs by (expert, adapter slot) -------------------
 // A bucket is b = e * (S + 1) + (slot + 1): expert-major, and inside an expert the rows without an
 // adapter come first, then slot 0, 1, ... Pairs whose expert id is outside [0, E) are dropped; slot ids
@@ -26,6 +32,8 @@ struct RoutingParams {
   int* expert_offsets;      // [E+1] out: first sorted row of each expert
   int* expert_tile_prefix;  // [E+1] out: prefix sum of ceil(rows/kTileRows) per expert
   int* lora_tile_prefix;    // [E*(S+1)+1] out (only when S > 0): same per bucket, 0 for slot -1 buckets
+  int* lora_tile_segment;   // [lora_tile_capacity] out (only when S > 0): bucket of each LoRA m-tile
+  int lora_tile_capacity;   // lora_tiles_upper_bound(T * k, E * S)
 };
 cudaError_t launch_routing(const RoutingParams& p, cudaStream_t stream);
 
@@ -85,6 +93,7 @@ struct LoraShrinkParams {
   float* partial;                           // out: [k_splits, max_rows, R] fp32 partial sums
   const int* row_offsets;                   // [nseg+1]
   const int* tile_prefix;                   // [nseg+1]
+  const int* tile_segment;                  // [m-tiles] segment of each m-tile (routing's lora_tile_segment)
   int nseg, seg_per_expert, slot_base;
   int R, K, k_chunk, k_splits;              // K-chunk ks covers [ks * k_chunk, min(K, (ks+1) * k_chunk))
   int max_rows, max_active_segments;        // host upper bounds (grid sizing, partial layout)
@@ -99,6 +108,7 @@ struct LoraExpandParams {
   const float* slot_scale;                  // [S] or nullptr for 1
   const int* row_offsets;
   const int* tile_prefix;
+  const int* tile_segment;
   int nseg, seg_per_expert, slot_base;
   int R, N, n_range;                        // one work item = one m-tile x n_range columns
   int max_rows, max_active_segments;
