@@ -8,8 +8,11 @@
 // over CTAs so every SM streams adapter A, with the partial sums reduced by the expand in a fixed order
 // (deterministic, no atomics). The expand keeps the rank-R input tile in shared memory and walks a range
 // of N with double-buffered B chunks, instead of one tile launch-equivalent per 128 columns.
-// Tile counts come from the routing's device-side tile prefix, so grids are sized from shapes alone and
-// both kernels are CUDA-graph safe.
+// Each work item picks its tile path from the tile's row count (NOTES.md, v4): up to few_rows_max rows
+// (decode, mid batch sizes) go to lora_rows_mma.cuh, which streams the adapter straight from global
+// memory into mma.sync fragments; larger tiles use the 64-row WMMA tiles below.
+// Tile counts come from the routing's device-side tile prefix (and its tile -> bucket table), so grids are
+// sized from shapes alone and both kernels are CUDA-graph safe.
 #include <mma.h>
 
 #include <algorithm>
