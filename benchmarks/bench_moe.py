@@ -246,12 +246,16 @@ def device_meta(device: str, argv) -> dict:
         env["moelora_ext"] = "ok"
     except Exception as e:  # noqa: BLE001
         env["moelora_ext"] = f"unavailable ({type(e).__name__}: {e})"
-    try:
-        import subprocess
-        env["git"] = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True, timeout=10).stdout.strip() or "none"
-    except Exception:  # noqa: BLE001
-        env["git"] = "unknown"
+    # MOELORA_GIT_REV names the code when the checkout's .git does not (a copied working tree, e.g. the
+    # device machine's); otherwise "-dirty" marks a run of uncommitted changes.
+    env["git"] = os.environ.get("MOELORA_GIT_REV", "")
+    if not env["git"]:
+        try:
+            import subprocess
+            env["git"] = subprocess.run(["git", "-C", HERE, "describe", "--always", "--dirty", "--abbrev=7"],
+                                        capture_output=True, text=True, timeout=10).stdout.strip() or "none"
+        except Exception:  # noqa: BLE001
+            env["git"] = "unknown"
     return env
 
 

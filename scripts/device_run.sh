@@ -2,6 +2,8 @@
 # One call on the GPU machine: build the extension, run the CUTLASS selftest, the test suite, and the
 # benchmark, writing every log under $OUT. Usage: bash scripts/device_run.sh [build] [selftest] [tests] [bench]
 # [profile] (no argument = the first four; profile = benchmarks/profile_stages.py $PROFILE_ARGS). Needs the nvidia-cutlass wheel in .whl/ (see README).
+# The device copy's .git can lag the working tree: pass MOELORA_GIT_REV=<local git describe --dirty> to
+# record the code the benchmark ran.
 set -uo pipefail
 OUT=${OUT:-/tmp/moelora_out}
 mkdir -p "$OUT"
