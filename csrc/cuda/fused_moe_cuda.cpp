@@ -227,7 +227,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   at::Tensor expert_offsets = at::empty({E + 1}, iopt);
   at::Tensor expert_tile_prefix = at::empty({E + 1}, iopt);
   at::Tensor lora_tile_prefix = at::empty({S > 0 ? nbuckets + 1 : 0}, iopt);
-  const int64_t lora_tile_capacity = S > 0 ? mc::lora_tiles_upper_bound(pairs, E * S) : 0;
+  const int64_t lora_tile_capacity = S > 0 ? mc::segment_tiles_upper_bound(pairs, E * S) : 0;
   at::Tensor lora_tile_segment = at::empty({lora_tile_capacity}, iopt);
   at::Tensor permuted = at::empty({pairs, H}, x.options());  // fc1 input; reused as the fc2 output
   at::Tensor gu = at::empty({pairs, 2 * I}, x.options());
@@ -271,8 +271,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   if (d.has_lora) {
     a13 = w13_lora_a->contiguous(); b13 = w13_lora_b->contiguous();
     a2 = w2_lora_a->contiguous(); b2 = w2_lora_b->contiguous();
-    run_lora({a13, b13, w13_shared_a, w13_shared_b}, permuted, lora_ws, lora_ws.k_splits_fc1, gu, bucket_offsets, lora_tile_prefix,
-             lora_tile_segment, scalings, d, 2 * I, H, sm_count, stream);
+    run_lora({a13, b13, w13_shared_a, w13_shared_b}, permuted, lora_ws, lora_ws.k_splits_fc1, gu, bucket_offsets,
+             lora_tile_prefix, lora_tile_segment, scalings, d, 2 * I, H, sm_count, stream);
   }
 
   // ---- 6. activation ------------------------------------------------------------------------------
@@ -287,8 +287,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   at::Tensor& y = permuted;  // the gathered input is dead once fc1 and its LoRA shrink have run
   run_expert_gemm(sm90, h, w2c, y, expert_offsets, expert_tile_prefix, d, H, I, sm_count, stream);
   if (d.has_lora) {
-    run_lora({a2, b2, w2_shared_a, w2_shared_b}, h, lora_ws, lora_ws.k_splits_fc2, y, bucket_offsets, lora_tile_prefix, lora_tile_segment, scalings, d, H, I,
-             sm_count, stream);
+    run_lora({a2, b2, w2_shared_a, w2_shared_b}, h, lora_ws, lora_ws.k_splits_fc2, y, bucket_offsets,
+             lora_tile_prefix, lora_tile_segment, scalings, d, H, I, sm_count, stream);
   }
   mc::FinalizeParams fp{};
   fp.y = y.data_ptr(); fp.pair_row = pp.pair_row; fp.topk_weights = weights.data_ptr<float>();

@@ -41,14 +41,11 @@ struct SegmentTile {
 template <class Params>
 __device__ __forceinline__ SegmentTile locate(const Params& p, int mt) {
   const int seg = p.tile_segment[mt];
-  const int* row_offsets = p.row_offsets;
-  const int* tile_prefix = p.tile_prefix;
-  const int seg_per_expert = p.seg_per_expert, slot_base = p.slot_base;
   SegmentTile t;
-  t.row0 = row_offsets[seg] + (mt - tile_prefix[seg]) * kTileRows;
-  t.rows = min(kTileRows, row_offsets[seg + 1] - t.row0);
-  t.expert = seg / seg_per_expert;
-  t.slot = seg % seg_per_expert + slot_base;
+  t.row0 = p.row_offsets[seg] + (mt - p.tile_prefix[seg]) * kTileRows;
+  t.rows = min(kTileRows, p.row_offsets[seg + 1] - t.row0);
+  t.expert = seg / p.seg_per_expert;
+  t.slot = seg % p.seg_per_expert + p.slot_base;
   return t;
 }
 
@@ -287,7 +284,7 @@ int target_items(int sm_count) { return 2 * sm_count * kBlocksPerSm; }
 
 // How many pieces to cut each m-tile's work into so the launch has target_items() work items.
 int splits_to_fill(int max_rows, int max_active_segments, int sm_count) {
-  const int64_t m_tiles = std::max<int64_t>(1, lora_tiles_upper_bound(max_rows, max_active_segments));
+  const int64_t m_tiles = std::max<int64_t>(1, segment_tiles_upper_bound(max_rows, max_active_segments));
   return static_cast<int>(std::max<int64_t>(1, (target_items(sm_count) + m_tiles - 1) / m_tiles));
 }
 
@@ -302,14 +299,14 @@ void dispatch_padded_rank(int R, F&& f) {
 
 template <typename T, int RP>
 void launch_shrink_typed(const LoraShrinkParams& p, int sm_count, cudaStream_t stream) {
-  const int64_t items_ub = lora_tiles_upper_bound(p.max_rows, p.max_active_segments) * p.k_splits;
+  const int64_t items_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * p.k_splits;
   const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid > 0) lora_shrink_kernel<T, RP><<<grid, kThreads, 0, stream>>>(p);
 }
 
 template <typename T, int RP>
 void launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStream_t stream) {
-  const int64_t items_ub = lora_tiles_upper_bound(p.max_rows, p.max_active_segments) * ceil_div(p.N, p.n_range);
+  const int64_t items_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * ceil_div(p.N, p.n_range);
   const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid > 0) lora_expand_kernel<T, RP><<<grid, kThreads, 0, stream>>>(p);
 }

@@ -157,10 +157,9 @@ __global__ void __launch_bounds__(TileShape<BM, BN, BK, STAGES, WARPS_M, WARPS_N
 
 template <typename T, int BM, int BN, int BK, int STAGES, int WARPS_M, int WARPS_N>
 void launch_shape(const SegmentGemmParams& p, int sm_count, int blocks_per_sm, cudaStream_t stream) {
+  static_assert(BM == kTileRows, "m-tiles are routing's kTileRows-row tiles");
   const int n_tiles = ceil_div(p.N, BN);
-  // Upper bound of the m-tiles: every active segment adds at most one partial tile.
-  const int64_t m_tiles_ub = ceil_div(p.max_rows, BM) + static_cast<int64_t>(std::min(p.max_active_segments, p.max_rows));
-  const int64_t tiles_ub = m_tiles_ub * n_tiles;
+  const int64_t tiles_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * n_tiles;
   const int grid = static_cast<int>(std::min<int64_t>(tiles_ub, static_cast<int64_t>(sm_count) * blocks_per_sm));
   if (grid <= 0) return;
   using Shape = TileShape<BM, BN, BK, STAGES, WARPS_M, WARPS_N>;

@@ -12,8 +12,9 @@ namespace moelora::cuda {
 // Rows of one segment GEMM tile; also the granularity of the tile prefix arrays built by routing.
 constexpr int kTileRows = 64;
 
-// Host upper bound of the m-tiles over row segments: every non-empty segment adds at most one partial tile.
-inline int64_t lora_tiles_upper_bound(int max_rows, int max_active_segments) {
+// Host upper bound of the kTileRows-row m-tiles over row segments (sizes the segment and LoRA kernels'
+// grids and routing's LoRA tile table): every non-empty segment adds at most one partial tile.
+inline int64_t segment_tiles_upper_bound(int max_rows, int max_active_segments) {
   return (static_cast<int64_t>(max_rows) + kTileRows - 1) / kTileRows +
          (max_active_segments < max_rows ? max_active_segments : max_rows);
 }
@@ -33,7 +34,7 @@ struct RoutingParams {
   int* expert_tile_prefix;  // [E+1] out: prefix sum of ceil(rows/kTileRows) per expert
   int* lora_tile_prefix;    // [E*(S+1)+1] out (only when S > 0): same per bucket, 0 for slot -1 buckets
   int* lora_tile_segment;   // [lora_tile_capacity] out (only when S > 0): bucket of each LoRA m-tile
-  int lora_tile_capacity;   // lora_tiles_upper_bound(T * k, E * S)
+  int lora_tile_capacity;   // segment_tiles_upper_bound(T * k, E * S)
 };
 cudaError_t launch_routing(const RoutingParams& p, cudaStream_t stream);
 
