@@ -1,6 +1,7 @@
 // Gated activation between fc1 and fc2: h = act(gate) * up, with gate = gu[:, :I], up = gu[:, I:].
 // SiLU gives SwiGLU, exact (erf) GELU gives GeGLU. fp32 math, 16-byte accesses (I % 8 == 0).
 #include "cuda_utils.cuh"
+#include "pdl.cuh"
 #include "stages.h"
 
 namespace moelora::cuda {
@@ -11,6 +12,7 @@ __device__ __forceinline__ float gelu(float g) { return 0.5f * g * (1.f + erff(g
 
 template <typename T, ActivationKind kKind>
 __global__ void gated_activation_kernel(ActivationParams p) {
+  pdl_begin();
   const int vecs_per_row = p.I / 8;
   const int64_t total = static_cast<int64_t>(*p.num_rows) * vecs_per_row;
   const auto* gu = static_cast<const T*>(p.gu);
@@ -33,25 +35,20 @@ __global__ void gated_activation_kernel(ActivationParams p) {
 }
 
 template <typename T>
-void launch_typed(const ActivationParams& p, cudaStream_t stream) {
+cudaError_t launch_typed(const ActivationParams& p, cudaStream_t stream) {
   const int64_t vecs = static_cast<int64_t>(p.max_rows) * (p.I / 8);
   // Enough blocks to fill the GPU several times over; the grid-stride loop covers the rest.
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(static_cast<int>(std::min<int64_t>(vecs, 1 << 30)), 256), 4096));
-  if (blocks == 0) return;
+  if (blocks == 0) return cudaSuccess;
   if (p.kind == ActivationKind::Silu)
-    gated_activation_kernel<T, ActivationKind::Silu><<<blocks, 256, 0, stream>>>(p);
-  else
-    gated_activation_kernel<T, ActivationKind::Gelu><<<blocks, 256, 0, stream>>>(p);
+    return launch_kernel(gated_activation_kernel<T, ActivationKind::Silu>, blocks, 256, 0, stream, p);
+  return launch_kernel(gated_activation_kernel<T, ActivationKind::Gelu>, blocks, 256, 0, stream, p);
 }
 
 }  // namespace
 
 cudaError_t launch_activation(const ActivationParams& p, cudaStream_t stream) {
-  if (p.dtype == DType::BF16)
-    launch_typed<__nv_bfloat16>(p, stream);
-  else
-    launch_typed<__half>(p, stream);
-  return cudaGetLastError();
+  return p.dtype == DType::BF16 ? launch_typed<__nv_bfloat16>(p, stream) : launch_typed<__half>(p, stream);
 }
 
 }  // namespace moelora::cuda

@@ -55,8 +55,32 @@ size_t expert_gemm_sm90_workspace_bytes(int num_experts, int sm_count) {
   return bytes;
 }
 
-cudaError_t expert_gemm_sm90(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
-                             cudaStream_t stream) {
+cudaError_t expert_gemm_sm90_prepare(const ExpertGemmParams* gemms, void* const* workspaces, int count,
+                                     size_t workspace_bytes, int sm_count, cudaStream_t stream) {
+  if (!built_for_sm90()) return cudaErrorNotSupported;
+  if (count <= 0 || gemms == nullptr || workspaces == nullptr) return cudaErrorInvalidValue;
+  for (int i = 0; i < count; ++i) {
+    if (gemms[i].num_experts <= 0 || workspaces[i] == nullptr ||
+        workspace_bytes < expert_gemm_sm90_workspace_bytes(gemms[i].num_experts, sm_count))
+      return cudaErrorInvalidValue;
+  }
+  // GEMMs of one configuration (dtype and tile) share a launch, two at a time; others get their own.
+  for (int i = 0; i < count;) {
+    const bool pair = i + 1 < count && gemms[i + 1].dtype == gemms[i].dtype && pick_tile(gemms[i + 1]) == pick_tile(gemms[i]);
+    const int n = pair ? 2 : 1;
+    const detail::ExpertGemmTile tile = pick_tile(gemms[i]);
+    const cudaError_t err =
+        gemms[i].dtype == DType::BF16
+            ? detail::expert_gemm_sm90_bf16_prepare(tile, gemms + i, workspaces + i, n, stream)
+            : detail::expert_gemm_sm90_fp16_prepare(tile, gemms + i, workspaces + i, n, stream);
+    if (err != cudaSuccess) return err;
+    i += n;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t expert_gemm_sm90_run(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
+                                 cudaStream_t stream) {
   if (!built_for_sm90()) return cudaErrorNotSupported;
   const detail::ExpertGemmTile tile = pick_tile(p);
   switch (p.dtype) {
@@ -68,10 +92,24 @@ cudaError_t expert_gemm_sm90(const ExpertGemmParams& p, void* workspace, size_t 
   return cudaErrorInvalidValue;
 }
 
+cudaError_t expert_gemm_sm90(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
+                             cudaStream_t stream) {
+  if (cudaError_t err = expert_gemm_sm90_prepare(&p, &workspace, 1, workspace_bytes, sm_count, stream);
+      err != cudaSuccess)
+    return err;
+  return expert_gemm_sm90_run(p, workspace, workspace_bytes, sm_count, stream);
+}
+
 #else  // built without CUDA CUTLASS support
 
 bool expert_gemm_sm90_compiled() { return false; }
 size_t expert_gemm_sm90_workspace_bytes(int, int) { return 0; }
+cudaError_t expert_gemm_sm90_prepare(const ExpertGemmParams*, void* const*, int, size_t, int, cudaStream_t) {
+  return cudaErrorNotSupported;
+}
+cudaError_t expert_gemm_sm90_run(const ExpertGemmParams&, void*, size_t, int, cudaStream_t) {
+  return cudaErrorNotSupported;
+}
 cudaError_t expert_gemm_sm90(const ExpertGemmParams&, void*, size_t, int, cudaStream_t) {
   return cudaErrorNotSupported;
 }

@@ -8,8 +8,8 @@
 // Design (why it is graph-capturable):
 //  * CUTLASS 3.x ptr-array grouped GEMM, one group per expert, GroupProblemShape with host shapes = nullptr.
 //    Problem shapes, A/B/D pointer arrays and strides live in the caller's workspace and are written by
-//    build_expert_groups_kernel from expert_offsets on the same stream, so nothing on the host depends on
-//    the routing. With no host shapes the CUTLASS grid is sized from sm_count alone
+//    build_expert_groups_kernel from expert_offsets on the same stream (fc1's and fc2's tables in one
+//    launch: prepare), so nothing on the host depends on the routing. With no host shapes the CUTLASS grid is sized from sm_count alone
 //    (PersistentTileSchedulerSm90Group::get_tiled_cta_shape_mnl -> total_ctas = sm_count; cluster 1x1
 //    -> grid = sm_count persistent CTAs).
 //  * Experts with 0 rows: the group tile scheduler computes ceil_div(M, tileM) * ceil_div(N, tileN) = 0
@@ -30,12 +30,17 @@ namespace moelora::cuda::detail {
 // Tile configurations (see expert_gemm_sm90.cu for how rows_hint picks one).
 enum class ExpertGemmTile { SmallM, LargeM };
 
-size_t expert_gemm_sm90_bf16_workspace(ExpertGemmTile tile, int num_experts, int sm_count);
-cudaError_t expert_gemm_sm90_bf16_run(ExpertGemmTile tile, const ExpertGemmParams& p, void* workspace,
-                                      size_t workspace_bytes, int sm_count, cudaStream_t stream);
-size_t expert_gemm_sm90_fp16_workspace(ExpertGemmTile tile, int num_experts, int sm_count);
-cudaError_t expert_gemm_sm90_fp16_run(ExpertGemmTile tile, const ExpertGemmParams& p, void* workspace,
-                                      size_t workspace_bytes, int sm_count, cudaStream_t stream);
+// Per dtype: workspace size, group tables of `count` (1 or 2) GEMMs of one configuration in one launch, and
+// the GEMM itself.
+#define MOELORA_EXPERT_GEMM_DECLARE(NAME)                                                                      \
+  size_t expert_gemm_sm90_##NAME##_workspace(ExpertGemmTile tile, int num_experts, int sm_count);              \
+  cudaError_t expert_gemm_sm90_##NAME##_prepare(ExpertGemmTile tile, const ExpertGemmParams* gemms,           \
+                                                void* const* workspaces, int count, cudaStream_t stream);     \
+  cudaError_t expert_gemm_sm90_##NAME##_run(ExpertGemmTile tile, const ExpertGemmParams& p, void* workspace,  \
+                                            size_t workspace_bytes, int sm_count, cudaStream_t stream);
+MOELORA_EXPERT_GEMM_DECLARE(bf16)
+MOELORA_EXPERT_GEMM_DECLARE(fp16)
+#undef MOELORA_EXPERT_GEMM_DECLARE
 
 }  // namespace moelora::cuda::detail
 
@@ -49,6 +54,7 @@ cudaError_t expert_gemm_sm90_fp16_run(ExpertGemmTile tile, const ExpertGemmParam
 #error "expert_gemm_sm90: build Hopper as -gencode=arch=compute_90a,code=sm_90a (wgmma/TMA need the 'a' target)"
 #endif
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cute/tensor.hpp"
@@ -62,6 +68,7 @@ cudaError_t expert_gemm_sm90_fp16_run(ExpertGemmTile tile, const ExpertGemmParam
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/kernel_hardware_info.hpp"
 #include "cutlass/util/packed_stride.hpp"
+#include "pdl.cuh"
 
 namespace moelora::cuda::detail {
 
@@ -89,6 +96,18 @@ struct LargeMTile {
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
 };
 
+// The CUTLASS kernel, entered through pdl_begin(): this CUTLASS version's sm90 ptr-array kernels have no
+// grid-dependency control of their own, and a kernel launched with the PDL attribute (pdl.cuh) must wait
+// for its predecessor before reading memory. Everything else (Params, shared storage, launch bounds) is the
+// base kernel's.
+template <class Base>
+struct PdlWaitKernel : Base {
+  CUTLASS_DEVICE void operator()(typename Base::Params const& params, char* smem) {
+    pdl_begin();
+    Base::operator()(params, smem);
+  }
+};
+
 template <class Element, class Tile>
 struct ExpertGemmKernel {
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // per group <M, N, K>
@@ -112,7 +131,7 @@ struct ExpertGemmKernel {
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
       typename Tile::KernelSchedule>::CollectiveOp;
 
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using Kernel = PdlWaitKernel<cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   using Shape3 = typename ProblemShape::UnderlyingProblemShape;
@@ -147,26 +166,52 @@ struct GroupTableLayout {
   }
 };
 
-// One thread per expert: the group table of the ptr-array GEMM, from the device expert offsets.
-template <class K, class Element>
-__global__ void build_expert_groups_kernel(const int* __restrict__ offsets, int E, int N, int K_,
-                                           const Element* A, const Element* W, Element* D,
-                                           typename K::Shape3* shapes, const Element** ptr_a,
-                                           const Element** ptr_b, Element** ptr_d,
-                                           typename K::StrideA* stride_a, typename K::StrideB* stride_b,
-                                           typename K::StrideD* stride_d) {
+// Where one GEMM's group table lives, and what goes into it.
+template <class Kern, class Element>
+struct GroupTableJob {
+  const int* offsets;
+  int E, N, K;
+  const Element* A;
+  const Element* W;
+  Element* D;
+  typename Kern::Shape3* shapes;
+  const Element** ptr_a;
+  const Element** ptr_b;
+  Element** ptr_d;
+  typename Kern::StrideA* stride_a;
+  typename Kern::StrideB* stride_b;
+  typename Kern::StrideD* stride_d;
+};
+
+template <class Kern, class Element>
+GroupTableJob<Kern, Element> make_job(const ExpertGemmParams& p, const GroupTableLayout& l, char* ws) {
+  return {p.expert_offsets, p.num_experts, p.N, p.K, static_cast<const Element*>(p.A),
+          static_cast<const Element*>(p.W), static_cast<Element*>(p.D),
+          reinterpret_cast<typename Kern::Shape3*>(ws + l.shapes), reinterpret_cast<const Element**>(ws + l.ptr_a),
+          reinterpret_cast<const Element**>(ws + l.ptr_b), reinterpret_cast<Element**>(ws + l.ptr_d),
+          reinterpret_cast<typename Kern::StrideA*>(ws + l.stride_a),
+          reinterpret_cast<typename Kern::StrideB*>(ws + l.stride_b),
+          reinterpret_cast<typename Kern::StrideD*>(ws + l.stride_d)};
+}
+
+// One thread per expert, blockIdx.y picks the job: the group tables of the ptr-array GEMMs, from the device
+// expert offsets.
+template <class Kern, class Element>
+__global__ void build_expert_groups_kernel(GroupTableJob<Kern, Element> job0, GroupTableJob<Kern, Element> job1) {
+  pdl_begin();
+  const GroupTableJob<Kern, Element>& j = blockIdx.y == 0 ? job0 : job1;
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
-  if (e >= E) return;
-  const int begin = offsets[e];
-  const int m = max(offsets[e + 1] - begin, 0);
-  shapes[e] = typename K::Shape3{m, N, K_};
-  ptr_a[e] = A + static_cast<int64_t>(begin) * K_;
-  ptr_b[e] = W + static_cast<int64_t>(e) * N * K_;
-  ptr_d[e] = D + static_cast<int64_t>(begin) * N;
+  if (e >= j.E) return;
+  const int begin = j.offsets[e];
+  const int m = max(j.offsets[e + 1] - begin, 0);
+  j.shapes[e] = typename Kern::Shape3{m, j.N, j.K};
+  j.ptr_a[e] = j.A + static_cast<int64_t>(begin) * j.K;
+  j.ptr_b[e] = j.W + static_cast<int64_t>(e) * j.N * j.K;
+  j.ptr_d[e] = j.D + static_cast<int64_t>(begin) * j.N;
   // Packed strides do not depend on M (a leading dimension only), so every group gets the same ones.
-  stride_a[e] = cutlass::make_cute_packed_stride(typename K::StrideA{}, cute::make_shape(1, K_, 1));
-  stride_b[e] = cutlass::make_cute_packed_stride(typename K::StrideB{}, cute::make_shape(N, K_, 1));
-  stride_d[e] = cutlass::make_cute_packed_stride(typename K::StrideD{}, cute::make_shape(1, N, 1));
+  j.stride_a[e] = cutlass::make_cute_packed_stride(typename Kern::StrideA{}, cute::make_shape(1, j.K, 1));
+  j.stride_b[e] = cutlass::make_cute_packed_stride(typename Kern::StrideB{}, cute::make_shape(j.N, j.K, 1));
+  j.stride_d[e] = cutlass::make_cute_packed_stride(typename Kern::StrideD{}, cute::make_shape(1, j.N, 1));
 }
 
 template <class K>
@@ -209,47 +254,85 @@ size_t expert_gemm_workspace_bytes(int num_experts, int sm_count) {
   return l.end + GroupTableLayout::up(K::Gemm::get_workspace_size(args)) + GroupTableLayout::kAlign;
 }
 
+// The caller's allocation is at least 256-aligned in practice; align anyway.
+inline char* aligned_workspace(void* workspace) {
+  const uintptr_t base = reinterpret_cast<uintptr_t>(workspace);
+  return reinterpret_cast<char*>((base + GroupTableLayout::kAlign - 1) / GroupTableLayout::kAlign *
+                                 GroupTableLayout::kAlign);
+}
+
 template <class Element, class Tile>
-cudaError_t expert_gemm_run(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
-                            cudaStream_t stream) {
+cudaError_t check_params(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count) {
   using K = ExpertGemmKernel<Element, Tile>;
-  using ElementA = typename K::Gemm::ElementA;
-  const int E = p.num_experts;
-  if (E <= 0 || sm_count <= 0 || p.N <= 0 || p.K <= 0) return cudaErrorInvalidValue;
+  if (p.num_experts <= 0 || sm_count <= 0 || p.N <= 0 || p.K <= 0) return cudaErrorInvalidValue;
   // TMA: 16-byte aligned rows and base pointers.
   if (p.N % K::kAlign != 0 || p.K % K::kAlign != 0) return cudaErrorInvalidValue;
   if ((reinterpret_cast<uintptr_t>(p.A) | reinterpret_cast<uintptr_t>(p.W) | reinterpret_cast<uintptr_t>(p.D)) % 16)
     return cudaErrorInvalidValue;
-  if (workspace == nullptr || workspace_bytes < expert_gemm_workspace_bytes<Element, Tile>(E, sm_count))
+  if (workspace == nullptr || workspace_bytes < expert_gemm_workspace_bytes<Element, Tile>(p.num_experts, sm_count))
     return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
 
-  // Align the base (the caller's allocation is at least 256-aligned in practice; be safe anyway).
-  const uintptr_t base = reinterpret_cast<uintptr_t>(workspace);
-  char* ws = reinterpret_cast<char*>((base + GroupTableLayout::kAlign - 1) / GroupTableLayout::kAlign *
-                                     GroupTableLayout::kAlign);
-  const GroupTableLayout l = GroupTableLayout::make<K>(E);
-
+// Group tables of gemms[0..count) (count 1 or 2, one configuration) in one launch.
+template <class Element, class Tile>
+cudaError_t expert_gemm_prepare(const ExpertGemmParams* gemms, void* const* workspaces, int count,
+                                cudaStream_t stream) {
+  using K = ExpertGemmKernel<Element, Tile>;
+  using ElementA = typename K::Gemm::ElementA;
+  if (count < 1 || count > 2) return cudaErrorInvalidValue;
+  GroupTableJob<K, ElementA> jobs[2];
+  int max_e = 0;
+  for (int i = 0; i < count; ++i) {
+    jobs[i] = make_job<K, ElementA>(gemms[i], GroupTableLayout::make<K>(gemms[i].num_experts),
+                                    aligned_workspace(workspaces[i]));
+    max_e = std::max(max_e, gemms[i].num_experts);
+  }
+  if (count == 1) jobs[1] = jobs[0];
   constexpr int kThreads = 128;
-  build_expert_groups_kernel<K, ElementA><<<(E + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-      p.expert_offsets, E, p.N, p.K, static_cast<const ElementA*>(p.A), static_cast<const ElementA*>(p.W),
-      static_cast<ElementA*>(p.D), reinterpret_cast<typename K::Shape3*>(ws + l.shapes),
-      reinterpret_cast<const ElementA**>(ws + l.ptr_a), reinterpret_cast<const ElementA**>(ws + l.ptr_b),
-      reinterpret_cast<ElementA**>(ws + l.ptr_d), reinterpret_cast<typename K::StrideA*>(ws + l.stride_a),
-      reinterpret_cast<typename K::StrideB*>(ws + l.stride_b),
-      reinterpret_cast<typename K::StrideD*>(ws + l.stride_d));
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  return launch_kernel(build_expert_groups_kernel<K, ElementA>, dim3((max_e + kThreads - 1) / kThreads, count),
+                       kThreads, 0, stream, jobs[0], jobs[1]);
+}
 
-  auto args = make_arguments<K>(l, ws, E, sm_count);
+// The grouped GEMM over tables written by expert_gemm_prepare on this stream.
+template <class Element, class Tile>
+cudaError_t expert_gemm_run(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
+                            cudaStream_t stream) {
+  using K = ExpertGemmKernel<Element, Tile>;
+  if (cudaError_t err = check_params<Element, Tile>(p, workspace, workspace_bytes, sm_count); err != cudaSuccess)
+    return err;
+  char* ws = aligned_workspace(workspace);
+  const GroupTableLayout l = GroupTableLayout::make<K>(p.num_experts);
+  auto args = make_arguments<K>(l, ws, p.num_experts, sm_count);
   typename K::Gemm gemm;
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
   if (gemm.initialize(args, ws + l.cutlass_ws, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
-  if (gemm.run(stream) != cutlass::Status::kSuccess) {
-    err = cudaGetLastError();
+  if (gemm.run(stream, /*cuda_adapter=*/nullptr, /*launch_with_pdl=*/pdl_launch_enabled()) !=
+      cutlass::Status::kSuccess) {
+    const cudaError_t err = cudaGetLastError();
     return err != cudaSuccess ? err : cudaErrorLaunchFailure;
   }
   return cudaSuccess;
 }
+
+// Per-dtype entry points (expert_gemm_sm90_{bf16,fp16}.cu instantiate them for their element type).
+#define MOELORA_EXPERT_GEMM_DEFINE(NAME, ELEMENT)                                                              \
+  size_t expert_gemm_sm90_##NAME##_workspace(ExpertGemmTile tile, int num_experts, int sm_count) {             \
+    return tile == ExpertGemmTile::SmallM ? expert_gemm_workspace_bytes<ELEMENT, SmallMTile>(num_experts, sm_count) \
+                                          : expert_gemm_workspace_bytes<ELEMENT, LargeMTile>(num_experts, sm_count); \
+  }                                                                                                            \
+  cudaError_t expert_gemm_sm90_##NAME##_prepare(ExpertGemmTile tile, const ExpertGemmParams* gemms,           \
+                                                void* const* workspaces, int count, cudaStream_t stream) {    \
+    return tile == ExpertGemmTile::SmallM                                                                      \
+               ? expert_gemm_prepare<ELEMENT, SmallMTile>(gemms, workspaces, count, stream)                  \
+               : expert_gemm_prepare<ELEMENT, LargeMTile>(gemms, workspaces, count, stream);                 \
+  }                                                                                                            \
+  cudaError_t expert_gemm_sm90_##NAME##_run(ExpertGemmTile tile, const ExpertGemmParams& p, void* workspace,  \
+                                            size_t workspace_bytes, int sm_count, cudaStream_t stream) {      \
+    return tile == ExpertGemmTile::SmallM                                                                      \
+               ? expert_gemm_run<ELEMENT, SmallMTile>(p, workspace, workspace_bytes, sm_count, stream)       \
+               : expert_gemm_run<ELEMENT, LargeMTile>(p, workspace, workspace_bytes, sm_count, stream);      \
+  }
 
 }  // namespace moelora::cuda::detail
 

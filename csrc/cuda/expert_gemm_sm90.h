@@ -23,11 +23,22 @@ struct ExpertGemmParams {
 };
 
 bool expert_gemm_sm90_compiled();                                   // false when built without sm90a CUTLASS
-// Bytes of workspace for expert_gemm_sm90 with this many experts and this SM count (any dtype and config).
+// Bytes of workspace for one GEMM with this many experts and this SM count (any dtype and config).
 size_t expert_gemm_sm90_workspace_bytes(int num_experts, int sm_count);
-// D = A @ W[e]^T per expert. No host sync, graph-capturable. Returns cudaError_t:
-// cudaErrorNotSupported when not compiled, cudaErrorInvalidValue for bad arguments (N or K not a multiple of 8,
-// workspace too small, sm_count <= 0, ...). `workspace` must stay alive until the GEMM has run on `stream`.
+
+// Two steps, so the tables of several GEMMs that share expert_offsets (fc1 and fc2) are written by one
+// launch before the first of them runs:
+//  * prepare: writes the group tables (problem shapes, pointers, strides) of gemms[0..count) into their
+//    workspaces, from the device expert offsets (one kernel launch when the GEMMs share a configuration);
+//  * run: the grouped GEMM D = A @ W[e]^T per expert, reading the tables prepare wrote on the same stream.
+// No host sync, graph-capturable. Return cudaErrorNotSupported when not compiled, cudaErrorInvalidValue for
+// bad arguments (N or K not a multiple of 8, workspace too small, sm_count <= 0, ...). Workspaces must stay
+// alive until the GEMMs have run on `stream`.
+cudaError_t expert_gemm_sm90_prepare(const ExpertGemmParams* gemms, void* const* workspaces, int count,
+                                     size_t workspace_bytes, int sm_count, cudaStream_t stream);
+cudaError_t expert_gemm_sm90_run(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
+                                 cudaStream_t stream);
+// prepare + run of one GEMM.
 cudaError_t expert_gemm_sm90(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes,
                              int sm_count, cudaStream_t stream);
 

@@ -11,21 +11,12 @@
 namespace moelora::cuda::detail {
 
 #if defined(MOELORA_WITH_CUDA) && !defined(MOELORA_NO_CUTLASS)
-using Element_fp16 = cutlass::half_t;
-
-size_t expert_gemm_sm90_fp16_workspace(ExpertGemmTile tile, int num_experts, int sm_count) {
-  return tile == ExpertGemmTile::SmallM ? expert_gemm_workspace_bytes<Element_fp16, SmallMTile>(num_experts, sm_count)
-                                        : expert_gemm_workspace_bytes<Element_fp16, LargeMTile>(num_experts, sm_count);
-}
-
-cudaError_t expert_gemm_sm90_fp16_run(ExpertGemmTile tile, const ExpertGemmParams& p, void* workspace,
-                                      size_t workspace_bytes, int sm_count, cudaStream_t stream) {
-  return tile == ExpertGemmTile::SmallM
-             ? expert_gemm_run<Element_fp16, SmallMTile>(p, workspace, workspace_bytes, sm_count, stream)
-             : expert_gemm_run<Element_fp16, LargeMTile>(p, workspace, workspace_bytes, sm_count, stream);
-}
+MOELORA_EXPERT_GEMM_DEFINE(fp16, cutlass::half_t)
 #else
 size_t expert_gemm_sm90_fp16_workspace(ExpertGemmTile, int, int) { return 0; }
+cudaError_t expert_gemm_sm90_fp16_prepare(ExpertGemmTile, const ExpertGemmParams*, void* const*, int, cudaStream_t) {
+  return cudaErrorNotSupported;
+}
 cudaError_t expert_gemm_sm90_fp16_run(ExpertGemmTile, const ExpertGemmParams&, void*, size_t, int, cudaStream_t) {
   return cudaErrorNotSupported;
 }

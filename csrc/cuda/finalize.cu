@@ -1,6 +1,7 @@
 // Finalize: un-permute and reduce. Each token sums its k expert outputs weighted by topk_weights, in
 // j order, in fp32: no atomics, so the result is the same on every run.
 #include "cuda_utils.cuh"
+#include "pdl.cuh"
 #include "stages.h"
 
 namespace moelora::cuda {
@@ -8,6 +9,7 @@ namespace {
 
 template <typename T>
 __global__ void finalize_kernel(FinalizeParams p) {
+  pdl_begin();
   const int t = blockIdx.x;
   const auto* y = static_cast<const T*>(p.y);
   auto* out = reinterpret_cast<Vec8<T>*>(static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.H);
@@ -33,11 +35,8 @@ __global__ void finalize_kernel(FinalizeParams p) {
 cudaError_t launch_finalize(const FinalizeParams& p, cudaStream_t stream) {
   if (p.T == 0) return cudaSuccess;
   const int threads = std::min(256, std::max(32, ceil_div(p.H / 8, 32) * 32));
-  if (p.dtype == DType::BF16)
-    finalize_kernel<__nv_bfloat16><<<p.T, threads, 0, stream>>>(p);
-  else
-    finalize_kernel<__half><<<p.T, threads, 0, stream>>>(p);
-  return cudaGetLastError();
+  if (p.dtype == DType::BF16) return launch_kernel(finalize_kernel<__nv_bfloat16>, p.T, threads, 0, stream, p);
+  return launch_kernel(finalize_kernel<__half>, p.T, threads, 0, stream, p);
 }
 
 }  // namespace moelora::cuda

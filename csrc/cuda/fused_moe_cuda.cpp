@@ -15,6 +15,7 @@
 #include "../check_message.h"
 #include "../fused_moe_args.h"
 #include "expert_gemm_sm90.h"
+#include "launch_policy.h"
 #include "stages.h"
 
 namespace moelora {
@@ -41,6 +42,14 @@ bool use_sm90(int device) {
   return device_attribute(cudaDevAttrComputeCapabilityMajor, device) == 9 &&
          device_attribute(cudaDevAttrComputeCapabilityMinor, device) == 0 && mc::expert_gemm_sm90_compiled() &&
          !env_flag("MOELORA_PORTABLE");
+}
+
+// Programmatic dependent launch between our kernels (launch_policy.h) on Hopper and later, unless
+// MOELORA_PDL=0 (kept for comparison and as an escape hatch).
+bool use_pdl(int device) {
+  const char* v = std::getenv("MOELORA_PDL");
+  const bool off = v != nullptr && std::strcmp(v, "0") == 0;
+  return !off && device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9;
 }
 
 // One LoRA pair (shrink with A, expand with B) on top of a base GEMM output. Segments are the routing
@@ -153,34 +162,56 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
 }
 
 // Base expert GEMM: out[rows of e] = input[rows of e] @ W[e]^T, W [E, N, K].
-void run_expert_gemm(bool sm90, const at::Tensor& input, const at::Tensor& weight, at::Tensor& out,
-                     const at::Tensor& expert_offsets, const at::Tensor& expert_tile_prefix, const FusedMoeDims& d,
-                     int N, int K, int sm_count, cudaStream_t stream) {
-  const int pairs = static_cast<int>(d.T * d.k);
-  if (sm90) {
-    mc::ExpertGemmParams g{};
-    g.A = input.data_ptr(); g.W = weight.data_ptr(); g.D = out.data_ptr();
-    g.expert_offsets = expert_offsets.data_ptr<int>();
-    g.num_experts = static_cast<int>(d.E); g.N = N; g.K = K;
-    g.rows_hint = pairs;
-    g.dtype = to_dtype(input.scalar_type());
-    const size_t bytes = mc::expert_gemm_sm90_workspace_bytes(g.num_experts, sm_count);
-    at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, input.options().dtype(at::kByte));
-    C10_CUDA_CHECK(mc::expert_gemm_sm90(g, ws.data_ptr(), bytes, sm_count, stream));
+mc::ExpertGemmParams expert_gemm_params(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out,
+                                        const at::Tensor& expert_offsets, const FusedMoeDims& d, int N, int K) {
+  mc::ExpertGemmParams g{};
+  g.A = input.data_ptr(); g.W = weight.data_ptr(); g.D = out.data_ptr();
+  g.expert_offsets = expert_offsets.data_ptr<int>();
+  g.num_experts = static_cast<int>(d.E); g.N = N; g.K = K;
+  g.rows_hint = static_cast<int>(d.T * d.k);
+  g.dtype = to_dtype(input.scalar_type());
+  return g;
+}
+
+// The two base GEMMs (fc1, fc2). On sm90 their CUTLASS group tables are written by one launch (prepare)
+// right after routing; the portable path runs the segment GEMM and needs no tables.
+struct BaseGemms {
+  bool sm90 = false;
+  mc::ExpertGemmParams fc1{}, fc2{};
+  at::Tensor workspace;  // sm90: two per-GEMM workspaces of `bytes` each
+  size_t bytes = 0;
+  void* ws(int i) const { return static_cast<char*>(workspace.data_ptr()) + i * bytes; }
+};
+
+void prepare_base_gemms(BaseGemms& g, const at::TensorOptions& options, int sm_count, cudaStream_t stream) {
+  if (!g.sm90) return;
+  g.bytes = mc::expert_gemm_sm90_workspace_bytes(g.fc1.num_experts, sm_count);
+  g.bytes = (g.bytes + 255) / 256 * 256;
+  g.workspace = at::empty({static_cast<int64_t>(2 * g.bytes)}, options.dtype(at::kByte));
+  const mc::ExpertGemmParams gemms[2] = {g.fc1, g.fc2};
+  void* const workspaces[2] = {g.ws(0), g.ws(1)};
+  C10_CUDA_CHECK(mc::expert_gemm_sm90_prepare(gemms, workspaces, 2, g.bytes, sm_count, stream));
+}
+
+void run_base_gemm(const BaseGemms& g, int which, const at::Tensor& expert_tile_prefix, const FusedMoeDims& d,
+                   int sm_count, cudaStream_t stream) {
+  const mc::ExpertGemmParams& e = which == 0 ? g.fc1 : g.fc2;
+  if (g.sm90) {
+    C10_CUDA_CHECK(mc::expert_gemm_sm90_run(e, g.ws(which), g.bytes, sm_count, stream));
     return;
   }
   mc::SegmentGemmParams p{};
-  p.A = input.data_ptr(); p.lda = K;
-  p.W = weight.data_ptr(); p.ldw = K;
-  p.w_expert_stride = static_cast<int64_t>(N) * K; p.w_slot_stride = 0;
-  p.D = out.data_ptr(); p.ldd = N;
-  p.row_offsets = expert_offsets.data_ptr<int>();
+  p.A = e.A; p.lda = e.K;
+  p.W = e.W; p.ldw = e.K;
+  p.w_expert_stride = static_cast<int64_t>(e.N) * e.K; p.w_slot_stride = 0;
+  p.D = e.D; p.ldd = e.N;
+  p.row_offsets = e.expert_offsets;
   p.tile_prefix = expert_tile_prefix.data_ptr<int>();
-  p.nseg = static_cast<int>(d.E); p.seg_per_expert = 1; p.slot_base = 0;
+  p.nseg = e.num_experts; p.seg_per_expert = 1; p.slot_base = 0;
   p.slot_scale = nullptr; p.accumulate = false;
-  p.N = N; p.K = K;
-  p.max_rows = pairs; p.max_active_segments = static_cast<int>(d.E);
-  p.dtype = to_dtype(input.scalar_type());
+  p.N = e.N; p.K = e.K;
+  p.max_rows = static_cast<int>(d.T * d.k); p.max_active_segments = e.num_experts;
+  p.dtype = e.dtype;
   C10_CUDA_CHECK(mc::launch_segment_gemm(p, mc::SegmentGemmShape::Wide, sm_count, stream));
 }
 
@@ -207,7 +238,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int device = hidden_states.get_device();
   const int sm_count = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  const bool sm90 = use_sm90(device);
+  const mc::ScopedLaunchPolicy launch_policy(use_pdl(device));
 
   const at::Tensor x = hidden_states.contiguous();
   const at::Tensor w13c = w13.contiguous(), w2c = w2.contiguous();
@@ -257,6 +288,15 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   rp.lora_tile_capacity = static_cast<int>(lora_tile_capacity);
   C10_CUDA_CHECK(mc::launch_routing(rp, stream));
 
+  // Both base GEMMs' group tables from the expert offsets. fc2 writes into the gathered input's buffer
+  // (permuted), which is dead once fc1 and its LoRA shrink have run.
+  at::Tensor& y = permuted;
+  BaseGemms base;
+  base.sm90 = use_sm90(device);
+  base.fc1 = expert_gemm_params(permuted, w13c, gu, expert_offsets, d, 2 * I, H);
+  base.fc2 = expert_gemm_params(h, w2c, y, expert_offsets, d, H, I);
+  prepare_base_gemms(base, x.options(), sm_count, stream);
+
   // ---- 2. permute (gather rows into expert-major order) -------------------------------------------
   mc::PermuteParams pp{};
   pp.hidden = x.data_ptr(); pp.topk_ids = rp.topk_ids; pp.token_slots = rp.token_slots;
@@ -266,7 +306,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   C10_CUDA_CHECK(mc::launch_permute(pp, stream));
 
   // ---- 3-5. fc1 + LoRA ----------------------------------------------------------------------------
-  run_expert_gemm(sm90, permuted, w13c, gu, expert_offsets, expert_tile_prefix, d, 2 * I, H, sm_count, stream);
+  run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
   at::Tensor a13, b13, a2, b2;
   if (d.has_lora) {
     a13 = w13_lora_a->contiguous(); b13 = w13_lora_b->contiguous();
@@ -284,8 +324,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   C10_CUDA_CHECK(mc::launch_activation(ap, stream));
 
   // ---- 7. fc2 + LoRA, then finalize ---------------------------------------------------------------
-  at::Tensor& y = permuted;  // the gathered input is dead once fc1 and its LoRA shrink have run
-  run_expert_gemm(sm90, h, w2c, y, expert_offsets, expert_tile_prefix, d, H, I, sm_count, stream);
+  run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
   if (d.has_lora) {
     run_lora({a2, b2, w2_shared_a, w2_shared_b}, h, lora_ws, lora_ws.k_splits_fc2, y, bucket_offsets,
              lora_tile_prefix, lora_tile_segment, scalings, d, H, I, sm_count, stream);

@@ -20,6 +20,7 @@
 
 #include "cuda_utils.cuh"
 #include "lora_rows_mma.cuh"
+#include "pdl.cuh"
 #include "smem_tiles.cuh"
 #include "stages.h"
 
@@ -66,6 +67,7 @@ struct ShrinkShape {
 
 template <typename T, int RP>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(LoraShrinkParams p) {
+  pdl_begin();
   using Shape = ShrinkShape<RP>;
   constexpr int kBK = Shape::kBK, kLds = Shape::kLds, kStages = Shape::kStages;
   __shared__ alignas(128) unsigned char smem_raw[Shape::kSmemBytes];
@@ -169,6 +171,7 @@ struct ExpandShape {
 
 template <typename T, int RP>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(LoraExpandParams p) {
+  pdl_begin();
   using Shape = ExpandShape<RP>;
   constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt;
   __shared__ alignas(128) unsigned char smem_raw[Shape::kSmemBytes];
@@ -298,17 +301,17 @@ void dispatch_padded_rank(int R, F&& f) {
 }
 
 template <typename T, int RP>
-void launch_shrink_typed(const LoraShrinkParams& p, int sm_count, cudaStream_t stream) {
+cudaError_t launch_shrink_typed(const LoraShrinkParams& p, int sm_count, cudaStream_t stream) {
   const int64_t items_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * p.k_splits;
   const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
-  if (grid > 0) lora_shrink_kernel<T, RP><<<grid, kThreads, 0, stream>>>(p);
+  return grid > 0 ? launch_kernel(lora_shrink_kernel<T, RP>, grid, kThreads, 0, stream, p) : cudaSuccess;
 }
 
 template <typename T, int RP>
-void launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStream_t stream) {
+cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStream_t stream) {
   const int64_t items_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * ceil_div(p.N, p.n_range);
   const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
-  if (grid > 0) lora_expand_kernel<T, RP><<<grid, kThreads, 0, stream>>>(p);
+  return grid > 0 ? launch_kernel(lora_expand_kernel<T, RP>, grid, kThreads, 0, stream, p) : cudaSuccess;
 }
 
 }  // namespace
@@ -330,21 +333,23 @@ int lora_n_range(int N, int R, int max_rows, int max_active_segments, int sm_cou
 cudaError_t launch_lora_shrink(const LoraShrinkParams& p, int sm_count, cudaStream_t stream) {
   if (p.max_rows == 0 || p.R == 0) return cudaSuccess;
   if (p.R > kLoraMaxRank) return cudaErrorInvalidValue;
+  cudaError_t err = cudaSuccess;
   dispatch_padded_rank(p.R, [&](auto rp) {
-    if (p.dtype == DType::BF16) launch_shrink_typed<__nv_bfloat16, decltype(rp)::value>(p, sm_count, stream);
-    else launch_shrink_typed<__half, decltype(rp)::value>(p, sm_count, stream);
+    err = p.dtype == DType::BF16 ? launch_shrink_typed<__nv_bfloat16, decltype(rp)::value>(p, sm_count, stream)
+                                 : launch_shrink_typed<__half, decltype(rp)::value>(p, sm_count, stream);
   });
-  return cudaGetLastError();
+  return err;
 }
 
 cudaError_t launch_lora_expand(const LoraExpandParams& p, int sm_count, cudaStream_t stream) {
   if (p.max_rows == 0 || p.N == 0) return cudaSuccess;
   if (p.R > kLoraMaxRank) return cudaErrorInvalidValue;
+  cudaError_t err = cudaSuccess;
   dispatch_padded_rank(p.R, [&](auto rp) {
-    if (p.dtype == DType::BF16) launch_expand_typed<__nv_bfloat16, decltype(rp)::value>(p, sm_count, stream);
-    else launch_expand_typed<__half, decltype(rp)::value>(p, sm_count, stream);
+    err = p.dtype == DType::BF16 ? launch_expand_typed<__nv_bfloat16, decltype(rp)::value>(p, sm_count, stream)
+                                 : launch_expand_typed<__half, decltype(rp)::value>(p, sm_count, stream);
   });
-  return cudaGetLastError();
+  return err;
 }
 
 }  // namespace moelora::cuda

@@ -1,6 +1,7 @@
 // Permute: place every routed pair at its sorted row and copy its token's hidden row there, so the
 // grouped GEMMs read contiguous expert-major rows. One warp per pair, 16-byte accesses.
 #include "cuda_utils.cuh"
+#include "pdl.cuh"
 #include "routing.cuh"
 #include "stages.h"
 
@@ -11,6 +12,7 @@ constexpr int kWarpsPerBlock = 8;
 
 template <typename T>
 __global__ void permute_kernel(PermuteParams p) {
+  pdl_begin();
   const int pair = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (pair >= p.T * p.k) return;
@@ -29,11 +31,8 @@ cudaError_t launch_permute(const PermuteParams& p, cudaStream_t stream) {
   const int pairs = p.T * p.k;
   if (pairs == 0) return cudaSuccess;
   const int blocks = ceil_div(pairs, kWarpsPerBlock);
-  if (p.dtype == DType::BF16)
-    permute_kernel<__nv_bfloat16><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(p);
-  else
-    permute_kernel<__half><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(p);
-  return cudaGetLastError();
+  if (p.dtype == DType::BF16) return launch_kernel(permute_kernel<__nv_bfloat16>, blocks, kWarpsPerBlock * 32, 0, stream, p);
+  return launch_kernel(permute_kernel<__half>, blocks, kWarpsPerBlock * 32, 0, stream, p);
 }
 
 }  // namespace moelora::cuda

@@ -1,9 +1,11 @@
 // Routing on the device: count the (token, expert) pairs per (expert, adapter-slot) bucket, then one
 // block turns the counts into offsets and tile prefixes. No host sync: every size the host needs is an
-// upper bound known from the shapes (T * k rows).
+// upper bound known from the shapes (T * k rows). Small problems (decode) run as a single one-block
+// kernel that counts in shared memory; larger ones as memset + count kernel + plan kernel.
 #include <cub/block/block_scan.cuh>
 
 #include "cuda_utils.cuh"
+#include "pdl.cuh"
 #include "routing.cuh"
 #include "stages.h"
 
@@ -14,6 +16,7 @@ namespace {
 // never changes the math (every row of a GEMM is computed the same way wherever it sits), so the
 // output stays deterministic.
 __global__ void count_pairs_kernel(RoutingParams p) {
+  pdl_begin();
   const int pair = blockIdx.x * blockDim.x + threadIdx.x;
   if (pair >= p.T * p.k) return;
   const int bucket = pair_bucket(p.topk_ids, p.token_slots, pair, p.k, p.E, p.S);
@@ -42,11 +45,10 @@ __device__ void block_prefix_sum(int n, ValueOf value, int* out, PlanScan::TempS
   __syncthreads();  // tmp is reused by the next scan; out is read by the next one
 }
 
-__global__ void __launch_bounds__(kPlanThreads) plan_kernel(RoutingParams p) {
-  __shared__ PlanScan::TempStorage tmp;
+// Offsets and tile tables from the bucket counts (global or shared memory), by the whole block.
+__device__ void plan_from_counts(const RoutingParams& p, const int* counts, PlanScan::TempStorage& tmp) {
   const int per_expert = p.S + 1;
   const int nbuckets = p.E * per_expert;
-  const int* counts = p.bucket_counts;
 
   block_prefix_sum(nbuckets, [&](int b) { return counts[b]; }, p.bucket_offsets, tmp);
   for (int e = threadIdx.x; e <= p.E; e += blockDim.x) p.expert_offsets[e] = p.bucket_offsets[e * per_expert];
@@ -69,18 +71,43 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(RoutingParams p) {
   }
 }
 
+__global__ void __launch_bounds__(kPlanThreads) plan_kernel(RoutingParams p) {
+  pdl_begin();
+  __shared__ PlanScan::TempStorage tmp;
+  plan_from_counts(p, p.bucket_counts, tmp);
+}
+
+// Decode-sized routing in one launch: no memset, no count kernel. The pair ranks come from shared-memory
+// atomics (their order is arbitrary, as in count_pairs_kernel; it never changes the math).
+__global__ void __launch_bounds__(kPlanThreads) routing_one_block_kernel(RoutingParams p) {
+  pdl_begin();
+  __shared__ PlanScan::TempStorage tmp;
+  __shared__ int counts[kOneBlockMaxBuckets];
+  const int nbuckets = p.E * (p.S + 1);
+  for (int b = threadIdx.x; b < nbuckets; b += blockDim.x) counts[b] = 0;
+  __syncthreads();
+  for (int pair = threadIdx.x; pair < p.T * p.k; pair += blockDim.x) {
+    const int bucket = pair_bucket(p.topk_ids, p.token_slots, pair, p.k, p.E, p.S);
+    p.pair_rank[pair] = bucket < 0 ? -1 : atomicAdd(&counts[bucket], 1);
+  }
+  __syncthreads();
+  plan_from_counts(p, counts, tmp);
+}
+
 }  // namespace
 
 cudaError_t launch_routing(const RoutingParams& p, cudaStream_t stream) {
   const int pairs = p.T * p.k;
   const size_t nbuckets = static_cast<size_t>(p.E) * (p.S + 1);
+  if (routing_fits_one_block(pairs, static_cast<int64_t>(nbuckets)))
+    return launch_kernel(routing_one_block_kernel, 1, kPlanThreads, 0, stream, p);
   cudaError_t err = cudaMemsetAsync(p.bucket_counts, 0, nbuckets * sizeof(int), stream);
   if (err != cudaSuccess) return err;
   if (pairs > 0) {
-    count_pairs_kernel<<<ceil_div(pairs, 256), 256, 0, stream>>>(p);
+    err = launch_kernel(count_pairs_kernel, ceil_div(pairs, 256), 256, 0, stream, p);
+    if (err != cudaSuccess) return err;
   }
-  plan_kernel<<<1, kPlanThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(plan_kernel, 1, kPlanThreads, 0, stream, p);
 }
 
 }  // namespace moelora::cuda

@@ -7,6 +7,7 @@
 #include <mma.h>
 
 #include "cuda_utils.cuh"
+#include "pdl.cuh"
 #include "smem_tiles.cuh"
 #include "stages.h"
 
@@ -37,6 +38,7 @@ struct TileShape {
 template <typename T, int BM, int BN, int BK, int STAGES, int WARPS_M, int WARPS_N>
 __global__ void __launch_bounds__(TileShape<BM, BN, BK, STAGES, WARPS_M, WARPS_N>::kThreads)
     segment_gemm_kernel(SegmentGemmParams p) {
+  pdl_begin();
   using Shape = TileShape<BM, BN, BK, STAGES, WARPS_M, WARPS_N>;
   constexpr int kThreads = Shape::kThreads;
   constexpr int kLds = Shape::kLds;
@@ -156,22 +158,23 @@ __global__ void __launch_bounds__(TileShape<BM, BN, BK, STAGES, WARPS_M, WARPS_N
 }
 
 template <typename T, int BM, int BN, int BK, int STAGES, int WARPS_M, int WARPS_N>
-void launch_shape(const SegmentGemmParams& p, int sm_count, int blocks_per_sm, cudaStream_t stream) {
+cudaError_t launch_shape(const SegmentGemmParams& p, int sm_count, int blocks_per_sm, cudaStream_t stream) {
   static_assert(BM == kTileRows, "m-tiles are routing's kTileRows-row tiles");
   const int n_tiles = ceil_div(p.N, BN);
   const int64_t tiles_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * n_tiles;
   const int grid = static_cast<int>(std::min<int64_t>(tiles_ub, static_cast<int64_t>(sm_count) * blocks_per_sm));
-  if (grid <= 0) return;
+  if (grid <= 0) return cudaSuccess;
   using Shape = TileShape<BM, BN, BK, STAGES, WARPS_M, WARPS_N>;
-  segment_gemm_kernel<T, BM, BN, BK, STAGES, WARPS_M, WARPS_N><<<grid, Shape::kThreads, 0, stream>>>(p);
+  return launch_kernel(segment_gemm_kernel<T, BM, BN, BK, STAGES, WARPS_M, WARPS_N>, grid, Shape::kThreads, 0,
+                       stream, p);
 }
 
 template <typename T>
-void launch_typed(const SegmentGemmParams& p, SegmentGemmShape shape, int sm_count, cudaStream_t stream) {
+cudaError_t launch_typed(const SegmentGemmParams& p, SegmentGemmShape shape, int sm_count, cudaStream_t stream) {
   if (shape == SegmentGemmShape::Wide)  // base GEMM / expand: wide N, short K (expand: K = rank)
-    launch_shape<T, kTileRows, 128, 32, 2, 2, 4>(p, sm_count, 2, stream);  // 8 warps, 32x32 per warp
-  else  // shrink: N = rank (narrow), long K: deeper pipeline keeps more of A and W in flight
-    launch_shape<T, kTileRows, 32, 64, 3, 4, 1>(p, sm_count, 3, stream);   // 4 warps, 16x32 per warp (3/SM: registers)
+    return launch_shape<T, kTileRows, 128, 32, 2, 2, 4>(p, sm_count, 2, stream);  // 8 warps, 32x32 per warp
+  // shrink: N = rank (narrow), long K: deeper pipeline keeps more of A and W in flight
+  return launch_shape<T, kTileRows, 32, 64, 3, 4, 1>(p, sm_count, 3, stream);  // 4 warps, 16x32 per warp (3/SM: registers)
 }
 
 }  // namespace
@@ -179,11 +182,8 @@ void launch_typed(const SegmentGemmParams& p, SegmentGemmShape shape, int sm_cou
 cudaError_t launch_segment_gemm(const SegmentGemmParams& p, SegmentGemmShape shape, int sm_count,
                                 cudaStream_t stream) {
   if (p.max_rows == 0 || p.N == 0) return cudaSuccess;
-  if (p.dtype == DType::BF16)
-    launch_typed<__nv_bfloat16>(p, shape, sm_count, stream);
-  else
-    launch_typed<__half>(p, shape, sm_count, stream);
-  return cudaGetLastError();
+  return p.dtype == DType::BF16 ? launch_typed<__nv_bfloat16>(p, shape, sm_count, stream)
+                                : launch_typed<__half>(p, shape, sm_count, stream);
 }
 
 }  // namespace moelora::cuda

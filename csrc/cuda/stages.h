@@ -36,6 +36,13 @@ struct RoutingParams {
   int* lora_tile_segment;   // [lora_tile_capacity] out (only when S > 0): bucket of each LoRA m-tile
   int lora_tile_capacity;   // segment_tiles_upper_bound(T * k, E * S)
 };
+// Decode-sized problems run as one one-block kernel counting in shared memory (bucket_counts unused);
+// larger ones as memset + count kernel + plan kernel.
+constexpr int kOneBlockMaxPairs = 4096;
+constexpr int kOneBlockMaxBuckets = 8192;  // 32 KB of shared-memory counters
+inline bool routing_fits_one_block(int pairs, int64_t nbuckets) {
+  return pairs <= kOneBlockMaxPairs && nbuckets <= kOneBlockMaxBuckets;
+}
 cudaError_t launch_routing(const RoutingParams& p, cudaStream_t stream);
 
 // ---- permute.cu: sorted-row map and the gather of hidden rows into expert-major order ---------------
