@@ -79,10 +79,10 @@ def poison_allocator(nbytes=1 << 28):
     torch.empty(nbytes // 8, dtype=torch.bfloat16, device="cuda").fill_(float("nan"))
 
 
-def check(args, dtype):
+def check(args, dtype, **kwargs):
     poison_allocator()
-    out = moelora_ext.fused_moe(**args)
-    ref = fused_moe_reference(**args)
+    out = moelora_ext.fused_moe(**args, **kwargs)
+    ref = fused_moe_reference(**args, **kwargs)
     assert out.dtype == dtype and out.shape == ref.shape
     err = rel_err(out, ref)
     assert err < TOL[dtype], f"relative error {err:.3e} over {TOL[dtype]:.1e}"
@@ -159,6 +159,41 @@ def test_lora_row_paths_agree(shape, dtype, monkeypatch):
     assert rel_err(outs[None], outs["0"]) < TOL[dtype] / 2
 
 
+DECODE_SHAPES = [
+    # T, H,    I,    E,  k, S, R
+    (1, 256, 128, 8, 2, 4, 16),
+    (8, 200, 72, 16, 4, 3, 8),      # T = kDecodeMaxTokens; 200 / 72 are not multiples of a CTA's 32 / 16 columns
+    (3, 2880, 2880, 4, 2, 2, 16),   # gpt-oss sizes
+    (5, 512, 256, 64, 8, 0, 0),     # no LoRA
+    (2, 4096, 1024, 8, 2, 2, 128),  # long K, rank 128
+]
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "T{}_H{}_I{}_E{}_S{}_R{}".format(*s[:4], *s[5:]))
+def test_decode_gemv_matches_gemm_path(shape, dtype, activation, gemm_path, monkeypatch):
+    """T <= 8 runs the base GEMMs as expert_gemv.cu (fc1 with the gated activation fused, the LoRA delta
+    written first and added in the GEMV's epilogue); MOELORA_DECODE_GEMV=0 runs the grouped-GEMM path. Both
+    match the reference and each other to the dtype's rounding."""
+    T, H, I, E, k, S, R = shape
+    args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=40 + T)
+    monkeypatch.delenv("MOELORA_DECODE_GEMV", raising=False)
+    decode = check(args, dtype, activation=activation)
+    monkeypatch.setenv("MOELORA_DECODE_GEMV", "0")
+    gemm = check(args, dtype, activation=activation)
+    assert rel_err(decode, gemm) < TOL[dtype] / 2
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_decode_gemv_repeated_expert_ids(lora, gemm_path):
+    """A token may name an expert more than once, so at T <= 8 an expert can still hold many rows: all 128
+    pairs of 8 tokens x k = 16 in one expert (two 64-row tiles, eight 8-row groups each)."""
+    args = make_case(8, 256, 128, 16, 16, 4 if lora else 0, 16 if lora else 0, seed=45, invalid_ids=False)
+    args["topk_ids"].fill_(3)
+    check(args, torch.bfloat16)
+
+
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 def test_activation_and_no_lora(activation, gemm_path):
     args = make_case(96, 256, 128, 8, 2, dtype=torch.bfloat16, seed=3)
@@ -218,14 +253,15 @@ def test_routing_paths_match_reference(pairs_side, gemm_path):
     check(make_case(T, 128, 64, 16, 4, 6, 16, seed=30), torch.bfloat16)
 
 
+@pytest.mark.parametrize("T", [4, 40])  # decode GEMV path / grouped-GEMM path
 @pytest.mark.parametrize("lora", [False, True])
-def test_pdl_on_and_off_identical(lora, gemm_path, monkeypatch):
+def test_pdl_on_and_off_identical(lora, T, gemm_path, monkeypatch):
     """Programmatic dependent launch changes when kernels start, never what they compute: MOELORA_PDL=0
-    (plain launches) and the default give the same bits, eagerly and from a captured graph."""
-    args = make_case(40, 256, 128, 16, 4, 4 if lora else 0, 16 if lora else 0, seed=31)
+    (plain launches) and MOELORA_PDL=1 give the same bits, eagerly and from a captured graph."""
+    args = make_case(T, 256, 128, 16, 4, 4 if lora else 0, 16 if lora else 0, seed=31)
     monkeypatch.setenv("MOELORA_PDL", "0")
     plain = moelora_ext.fused_moe(**args)
-    monkeypatch.delenv("MOELORA_PDL")
+    monkeypatch.setenv("MOELORA_PDL", "1")
     poison_allocator()
     assert torch.equal(moelora_ext.fused_moe(**args), plain)
     assert rel_err(plain, fused_moe_reference(**args)) < TOL[torch.bfloat16]

@@ -1,14 +1,12 @@
 // Gated activation between fc1 and fc2: h = act(gate) * up, with gate = gu[:, :I], up = gu[:, I:].
 // SiLU gives SwiGLU, exact (erf) GELU gives GeGLU. fp32 math, 16-byte accesses (I % 8 == 0).
+#include "activation.cuh"
 #include "cuda_utils.cuh"
 #include "pdl.cuh"
 #include "stages.h"
 
 namespace moelora::cuda {
 namespace {
-
-__device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); }
-__device__ __forceinline__ float gelu(float g) { return 0.5f * g * (1.f + erff(g * 0.70710678118654752f)); }
 
 template <typename T, ActivationKind kKind>
 __global__ void gated_activation_kernel(ActivationParams p) {
@@ -27,7 +25,7 @@ __global__ void gated_activation_kernel(ActivationParams p) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const float g = to_float(gate.v[i]);
-      const float a = kKind == ActivationKind::Silu ? silu(g) : gelu(g);
+      const float a = gate_activation<kKind>(g);
       out.v[i] = from_float<T>(a * to_float(up.v[i]));
     }
     h[v] = out;

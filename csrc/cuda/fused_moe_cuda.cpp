@@ -44,12 +44,21 @@ bool use_sm90(int device) {
          !env_flag("MOELORA_PORTABLE");
 }
 
-// Programmatic dependent launch between our kernels (launch_policy.h) on Hopper and later, unless
-// MOELORA_PDL=0 (kept for comparison and as an escape hatch).
-bool use_pdl(int device) {
+// Decode sizes (T <= kDecodeMaxTokens) run the base GEMMs as expert_gemv.cu (the fc1 one with the gated
+// activation fused) on every GPU, unless MOELORA_DECODE_GEMV=0.
+bool use_decode_gemv(const FusedMoeDims& d) {
+  const char* v = std::getenv("MOELORA_DECODE_GEMV");
+  return d.T <= mc::kDecodeMaxTokens && !(v != nullptr && std::strcmp(v, "0") == 0);
+}
+
+// Programmatic dependent launch between our kernels (launch_policy.h), Hopper and later. Default: on for
+// decode-sized calls only -- measured on the H100 (NOTES.md, v5), it trims a few µs off a chain of short
+// kernels but slowed prefill (up to +24% at mixtral T=4096). MOELORA_PDL=1 / 0 forces it on / off.
+bool use_pdl(int device, bool decode) {
+  if (device_attribute(cudaDevAttrComputeCapabilityMajor, device) < 9) return false;
   const char* v = std::getenv("MOELORA_PDL");
-  const bool off = v != nullptr && std::strcmp(v, "0") == 0;
-  return !off && device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9;
+  if (v != nullptr && v[0] != '\0') return std::strcmp(v, "0") != 0;
+  return decode;
 }
 
 // One LoRA pair (shrink with A, expand with B) on top of a base GEMM output. Segments are the routing
@@ -91,7 +100,9 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
   return ws;
 }
 
-void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, int k_splits, at::Tensor& out,
+// out (+)= scale[slot] * B @ (A @ input) per (expert, slot) segment: accumulated into the base GEMM's output,
+// or (accumulate = false) written as a delta for the decode GEMV to add.
+void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, int k_splits, bool accumulate, at::Tensor& out,
               const at::Tensor& bucket_offsets, const at::Tensor& lora_tile_prefix,
               const at::Tensor& lora_tile_segment, const at::Tensor& scalings,
               const FusedMoeDims& d, int N, int K, int sm_count, cudaStream_t stream) {
@@ -125,6 +136,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
     e.nseg = nseg; e.seg_per_expert = s.seg_per_expert; e.slot_base = -1;
     e.R = s.R; e.N = N; e.n_range = mc::lora_n_range(N, s.R, pairs, active, sm_count);
     e.max_rows = pairs; e.max_active_segments = active; e.few_rows_max = ws.few_rows_max;
+    e.accumulate = accumulate;
     e.dtype = s.dtype;
     C10_CUDA_CHECK(mc::launch_lora_expand(e, sm_count, stream));
     return;
@@ -150,13 +162,13 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
   p.N = static_cast<int>(R); p.K = K;
   C10_CUDA_CHECK(mc::launch_segment_gemm(p, mc::SegmentGemmShape::Narrow, sm_count, stream));
 
-  // Expand: out[r, :N] += scaling[slot] * B[slot, e] @ t[r].
+  // Expand: out[r, :N] (+)= scaling[slot] * B[slot, e] @ t[r].
   p.A = ws.buf.data_ptr(); p.lda = R;
   p.W = side.b.data_ptr(); p.ldw = R;
   p.w_expert_stride = side.shared_b ? 0 : static_cast<int64_t>(N) * R;
   p.w_slot_stride = side.shared_b ? static_cast<int64_t>(N) * R : d.E * N * R;
   p.D = out.data_ptr(); p.ldd = N;
-  p.slot_scale = scalings.data_ptr<float>(); p.accumulate = true;
+  p.slot_scale = scalings.data_ptr<float>(); p.accumulate = accumulate;
   p.N = N; p.K = static_cast<int>(R);
   C10_CUDA_CHECK(mc::launch_segment_gemm(p, mc::SegmentGemmShape::Wide, sm_count, stream));
 }
@@ -238,7 +250,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int device = hidden_states.get_device();
   const int sm_count = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  const mc::ScopedLaunchPolicy launch_policy(use_pdl(device));
+  const bool decode = use_decode_gemv(d);
+  const mc::ScopedLaunchPolicy launch_policy(use_pdl(device, decode));
 
   const at::Tensor x = hidden_states.contiguous();
   const at::Tensor w13c = w13.contiguous(), w2c = w2.contiguous();
@@ -288,14 +301,26 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   rp.lora_tile_capacity = static_cast<int>(lora_tile_capacity);
   C10_CUDA_CHECK(mc::launch_routing(rp, stream));
 
-  // Both base GEMMs' group tables from the expert offsets. fc2 writes into the gathered input's buffer
-  // (permuted), which is dead once fc1 and its LoRA shrink have run.
+  // Both base GEMMs' group tables from the expert offsets (not at decode sizes: expert_gemv.cu needs none).
+  // fc2 writes into the gathered input's buffer (permuted), which is dead once fc1 and its LoRA shrink
+  // have run.
   at::Tensor& y = permuted;
   BaseGemms base;
-  base.sm90 = use_sm90(device);
-  base.fc1 = expert_gemm_params(permuted, w13c, gu, expert_offsets, d, 2 * I, H);
-  base.fc2 = expert_gemm_params(h, w2c, y, expert_offsets, d, H, I);
-  prepare_base_gemms(base, x.options(), sm_count, stream);
+  if (!decode) {
+    base.sm90 = use_sm90(device);
+    base.fc1 = expert_gemm_params(permuted, w13c, gu, expert_offsets, d, 2 * I, H);
+    base.fc2 = expert_gemm_params(h, w2c, y, expert_offsets, d, H, I);
+    prepare_base_gemms(base, x.options(), sm_count, stream);
+  }
+  // Decode: the LoRA delta is written first (into gu / y) and the GEMV adds it in its epilogue.
+  mc::ExpertGemvParams gemv{};
+  gemv.expert_offsets = expert_offsets.data_ptr<int>();
+  gemv.expert_tile_prefix = expert_tile_prefix.data_ptr<int>();
+  gemv.bucket_offsets = bucket_offsets.data_ptr<int>();
+  gemv.seg_per_expert = S + 1;
+  gemv.E = E; gemv.max_rows = pairs;
+  gemv.activation = d.activation == Activation::Silu ? mc::ActivationKind::Silu : mc::ActivationKind::Gelu;
+  gemv.dtype = to_dtype(dtype);
 
   // ---- 2. permute (gather rows into expert-major order) -------------------------------------------
   mc::PermuteParams pp{};
@@ -305,29 +330,48 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   pp.pair_row = pair_row.data_ptr<int>(); pp.permuted = permuted.data_ptr(); pp.dtype = to_dtype(dtype);
   C10_CUDA_CHECK(mc::launch_permute(pp, stream));
 
-  // ---- 3-5. fc1 + LoRA ----------------------------------------------------------------------------
-  run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
+  // ---- 3-5. fc1 + LoRA, activation -----------------------------------------------------------------
   at::Tensor a13, b13, a2, b2;
   if (d.has_lora) {
     a13 = w13_lora_a->contiguous(); b13 = w13_lora_b->contiguous();
     a2 = w2_lora_a->contiguous(); b2 = w2_lora_b->contiguous();
-    run_lora({a13, b13, w13_shared_a, w13_shared_b}, permuted, lora_ws, lora_ws.k_splits_fc1, gu, bucket_offsets,
-             lora_tile_prefix, lora_tile_segment, scalings, d, 2 * I, H, sm_count, stream);
+  }
+  const LoraSide lora13{a13, b13, w13_shared_a, w13_shared_b}, lora2{a2, b2, w2_shared_a, w2_shared_b};
+  if (decode) {
+    if (d.has_lora)
+      run_lora(lora13, permuted, lora_ws, lora_ws.k_splits_fc1, /*accumulate=*/false, gu, bucket_offsets,
+               lora_tile_prefix, lora_tile_segment, scalings, d, 2 * I, H, sm_count, stream);
+    gemv.X = permuted.data_ptr(); gemv.W = w13c.data_ptr(); gemv.D = h.data_ptr();
+    gemv.addend = d.has_lora ? gu.data_ptr() : nullptr;
+    gemv.N = 2 * I; gemv.K = H; gemv.gated = true;
+    C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
+  } else {
+    run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
+    if (d.has_lora)
+      run_lora(lora13, permuted, lora_ws, lora_ws.k_splits_fc1, /*accumulate=*/true, gu, bucket_offsets,
+               lora_tile_prefix, lora_tile_segment, scalings, d, 2 * I, H, sm_count, stream);
+    mc::ActivationParams ap{};
+    ap.gu = gu.data_ptr(); ap.h = h.data_ptr(); ap.num_rows = expert_offsets.data_ptr<int>() + E;
+    ap.max_rows = pairs; ap.I = I;
+    ap.kind = gemv.activation;
+    ap.dtype = to_dtype(dtype);
+    C10_CUDA_CHECK(mc::launch_activation(ap, stream));
   }
 
-  // ---- 6. activation ------------------------------------------------------------------------------
-  mc::ActivationParams ap{};
-  ap.gu = gu.data_ptr(); ap.h = h.data_ptr(); ap.num_rows = expert_offsets.data_ptr<int>() + E;
-  ap.max_rows = pairs; ap.I = I;
-  ap.kind = d.activation == Activation::Silu ? mc::ActivationKind::Silu : mc::ActivationKind::Gelu;
-  ap.dtype = to_dtype(dtype);
-  C10_CUDA_CHECK(mc::launch_activation(ap, stream));
-
-  // ---- 7. fc2 + LoRA, then finalize ---------------------------------------------------------------
-  run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
-  if (d.has_lora) {
-    run_lora({a2, b2, w2_shared_a, w2_shared_b}, h, lora_ws, lora_ws.k_splits_fc2, y, bucket_offsets,
-             lora_tile_prefix, lora_tile_segment, scalings, d, H, I, sm_count, stream);
+  // ---- 6-7. fc2 + LoRA, then finalize -------------------------------------------------------------
+  if (decode) {
+    if (d.has_lora)
+      run_lora(lora2, h, lora_ws, lora_ws.k_splits_fc2, /*accumulate=*/false, y, bucket_offsets, lora_tile_prefix,
+               lora_tile_segment, scalings, d, H, I, sm_count, stream);
+    gemv.X = h.data_ptr(); gemv.W = w2c.data_ptr(); gemv.D = y.data_ptr();
+    gemv.addend = d.has_lora ? y.data_ptr() : nullptr;  // in place: each element is read, then written, by one thread
+    gemv.N = H; gemv.K = I; gemv.gated = false;
+    C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
+  } else {
+    run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
+    if (d.has_lora)
+      run_lora(lora2, h, lora_ws, lora_ws.k_splits_fc2, /*accumulate=*/true, y, bucket_offsets, lora_tile_prefix,
+               lora_tile_segment, scalings, d, H, I, sm_count, stream);
   }
   mc::FinalizeParams fp{};
   fp.y = y.data_ptr(); fp.pair_row = pp.pair_row; fp.topk_weights = weights.data_ptr<float>();

@@ -9,72 +9,26 @@
 // load is coalesced, and one m16n8k16 mma covers 16 adapter rows x 8 token rows, so few instructions are
 // spent per byte of adapter weight.
 //
-// K order: dot products do not depend on the order of k, so each lane loads 8 consecutive k (16 bytes)
-// and the mma sees them as its k = {2q, 2q+1, 8+2q, 9+2q} of two consecutive k16 steps; A and B fragments
-// use the same mapping. Numerics as the 64-row path: fp32 accumulation, t rounded to the activation dtype
-// before the expand, D = round(alpha * acc + D); summation orders are fixed by the shapes (deterministic).
+// K order: see mma_operands.cuh (each lane loads 8 consecutive k; A and B fragments use the same mapping).
+// Numerics as the 64-row path: fp32 accumulation, t rounded to the activation dtype
+// before the expand, D = round(alpha * acc + D) (D = round(alpha * acc) when the expand writes a delta instead of
+// accumulating: the decode GEMV adds it); summation orders are fixed by the shapes (deterministic).
 #pragma once
 #include <cstdint>
 #include <type_traits>
 
 #include "cuda_utils.cuh"
+#include "mma_operands.cuh"
 #include "stages.h"
 
 namespace moelora::cuda::lora_few_rows {
 
 constexpr int kRowGroup = 8;  // token rows per mma (the N of m16n8k16); larger tiles loop over row groups
 
-// c += a (16x16, row) * b (16x8, col), fp32 accumulate.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-}
-
-// Two 16-bit elements in one register, the first in the low half (the mma fragment order).
-__device__ __forceinline__ uint32_t pack2(__nv_bfloat16 lo, __nv_bfloat16 hi) {
-  return static_cast<uint32_t>(__bfloat16_as_ushort(lo)) | (static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16);
-}
-__device__ __forceinline__ uint32_t pack2(__half lo, __half hi) {
-  return static_cast<uint32_t>(__half_as_ushort(lo)) | (static_cast<uint32_t>(__half_as_ushort(hi)) << 16);
-}
-
-// V consecutive 16-bit elements (V = 4 or 8) as V/2 packed registers: one 8/16-byte load when `vec`
-// and all are valid, else `valid` scalar loads and zeros.
-template <typename T, int V>
-struct Pack {
-  uint32_t w[V / 2];
-};
-template <typename T, int V>
-__device__ __forceinline__ Pack<T, V> load_pack(const T* src, bool vec, int valid) {
-  Pack<T, V> p;
-  if (vec && valid == V) {
-    if constexpr (V == 8) {
-      const uint4 v = *reinterpret_cast<const uint4*>(src);
-      p.w[0] = v.x; p.w[1] = v.y; p.w[2] = v.z; p.w[3] = v.w;
-    } else {
-      const uint2 v = *reinterpret_cast<const uint2*>(src);
-      p.w[0] = v.x; p.w[1] = v.y;
-    }
-    return p;
-  }
-  T e[V];
-#pragma unroll
-  for (int i = 0; i < V; ++i) e[i] = i < valid ? src[i] : from_float<T>(0.f);
-#pragma unroll
-  for (int i = 0; i < V / 2; ++i) p.w[i] = pack2(e[2 * i], e[2 * i + 1]);
-  return p;
-}
+using mma_operands::load_pack;
+using mma_operands::mma_16816;
+using mma_operands::Pack;
+using mma_operands::pack2;
 
 // Rows per pass: one or two 8-row groups (NG); two share every adapter load between two mmas, for ranks
 // where the registers allow it (RP <= 32). Tiles above 16 rows loop over passes.
@@ -175,14 +129,14 @@ __device__ void shrink_tile(const T* __restrict__ X, int64_t ldx, const T* __res
 }
 
 // ---- expand --------------------------------------------------------------------------------------------
-// D[row0 + r, n] = round(alpha * sum_j t[r, j] * B[n, j] + D[row0 + r, n]) for n in [n_begin, n_end) and
-// r < rows (<= 8 NG), with t[r] = round(sum over ks of partial[ks, row0 + r]) in ks order. mma: M = 16
+// D[row0 + r, n] = round(alpha * sum_j t[r, j] * B[n, j] + D[row0 + r, n]) (without the "+ D" when not
+// `accumulate`) for n in [n_begin, n_end) and r < rows (<= 8 NG), with t[r] = round(sum over ks of partial[ks, row0 + r]) in ks order. mma: M = 16
 // columns n (rows of B), N = 8 token rows, K = rank. Warp w takes the 16-column blocks w, w + kWarps, ...,
 // U at a time, issuing their B and D loads before the mmas. `t_smem` is 16 * RP floats of shared memory.
 template <typename T, int RP, int kWarps, int NG>
 __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int64_t split_stride,
-                            const T* __restrict__ B, int R, bool vec_b, T* D, int64_t ldd, float alpha, int row0,
-                            int rows, int n_begin, int n_end, float* t_smem) {
+                            const T* __restrict__ B, int R, bool vec_b, T* D, int64_t ldd, float alpha,
+                            bool accumulate, int row0, int rows, int n_begin, int n_end, float* t_smem) {
   constexpr int V = RP >= 32 ? 8 : 4;  // rank elements per lane per load: 4 lanes x V = one 4V-wide slice
   constexpr int NL = RP / (4 * V);     // loads per B row
   // Column blocks in flight per warp: ~24-32 registers of B and D loads.
@@ -234,7 +188,8 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const int r = 8 * ng + 2 * q + i;
-            d[u][ng][2 * h + i] = n_ok && r < rows ? to_float(D[static_cast<int64_t>(row0 + r) * ldd + n]) : 0.f;
+            d[u][ng][2 * h + i] =
+                accumulate && n_ok && r < rows ? to_float(D[static_cast<int64_t>(row0 + r) * ldd + n]) : 0.f;
           }
       }
     }
@@ -269,20 +224,20 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
 
 template <typename T, int RP, int kWarps>
 __device__ void expand_tile(const float* __restrict__ partial, int k_splits, int64_t split_stride,
-                            const T* __restrict__ B, int R, bool vec_b, T* D, int64_t ldd, float alpha, int row0,
-                            int rows, int n_begin, int n_end, float* t_smem) {
+                            const T* __restrict__ B, int R, bool vec_b, T* D, int64_t ldd, float alpha,
+                            bool accumulate, int row0, int rows, int n_begin, int n_end, float* t_smem) {
   for (int g0 = 0; g0 < rows;) {
     const int left = rows - g0;
     if constexpr (kRowPairs<RP>) {
       if (left > kRowGroup) {
-        expand_pass<T, RP, kWarps, 2>(partial, k_splits, split_stride, B, R, vec_b, D, ldd, alpha, row0 + g0,
-                                      min(left, 2 * kRowGroup), n_begin, n_end, t_smem);
+        expand_pass<T, RP, kWarps, 2>(partial, k_splits, split_stride, B, R, vec_b, D, ldd, alpha, accumulate,
+                                      row0 + g0, min(left, 2 * kRowGroup), n_begin, n_end, t_smem);
         g0 += 2 * kRowGroup;
         continue;
       }
     }
-    expand_pass<T, RP, kWarps, 1>(partial, k_splits, split_stride, B, R, vec_b, D, ldd, alpha, row0 + g0,
-                                  min(left, kRowGroup), n_begin, n_end, t_smem);
+    expand_pass<T, RP, kWarps, 1>(partial, k_splits, split_stride, B, R, vec_b, D, ldd, alpha, accumulate,
+                                  row0 + g0, min(left, kRowGroup), n_begin, n_end, t_smem);
     g0 += kRowGroup;
   }
 }
