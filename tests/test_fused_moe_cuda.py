@@ -162,10 +162,11 @@ def test_lora_row_paths_agree(shape, dtype, monkeypatch):
 DECODE_SHAPES = [
     # T, H,    I,    E,  k, S, R
     (1, 256, 128, 8, 2, 4, 16),
-    (8, 200, 72, 16, 4, 3, 8),      # T = kDecodeMaxTokens; 200 / 72 are not multiples of a CTA's 32 / 16 columns
+    (4, 200, 72, 16, 4, 3, 8),      # T = kDecodeMaxTokens; 200 / 72 are not multiples of a CTA's 32 / 16 columns
     (3, 2880, 2880, 4, 2, 2, 16),   # gpt-oss sizes
-    (5, 512, 256, 64, 8, 0, 0),     # no LoRA
+    (2, 512, 256, 64, 8, 0, 0),     # no LoRA
     (2, 4096, 1024, 8, 2, 2, 128),  # long K, rank 128
+    (1, 128, 64, 4, 2, 2, 5),       # rank not a multiple of 8
 ]
 
 
@@ -173,9 +174,9 @@ DECODE_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "T{}_H{}_I{}_E{}_S{}_R{}".format(*s[:4], *s[5:]))
 def test_decode_gemv_matches_gemm_path(shape, dtype, activation, gemm_path, monkeypatch):
-    """T <= 8 runs the base GEMMs as expert_gemv.cu (fc1 with the gated activation fused, the LoRA delta
-    written first and added in the GEMV's epilogue); MOELORA_DECODE_GEMV=0 runs the grouped-GEMM path. Both
-    match the reference and each other to the dtype's rounding."""
+    """T <= 4 runs the base GEMMs as expert_gemv.cu (fc1 with the gated activation fused, the LoRA expand in
+    the GEMV's epilogue); MOELORA_DECODE_GEMV=0 runs the grouped-GEMM path. Both match the reference and
+    each other to the dtype's rounding."""
     T, H, I, E, k, S, R = shape
     args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=40 + T)
     monkeypatch.delenv("MOELORA_DECODE_GEMV", raising=False)
@@ -187,11 +188,23 @@ def test_decode_gemv_matches_gemm_path(shape, dtype, activation, gemm_path, monk
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_decode_gemv_repeated_expert_ids(lora, gemm_path):
-    """A token may name an expert more than once, so at T <= 8 an expert can still hold many rows: all 128
-    pairs of 8 tokens x k = 16 in one expert (two 64-row tiles, eight 8-row groups each)."""
-    args = make_case(8, 256, 128, 16, 16, 4 if lora else 0, 16 if lora else 0, seed=45, invalid_ids=False)
+    """A token may name an expert more than once, so at T <= 4 an expert can still hold many rows: all 128
+    pairs of 4 tokens x k = 32 in one expert (two 64-row tiles, eight 8-row groups each)."""
+    args = make_case(4, 256, 128, 32, 32, 4 if lora else 0, 16 if lora else 0, seed=45, invalid_ids=False)
     args["topk_ids"].fill_(3)
     check(args, torch.bfloat16)
+
+
+@pytest.mark.parametrize("flags", [(True, True, True, True), (False, True, False, True)])
+def test_decode_gemv_shared_outer_bit_identical(flags, gemm_path):
+    """The GEMV's fused expand skips the expert offset of a shared B exactly as the expand kernel does."""
+    shared = make_case(3, 256, 128, 8, 4, 4, 16, seed=46, shared=flags)
+    replicated = dict(shared)
+    for name, flag in zip(["w13_lora_a", "w13_lora_b", "w2_lora_a", "w2_lora_b"], flags):
+        if flag:
+            replicated[name] = shared[name].unsqueeze(1).expand(-1, 8, -1, -1).contiguous()
+    replicated.update(w13_shared_a=False, w13_shared_b=False, w2_shared_a=False, w2_shared_b=False)
+    assert torch.equal(check(shared, torch.bfloat16), moelora_ext.fused_moe(**replicated))
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])

@@ -6,9 +6,8 @@
 // (2 experts x 4096 rows) only 64 CTAs for 117 MB -- per-tile setup and too few CTAs streaming, ~2x the
 // memory floor at qwen3 / gpt-oss T=1. Here every CTA streams 32 weight rows x K with four warps splitting K,
 // several 16-byte loads per lane in flight, so ~400-2700 CTAs keep HBM busy; the gated fc1 epilogue applies
-// SwiGLU / GeGLU directly (no gu round trip, no activation kernel).
-#include <climits>
-
+// SwiGLU / GeGLU directly (no gu round trip, no activation kernel), and the LoRA expand (rank R x the CTA's
+// columns, a few KB of B) happens in the epilogue too (no expand kernels, no read-modify-write).
 #include "activation.cuh"
 #include "cuda_utils.cuh"
 #include "mma_operands.cuh"
@@ -39,6 +38,8 @@ template <typename T, bool kGated, ActivationKind kAct>
 __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvParams p) {
   pdl_begin();
   __shared__ float red[kWarps][2][16][kRowGroup];  // per warp: two 16-row weight blocks x 8 token rows
+  __shared__ float t_s[kRowGroup][kLoraMaxRank];    // LoRA: the row group's shrink output, rounded
+  __shared__ int slot_s[kRowGroup];                 // LoRA: each row's adapter slot (-1: none)
 
   const int col_blocks = column_blocks<kGated>(p.N);
   const int tile = blockIdx.x / col_blocks, cb = blockIdx.x % col_blocks;
@@ -62,14 +63,14 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
 
   const T* X = static_cast<const T*>(p.X);
   const T* W = static_cast<const T*>(p.W) + static_cast<int64_t>(e) * p.N * p.K;
-  const T* addend = static_cast<const T*>(p.addend);
   T* D = static_cast<T*>(p.D);
   const bool vec = p.K % 8 == 0 && reinterpret_cast<uintptr_t>(X) % 16 == 0 && reinterpret_cast<uintptr_t>(W) % 16 == 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, q = lane % 4;
   const int nkb = ceil_div(p.K, 32);
-  // Rows from here to the expert's end have an adapter (their LoRA delta is in `addend`).
-  const int lora_row0 = addend != nullptr ? p.bucket_offsets[e * p.seg_per_expert + 1] : INT_MAX;
+  const bool lora = p.lora_partial != nullptr;
+  const int bucket0 = e * p.seg_per_expert;  // the expert's slot -1 bucket; slot s is bucket0 + 1 + s
+  const T* lora_b = lora ? static_cast<const T*>(p.lora_B) + e * p.b_expert_stride : nullptr;
 
   const T* wrow[2][2];  // [block][h]: weight row g + 8h of the block (clamped; invalid rows load zeros)
   bool wvalid[2][2];
@@ -118,13 +119,39 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
       red[warp][jb][g + 8][2 * q] = c[jb][2];
       red[warp][jb][g + 8][2 * q + 1] = c[jb][3];
     }
+    if (lora) {  // each row's slot, and t = sum of the split-K partials in ks order, rounded as in lora_gemm.cu
+      if (threadIdx.x < kRowGroup) {
+        int slot = -1;
+        const int row = row0 + threadIdx.x;
+        if (static_cast<int>(threadIdx.x) < rows) {
+          for (int s = 0; s + 1 < p.seg_per_expert; ++s)
+            if (row >= p.bucket_offsets[bucket0 + 1 + s] && row < p.bucket_offsets[bucket0 + 2 + s]) slot = s;
+        }
+        slot_s[threadIdx.x] = slot;
+      }
+      for (int i = threadIdx.x; i < rows * p.R; i += kThreads) {
+        const int r = i / p.R, j = i % p.R;
+        const float* src = p.lora_partial + static_cast<int64_t>(row0 + r) * p.R + j;
+        float v = 0.f;
+        for (int ks = 0; ks < p.lora_k_splits; ++ks) v += src[static_cast<int64_t>(ks) * p.max_rows * p.R];
+        t_s[r][j] = to_float(from_float<T>(v));
+      }
+    }
     __syncthreads();
 
-    // Sum of the warps in warp order (deterministic), then the epilogue.
+    // Sum of the warps in warp order (deterministic), plus the row's LoRA delta, then the epilogue.
     auto total = [&](int jb, int j, int r) {
       float v = 0.f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) v += red[w][jb][j][r];
+      if (lora && slot_s[r] >= 0) {
+        const int slot = slot_s[r];
+        const T* b = lora_b + slot * p.b_slot_stride + static_cast<int64_t>(wrow0[jb] + j) * p.R;
+        float delta = 0.f;
+#pragma unroll 8
+        for (int i = 0; i < p.R; ++i) delta += t_s[r][i] * to_float(b[i]);
+        v += p.slot_scale[slot] * delta;
+      }
       return v;
     };
     if constexpr (kGated) {
@@ -132,10 +159,6 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
       if (r < rows && j < wrows[0]) {
         const int row = row0 + r;
         float gate = total(0, j, r), up = total(1, j, r);
-        if (row >= lora_row0) {
-          gate += to_float(addend[static_cast<int64_t>(row) * p.N + wrow0[0] + j]);
-          up += to_float(addend[static_cast<int64_t>(row) * p.N + wrow0[1] + j]);
-        }
         gate = to_float(from_float<T>(gate));  // gu is rounded to the activation dtype, as on the GEMM path
         up = to_float(from_float<T>(up));
         D[static_cast<int64_t>(row) * half + wrow0[0] + j] = from_float<T>(gate_activation<kAct>(gate) * up);
@@ -145,9 +168,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
         const int jb = (o % 32) / 16, j = o % 16, r = o / 32;
         if (r >= rows || j >= wrows[jb]) continue;
         const int row = row0 + r, col = wrow0[jb] + j;
-        float v = total(jb, j, r);
-        if (row >= lora_row0) v += to_float(addend[static_cast<int64_t>(row) * p.N + col]);
-        D[static_cast<int64_t>(row) * p.N + col] = from_float<T>(v);
+        D[static_cast<int64_t>(row) * p.N + col] = from_float<T>(total(jb, j, r));
       }
     }
     __syncthreads();  // red is rewritten by the next row group
@@ -173,7 +194,8 @@ cudaError_t launch_typed(const ExpertGemvParams& p, cudaStream_t stream) {
 
 cudaError_t launch_expert_gemv(const ExpertGemvParams& p, cudaStream_t stream) {
   if (p.max_rows == 0 || p.N == 0) return cudaSuccess;
-  if (p.gated && p.N % 2 != 0) return cudaErrorInvalidValue;
+  if ((p.gated && p.N % 2 != 0) || (p.lora_partial != nullptr && (p.R <= 0 || p.R > kLoraMaxRank)))
+    return cudaErrorInvalidValue;
   if (p.dtype == DType::BF16)
     return p.gated ? launch_typed<__nv_bfloat16, true>(p, stream) : launch_typed<__nv_bfloat16, false>(p, stream);
   return p.gated ? launch_typed<__half, true>(p, stream) : launch_typed<__half, false>(p, stream);

@@ -44,21 +44,12 @@ bool use_sm90(int device) {
          !env_flag("MOELORA_PORTABLE");
 }
 
-// Decode sizes (T <= kDecodeMaxTokens) run the base GEMMs as expert_gemv.cu (the fc1 one with the gated
-// activation fused) on every GPU, unless MOELORA_DECODE_GEMV=0.
-bool use_decode_gemv(const FusedMoeDims& d) {
-  const char* v = std::getenv("MOELORA_DECODE_GEMV");
-  return d.T <= mc::kDecodeMaxTokens && !(v != nullptr && std::strcmp(v, "0") == 0);
-}
-
-// Programmatic dependent launch between our kernels (launch_policy.h), Hopper and later. Default: on for
-// decode-sized calls only -- measured on the H100 (NOTES.md, v5), it trims a few µs off a chain of short
-// kernels but slowed prefill (up to +24% at mixtral T=4096). MOELORA_PDL=1 / 0 forces it on / off.
-bool use_pdl(int device, bool decode) {
-  if (device_attribute(cudaDevAttrComputeCapabilityMajor, device) < 9) return false;
+// Programmatic dependent launch between our kernels (launch_policy.h), Hopper and later, with
+// MOELORA_PDL=1. Off by default: measured on the H100 (benchmarks/NOTES.md, v5) it saved ~2 µs on decode
+// without LoRA, was neutral to +7 µs with LoRA, and slowed prefill by up to 24% (mixtral T=4096).
+bool use_pdl(int device) {
   const char* v = std::getenv("MOELORA_PDL");
-  if (v != nullptr && v[0] != '\0') return std::strcmp(v, "0") != 0;
-  return decode;
+  return v != nullptr && std::strcmp(v, "1") == 0 && device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9;
 }
 
 // One LoRA pair (shrink with A, expand with B) on top of a base GEMM output. Segments are the routing
@@ -73,6 +64,16 @@ struct LoraSide {
 // else (or with MOELORA_LORA_SEGMENT_GEMM=1, kept for comparison) the generic segment GEMM, which
 // rounds the shrink output through a [rows, R] buffer.
 bool use_lora_kernels(int64_t R) { return R <= mc::kLoraMaxRank && !env_flag("MOELORA_LORA_SEGMENT_GEMM"); }
+
+// Decode sizes (T <= kDecodeMaxTokens) run the base GEMMs as expert_gemv.cu (fc1 with the gated activation
+// fused, both with the LoRA expand fused) on every GPU, unless MOELORA_DECODE_GEMV=0. Its LoRA epilogue
+// reads the lora_gemm.cu shrink's partials, so adapters on the segment-GEMM path (rank > kLoraMaxRank or
+// MOELORA_LORA_SEGMENT_GEMM=1) keep the grouped-GEMM path.
+bool use_decode_gemv(const FusedMoeDims& d) {
+  const char* v = std::getenv("MOELORA_DECODE_GEMV");
+  if (v != nullptr && std::strcmp(v, "0") == 0) return false;
+  return d.T <= mc::kDecodeMaxTokens && (!d.has_lora || use_lora_kernels(d.R));
+}
 
 // LoRA workspace: split-K partial sums (lora_gemm.cu) or the rounded shrink output (segment GEMM).
 struct LoraWorkspace {
@@ -100,9 +101,11 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
   return ws;
 }
 
-// out (+)= scale[slot] * B @ (A @ input) per (expert, slot) segment: accumulated into the base GEMM's output,
-// or (accumulate = false) written as a delta for the decode GEMV to add.
-void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, int k_splits, bool accumulate, at::Tensor& out,
+// out += scale[slot] * B @ (A @ input) per (expert, slot) segment, on the base GEMM's output. With
+// `expand_in_gemv` (decode, lora_gemm.cu kernels only) just the shrink runs here, and the GEMV's LoRA fields
+// are filled so that its epilogue does the expand.
+void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, int k_splits,
+              mc::ExpertGemvParams* expand_in_gemv, at::Tensor& out,
               const at::Tensor& bucket_offsets, const at::Tensor& lora_tile_prefix,
               const at::Tensor& lora_tile_segment, const at::Tensor& scalings,
               const FusedMoeDims& d, int N, int K, int sm_count, cudaStream_t stream) {
@@ -124,6 +127,15 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
     s.max_rows = pairs; s.max_active_segments = active; s.few_rows_max = ws.few_rows_max;
     s.dtype = to_dtype(input.scalar_type());
     C10_CUDA_CHECK(mc::launch_lora_shrink(s, sm_count, stream));
+    if (expand_in_gemv != nullptr) {
+      mc::ExpertGemvParams& g = *expand_in_gemv;
+      g.lora_partial = s.partial; g.lora_k_splits = k_splits; g.R = s.R;
+      g.lora_B = side.b.data_ptr();
+      g.b_expert_stride = side.shared_b ? 0 : static_cast<int64_t>(N) * R;
+      g.b_slot_stride = side.shared_b ? static_cast<int64_t>(N) * R : d.E * N * R;
+      g.slot_scale = scalings.data_ptr<float>();
+      return;
+    }
 
     mc::LoraExpandParams e{};
     e.partial = s.partial; e.k_splits = k_splits;
@@ -136,7 +148,6 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
     e.nseg = nseg; e.seg_per_expert = s.seg_per_expert; e.slot_base = -1;
     e.R = s.R; e.N = N; e.n_range = mc::lora_n_range(N, s.R, pairs, active, sm_count);
     e.max_rows = pairs; e.max_active_segments = active; e.few_rows_max = ws.few_rows_max;
-    e.accumulate = accumulate;
     e.dtype = s.dtype;
     C10_CUDA_CHECK(mc::launch_lora_expand(e, sm_count, stream));
     return;
@@ -168,7 +179,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
   p.w_expert_stride = side.shared_b ? 0 : static_cast<int64_t>(N) * R;
   p.w_slot_stride = side.shared_b ? static_cast<int64_t>(N) * R : d.E * N * R;
   p.D = out.data_ptr(); p.ldd = N;
-  p.slot_scale = scalings.data_ptr<float>(); p.accumulate = accumulate;
+  p.slot_scale = scalings.data_ptr<float>(); p.accumulate = true;
   p.N = N; p.K = static_cast<int>(R);
   C10_CUDA_CHECK(mc::launch_segment_gemm(p, mc::SegmentGemmShape::Wide, sm_count, stream));
 }
@@ -251,7 +262,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const int device = hidden_states.get_device();
   const int sm_count = device_attribute(cudaDevAttrMultiProcessorCount, device);
   const bool decode = use_decode_gemv(d);
-  const mc::ScopedLaunchPolicy launch_policy(use_pdl(device, decode));
+  const mc::ScopedLaunchPolicy launch_policy(use_pdl(device));
 
   const at::Tensor x = hidden_states.contiguous();
   const at::Tensor w13c = w13.contiguous(), w2c = w2.contiguous();
@@ -312,7 +323,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     base.fc2 = expert_gemm_params(h, w2c, y, expert_offsets, d, H, I);
     prepare_base_gemms(base, x.options(), sm_count, stream);
   }
-  // Decode: the LoRA delta is written first (into gu / y) and the GEMV adds it in its epilogue.
+  // Decode: the GEMVs (their LoRA fields are set by run_lora, after the shrink).
   mc::ExpertGemvParams gemv{};
   gemv.expert_offsets = expert_offsets.data_ptr<int>();
   gemv.expert_tile_prefix = expert_tile_prefix.data_ptr<int>();
@@ -339,17 +350,16 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const LoraSide lora13{a13, b13, w13_shared_a, w13_shared_b}, lora2{a2, b2, w2_shared_a, w2_shared_b};
   if (decode) {
     if (d.has_lora)
-      run_lora(lora13, permuted, lora_ws, lora_ws.k_splits_fc1, /*accumulate=*/false, gu, bucket_offsets,
-               lora_tile_prefix, lora_tile_segment, scalings, d, 2 * I, H, sm_count, stream);
+      run_lora(lora13, permuted, lora_ws, lora_ws.k_splits_fc1, &gemv, gu, bucket_offsets, lora_tile_prefix,
+               lora_tile_segment, scalings, d, 2 * I, H, sm_count, stream);
     gemv.X = permuted.data_ptr(); gemv.W = w13c.data_ptr(); gemv.D = h.data_ptr();
-    gemv.addend = d.has_lora ? gu.data_ptr() : nullptr;
     gemv.N = 2 * I; gemv.K = H; gemv.gated = true;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
   } else {
     run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
     if (d.has_lora)
-      run_lora(lora13, permuted, lora_ws, lora_ws.k_splits_fc1, /*accumulate=*/true, gu, bucket_offsets,
-               lora_tile_prefix, lora_tile_segment, scalings, d, 2 * I, H, sm_count, stream);
+      run_lora(lora13, permuted, lora_ws, lora_ws.k_splits_fc1, nullptr, gu, bucket_offsets, lora_tile_prefix,
+               lora_tile_segment, scalings, d, 2 * I, H, sm_count, stream);
     mc::ActivationParams ap{};
     ap.gu = gu.data_ptr(); ap.h = h.data_ptr(); ap.num_rows = expert_offsets.data_ptr<int>() + E;
     ap.max_rows = pairs; ap.I = I;
@@ -361,16 +371,15 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   // ---- 6-7. fc2 + LoRA, then finalize -------------------------------------------------------------
   if (decode) {
     if (d.has_lora)
-      run_lora(lora2, h, lora_ws, lora_ws.k_splits_fc2, /*accumulate=*/false, y, bucket_offsets, lora_tile_prefix,
+      run_lora(lora2, h, lora_ws, lora_ws.k_splits_fc2, &gemv, y, bucket_offsets, lora_tile_prefix,
                lora_tile_segment, scalings, d, H, I, sm_count, stream);
     gemv.X = h.data_ptr(); gemv.W = w2c.data_ptr(); gemv.D = y.data_ptr();
-    gemv.addend = d.has_lora ? y.data_ptr() : nullptr;  // in place: each element is read, then written, by one thread
     gemv.N = H; gemv.K = I; gemv.gated = false;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
   } else {
     run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
     if (d.has_lora)
-      run_lora(lora2, h, lora_ws, lora_ws.k_splits_fc2, /*accumulate=*/true, y, bucket_offsets, lora_tile_prefix,
+      run_lora(lora2, h, lora_ws, lora_ws.k_splits_fc2, nullptr, y, bucket_offsets, lora_tile_prefix,
                lora_tile_segment, scalings, d, H, I, sm_count, stream);
   }
   mc::FinalizeParams fp{};

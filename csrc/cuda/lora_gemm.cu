@@ -201,8 +201,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
 
     if (st.rows <= p.few_rows_max) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
       lora_few_rows::expand_tile<T, RP, kWarps>(p.partial, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R, b_src, p.R,
-                                            vec_b, D, p.ldd, alpha, p.accumulate, st.row0, st.rows, n_begin,
-                                            n_end, reinterpret_cast<float*>(smem_raw));
+                                            vec_b, D, p.ldd, alpha, st.row0, st.rows, n_begin, n_end,
+                                            reinterpret_cast<float*>(smem_raw));
       continue;
     }
 
@@ -236,12 +236,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
 #pragma unroll
       for (int j = 0; j < kBN / 16; ++j) {
         const int gcol = n0 + j * 16 + rmw_col;
-        if (!p.accumulate) {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) prev[j].v[i] = from_float<T>(0.f);  // D = alpha * acc
-        } else if (vec_out && rmw_row < st.rows && gcol < n_end) {
+        if (vec_out && rmw_row < st.rows && gcol < n_end)
           prev[j] = *reinterpret_cast<const Vec8<T>*>(D + static_cast<int64_t>(st.row0 + rmw_row) * p.ldd + gcol);
-        }
       }
       cp_async_wait<1>();
       __syncthreads();
@@ -272,8 +268,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
               for (int i = 0; i < 8; ++i) out.v[i] = from_float<T>(alpha * src[i] + to_float(prev[j].v[i]));
               *reinterpret_cast<Vec8<T>*>(dst) = out;
             } else {
-              for (int i = 0; i < 8 && gcol + i < n_end; ++i)
-                dst[i] = from_float<T>(alpha * src[i] + (p.accumulate ? to_float(dst[i]) : 0.f));
+              for (int i = 0; i < 8 && gcol + i < n_end; ++i) dst[i] = from_float<T>(alpha * src[i] + to_float(dst[i]));
             }
           }
           __syncwarp();  // scratch is reused by the next fragment

@@ -11,8 +11,7 @@
 //
 // K order: see mma_operands.cuh (each lane loads 8 consecutive k; A and B fragments use the same mapping).
 // Numerics as the 64-row path: fp32 accumulation, t rounded to the activation dtype
-// before the expand, D = round(alpha * acc + D) (D = round(alpha * acc) when the expand writes a delta instead of
-// accumulating: the decode GEMV adds it); summation orders are fixed by the shapes (deterministic).
+// before the expand, D = round(alpha * acc + D); summation orders are fixed by the shapes (deterministic).
 #pragma once
 #include <cstdint>
 #include <type_traits>
@@ -129,14 +128,14 @@ __device__ void shrink_tile(const T* __restrict__ X, int64_t ldx, const T* __res
 }
 
 // ---- expand --------------------------------------------------------------------------------------------
-// D[row0 + r, n] = round(alpha * sum_j t[r, j] * B[n, j] + D[row0 + r, n]) (without the "+ D" when not
-// `accumulate`) for n in [n_begin, n_end) and r < rows (<= 8 NG), with t[r] = round(sum over ks of partial[ks, row0 + r]) in ks order. mma: M = 16
+// D[row0 + r, n] = round(alpha * sum_j t[r, j] * B[n, j] + D[row0 + r, n]) for n in [n_begin, n_end) and
+// r < rows (<= 8 NG), with t[r] = round(sum over ks of partial[ks, row0 + r]) in ks order. mma: M = 16
 // columns n (rows of B), N = 8 token rows, K = rank. Warp w takes the 16-column blocks w, w + kWarps, ...,
 // U at a time, issuing their B and D loads before the mmas. `t_smem` is 16 * RP floats of shared memory.
 template <typename T, int RP, int kWarps, int NG>
 __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int64_t split_stride,
-                            const T* __restrict__ B, int R, bool vec_b, T* D, int64_t ldd, float alpha,
-                            bool accumulate, int row0, int rows, int n_begin, int n_end, float* t_smem) {
+                            const T* __restrict__ B, int R, bool vec_b, T* D, int64_t ldd, float alpha, int row0,
+                            int rows, int n_begin, int n_end, float* t_smem) {
   constexpr int V = RP >= 32 ? 8 : 4;  // rank elements per lane per load: 4 lanes x V = one 4V-wide slice
   constexpr int NL = RP / (4 * V);     // loads per B row
   // Column blocks in flight per warp: ~24-32 registers of B and D loads.
@@ -188,8 +187,7 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const int r = 8 * ng + 2 * q + i;
-            d[u][ng][2 * h + i] =
-                accumulate && n_ok && r < rows ? to_float(D[static_cast<int64_t>(row0 + r) * ldd + n]) : 0.f;
+            d[u][ng][2 * h + i] = n_ok && r < rows ? to_float(D[static_cast<int64_t>(row0 + r) * ldd + n]) : 0.f;
           }
       }
     }
@@ -224,20 +222,20 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
 
 template <typename T, int RP, int kWarps>
 __device__ void expand_tile(const float* __restrict__ partial, int k_splits, int64_t split_stride,
-                            const T* __restrict__ B, int R, bool vec_b, T* D, int64_t ldd, float alpha,
-                            bool accumulate, int row0, int rows, int n_begin, int n_end, float* t_smem) {
+                            const T* __restrict__ B, int R, bool vec_b, T* D, int64_t ldd, float alpha, int row0,
+                            int rows, int n_begin, int n_end, float* t_smem) {
   for (int g0 = 0; g0 < rows;) {
     const int left = rows - g0;
     if constexpr (kRowPairs<RP>) {
       if (left > kRowGroup) {
-        expand_pass<T, RP, kWarps, 2>(partial, k_splits, split_stride, B, R, vec_b, D, ldd, alpha, accumulate,
-                                      row0 + g0, min(left, 2 * kRowGroup), n_begin, n_end, t_smem);
+        expand_pass<T, RP, kWarps, 2>(partial, k_splits, split_stride, B, R, vec_b, D, ldd, alpha, row0 + g0,
+                                      min(left, 2 * kRowGroup), n_begin, n_end, t_smem);
         g0 += 2 * kRowGroup;
         continue;
       }
     }
-    expand_pass<T, RP, kWarps, 1>(partial, k_splits, split_stride, B, R, vec_b, D, ldd, alpha, accumulate,
-                                  row0 + g0, min(left, kRowGroup), n_begin, n_end, t_smem);
+    expand_pass<T, RP, kWarps, 1>(partial, k_splits, split_stride, B, R, vec_b, D, ldd, alpha, row0 + g0,
+                                  min(left, kRowGroup), n_begin, n_end, t_smem);
     g0 += kRowGroup;
   }
 }

@@ -115,7 +115,7 @@ struct LoraExpandParams {
   const float* partial; int k_splits;       // t = sum over ks of partial[ks] (fixed order)
   const void* B;                            // per segment [N, R] row-major
   int64_t b_expert_stride, b_slot_stride;
-  void* D; int64_t ldd;                     // D[r, :N] += slot_scale[slot] * t[r] @ B^T (see accumulate)
+  void* D; int64_t ldd;                     // D[r, :N] += slot_scale[slot] * t[r] @ B^T
   const float* slot_scale;                  // [S] or nullptr for 1
   const int* row_offsets;
   const int* tile_prefix;
@@ -124,7 +124,6 @@ struct LoraExpandParams {
   int R, N, n_range;                        // one work item = one m-tile x n_range columns
   int max_rows, max_active_segments;
   int few_rows_max;                        // as for the shrink
-  bool accumulate;                          // false: D = scale * t @ B^T (a delta for the decode GEMV)
   DType dtype;
 };
 // Host heuristics (shapes only, no routing values): split counts that fill the GPU with work items.
@@ -139,25 +138,30 @@ cudaError_t launch_lora_expand(const LoraExpandParams& p, int sm_count, cudaStre
 // base GEMM is a matrix-vector product that streams W. One CTA per (64-row expert tile, 32 weight rows); each
 // warp takes a quarter of K and loads W straight into mma.sync fragments (mma_operands.cuh), the warps'
 // sums meet in shared memory in a fixed order. Tiles come from routing's expert tile prefix (grid sized from
-// shapes). Epilogue: out = round(acc [+ addend]) or, gated (fc1), h = round(act(round(gate)) * round(up))
-// with gate / up = acc [+ addend] of weight rows i and I + i. `addend` (the LoRA delta, written by the
-// expand with accumulate = false) is added to the rows of each expert that have an adapter: rows from
-// bucket_offsets[e * seg_per_expert + 1] on (the slot -1 bucket comes first).
-constexpr int kDecodeMaxTokens = 8;
+// shapes). Epilogue, per output (row r, weight row n): v = acc + LoRA delta, where the delta of a row with
+// an adapter (slot s) is slot_scale[s] * round(t[r]) . B[s, e][n] -- the LoRA expand, fused -- with t the sum
+// of the shrink's split-K partials (lora_gemm.cu, launch_lora_shrink). out = round(v), or gated (fc1)
+// h = round(act(round(v_gate)) * round(v_up)) with gate / up = weight rows i and I + i.
+constexpr int kDecodeMaxTokens = 4;
 struct ExpertGemvParams {
   const void* X;               // [rows, K] sorted activations
   const void* W;               // [E, N, K]
   void* D;                     // [rows, N], or [rows, N / 2] when gated
-  const void* addend;          // [rows, N] or nullptr
   const int* expert_offsets;   // [E + 1]
   const int* expert_tile_prefix;  // [E + 1] (kTileRows-row tiles)
-  const int* bucket_offsets;   // [E * seg_per_expert + 1]; read only with an addend
-  int seg_per_expert;
   int E, N, K;
   bool gated;
   ActivationKind activation;   // when gated
   int max_rows;                // host upper bound of the rows (T * k): sizes the grid
   DType dtype;
+  // LoRA expand (lora_partial == nullptr: none). Rows of bucket b = e * seg_per_expert + 1 + s hold slot s.
+  const float* lora_partial;   // [lora_k_splits, max_rows, R] fp32 shrink partial sums
+  int lora_k_splits, R;        // R <= kLoraMaxRank
+  const void* lora_B;          // B[s, e] = lora_B + e * b_expert_stride + s * b_slot_stride, [N, R] row-major
+  int64_t b_expert_stride, b_slot_stride;
+  const float* slot_scale;     // [S]
+  const int* bucket_offsets;   // [E * seg_per_expert + 1]
+  int seg_per_expert;          // S + 1
 };
 cudaError_t launch_expert_gemv(const ExpertGemvParams& p, cudaStream_t stream);
 
