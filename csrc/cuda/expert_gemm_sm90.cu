@@ -66,7 +66,8 @@ cudaError_t expert_gemm_sm90_prepare(const ExpertGemmParams* gemms, void* const*
   }
   // GEMMs of one configuration (dtype and tile) share a launch, two at a time; others get their own.
   for (int i = 0; i < count;) {
-    const bool pair = i + 1 < count && gemms[i + 1].dtype == gemms[i].dtype && pick_tile(gemms[i + 1]) == pick_tile(gemms[i]);
+    const bool pair =
+        i + 1 < count && gemms[i + 1].dtype == gemms[i].dtype && pick_tile(gemms[i + 1]) == pick_tile(gemms[i]);
     const int n = pair ? 2 : 1;
     const detail::ExpertGemmTile tile = pick_tile(gemms[i]);
     const cudaError_t err =

@@ -9,9 +9,9 @@
 //  * CUTLASS 3.x ptr-array grouped GEMM, one group per expert, GroupProblemShape with host shapes = nullptr.
 //    Problem shapes, A/B/D pointer arrays and strides live in the caller's workspace and are written by
 //    build_expert_groups_kernel from expert_offsets on the same stream (fc1's and fc2's tables in one
-//    launch: prepare), so nothing on the host depends on the routing. With no host shapes the CUTLASS grid is sized from sm_count alone
-//    (PersistentTileSchedulerSm90Group::get_tiled_cta_shape_mnl -> total_ctas = sm_count; cluster 1x1
-//    -> grid = sm_count persistent CTAs).
+//    launch: prepare), so nothing on the host depends on the routing. With no host shapes the CUTLASS grid
+//    is sized from sm_count alone (PersistentTileSchedulerSm90Group::get_tiled_cta_shape_mnl ->
+//    total_ctas = sm_count; cluster 1x1 -> grid = sm_count persistent CTAs).
 //  * Experts with 0 rows: the group tile scheduler computes ceil_div(M, tileM) * ceil_div(N, tileN) = 0
 //    tiles for them and its warp-wide prefix scan walks past them, so no CTA ever touches their (valid but
 //    unused) pointers. rows == 0 in total: every CTA gets an invalid tile and exits.
@@ -131,7 +131,8 @@ struct ExpertGemmKernel {
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
       typename Tile::KernelSchedule>::CollectiveOp;
 
-  using Kernel = PdlWaitKernel<cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>>;
+  using Kernel =
+      PdlWaitKernel<cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   using Shape3 = typename ProblemShape::UnderlyingProblemShape;

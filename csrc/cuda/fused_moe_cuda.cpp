@@ -173,7 +173,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
   p.N = static_cast<int>(R); p.K = K;
   C10_CUDA_CHECK(mc::launch_segment_gemm(p, mc::SegmentGemmShape::Narrow, sm_count, stream));
 
-  // Expand: out[r, :N] (+)= scaling[slot] * B[slot, e] @ t[r].
+  // Expand: out[r, :N] += scaling[slot] * B[slot, e] @ t[r].
   p.A = ws.buf.data_ptr(); p.lda = R;
   p.W = side.b.data_ptr(); p.ldw = R;
   p.w_expert_stride = side.shared_b ? 0 : static_cast<int64_t>(N) * R;
@@ -263,6 +263,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const int sm_count = device_attribute(cudaDevAttrMultiProcessorCount, device);
   const bool decode = use_decode_gemv(d);
   const mc::ScopedLaunchPolicy launch_policy(use_pdl(device));
+  const mc::ActivationKind act = d.activation == Activation::Silu ? mc::ActivationKind::Silu : mc::ActivationKind::Gelu;
 
   const at::Tensor x = hidden_states.contiguous();
   const at::Tensor w13c = w13.contiguous(), w2c = w2.contiguous();
@@ -330,7 +331,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   gemv.bucket_offsets = bucket_offsets.data_ptr<int>();
   gemv.seg_per_expert = S + 1;
   gemv.E = E; gemv.max_rows = pairs;
-  gemv.activation = d.activation == Activation::Silu ? mc::ActivationKind::Silu : mc::ActivationKind::Gelu;
+  gemv.activation = act;
   gemv.dtype = to_dtype(dtype);
 
   // ---- 2. permute (gather rows into expert-major order) -------------------------------------------
@@ -363,7 +364,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     mc::ActivationParams ap{};
     ap.gu = gu.data_ptr(); ap.h = h.data_ptr(); ap.num_rows = expert_offsets.data_ptr<int>() + E;
     ap.max_rows = pairs; ap.I = I;
-    ap.kind = gemv.activation;
+    ap.kind = act;
     ap.dtype = to_dtype(dtype);
     C10_CUDA_CHECK(mc::launch_activation(ap, stream));
   }

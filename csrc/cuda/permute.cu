@@ -31,8 +31,9 @@ cudaError_t launch_permute(const PermuteParams& p, cudaStream_t stream) {
   const int pairs = p.T * p.k;
   if (pairs == 0) return cudaSuccess;
   const int blocks = ceil_div(pairs, kWarpsPerBlock);
-  if (p.dtype == DType::BF16) return launch_kernel(permute_kernel<__nv_bfloat16>, blocks, kWarpsPerBlock * 32, 0, stream, p);
-  return launch_kernel(permute_kernel<__half>, blocks, kWarpsPerBlock * 32, 0, stream, p);
+  constexpr int kThreads = kWarpsPerBlock * 32;
+  if (p.dtype == DType::BF16) return launch_kernel(permute_kernel<__nv_bfloat16>, blocks, kThreads, 0, stream, p);
+  return launch_kernel(permute_kernel<__half>, blocks, kThreads, 0, stream, p);
 }
 
 }  // namespace moelora::cuda

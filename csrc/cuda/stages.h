@@ -1,6 +1,8 @@
 // Host-side launchers of the CUDA stages of fused_moe, with plain parameter structs (no torch types).
-// Pipeline (csrc/cuda/fused_moe_cuda.cu runs them in this order):
+// Pipeline (csrc/cuda/fused_moe_cuda.cpp runs them in this order):
 //   routing -> permute -> fc1 GEMM (+ LoRA shrink/expand) -> activation -> fc2 GEMM (+ LoRA) -> finalize
+// and at decode sizes (T <= kDecodeMaxTokens):
+//   routing -> permute -> [LoRA shrink] -> fc1 GEMV (+ expand, activation) -> [LoRA shrink] -> fc2 GEMV -> finalize
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
