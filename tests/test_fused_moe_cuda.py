@@ -89,6 +89,30 @@ def check(args, dtype, **kwargs):
     return out
 
 
+def replicate_shared(shared, flags):
+    """The same adapters with every shared-outer side copied to each expert (no sharing flags)."""
+    replicated = dict(shared)
+    E = shared["w13"].shape[0]
+    for name, flag in zip(["w13_lora_a", "w13_lora_b", "w2_lora_a", "w2_lora_b"], flags):
+        if flag:
+            replicated[name] = shared[name].unsqueeze(1).expand(-1, E, -1, -1).contiguous()
+    replicated.update(w13_shared_a=False, w13_shared_b=False, w2_shared_a=False, w2_shared_b=False)
+    return replicated
+
+
+def capture_graph(args):
+    """One call warmed up on a side stream, then captured: (graph, its static output)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        moelora_ext.fused_moe(**args)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = moelora_ext.fused_moe(**args)
+    return graph, static_out
+
+
 SHAPES = [
     # T,    H,    I,    E,   k, S,  R
     (1, 256, 128, 8, 2, 4, 16),
@@ -199,12 +223,7 @@ def test_decode_gemv_repeated_expert_ids(lora, gemm_path):
 def test_decode_gemv_shared_outer_bit_identical(flags, gemm_path):
     """The GEMV's fused expand skips the expert offset of a shared B exactly as the expand kernel does."""
     shared = make_case(3, 256, 128, 8, 4, 4, 16, seed=46, shared=flags)
-    replicated = dict(shared)
-    for name, flag in zip(["w13_lora_a", "w13_lora_b", "w2_lora_a", "w2_lora_b"], flags):
-        if flag:
-            replicated[name] = shared[name].unsqueeze(1).expand(-1, 8, -1, -1).contiguous()
-    replicated.update(w13_shared_a=False, w13_shared_b=False, w2_shared_a=False, w2_shared_b=False)
-    assert torch.equal(check(shared, torch.bfloat16), moelora_ext.fused_moe(**replicated))
+    assert torch.equal(check(shared, torch.bfloat16), moelora_ext.fused_moe(**replicate_shared(shared, flags)))
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
@@ -229,14 +248,8 @@ def test_all_rows_in_one_expert_and_all_dropped(gemm_path):
                                    (True, True, True, True)])
 def test_shared_outer_bit_identical(flags, gemm_path):
     shared = make_case(77, 256, 128, 8, 4, 4, 16, seed=5, shared=flags)
-    replicated = dict(shared)
-    E = shared["w13"].shape[0]
-    for name, flag in zip(["w13_lora_a", "w13_lora_b", "w2_lora_a", "w2_lora_b"], flags):
-        if flag:
-            replicated[name] = shared[name].unsqueeze(1).expand(-1, E, -1, -1).contiguous()
-    replicated.update(w13_shared_a=False, w13_shared_b=False, w2_shared_a=False, w2_shared_b=False)
     out_shared = check(shared, torch.bfloat16)
-    assert torch.equal(out_shared, moelora_ext.fused_moe(**replicated))
+    assert torch.equal(out_shared, moelora_ext.fused_moe(**replicate_shared(shared, flags)))
 
 
 def test_repeated_runs_identical(gemm_path):
@@ -278,14 +291,7 @@ def test_pdl_on_and_off_identical(lora, T, gemm_path, monkeypatch):
     poison_allocator()
     assert torch.equal(moelora_ext.fused_moe(**args), plain)
     assert rel_err(plain, fused_moe_reference(**args)) < TOL[torch.bfloat16]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        moelora_ext.fused_moe(**args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = moelora_ext.fused_moe(**args)
+    graph, static_out = capture_graph(args)
     for _ in range(3):
         static_out.fill_(float("nan"))
         graph.replay()
@@ -304,14 +310,7 @@ def _rewrite_inputs(args, seed):
 
 def test_cuda_graph_replay_with_new_inputs(gemm_path):
     args = make_case(333, 256, 128, 16, 4, 8, 16, seed=8)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        moelora_ext.fused_moe(**args)  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = moelora_ext.fused_moe(**args)
+    graph, static_out = capture_graph(args)
     for seed in range(9, 13):
         _rewrite_inputs(args, seed)
         static_out.fill_(float("nan"))
