@@ -219,6 +219,54 @@ def test_decode_gemv_repeated_expert_ids(lora, gemm_path):
     check(args, torch.bfloat16)
 
 
+GEMV_ROWS_SHAPES = [
+    # T,  H,   I,   E,  k, S, R        rows per expert (skewed routing): what the GEMV's passes see
+    (40, 256, 128, 8, 2, 4, 16),     # ~10: 16-row passes (two 8-row groups per weight load)
+    (300, 256, 192, 32, 4, 8, 8),    # up to > 64: several tiles per expert, 16 + 16 + 8-row passes
+    (200, 200, 72, 16, 2, 4, 64),    # columns not a multiple of a CTA's, rank 64
+    (33, 128, 64, 4, 2, 2, 40),      # rank padded inside the shrink, 5-30 rows
+    (100, 256, 128, 8, 2, 3, 128),   # rank 128
+    (64, 512, 256, 16, 4, 0, 0),     # no LoRA
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", GEMV_ROWS_SHAPES, ids=lambda s: "T{}_H{}_I{}_E{}_S{}_R{}".format(*s[:4], *s[5:]))
+def test_gemv_many_rows_per_expert(shape, dtype, gemm_path, monkeypatch):
+    """The GEMV also runs above decode when the rows per expert are few on average (T * k <= avg * E); any
+    routing must still be right there: experts with 9-16 rows (one pass of two row groups), more than 16
+    (several passes) and more than 64 (several tiles). MOELORA_GEMV_AVG_ROWS=100000 forces the GEMV,
+    MOELORA_DECODE_GEMV=0 the grouped-GEMM path; both match the reference and each other."""
+    T, H, I, E, k, S, R = shape
+    args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=50 + T)
+    monkeypatch.setenv("MOELORA_GEMV_AVG_ROWS", "100000")
+    gemv = check(args, dtype)
+    monkeypatch.setenv("MOELORA_DECODE_GEMV", "0")
+    gemm = check(args, dtype)
+    assert rel_err(gemv, gemm) < TOL[dtype] / 2
+
+
+@pytest.mark.parametrize("T", [3, 40, 300])  # GEMV / GEMV forced at ~10 rows per expert / grouped GEMM
+def test_l2_prefetch_changes_nothing(T, gemm_path, monkeypatch):
+    """The L2 bulk prefetches (GEMV weights, few-rows LoRA tiles) only move bytes earlier: every setting of
+    MOELORA_GEMV_PREFETCH / MOELORA_LORA_PREFETCH gives the same bits, eagerly and from a graph."""
+    args = make_case(T, 512, 256, 8, 2, 4, 16, seed=60 + T)
+    if T == 40:
+        monkeypatch.setenv("MOELORA_GEMV_AVG_ROWS", "100000")
+    monkeypatch.setenv("MOELORA_GEMV_PREFETCH", "0")
+    monkeypatch.setenv("MOELORA_LORA_PREFETCH", "0")
+    plain = check(args, torch.bfloat16)
+    for gemv_prefetch, lora_prefetch in [("1", "1"), ("2", "0"), ("1000", "1")]:
+        monkeypatch.setenv("MOELORA_GEMV_PREFETCH", gemv_prefetch)
+        monkeypatch.setenv("MOELORA_LORA_PREFETCH", lora_prefetch)
+        poison_allocator()
+        assert torch.equal(moelora_ext.fused_moe(**args), plain)
+    graph, static_out = capture_graph(args)
+    static_out.fill_(float("nan"))
+    graph.replay()
+    assert torch.equal(static_out, plain)
+
+
 @pytest.mark.parametrize("flags", [(True, True, True, True), (False, True, False, True)])
 def test_decode_gemv_shared_outer_bit_identical(flags, gemm_path):
     """The GEMV's fused expand skips the expert offset of a shared B exactly as the expand kernel does."""

@@ -34,4 +34,13 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// Asks the L2 to fetch [src, src + bytes) from memory ahead of the loads that will read it (sm_90 bulk
+// prefetch; a no-op before sm_90). src and bytes must be multiples of 16. Nothing comes back to the SM, so
+// it puts more of a weight stream in flight without holding registers.
+__device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (bytes > 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
+#endif
+}
+
 }  // namespace moelora::cuda

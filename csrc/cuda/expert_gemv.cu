@@ -24,8 +24,13 @@ using mma_operands::Pack;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kRowGroup = 8;  // token rows per mma (its N)
-constexpr int kU = 4;         // 32-wide k blocks in flight per warp (2 KB of W each)
+constexpr int kRowGroup = 8;   // token rows per mma (its N)
+constexpr int kMaxGroups = 2;  // row groups per pass: up to 16 token rows share every weight load
+constexpr int kPassRows = kRowGroup * kMaxGroups;
+
+// 32-wide k blocks in flight per warp (2 KB of W each): fewer with two row groups (registers).
+template <int NG>
+constexpr int kU = NG == 1 ? 4 : 2;
 
 // Output columns per CTA: plain 32 (weight rows c0 .. c0 + 31), gated 16 (gate rows i and up rows I + i).
 template <bool kGated>
@@ -34,12 +39,88 @@ constexpr int kColsPerCta = kGated ? 16 : 32;
 template <bool kGated>
 __host__ __device__ int column_blocks(int N) { return ceil_div(kGated ? N / 2 : N, kColsPerCta<kGated>); }
 
+// The CTA's 32 weight rows: two 16-row blocks, each contiguous in W.
+template <typename T>
+struct WeightRows {
+  const T* row[2][2];  // [block][h]: weight row g + 8h of the block (clamped; invalid rows load zeros)
+  bool valid[2][2];
+  const T* lane_row;   // warp 0 lane l: row l % 16 of block l / 16, for the L2 prefetch (nullptr: none)
+};
+
+// Sums over K of the pass's rows [row0, row0 + rows) (rows <= 8 NG) times the CTA's weight rows, into
+// red[warp][jb][j][r] (each warp a quarter of the k blocks). Warp 0 also keeps the L2 busy with the next
+// `prefetch` iterations' weight bytes (bulk prefetch, no registers) so the stream does not wait on the
+// loads in flight alone.
+template <typename T, int NG>
+__device__ __forceinline__ void gemv_pass(const T* X, int K, int row0, int rows, const WeightRows<T>& w, bool vec,
+                                          int prefetch, float (*red)[2][16][kPassRows]) {
+  constexpr int U = kU<NG>;
+  constexpr int kIterK = kWarps * U * 32;  // k covered by the CTA per loop iteration
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, q = lane % 4;
+  const int nkb = ceil_div(K, 32);
+  const T* xrow[NG];
+#pragma unroll
+  for (int ng = 0; ng < NG; ++ng) xrow[ng] = X + static_cast<int64_t>(row0 + min(8 * ng + g, rows - 1)) * K;
+  float c[2][NG][4];
+#pragma unroll
+  for (int jb = 0; jb < 2; ++jb)
+#pragma unroll
+    for (int ng = 0; ng < NG; ++ng) c[jb][ng][0] = c[jb][ng][1] = c[jb][ng][2] = c[jb][ng][3] = 0.f;
+
+  const bool prefetching = prefetch > 0 && w.lane_row != nullptr;
+  if (prefetching) {  // iterations 1 .. prefetch (iteration 0's loads are issued right below)
+    const int k0 = min(K, kIterK), k1 = min(K, kIterK * (1 + prefetch));
+    prefetch_l2(w.lane_row + k0, static_cast<uint32_t>(k1 - k0) * sizeof(T));
+  }
+  for (int kb0 = warp, it = 0; kb0 < nkb; kb0 += kWarps * U, ++it) {
+    if (prefetching && it > 0) {
+      const int k0 = min(K, kIterK * (it + prefetch)), k1 = min(K, k0 + kIterK);
+      prefetch_l2(w.lane_row + k0, static_cast<uint32_t>(k1 - k0) * sizeof(T));
+    }
+    Pack<T, 8> xp[U][NG], wp[U][2][2];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = (kb0 + u * kWarps) * 32 + 8 * q;
+      const int valid = kb0 + u * kWarps < nkb ? max(0, min(8, K - k)) : 0;
+#pragma unroll
+      for (int ng = 0; ng < NG; ++ng) xp[u][ng] = load_pack<T, 8>(xrow[ng] + k, vec, 8 * ng + g < rows ? valid : 0);
+#pragma unroll
+      for (int jb = 0; jb < 2; ++jb)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) wp[u][jb][h] = load_pack<T, 8>(w.row[jb][h] + k, vec, w.valid[jb][h] ? valid : 0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int jb = 0; jb < 2; ++jb)
+#pragma unroll
+        for (int ng = 0; ng < NG; ++ng) {
+          mma_16816<T>(c[jb][ng], wp[u][jb][0].w[0], wp[u][jb][1].w[0], wp[u][jb][0].w[1], wp[u][jb][1].w[1],
+                       xp[u][ng].w[0], xp[u][ng].w[1]);
+          mma_16816<T>(c[jb][ng], wp[u][jb][0].w[2], wp[u][jb][1].w[2], wp[u][jb][0].w[3], wp[u][jb][1].w[3],
+                       xp[u][ng].w[2], xp[u][ng].w[3]);
+        }
+  }
+  // c[jb][ng] = {(j, r), (j, r + 1), (j + 8, r), (j + 8, r + 1)} with weight row j = g, token row r = 8 ng + 2q.
+#pragma unroll
+  for (int jb = 0; jb < 2; ++jb)
+#pragma unroll
+    for (int ng = 0; ng < NG; ++ng) {
+      const int r = 8 * ng + 2 * q;
+      red[warp][jb][g][r] = c[jb][ng][0];
+      red[warp][jb][g][r + 1] = c[jb][ng][1];
+      red[warp][jb][g + 8][r] = c[jb][ng][2];
+      red[warp][jb][g + 8][r + 1] = c[jb][ng][3];
+    }
+}
+
 template <typename T, bool kGated, ActivationKind kAct>
 __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvParams p) {
   pdl_begin();
-  __shared__ float red[kWarps][2][16][kRowGroup];  // per warp: two 16-row weight blocks x 8 token rows
-  __shared__ float t_s[kRowGroup][kLoraMaxRank];    // LoRA: the row group's shrink output, rounded
-  __shared__ int slot_s[kRowGroup];                 // LoRA: each row's adapter slot (-1: none)
+  __shared__ float red[kWarps][2][16][kPassRows];  // per warp: two 16-row weight blocks x the pass's rows
+  __shared__ float t_s[kPassRows][kLoraMaxRank];    // LoRA: the pass rows' shrink output, rounded
+  __shared__ int slot_s[kPassRows];                 // LoRA: each row's adapter slot (-1: none)
 
   const int col_blocks = column_blocks<kGated>(p.N);
   const int tile = blockIdx.x / col_blocks, cb = blockIdx.x % col_blocks;
@@ -65,62 +146,34 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
   const T* W = static_cast<const T*>(p.W) + static_cast<int64_t>(e) * p.N * p.K;
   T* D = static_cast<T*>(p.D);
   const bool vec = p.K % 8 == 0 && reinterpret_cast<uintptr_t>(X) % 16 == 0 && reinterpret_cast<uintptr_t>(W) % 16 == 0;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, q = lane % 4;
-  const int nkb = ceil_div(p.K, 32);
+  const int lane = threadIdx.x % 32, g = lane / 4;
   const bool lora = p.lora_partial != nullptr;
   const int bucket0 = e * p.seg_per_expert;  // the expert's slot -1 bucket; slot s is bucket0 + 1 + s
   const T* lora_b = lora ? static_cast<const T*>(p.lora_B) + e * p.b_expert_stride : nullptr;
 
-  const T* wrow[2][2];  // [block][h]: weight row g + 8h of the block (clamped; invalid rows load zeros)
-  bool wvalid[2][2];
+  WeightRows<T> w;
 #pragma unroll
   for (int jb = 0; jb < 2; ++jb)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int j = g + 8 * h;
-      wvalid[jb][h] = j < wrows[jb];
-      wrow[jb][h] = W + static_cast<int64_t>(wrow0[jb] + (wvalid[jb][h] ? j : 0)) * p.K;
+      w.valid[jb][h] = j < wrows[jb];
+      w.row[jb][h] = W + static_cast<int64_t>(wrow0[jb] + (w.valid[jb][h] ? j : 0)) * p.K;
     }
+  {  // row starts are 16-byte aligned when vec (K % 8 == 0), as the bulk prefetch needs
+    const int jb = lane / 16, j = lane % 16;
+    w.lane_row = vec && threadIdx.x < 32 && j < wrows[jb] ? W + static_cast<int64_t>(wrow0[jb] + j) * p.K : nullptr;
+  }
 
-  for (int g0 = 0; g0 < tile_rows; g0 += kRowGroup) {  // one pass unless a token named an expert twice
-    const int rows = min(kRowGroup, tile_rows - g0);
+  for (int g0 = 0; g0 < tile_rows; g0 += kPassRows) {  // one pass unless the expert has more than 16 rows here
+    const int rows = min(kPassRows, tile_rows - g0);
     const int row0 = tile_row0 + g0;
-    const T* xrow = X + static_cast<int64_t>(row0 + min(g, rows - 1)) * p.K;
-    float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-
-    for (int kb0 = warp; kb0 < nkb; kb0 += kWarps * kU) {
-      Pack<T, 8> xp[kU], wp[kU][2][2];
-#pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const int k = (kb0 + u * kWarps) * 32 + 8 * q;
-        const int valid = kb0 + u * kWarps < nkb ? max(0, min(8, p.K - k)) : 0;
-        xp[u] = load_pack<T, 8>(xrow + k, vec, g < rows ? valid : 0);
-#pragma unroll
-        for (int jb = 0; jb < 2; ++jb)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) wp[u][jb][h] = load_pack<T, 8>(wrow[jb][h] + k, vec, wvalid[jb][h] ? valid : 0);
-      }
-#pragma unroll
-      for (int u = 0; u < kU; ++u)
-#pragma unroll
-        for (int jb = 0; jb < 2; ++jb) {
-          mma_16816<T>(c[jb], wp[u][jb][0].w[0], wp[u][jb][1].w[0], wp[u][jb][0].w[1], wp[u][jb][1].w[1],
-                       xp[u].w[0], xp[u].w[1]);
-          mma_16816<T>(c[jb], wp[u][jb][0].w[2], wp[u][jb][1].w[2], wp[u][jb][0].w[3], wp[u][jb][1].w[3],
-                       xp[u].w[2], xp[u].w[3]);
-        }
-    }
-    // c[jb] = {(j, r), (j, r + 1), (j + 8, r), (j + 8, r + 1)} with weight row j = g, token row r = 2q.
-#pragma unroll
-    for (int jb = 0; jb < 2; ++jb) {
-      red[warp][jb][g][2 * q] = c[jb][0];
-      red[warp][jb][g][2 * q + 1] = c[jb][1];
-      red[warp][jb][g + 8][2 * q] = c[jb][2];
-      red[warp][jb][g + 8][2 * q + 1] = c[jb][3];
-    }
+    if (rows > kRowGroup)
+      gemv_pass<T, 2>(X, p.K, row0, rows, w, vec, p.prefetch_iters, red);
+    else
+      gemv_pass<T, 1>(X, p.K, row0, rows, w, vec, p.prefetch_iters, red);
     if (lora) {  // each row's slot, and t = sum of the split-K partials in ks order, rounded as in lora_gemm.cu
-      if (threadIdx.x < kRowGroup) {
+      if (threadIdx.x < kPassRows) {
         int slot = -1;
         const int row = row0 + threadIdx.x;
         if (static_cast<int>(threadIdx.x) < rows) {
@@ -143,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
     auto total = [&](int jb, int j, int r) {
       float v = 0.f;
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) v += red[w][jb][j][r];
+      for (int wi = 0; wi < kWarps; ++wi) v += red[wi][jb][j][r];
       if (lora && slot_s[r] >= 0) {
         const int slot = slot_s[r];
         const T* b = lora_b + slot * p.b_slot_stride + static_cast<int64_t>(wrow0[jb] + j) * p.R;
@@ -155,8 +208,9 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
       return v;
     };
     if constexpr (kGated) {
-      const int j = threadIdx.x % 16, r = threadIdx.x / 16;  // 16 columns x 8 rows = 128 threads
-      if (r < rows && j < wrows[0]) {
+      for (int o = threadIdx.x; o < 16 * rows; o += kThreads) {  // 16 columns x the pass's rows
+        const int j = o % 16, r = o / 16;
+        if (j >= wrows[0]) continue;
         const int row = row0 + r;
         float gate = total(0, j, r), up = total(1, j, r);
         gate = to_float(from_float<T>(gate));  // gu is rounded to the activation dtype, as on the GEMM path
@@ -164,14 +218,14 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
         D[static_cast<int64_t>(row) * half + wrow0[0] + j] = from_float<T>(gate_activation<kAct>(gate) * up);
       }
     } else {
-      for (int o = threadIdx.x; o < 32 * kRowGroup; o += kThreads) {  // 32 columns x 8 rows
+      for (int o = threadIdx.x; o < 32 * rows; o += kThreads) {  // 32 columns x the pass's rows
         const int jb = (o % 32) / 16, j = o % 16, r = o / 32;
-        if (r >= rows || j >= wrows[jb]) continue;
+        if (j >= wrows[jb]) continue;
         const int row = row0 + r, col = wrow0[jb] + j;
         D[static_cast<int64_t>(row) * p.N + col] = from_float<T>(total(jb, j, r));
       }
     }
-    __syncthreads();  // red is rewritten by the next row group
+    __syncthreads();  // red, t_s and slot_s are rewritten by the next pass
   }
 }
 

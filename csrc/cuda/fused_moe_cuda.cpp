@@ -65,20 +65,32 @@ struct LoraSide {
 // rounds the shrink output through a [rows, R] buffer.
 bool use_lora_kernels(int64_t R) { return R <= mc::kLoraMaxRank && !env_flag("MOELORA_LORA_SEGMENT_GEMM"); }
 
-// Decode sizes (T <= kDecodeMaxTokens) run the base GEMMs as expert_gemv.cu (fc1 with the gated activation
-// fused, both with the LoRA expand fused) on every GPU, unless MOELORA_DECODE_GEMV=0. Its LoRA epilogue
-// reads the lora_gemm.cu shrink's partials, so adapters on the segment-GEMM path (rank > kLoraMaxRank or
-// MOELORA_LORA_SEGMENT_GEMM=1) keep the grouped-GEMM path.
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || v[0] == '\0') return fallback;
+  char* end = nullptr;
+  const long x = std::strtol(v, &end, 10);
+  return *end == '\0' && x >= 0 && x <= (1 << 20) ? static_cast<int>(x) : fallback;
+}
+
+// Few routed rows per expert (decode, T <= kDecodeMaxTokens, or T * k <= kGemvMaxAvgRows * E on average;
+// MOELORA_GEMV_AVG_ROWS overrides the latter) run the base GEMMs as expert_gemv.cu (fc1 with the gated
+// activation fused, both with the LoRA expand fused) on every GPU, unless MOELORA_DECODE_GEMV=0. Its LoRA
+// epilogue reads the lora_gemm.cu shrink's partials, so adapters on the segment-GEMM path (rank >
+// kLoraMaxRank or MOELORA_LORA_SEGMENT_GEMM=1) keep the grouped-GEMM path.
 bool use_decode_gemv(const FusedMoeDims& d) {
   const char* v = std::getenv("MOELORA_DECODE_GEMV");
   if (v != nullptr && std::strcmp(v, "0") == 0) return false;
-  return d.T <= mc::kDecodeMaxTokens && (!d.has_lora || use_lora_kernels(d.R));
+  const int64_t avg_rows = env_int("MOELORA_GEMV_AVG_ROWS", mc::kGemvMaxAvgRows);
+  const bool few_rows = d.T <= mc::kDecodeMaxTokens || d.T * d.k <= avg_rows * d.E;
+  return few_rows && (!d.has_lora || use_lora_kernels(d.R));
 }
 
 // LoRA workspace: split-K partial sums (lora_gemm.cu) or the rounded shrink output (segment GEMM).
 struct LoraWorkspace {
   bool lora_kernels = false;  // use_lora_kernels(R), decided once per call
   int few_rows_max = mc::kLoraFewRows;  // MOELORA_LORA_FEW_ROWS overrides (0: 64-row tiles only)
+  bool l2_prefetch = true;  // few-rows tiles prefetch their adapter bytes into L2; MOELORA_LORA_PREFETCH=0: off
   at::Tensor buf;
   int k_splits_fc1 = 1, k_splits_fc2 = 1;
 };
@@ -88,6 +100,7 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
   const int pairs = static_cast<int>(d.T * d.k);
   const int active = static_cast<int>(d.E * d.S);
   ws.lora_kernels = use_lora_kernels(d.R);
+  ws.l2_prefetch = env_int("MOELORA_LORA_PREFETCH", 1) != 0;
   if (const char* v = std::getenv("MOELORA_LORA_FEW_ROWS"); v != nullptr && v[0] != '\0')
     ws.few_rows_max = std::clamp(std::atoi(v), 0, static_cast<int>(mc::kTileRows));
   if (ws.lora_kernels) {
@@ -125,6 +138,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
     s.nseg = nseg; s.seg_per_expert = static_cast<int>(d.S + 1); s.slot_base = -1;
     s.R = static_cast<int>(R); s.K = K; s.k_splits = k_splits; s.k_chunk = mc::lora_k_chunk(K, k_splits);
     s.max_rows = pairs; s.max_active_segments = active; s.few_rows_max = ws.few_rows_max;
+    s.l2_prefetch = ws.l2_prefetch;
     s.dtype = to_dtype(input.scalar_type());
     C10_CUDA_CHECK(mc::launch_lora_shrink(s, sm_count, stream));
     if (expand_in_gemv != nullptr) {
@@ -148,6 +162,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
     e.nseg = nseg; e.seg_per_expert = s.seg_per_expert; e.slot_base = -1;
     e.R = s.R; e.N = N; e.n_range = mc::lora_n_range(N, s.R, pairs, active, sm_count);
     e.max_rows = pairs; e.max_active_segments = active; e.few_rows_max = ws.few_rows_max;
+    e.l2_prefetch = ws.l2_prefetch;
     e.dtype = s.dtype;
     C10_CUDA_CHECK(mc::launch_lora_expand(e, sm_count, stream));
     return;
@@ -286,7 +301,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const int64_t lora_tile_capacity = S > 0 ? mc::segment_tiles_upper_bound(pairs, E * S) : 0;
   at::Tensor lora_tile_segment = at::empty({lora_tile_capacity}, iopt);
   at::Tensor permuted = at::empty({pairs, H}, x.options());  // fc1 input; reused as the fc2 output
-  at::Tensor gu = at::empty({pairs, 2 * I}, x.options());
+  at::Tensor gu = at::empty({decode ? 0 : pairs, 2 * I}, x.options());  // the GEMV path writes h directly
   at::Tensor h = at::empty({pairs, I}, x.options());
   at::Tensor token_slots;
   LoraWorkspace lora_ws;
@@ -331,6 +346,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   gemv.bucket_offsets = bucket_offsets.data_ptr<int>();
   gemv.seg_per_expert = S + 1;
   gemv.E = E; gemv.max_rows = pairs;
+  gemv.prefetch_iters = env_int("MOELORA_GEMV_PREFETCH", mc::kGemvPrefetchIters);
   gemv.activation = act;
   gemv.dtype = to_dtype(dtype);
 

@@ -93,7 +93,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
     if (st.rows <= p.few_rows_max) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
       lora_few_rows::shrink_tile<T, RP, kWarps>(X, p.ldx, a_src, p.K, p.R,
                                             st.row0, st.rows, k_begin, k_end, vec,
-                                            p.partial + static_cast<int64_t>(ks) * p.max_rows * p.R, ctile);
+                                            p.partial + static_cast<int64_t>(ks) * p.max_rows * p.R, ctile,
+                                            p.l2_prefetch);
       continue;
     }
     const bool warp_active = warp * 16 < st.rows;
@@ -202,7 +203,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
     if (st.rows <= p.few_rows_max) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
       lora_few_rows::expand_tile<T, RP, kWarps>(p.partial, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R, b_src, p.R,
                                             vec_b, D, p.ldd, alpha, st.row0, st.rows, n_begin, n_end,
-                                            reinterpret_cast<float*>(smem_raw));
+                                            reinterpret_cast<float*>(smem_raw), p.l2_prefetch);
       continue;
     }
 

@@ -1,7 +1,7 @@
 // Host-side launchers of the CUDA stages of fused_moe, with plain parameter structs (no torch types).
 // Pipeline (csrc/cuda/fused_moe_cuda.cpp runs them in this order):
 //   routing -> permute -> fc1 GEMM (+ LoRA shrink/expand) -> activation -> fc2 GEMM (+ LoRA) -> finalize
-// and at decode sizes (T <= kDecodeMaxTokens):
+// and when experts get few rows (decode; see expert_gemv.cu below):
 //   routing -> permute -> [LoRA shrink] -> fc1 GEMV (+ expand, activation) -> [LoRA shrink] -> fc2 GEMV -> finalize
 #pragma once
 #include <cuda_runtime.h>
@@ -111,6 +111,7 @@ struct LoraShrinkParams {
   int R, K, k_chunk, k_splits;              // K-chunk ks covers [ks * k_chunk, min(K, (ks+1) * k_chunk))
   int max_rows, max_active_segments;        // host upper bounds (grid sizing, partial layout)
   int few_rows_max;                        // m-tiles with at most this many rows: lora_rows_mma.cuh
+  bool l2_prefetch;                        // few-rows tiles request their adapter bytes into L2 first
   DType dtype;
 };
 struct LoraExpandParams {
@@ -126,6 +127,7 @@ struct LoraExpandParams {
   int R, N, n_range;                        // one work item = one m-tile x n_range columns
   int max_rows, max_active_segments;
   int few_rows_max;                        // as for the shrink
+  bool l2_prefetch;                        // as for the shrink
   DType dtype;
 };
 // Host heuristics (shapes only, no routing values): split counts that fill the GPU with work items.
@@ -135,16 +137,19 @@ int lora_n_range(int N, int R, int max_rows, int max_active_segments, int sm_cou
 cudaError_t launch_lora_shrink(const LoraShrinkParams& p, int sm_count, cudaStream_t stream);
 cudaError_t launch_lora_expand(const LoraExpandParams& p, int sm_count, cudaStream_t stream);
 
-// ---- expert_gemv.cu: the base GEMMs at decode sizes -----------------------------------------------------
-// With T <= kDecodeMaxTokens tokens an expert holds at most T rows (unless a token names it twice), so the
-// base GEMM is a matrix-vector product that streams W. One CTA per (64-row expert tile, 32 weight rows); each
-// warp takes a quarter of K and loads W straight into mma.sync fragments (mma_operands.cuh), the warps'
-// sums meet in shared memory in a fixed order. Tiles come from routing's expert tile prefix (grid sized from
-// shapes). Epilogue, per output (row r, weight row n): v = acc + LoRA delta, where the delta of a row with
-// an adapter (slot s) is slot_scale[s] * round(t[r]) . B[s, e][n] -- the LoRA expand, fused -- with t the sum
-// of the shrink's split-K partials (lora_gemm.cu, launch_lora_shrink). out = round(v), or gated (fc1)
-// h = round(act(round(v_gate)) * round(v_up)) with gate / up = weight rows i and I + i.
+// ---- expert_gemv.cu: the base GEMMs when experts get few rows -----------------------------------------
+// With few routed rows per expert (decode: T <= kDecodeMaxTokens; or T * k <= kGemvMaxAvgRows * E) the base
+// GEMM is a matrix-"vector" product that streams W. One CTA per (64-row expert tile, 32 weight rows); each
+// warp takes a quarter of K and loads W straight into mma.sync fragments (mma_operands.cuh), up to 16 token
+// rows per pass share every weight load, the warps' sums meet in shared memory in a fixed order. Tiles come
+// from routing's expert tile prefix (grid sized from shapes). Epilogue, per output (row r, weight row n):
+// v = acc + LoRA delta, where the delta of a row with an adapter (slot s) is slot_scale[s] * round(t[r]) .
+// B[s, e][n] -- the LoRA expand, fused -- with t the sum of the shrink's split-K partials (lora_gemm.cu,
+// launch_lora_shrink). out = round(v), or gated (fc1) h = round(act(round(v_gate)) * round(v_up)) with
+// gate / up = weight rows i and I + i.
 constexpr int kDecodeMaxTokens = 4;
+constexpr int kGemvMaxAvgRows = 2;
+constexpr int kGemvPrefetchIters = 2;  // CTA loop iterations of W requested ahead into L2 (0: none)
 struct ExpertGemvParams {
   const void* X;               // [rows, K] sorted activations
   const void* W;               // [E, N, K]
@@ -155,6 +160,7 @@ struct ExpertGemvParams {
   bool gated;
   ActivationKind activation;   // when gated
   int max_rows;                // host upper bound of the rows (T * k): sizes the grid
+  int prefetch_iters;          // kGemvPrefetchIters unless overridden
   DType dtype;
   // LoRA expand (lora_partial == nullptr: none). Rows of bucket b = e * seg_per_expert + 1 + s hold slot s.
   const float* lora_partial;   // [lora_k_splits, max_rows, R] fp32 shrink partial sums
