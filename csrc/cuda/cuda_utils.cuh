@@ -17,6 +17,22 @@ template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
 
+// sum over i < n of src[i * stride], in i order (the split-K partials' fixed reduction order), with the
+// loads of up to 8 terms in flight at once instead of one dependent round trip per term.
+__device__ __forceinline__ float sum_splits(const float* src, int n, int64_t stride) {
+  float v = 0.f;
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    float t[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) t[u] = src[(i + u) * stride];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) v += t[u];
+  }
+  for (; i < n; ++i) v += src[i * stride];
+  return v;
+}
+
 // Eight 16-bit elements moved as one 16-byte access.
 template <typename T>
 struct alignas(16) Vec8 {
@@ -33,14 +49,5 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-// Asks the L2 to fetch [src, src + bytes) from memory ahead of the loads that will read it (sm_90 bulk
-// prefetch; a no-op before sm_90). src and bytes must be multiples of 16. Nothing comes back to the SM, so
-// it puts more of a weight stream in flight without holding registers.
-__device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (bytes > 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
-#endif
-}
 
 }  // namespace moelora::cuda

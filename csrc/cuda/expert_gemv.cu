@@ -12,7 +12,6 @@
 #include "cuda_utils.cuh"
 #include "mma_operands.cuh"
 #include "pdl.cuh"
-#include "smem_tiles.cuh"
 #include "stages.h"
 
 namespace moelora::cuda {
@@ -44,18 +43,14 @@ template <typename T>
 struct WeightRows {
   const T* row[2][2];  // [block][h]: weight row g + 8h of the block (clamped; invalid rows load zeros)
   bool valid[2][2];
-  const T* lane_row;   // warp 0 lane l: row l % 16 of block l / 16, for the L2 prefetch (nullptr: none)
 };
 
 // Sums over K of the pass's rows [row0, row0 + rows) (rows <= 8 NG) times the CTA's weight rows, into
-// red[warp][jb][j][r] (each warp a quarter of the k blocks). Warp 0 also keeps the L2 busy with the next
-// `prefetch` iterations' weight bytes (bulk prefetch, no registers) so the stream does not wait on the
-// loads in flight alone.
+// red[warp][jb][j][r] (each warp a quarter of the k blocks).
 template <typename T, int NG>
 __device__ __forceinline__ void gemv_pass(const T* X, int K, int row0, int rows, const WeightRows<T>& w, bool vec,
-                                          int prefetch, float (*red)[2][16][kPassRows]) {
+                                          float (*red)[2][16][kPassRows]) {
   constexpr int U = kU<NG>;
-  constexpr int kIterK = kWarps * U * 32;  // k covered by the CTA per loop iteration
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, q = lane % 4;
   const int nkb = ceil_div(K, 32);
@@ -68,16 +63,7 @@ __device__ __forceinline__ void gemv_pass(const T* X, int K, int row0, int rows,
 #pragma unroll
     for (int ng = 0; ng < NG; ++ng) c[jb][ng][0] = c[jb][ng][1] = c[jb][ng][2] = c[jb][ng][3] = 0.f;
 
-  const bool prefetching = prefetch > 0 && w.lane_row != nullptr;
-  if (prefetching) {  // iterations 1 .. prefetch (iteration 0's loads are issued right below)
-    const int k0 = min(K, kIterK), k1 = min(K, kIterK * (1 + prefetch));
-    prefetch_l2(w.lane_row + k0, static_cast<uint32_t>(k1 - k0) * sizeof(T));
-  }
-  for (int kb0 = warp, it = 0; kb0 < nkb; kb0 += kWarps * U, ++it) {
-    if (prefetching && it > 0) {
-      const int k0 = min(K, kIterK * (it + prefetch)), k1 = min(K, k0 + kIterK);
-      prefetch_l2(w.lane_row + k0, static_cast<uint32_t>(k1 - k0) * sizeof(T));
-    }
+  for (int kb0 = warp; kb0 < nkb; kb0 += kWarps * U) {
     Pack<T, 8> xp[U][NG], wp[U][2][2];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -121,13 +107,27 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
   __shared__ float red[kWarps][2][16][kPassRows];  // per warp: two 16-row weight blocks x the pass's rows
   __shared__ float t_s[kPassRows][kLoraMaxRank];    // LoRA: the pass rows' shrink output, rounded
   __shared__ int slot_s[kPassRows];                 // LoRA: each row's adapter slot (-1: none)
+  __shared__ int tile_s[3];                         // the tile's expert, first row and rows
 
+  // The tile's expert, found by the whole CTA in one round of loads: a binary search over the tile prefix
+  // would be log2(E) dependent loads before the first weight load (several µs at decode, NOTES.md v6).
   const int col_blocks = column_blocks<kGated>(p.N);
   const int tile = blockIdx.x / col_blocks, cb = blockIdx.x % col_blocks;
-  if (tile >= p.expert_tile_prefix[p.E]) return;
-  const int e = segment_of_tile(p.expert_tile_prefix, p.E, tile);
-  const int tile_row0 = p.expert_offsets[e] + (tile - p.expert_tile_prefix[e]) * kTileRows;
-  const int tile_rows = min(kTileRows, p.expert_offsets[e + 1] - tile_row0);
+  if (threadIdx.x == 0) tile_s[0] = -1;
+  __syncthreads();
+  for (int i = threadIdx.x; i < p.E; i += kThreads) {
+    const int first = p.expert_tile_prefix[i];
+    if (first <= tile && tile < p.expert_tile_prefix[i + 1]) {  // exactly one expert owns the tile
+      const int row0 = p.expert_offsets[i] + (tile - first) * kTileRows;
+      tile_s[0] = i;
+      tile_s[1] = row0;
+      tile_s[2] = min(kTileRows, p.expert_offsets[i + 1] - row0);
+    }
+  }
+  __syncthreads();
+  const int e = tile_s[0];
+  if (e < 0) return;  // past the routed tiles (the grid is sized from shapes)
+  const int tile_row0 = tile_s[1], tile_rows = tile_s[2];
 
   // The CTA's two 16-row weight blocks: first row and valid rows of each.
   const int half = p.N / 2;
@@ -160,18 +160,14 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
       w.valid[jb][h] = j < wrows[jb];
       w.row[jb][h] = W + static_cast<int64_t>(wrow0[jb] + (w.valid[jb][h] ? j : 0)) * p.K;
     }
-  {  // row starts are 16-byte aligned when vec (K % 8 == 0), as the bulk prefetch needs
-    const int jb = lane / 16, j = lane % 16;
-    w.lane_row = vec && threadIdx.x < 32 && j < wrows[jb] ? W + static_cast<int64_t>(wrow0[jb] + j) * p.K : nullptr;
-  }
 
   for (int g0 = 0; g0 < tile_rows; g0 += kPassRows) {  // one pass unless the expert has more than 16 rows here
     const int rows = min(kPassRows, tile_rows - g0);
     const int row0 = tile_row0 + g0;
     if (rows > kRowGroup)
-      gemv_pass<T, 2>(X, p.K, row0, rows, w, vec, p.prefetch_iters, red);
+      gemv_pass<T, 2>(X, p.K, row0, rows, w, vec, red);
     else
-      gemv_pass<T, 1>(X, p.K, row0, rows, w, vec, p.prefetch_iters, red);
+      gemv_pass<T, 1>(X, p.K, row0, rows, w, vec, red);
     if (lora) {  // each row's slot, and t = sum of the split-K partials in ks order, rounded as in lora_gemm.cu
       if (threadIdx.x < kPassRows) {
         int slot = -1;
@@ -185,9 +181,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
       for (int i = threadIdx.x; i < rows * p.R; i += kThreads) {
         const int r = i / p.R, j = i % p.R;
         const float* src = p.lora_partial + static_cast<int64_t>(row0 + r) * p.R + j;
-        float v = 0.f;
-        for (int ks = 0; ks < p.lora_k_splits; ++ks) v += src[static_cast<int64_t>(ks) * p.max_rows * p.R];
-        t_s[r][j] = to_float(from_float<T>(v));
+        t_s[r][j] = to_float(from_float<T>(sum_splits(src, p.lora_k_splits, static_cast<int64_t>(p.max_rows) * p.R)));
       }
     }
     __syncthreads();

@@ -7,6 +7,8 @@
 namespace moelora::cuda {
 namespace {
 
+constexpr int kInFlight = 8;  // experts of a token whose rows are loaded before they are summed
+
 template <typename T>
 __global__ void finalize_kernel(FinalizeParams p) {
   pdl_begin();
@@ -15,13 +17,27 @@ __global__ void finalize_kernel(FinalizeParams p) {
   auto* out = reinterpret_cast<Vec8<T>*>(static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.H);
   for (int c = threadIdx.x; c < p.H / 8; c += blockDim.x) {
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int j = 0; j < p.k; ++j) {
-      const int row = p.pair_row[t * p.k + j];
-      if (row < 0) continue;  // expert not on this GPU / out of range: contributes nothing
-      const float w = p.topk_weights[t * p.k + j];
-      const Vec8<T> v = reinterpret_cast<const Vec8<T>*>(y + static_cast<int64_t>(row) * p.H)[c];
+    // kInFlight experts at a time: their row ids, then their y slices, are loaded together (two round
+    // trips per group instead of two per expert); the sum still runs in j order.
+    for (int j0 = 0; j0 < p.k; j0 += kInFlight) {
+      int row[kInFlight];
+      float w[kInFlight];
+      Vec8<T> v[kInFlight];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] += w * to_float(v.v[i]);
+      for (int u = 0; u < kInFlight; ++u) {
+        const bool in = j0 + u < p.k;
+        row[u] = in ? p.pair_row[t * p.k + j0 + u] : -1;
+        w[u] = in ? p.topk_weights[t * p.k + j0 + u] : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u)  // row < 0: expert not on this GPU / out of range, contributes nothing
+        if (row[u] >= 0) v[u] = reinterpret_cast<const Vec8<T>*>(y + static_cast<int64_t>(row[u]) * p.H)[c];
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        if (row[u] < 0) continue;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] += w[u] * to_float(v[u].v[i]);
+      }
     }
     Vec8<T> o;
 #pragma unroll

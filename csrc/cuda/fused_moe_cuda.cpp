@@ -90,7 +90,6 @@ bool use_decode_gemv(const FusedMoeDims& d) {
 struct LoraWorkspace {
   bool lora_kernels = false;  // use_lora_kernels(R), decided once per call
   int few_rows_max = mc::kLoraFewRows;  // MOELORA_LORA_FEW_ROWS overrides (0: 64-row tiles only)
-  bool l2_prefetch = true;  // few-rows tiles prefetch their adapter bytes into L2; MOELORA_LORA_PREFETCH=0: off
   at::Tensor buf;
   int k_splits_fc1 = 1, k_splits_fc2 = 1;
 };
@@ -100,7 +99,6 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
   const int pairs = static_cast<int>(d.T * d.k);
   const int active = static_cast<int>(d.E * d.S);
   ws.lora_kernels = use_lora_kernels(d.R);
-  ws.l2_prefetch = env_int("MOELORA_LORA_PREFETCH", 1) != 0;
   if (const char* v = std::getenv("MOELORA_LORA_FEW_ROWS"); v != nullptr && v[0] != '\0')
     ws.few_rows_max = std::clamp(std::atoi(v), 0, static_cast<int>(mc::kTileRows));
   if (ws.lora_kernels) {
@@ -138,7 +136,6 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
     s.nseg = nseg; s.seg_per_expert = static_cast<int>(d.S + 1); s.slot_base = -1;
     s.R = static_cast<int>(R); s.K = K; s.k_splits = k_splits; s.k_chunk = mc::lora_k_chunk(K, k_splits);
     s.max_rows = pairs; s.max_active_segments = active; s.few_rows_max = ws.few_rows_max;
-    s.l2_prefetch = ws.l2_prefetch;
     s.dtype = to_dtype(input.scalar_type());
     C10_CUDA_CHECK(mc::launch_lora_shrink(s, sm_count, stream));
     if (expand_in_gemv != nullptr) {
@@ -162,7 +159,6 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
     e.nseg = nseg; e.seg_per_expert = s.seg_per_expert; e.slot_base = -1;
     e.R = s.R; e.N = N; e.n_range = mc::lora_n_range(N, s.R, pairs, active, sm_count);
     e.max_rows = pairs; e.max_active_segments = active; e.few_rows_max = ws.few_rows_max;
-    e.l2_prefetch = ws.l2_prefetch;
     e.dtype = s.dtype;
     C10_CUDA_CHECK(mc::launch_lora_expand(e, sm_count, stream));
     return;
@@ -346,7 +342,6 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   gemv.bucket_offsets = bucket_offsets.data_ptr<int>();
   gemv.seg_per_expert = S + 1;
   gemv.E = E; gemv.max_rows = pairs;
-  gemv.prefetch_iters = env_int("MOELORA_GEMV_PREFETCH", mc::kGemvPrefetchIters);
   gemv.activation = act;
   gemv.dtype = to_dtype(dtype);
 

@@ -93,8 +93,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
     if (st.rows <= p.few_rows_max) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
       lora_few_rows::shrink_tile<T, RP, kWarps>(X, p.ldx, a_src, p.K, p.R,
                                             st.row0, st.rows, k_begin, k_end, vec,
-                                            p.partial + static_cast<int64_t>(ks) * p.max_rows * p.R, ctile,
-                                            p.l2_prefetch);
+                                            p.partial + static_cast<int64_t>(ks) * p.max_rows * p.R, ctile);
       continue;
     }
     const bool warp_active = warp * 16 < st.rows;
@@ -203,7 +202,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
     if (st.rows <= p.few_rows_max) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
       lora_few_rows::expand_tile<T, RP, kWarps>(p.partial, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R, b_src, p.R,
                                             vec_b, D, p.ldd, alpha, st.row0, st.rows, n_begin, n_end,
-                                            reinterpret_cast<float*>(smem_raw), p.l2_prefetch);
+                                            reinterpret_cast<float*>(smem_raw));
       continue;
     }
 
@@ -221,7 +220,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       float v = 0.f;
       if (r < st.rows && col < p.R) {
         const float* src = p.partial + static_cast<int64_t>(st.row0 + r) * p.R + col;
-        for (int ks = 0; ks < p.k_splits; ++ks) v += src[static_cast<int64_t>(ks) * p.max_rows * p.R];
+        v = sum_splits(src, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R);
       }
       t_tile[r * kLdt + col] = from_float<T>(v);
     }

@@ -107,28 +107,10 @@ __device__ void shrink_pass(const T* __restrict__ X, int64_t ldx, const T* __res
   __syncthreads();  // red is rewritten by the next pass / reused by the caller
 }
 
-// The tile's adapter bytes requested into L2 up front (one bulk prefetch per A row / for B's column range,
-// and the expand's D rows): the passes below then wait on L2 instead of a chain of memory round trips.
-// Needs 16-byte aligned rows and ranges (`vec` / `vec_b`), as the bulk prefetch does.
-template <typename T>
-__device__ __forceinline__ void prefetch_shrink_tile(const T* A, int64_t lda, int R, int k_begin, int k_end) {
-  if (static_cast<int>(threadIdx.x) < R)
-    prefetch_l2(A + threadIdx.x * lda + k_begin, static_cast<uint32_t>(k_end - k_begin) * sizeof(T));
-}
-template <typename T>
-__device__ __forceinline__ void prefetch_expand_tile(const T* B, int R, const T* D, int64_t ldd, int row0, int rows,
-                                                     int n_begin, int n_end, bool vec_d) {
-  const uint32_t cols = static_cast<uint32_t>(n_end - n_begin);
-  if (threadIdx.x == 0) prefetch_l2(B + static_cast<int64_t>(n_begin) * R, cols * R * sizeof(T));
-  const int r = static_cast<int>(threadIdx.x) - 32;  // another warp takes the D rows
-  if (vec_d && r >= 0 && r < rows) prefetch_l2(D + (row0 + r) * ldd + n_begin, cols * sizeof(T));
-}
-
 template <typename T, int RP, int kWarps>
 __device__ void shrink_tile(const T* __restrict__ X, int64_t ldx, const T* __restrict__ A, int64_t lda, int R,
                             int row0, int rows, int k_begin, int k_end, bool vec, float* __restrict__ partial,
-                            float* red, bool l2_prefetch) {
-  if (l2_prefetch && vec) prefetch_shrink_tile(A, lda, R, k_begin, k_end);
+                            float* red) {
   for (int g0 = 0; g0 < rows;) {
     const int left = rows - g0;
     if constexpr (kRowPairs<RP>) {
@@ -167,7 +149,7 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
     float v = 0.f;
     if (r < rows && j < R) {
       const float* src = partial + static_cast<int64_t>(row0 + r) * R + j;
-      for (int ks = 0; ks < k_splits; ++ks) v += src[ks * split_stride];
+      v = sum_splits(src, k_splits, split_stride);
     }
     t_smem[e] = v;
   }
@@ -241,12 +223,7 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
 template <typename T, int RP, int kWarps>
 __device__ void expand_tile(const float* __restrict__ partial, int k_splits, int64_t split_stride,
                             const T* __restrict__ B, int R, bool vec_b, T* D, int64_t ldd, float alpha, int row0,
-                            int rows, int n_begin, int n_end, float* t_smem, bool l2_prefetch) {
-  if (l2_prefetch && vec_b) {
-    const bool vec_d = ldd % 8 == 0 && n_begin % 8 == 0 && (n_end - n_begin) % 8 == 0 &&
-                       reinterpret_cast<uintptr_t>(D) % 16 == 0;
-    prefetch_expand_tile(B, R, D, ldd, row0, rows, n_begin, n_end, vec_d);
-  }
+                            int rows, int n_begin, int n_end, float* t_smem) {
   for (int g0 = 0; g0 < rows;) {
     const int left = rows - g0;
     if constexpr (kRowPairs<RP>) {

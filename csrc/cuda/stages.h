@@ -111,7 +111,6 @@ struct LoraShrinkParams {
   int R, K, k_chunk, k_splits;              // K-chunk ks covers [ks * k_chunk, min(K, (ks+1) * k_chunk))
   int max_rows, max_active_segments;        // host upper bounds (grid sizing, partial layout)
   int few_rows_max;                        // m-tiles with at most this many rows: lora_rows_mma.cuh
-  bool l2_prefetch;                        // few-rows tiles request their adapter bytes into L2 first
   DType dtype;
 };
 struct LoraExpandParams {
@@ -127,7 +126,6 @@ struct LoraExpandParams {
   int R, N, n_range;                        // one work item = one m-tile x n_range columns
   int max_rows, max_active_segments;
   int few_rows_max;                        // as for the shrink
-  bool l2_prefetch;                        // as for the shrink
   DType dtype;
 };
 // Host heuristics (shapes only, no routing values): split counts that fill the GPU with work items.
@@ -147,9 +145,11 @@ cudaError_t launch_lora_expand(const LoraExpandParams& p, int sm_count, cudaStre
 // B[s, e][n] -- the LoRA expand, fused -- with t the sum of the shrink's split-K partials (lora_gemm.cu,
 // launch_lora_shrink). out = round(v), or gated (fc1) h = round(act(round(v_gate)) * round(v_up)) with
 // gate / up = weight rows i and I + i.
+// Measured on the H100 (benchmarks/NOTES.md, v6): the GEMV beats the grouped GEMM up to T = 4 on every
+// benchmark shape, ties at qwen3 T = 4..16 and loses above, so by default only T <= kDecodeMaxTokens takes
+// it; kGemvMaxAvgRows (MOELORA_GEMV_AVG_ROWS) can extend it to T * k <= avg * E.
 constexpr int kDecodeMaxTokens = 4;
-constexpr int kGemvMaxAvgRows = 2;
-constexpr int kGemvPrefetchIters = 2;  // CTA loop iterations of W requested ahead into L2 (0: none)
+constexpr int kGemvMaxAvgRows = 0;
 struct ExpertGemvParams {
   const void* X;               // [rows, K] sorted activations
   const void* W;               // [E, N, K]
@@ -160,7 +160,6 @@ struct ExpertGemvParams {
   bool gated;
   ActivationKind activation;   // when gated
   int max_rows;                // host upper bound of the rows (T * k): sizes the grid
-  int prefetch_iters;          // kGemvPrefetchIters unless overridden
   DType dtype;
   // LoRA expand (lora_partial == nullptr: none). Rows of bucket b = e * seg_per_expert + 1 + s hold slot s.
   const float* lora_partial;   // [lora_k_splits, max_rows, R] fp32 shrink partial sums
