@@ -247,26 +247,6 @@ def test_gemv_many_rows_per_expert(shape, dtype, gemm_path, monkeypatch):
     assert rel_err(gemv, gemm) < TOL[dtype] / 2
 
 
-@pytest.mark.parametrize("case", ["decode", "decode_gelu", "rows_per_expert_10", "repeated_ids", "no_lora"])
-def test_gemv_async_and_register_paths_identical(case, monkeypatch):
-    """The GEMV streams W through per-warp cp.async rings, or (MOELORA_GEMV_ASYNC=0, and for unaligned
-    operands) with loads into registers: same k blocks, same mma order, so the same bits."""
-    kwargs = {"activation": "gelu"} if case == "decode_gelu" else {}
-    if case == "rows_per_expert_10":
-        monkeypatch.setenv("MOELORA_GEMV_AVG_ROWS", "100000")
-        args = make_case(40, 256, 128, 8, 2, 4, 16, seed=70)
-    elif case == "repeated_ids":
-        args = make_case(4, 512, 256, 32, 32, 4, 32, seed=71, invalid_ids=False)
-        args["topk_ids"].fill_(7)
-    else:
-        args = make_case(3, 2880, 2880, 8, 4, 0 if case == "no_lora" else 4, 16, seed=72)
-    monkeypatch.setenv("MOELORA_GEMV_ASYNC", "0")
-    registers = check(args, torch.bfloat16, **kwargs)
-    monkeypatch.delenv("MOELORA_GEMV_ASYNC")
-    poison_allocator()
-    assert torch.equal(moelora_ext.fused_moe(**args, **kwargs), registers)
-
-
 @pytest.mark.parametrize("flags", [(True, True, True, True), (False, True, False, True)])
 def test_decode_gemv_shared_outer_bit_identical(flags, gemm_path):
     """The GEMV's fused expand skips the expert offset of a shared B exactly as the expand kernel does."""

@@ -27,26 +27,9 @@ constexpr int kRowGroup = 8;   // token rows per mma (its N)
 constexpr int kMaxGroups = 2;  // row groups per pass: up to 16 token rows share every weight load
 constexpr int kPassRows = kRowGroup * kMaxGroups;
 
-// Register path: 32-wide k blocks loaded per warp before their mmas (2 KB of W each); fewer with two row
-// groups (registers).
+// 32-wide k blocks in flight per warp (2 KB of W each): fewer with two row groups (registers).
 template <int NG>
 constexpr int kU = NG == 1 ? 4 : 2;
-
-// cp.async path: a ring of kStages k blocks per warp, kStages - 1 of them in flight while one is consumed.
-// Each lane copies its own 16-byte packs (4 weight rows, the token rows) and reads back only those, so
-// cp.async.wait_group alone orders copy and use -- no barrier. Why (benchmarks/NOTES.md, v6): with loads
-// into registers every warp waits for its whole batch, then computes, then issues the next, so at qwen3 T=1
-// (one wave, 4 batches per warp) DRAM ran at 57% of peak with warps stalled on those loads; the ring keeps
-// a warp's requests queued continuously.
-constexpr int kStages = 5;
-constexpr int kPacks = 4 + kMaxGroups;               // 16-byte packs per lane and stage
-constexpr int kRingVecs = kStages * kPacks * 32;     // uint4 per warp
-constexpr size_t kSmemBytes = size_t(kWarps) * kRingVecs * sizeof(uint4);
-// After a warp's main loop its ring holds its partial sums (red, 2 KB); after the CTA's barrier, warp 0's
-// ring also holds the LoRA t tile. Neither may touch another warp's ring while that warp still streams.
-constexpr int kRedFloats = 2 * 16 * kPassRows;
-static_assert(size_t(kRedFloats + kPassRows * kLoraMaxRank) * 4 <= size_t(kRingVecs) * sizeof(uint4),
-              "red and the t tile fit in one warp's ring");
 
 // Output columns per CTA: plain 32 (weight rows c0 .. c0 + 31), gated 16 (gate rows i and up rows I + i).
 template <bool kGated>
@@ -62,102 +45,11 @@ struct WeightRows {
   bool valid[2][2];
 };
 
-// Both paths: sums over K of the pass's rows [row0, row0 + rows) (rows <= 8 NG) times the CTA's weight rows,
-// into the warp's red[jb][j][r] (each warp a quarter of the k blocks: warp, warp + kWarps, ...).
-template <int NG>
-__device__ __forceinline__ void store_partials(const float (&c)[2][NG][4], float (*red)[16][kPassRows]) {
-  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-  // c[jb][ng] = {(j, r), (j, r + 1), (j + 8, r), (j + 8, r + 1)} with weight row j = g, token row r = 8 ng + 2q.
-#pragma unroll
-  for (int jb = 0; jb < 2; ++jb)
-#pragma unroll
-    for (int ng = 0; ng < NG; ++ng) {
-      const int r = 8 * ng + 2 * q;
-      red[jb][g][r] = c[jb][ng][0];
-      red[jb][g][r + 1] = c[jb][ng][1];
-      red[jb][g + 8][r] = c[jb][ng][2];
-      red[jb][g + 8][r + 1] = c[jb][ng][3];
-    }
-}
-
-template <typename T, int NG>
-__device__ __forceinline__ void mma_block(float (&c)[2][NG][4], const uint32_t (&wv)[2][2][4], const uint32_t (&xv)[NG][4]) {
-#pragma unroll
-  for (int jb = 0; jb < 2; ++jb)
-#pragma unroll
-    for (int ng = 0; ng < NG; ++ng) {
-      mma_16816<T>(c[jb][ng], wv[jb][0][0], wv[jb][1][0], wv[jb][0][1], wv[jb][1][1], xv[ng][0], xv[ng][1]);
-      mma_16816<T>(c[jb][ng], wv[jb][0][2], wv[jb][1][2], wv[jb][0][3], wv[jb][1][3], xv[ng][2], xv[ng][3]);
-    }
-}
-
-// cp.async path (16-byte aligned rows, K % 8 == 0).
-template <typename T, int NG>
-__device__ __forceinline__ void gemv_pass_async(const T* X, int K, int row0, int rows, const WeightRows<T>& w,
-                                                uint4* ring, float (*red)[16][kPassRows]) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, q = lane % 4;
-  const int nkb = ceil_div(K, 32);
-  const int n_it = warp < nkb ? ceil_div(nkb - warp, kWarps) : 0;
-  const T* xrow[NG];
-  bool xvalid[NG];
-#pragma unroll
-  for (int ng = 0; ng < NG; ++ng) {
-    xvalid[ng] = 8 * ng + g < rows;
-    xrow[ng] = X + static_cast<int64_t>(row0 + min(8 * ng + g, rows - 1)) * K;
-  }
-  auto issue = [&](int i) {  // k block i of this warp into ring stage i % kStages (zeros past K / invalid rows)
-    if (i < n_it) {
-      uint4* stage = ring + (i % kStages) * kPacks * 32 + lane;
-      const int k = (warp + i * kWarps) * 32 + 8 * q;
-      const bool k_ok = k < K;
-#pragma unroll
-      for (int jb = 0; jb < 2; ++jb)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const bool ok = k_ok && w.valid[jb][h];
-          cp_async_16(stage + (2 * jb + h) * 32, w.row[jb][h] + (ok ? k : 0), ok);
-        }
-#pragma unroll
-      for (int ng = 0; ng < NG; ++ng) {
-        const bool ok = k_ok && xvalid[ng];
-        cp_async_16(stage + (4 + ng) * 32, xrow[ng] + (ok ? k : 0), ok);
-      }
-    }
-    cp_async_commit();  // empty groups past the end keep the wait count below uniform
-  };
-
-  float c[2][NG][4] = {};
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) issue(s);
-  for (int i = 0; i < n_it; ++i) {
-    cp_async_wait<kStages - 2>();  // this lane's copies of block i have landed
-    const uint4* stage = ring + (i % kStages) * kPacks * 32 + lane;
-    uint32_t wv[2][2][4], xv[NG][4];
-#pragma unroll
-    for (int jb = 0; jb < 2; ++jb)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint4 v = stage[(2 * jb + h) * 32];
-        wv[jb][h][0] = v.x; wv[jb][h][1] = v.y; wv[jb][h][2] = v.z; wv[jb][h][3] = v.w;
-      }
-#pragma unroll
-    for (int ng = 0; ng < NG; ++ng) {
-      const uint4 v = stage[(4 + ng) * 32];
-      xv[ng][0] = v.x; xv[ng][1] = v.y; xv[ng][2] = v.z; xv[ng][3] = v.w;
-    }
-    issue(i + kStages - 1);  // into the stage read (into registers) and used one iteration ago
-    mma_block<T, NG>(c, wv, xv);
-  }
-  cp_async_wait<0>();  // the ring is reused as red below: every lane's copies must have landed
-  __syncwarp();
-  store_partials<NG>(c, red);
-}
-
-// Register path (any alignment): loads of kU k blocks, then their mmas.
+// Sums over K of the pass's rows [row0, row0 + rows) (rows <= 8 NG) times the CTA's weight rows, into
+// red[warp][jb][j][r] (each warp a quarter of the k blocks).
 template <typename T, int NG>
 __device__ __forceinline__ void gemv_pass(const T* X, int K, int row0, int rows, const WeightRows<T>& w, bool vec,
-                                          float (*red)[16][kPassRows]) {
+                                          float (*red)[2][16][kPassRows]) {
   constexpr int U = kU<NG>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, q = lane % 4;
@@ -196,18 +88,25 @@ __device__ __forceinline__ void gemv_pass(const T* X, int K, int row0, int rows,
                        xp[u][ng].w[2], xp[u][ng].w[3]);
         }
   }
-  store_partials<NG>(c, red);
+  // c[jb][ng] = {(j, r), (j, r + 1), (j + 8, r), (j + 8, r + 1)} with weight row j = g, token row r = 8 ng + 2q.
+#pragma unroll
+  for (int jb = 0; jb < 2; ++jb)
+#pragma unroll
+    for (int ng = 0; ng < NG; ++ng) {
+      const int r = 8 * ng + 2 * q;
+      red[warp][jb][g][r] = c[jb][ng][0];
+      red[warp][jb][g][r + 1] = c[jb][ng][1];
+      red[warp][jb][g + 8][r] = c[jb][ng][2];
+      red[warp][jb][g + 8][r + 1] = c[jb][ng][3];
+    }
 }
-
 
 template <typename T, bool kGated, ActivationKind kAct>
 __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvParams p) {
   pdl_begin();
-  extern __shared__ uint4 smem[];                   // kWarps rings; red and t_s after the main loop
+  __shared__ float red[kWarps][2][16][kPassRows];  // per warp: two 16-row weight blocks x the pass's rows
+  __shared__ float t_s[kPassRows][kLoraMaxRank];    // LoRA: the pass rows' shrink output, rounded
   __shared__ int slot_s[kPassRows];                 // LoRA: each row's adapter slot (-1: none)
-  // Warp wi's partial sums [2][16][kPassRows] (in its own ring) and the pass rows' rounded shrink output.
-  auto red_of = [&](int wi) { return reinterpret_cast<float (*)[16][kPassRows]>(smem + wi * kRingVecs); };
-  auto t_s = reinterpret_cast<float (*)[kLoraMaxRank]>(reinterpret_cast<float*>(smem) + kRedFloats);
   __shared__ int tile_s[3];                         // the tile's expert, first row and rows
 
   // The tile's expert, found by the whole CTA in one round of loads: a binary search over the tile prefix
@@ -265,20 +164,10 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
   for (int g0 = 0; g0 < tile_rows; g0 += kPassRows) {  // one pass unless the expert has more than 16 rows here
     const int rows = min(kPassRows, tile_rows - g0);
     const int row0 = tile_row0 + g0;
-    const int warp = threadIdx.x / 32;
-    uint4* ring = smem + warp * kRingVecs;
-    if (vec && p.async_copy) {
-      if (rows > kRowGroup)
-        gemv_pass_async<T, 2>(X, p.K, row0, rows, w, ring, red_of(warp));
-      else
-        gemv_pass_async<T, 1>(X, p.K, row0, rows, w, ring, red_of(warp));
-    } else {
-      if (rows > kRowGroup)
-        gemv_pass<T, 2>(X, p.K, row0, rows, w, vec, red_of(warp));
-      else
-        gemv_pass<T, 1>(X, p.K, row0, rows, w, vec, red_of(warp));
-    }
-    __syncthreads();  // every warp is past its main loop: warp 0's ring may now hold t_s
+    if (rows > kRowGroup)
+      gemv_pass<T, 2>(X, p.K, row0, rows, w, vec, red);
+    else
+      gemv_pass<T, 1>(X, p.K, row0, rows, w, vec, red);
     if (lora) {  // each row's slot, and t = sum of the split-K partials in ks order, rounded as in lora_gemm.cu
       if (threadIdx.x < kPassRows) {
         int slot = -1;
@@ -294,14 +183,14 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
         const float* src = p.lora_partial + static_cast<int64_t>(row0 + r) * p.R + j;
         t_s[r][j] = to_float(from_float<T>(sum_splits(src, p.lora_k_splits, static_cast<int64_t>(p.max_rows) * p.R)));
       }
-      __syncthreads();
     }
+    __syncthreads();
 
     // Sum of the warps in warp order (deterministic), plus the row's LoRA delta, then the epilogue.
     auto total = [&](int jb, int j, int r) {
       float v = 0.f;
 #pragma unroll
-      for (int wi = 0; wi < kWarps; ++wi) v += red_of(wi)[jb][j][r];
+      for (int wi = 0; wi < kWarps; ++wi) v += red[wi][jb][j][r];
       if (lora && slot_s[r] >= 0) {
         const int slot = slot_s[r];
         const T* b = lora_b + slot * p.b_slot_stride + static_cast<int64_t>(wrow0[jb] + j) * p.R;
@@ -330,16 +219,8 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
         D[static_cast<int64_t>(row) * p.N + col] = from_float<T>(total(jb, j, r));
       }
     }
-    __syncthreads();  // the rings, red, t_s and slot_s are rewritten by the next pass
+    __syncthreads();  // red, t_s and slot_s are rewritten by the next pass
   }
-}
-
-template <typename KernelT>
-cudaError_t launch_with_smem(KernelT kernel, unsigned blocks, cudaStream_t stream, const ExpertGemvParams& p) {
-  // Above the 48 KB default: opt in (per device, so on every call; a cheap host call, legal during capture).
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
-  if (err != cudaSuccess) return err;
-  return launch_kernel(kernel, blocks, kThreads, kSmemBytes, stream, p);
 }
 
 template <typename T, bool kGated>
@@ -351,10 +232,10 @@ cudaError_t launch_typed(const ExpertGemvParams& p, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(grid);
   if constexpr (kGated) {
     if (p.activation == ActivationKind::Gelu)
-      return launch_with_smem(expert_gemv_kernel<T, true, ActivationKind::Gelu>, blocks, stream, p);
+      return launch_kernel(expert_gemv_kernel<T, true, ActivationKind::Gelu>, blocks, kThreads, 0, stream, p);
   }
   // The plain epilogue has no activation: one instantiation.
-  return launch_with_smem(expert_gemv_kernel<T, kGated, ActivationKind::Silu>, blocks, stream, p);
+  return launch_kernel(expert_gemv_kernel<T, kGated, ActivationKind::Silu>, blocks, kThreads, 0, stream, p);
 }
 
 }  // namespace

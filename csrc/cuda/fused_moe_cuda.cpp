@@ -342,7 +342,6 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   gemv.bucket_offsets = bucket_offsets.data_ptr<int>();
   gemv.seg_per_expert = S + 1;
   gemv.E = E; gemv.max_rows = pairs;
-  gemv.async_copy = env_int("MOELORA_GEMV_ASYNC", 1) != 0;  // 0: the register-load path (kept for comparison)
   gemv.activation = act;
   gemv.dtype = to_dtype(dtype);
 

@@ -160,7 +160,6 @@ struct ExpertGemvParams {
   bool gated;
   ActivationKind activation;   // when gated
   int max_rows;                // host upper bound of the rows (T * k): sizes the grid
-  bool async_copy;             // stream W through per-warp cp.async rings (else loads into registers)
   DType dtype;
   // LoRA expand (lora_partial == nullptr: none). Rows of bucket b = e * seg_per_expert + 1 + s hold slot s.
   const float* lora_partial;   // [lora_k_splits, max_rows, R] fp32 shrink partial sums
