@@ -31,14 +31,12 @@ constexpr int kPassRows = kRowGroup * kMaxGroups;
 template <int NG>
 constexpr int kU = NG == 1 ? 4 : 2;
 
-// Output columns per CTA: gated 16 (gate rows i and up rows I + i); plain 32 (weight rows c0 .. c0 + 31), or
-// 16 ("narrow") when the 32-column grid would leave the GPU short of warps: mixtral fc2 at T=1 is 2 experts
-// x 128 CTAs of K = 14336, two CTAs per SM, and Nsight Compute showed DRAM at 67% there (NOTES.md, v6).
+// Output columns per CTA: plain 32 (weight rows c0 .. c0 + 31), gated 16 (gate rows i and up rows I + i).
 template <bool kGated>
-__host__ __device__ int cols_per_cta(bool narrow) { return kGated || narrow ? 16 : 32; }
+constexpr int kColsPerCta = kGated ? 16 : 32;
 
 template <bool kGated>
-__host__ __device__ int column_blocks(int N, bool narrow) { return ceil_div(kGated ? N / 2 : N, cols_per_cta<kGated>(narrow)); }
+__host__ __device__ int column_blocks(int N) { return ceil_div(kGated ? N / 2 : N, kColsPerCta<kGated>); }
 
 // The CTA's 32 weight rows: two 16-row blocks, each contiguous in W.
 template <typename T>
@@ -113,7 +111,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
 
   // The tile's expert, found by the whole CTA in one round of loads: a binary search over the tile prefix
   // would be log2(E) dependent loads before the first weight load (several µs at decode, NOTES.md v6).
-  const int col_blocks = column_blocks<kGated>(p.N, p.narrow);
+  const int col_blocks = column_blocks<kGated>(p.N);
   const int tile = blockIdx.x / col_blocks, cb = blockIdx.x % col_blocks;
   if (threadIdx.x == 0) tile_s[0] = -1;
   __syncthreads();
@@ -139,9 +137,9 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
     wrow0[0] = c0; wrow0[1] = half + c0;
     wrows[0] = wrows[1] = min(16, half - c0);
   } else {
-    const int c0 = cb * cols_per_cta<kGated>(p.narrow);
-    wrow0[0] = c0; wrow0[1] = c0 + 16;  // a narrow CTA has no second block (its loads and stores are skipped)
-    wrows[0] = min(16, p.N - c0); wrows[1] = p.narrow ? 0 : max(0, min(16, p.N - c0 - 16));
+    const int c0 = cb * 32;
+    wrow0[0] = c0; wrow0[1] = c0 + 16;
+    wrows[0] = min(16, p.N - c0); wrows[1] = max(0, min(16, p.N - c0 - 16));
   }
 
   const T* X = static_cast<const T*>(p.X);
@@ -226,12 +224,9 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
 }
 
 template <typename T, bool kGated>
-cudaError_t launch_typed(ExpertGemvParams p, cudaStream_t stream) {
-  // Expert tiles: ceil(r/64) <= floor(r/64) + 1 per non-empty expert, so at most floor(rows/64) + min(E, rows).
-  const int64_t tiles_ub = p.max_rows / kTileRows + (p.E < p.max_rows ? p.E : p.max_rows);
-  // Narrow plain CTAs when even their grid fits one wave of 4 CTAs per SM (launch bounds).
-  p.narrow = !kGated && tiles_ub * column_blocks<kGated>(p.N, true) <= 4 * static_cast<int64_t>(p.sm_count);
-  const int64_t grid = tiles_ub * column_blocks<kGated>(p.N, p.narrow);
+cudaError_t launch_typed(const ExpertGemvParams& p, cudaStream_t stream) {
+  const int64_t tiles_ub = segment_tiles_upper_bound(p.max_rows, p.E < p.max_rows ? p.E : p.max_rows);
+  const int64_t grid = tiles_ub * column_blocks<kGated>(p.N);
   if (grid <= 0) return cudaSuccess;
   if (grid > 0x7fffffff) return cudaErrorInvalidValue;
   const unsigned blocks = static_cast<unsigned>(grid);

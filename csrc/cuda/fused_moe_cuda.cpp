@@ -341,7 +341,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   gemv.expert_tile_prefix = expert_tile_prefix.data_ptr<int>();
   gemv.bucket_offsets = bucket_offsets.data_ptr<int>();
   gemv.seg_per_expert = S + 1;
-  gemv.E = E; gemv.max_rows = pairs; gemv.sm_count = sm_count;
+  gemv.E = E; gemv.max_rows = pairs;
   gemv.activation = act;
   gemv.dtype = to_dtype(dtype);
 

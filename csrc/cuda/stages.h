@@ -160,8 +160,6 @@ struct ExpertGemvParams {
   bool gated;
   ActivationKind activation;   // when gated
   int max_rows;                // host upper bound of the rows (T * k): sizes the grid
-  int sm_count;                // with the grid size, picks the plain CTA width
-  bool narrow;                 // set by the launcher: plain CTAs of 16 columns instead of 32
   DType dtype;
   // LoRA expand (lora_partial == nullptr: none). Rows of bucket b = e * seg_per_expert + 1 + s hold slot s.
   const float* lora_partial;   // [lora_k_splits, max_rows, R] fp32 shrink partial sums
