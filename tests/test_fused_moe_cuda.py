@@ -191,6 +191,7 @@ DECODE_SHAPES = [
     (2, 512, 256, 64, 8, 0, 0),     # no LoRA
     (2, 4096, 1024, 8, 2, 2, 128),  # long K, rank 128
     (1, 128, 64, 4, 2, 2, 5),       # rank not a multiple of 8
+    (2, 256, 128, 256, 8, 40, 16),  # 10496 buckets: routing in three kernels and its own permute at decode
 ]
 
 
@@ -278,6 +279,23 @@ def test_shared_outer_bit_identical(flags, gemm_path):
     shared = make_case(77, 256, 128, 8, 4, 4, 16, seed=5, shared=flags)
     out_shared = check(shared, torch.bfloat16)
     assert torch.equal(out_shared, moelora_ext.fused_moe(**replicate_shared(shared, flags)))
+
+
+@pytest.mark.parametrize("T", [2, 100])  # decode (routing gathers the rows) / grouped GEMM
+def test_misaligned_views(T, gemm_path):
+    """Inputs that are contiguous views starting one element into their storage (not 16-byte aligned) give
+    the same bits as aligned copies of them: the op copies what its 16-byte paths cannot read in place."""
+    args = make_case(T, 256, 128, 8, 2, 4, 16, seed=80)
+    shifted = dict(args)
+    for name in ["hidden_states", "w13", "w2", "w13_lora_a", "w13_lora_b", "w2_lora_a", "w2_lora_b"]:
+        t = args[name]
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        view = buf[1:].view(t.shape)
+        view.copy_(t)
+        assert view.data_ptr() % 16 != 0
+        shifted[name] = view
+    expected = check(args, torch.bfloat16)
+    assert torch.equal(moelora_ext.fused_moe(**shifted), expected)
 
 
 def test_repeated_runs_identical(gemm_path):

@@ -52,6 +52,14 @@ bool use_pdl(int device) {
   return v != nullptr && std::strcmp(v, "1") == 0 && device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9;
 }
 
+// Contiguous and 16-byte aligned: the permute stage and the CUTLASS (TMA) GEMMs move 16-byte vectors. A view
+// that starts mid-vector (storage offset not a multiple of 8 elements) is copied once per call; the LoRA
+// kernels and the GEMV check alignment themselves and fall back to element loads.
+at::Tensor aligned_contiguous(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
 // One LoRA pair (shrink with A, expand with B) on top of a base GEMM output. Segments are the routing
 // buckets: expert-major, slot -1 first (those get no tiles).
 struct LoraSide {
@@ -276,8 +284,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const mc::ScopedLaunchPolicy launch_policy(use_pdl(device));
   const mc::ActivationKind act = d.activation == Activation::Silu ? mc::ActivationKind::Silu : mc::ActivationKind::Gelu;
 
-  const at::Tensor x = hidden_states.contiguous();
-  const at::Tensor w13c = w13.contiguous(), w2c = w2.contiguous();
+  const at::Tensor x = aligned_contiguous(hidden_states);
+  const at::Tensor w13c = aligned_contiguous(w13), w2c = aligned_contiguous(w2);
   const at::Tensor ids = topk_ids.to(at::kInt).contiguous();
   const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
   const int pairs = static_cast<int>(d.T * d.k);
@@ -322,6 +330,12 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   rp.lora_tile_prefix = S > 0 ? lora_tile_prefix.data_ptr<int>() : nullptr;
   rp.lora_tile_segment = S > 0 ? lora_tile_segment.data_ptr<int>() : nullptr;
   rp.lora_tile_capacity = static_cast<int>(lora_tile_capacity);
+  // At decode the one-block routing kernel also does the permute stage (one launch less).
+  const bool gather_in_routing = decode && mc::routing_fits_one_block(pairs, nbuckets);
+  if (gather_in_routing) {
+    rp.gather_hidden = x.data_ptr(); rp.gather_permuted = permuted.data_ptr();
+    rp.gather_pair_row = pair_row.data_ptr<int>(); rp.H = H;
+  }
   C10_CUDA_CHECK(mc::launch_routing(rp, stream));
 
   // Both base GEMMs' group tables from the expert offsets (not at decode sizes: expert_gemv.cu needs none).
@@ -351,7 +365,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   pp.pair_rank = rp.pair_rank; pp.bucket_offsets = rp.bucket_offsets;
   pp.T = rp.T; pp.k = rp.k; pp.E = E; pp.S = S; pp.H = H;
   pp.pair_row = pair_row.data_ptr<int>(); pp.permuted = permuted.data_ptr(); pp.dtype = to_dtype(dtype);
-  C10_CUDA_CHECK(mc::launch_permute(pp, stream));
+  if (!gather_in_routing) C10_CUDA_CHECK(mc::launch_permute(pp, stream));
 
   // ---- 3-5. fc1 + LoRA, activation -----------------------------------------------------------------
   at::Tensor a13, b13, a2, b2;

@@ -91,7 +91,19 @@ __global__ void __launch_bounds__(kPlanThreads) routing_one_block_kernel(Routing
     p.pair_rank[pair] = bucket < 0 ? -1 : atomicAdd(&counts[bucket], 1);
   }
   __syncthreads();
-  plan_from_counts(p, counts, tmp);
+  plan_from_counts(p, counts, tmp);  // ends with a barrier: bucket_offsets and pair_rank are visible here
+  if (p.gather_permuted == nullptr) return;
+  // The permute stage (permute.cu), one warp per pair: sorted row, then the token's hidden row copied there.
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int pair = warp; pair < p.T * p.k; pair += kPlanThreads / 32) {
+    const int bucket = pair_bucket(p.topk_ids, p.token_slots, pair, p.k, p.E, p.S);
+    const int row = bucket < 0 ? -1 : p.bucket_offsets[bucket] + p.pair_rank[pair];
+    if (lane == 0) p.gather_pair_row[pair] = row;
+    if (row < 0) continue;
+    const int nvec = p.H / 8;  // 16-byte vectors of 2-byte elements (H % 8 == 0)
+    warp_copy_row(static_cast<const uint4*>(p.gather_hidden) + static_cast<int64_t>(pair / p.k) * nvec,
+                  static_cast<uint4*>(p.gather_permuted) + static_cast<int64_t>(row) * nvec, nvec, lane);
+  }
 }
 
 }  // namespace
@@ -101,6 +113,7 @@ cudaError_t launch_routing(const RoutingParams& p, cudaStream_t stream) {
   const size_t nbuckets = static_cast<size_t>(p.E) * (p.S + 1);
   if (routing_fits_one_block(pairs, static_cast<int64_t>(nbuckets)))
     return launch_kernel(routing_one_block_kernel, 1, kPlanThreads, 0, stream, p);
+  if (p.gather_permuted != nullptr) return cudaErrorInvalidValue;  // only the one-block kernel gathers
   cudaError_t err = cudaMemsetAsync(p.bucket_counts, 0, nbuckets * sizeof(int), stream);
   if (err != cudaSuccess) return err;
   if (pairs > 0) {

@@ -1,5 +1,8 @@
-// Device-side bucket of a (token, expert) pair, shared by routing.cu and permute.cu so both agree.
+// Device-side bucket of a (token, expert) pair, shared by routing.cu and permute.cu so both agree, and the
+// warp row copy of the permute stage (permute.cu, and routing.cu when it gathers at decode).
 #pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
 
 namespace moelora::cuda {
 
@@ -13,6 +16,21 @@ __device__ __forceinline__ int pair_bucket(const int* topk_ids, const int* token
   int slot = token_slots == nullptr ? -1 : token_slots[pair / k];
   if (slot < -1 || slot >= S) slot = -1;
   return e * (S + 1) + slot + 1;
+}
+
+// One warp copies nvec 16-byte vectors, 8 loads per lane in flight before their stores (a load -> store
+// loop would wait one memory round trip per 512 bytes).
+__device__ __forceinline__ void warp_copy_row(const uint4* src, uint4* dst, int nvec, int lane) {
+  constexpr int kInFlight = 8;
+  for (int c0 = lane; c0 < nvec; c0 += 32 * kInFlight) {
+    uint4 v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u)
+      if (c0 + 32 * u < nvec) v[u] = src[c0 + 32 * u];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u)
+      if (c0 + 32 * u < nvec) dst[c0 + 32 * u] = v[u];
+  }
 }
 
 }  // namespace moelora::cuda

@@ -40,9 +40,16 @@ struct RoutingParams {
   int* lora_tile_prefix;    // [E*(S+1)+1] out (only when S > 0): same per bucket, 0 for slot -1 buckets
   int* lora_tile_segment;   // [lora_tile_capacity] out (only when S > 0): bucket of each LoRA m-tile
   int lora_tile_capacity;   // segment_tiles_upper_bound(T * k, E * S)
+  // Optional, decode: the permute stage folded into the one-block kernel (one launch less). When
+  // gather_permuted is set (only with routing_fits_one_block), it writes pair_row and the gathered rows
+  // exactly as launch_permute would.
+  const void* gather_hidden;  // [T, H]
+  void* gather_permuted;      // [T*k, H]
+  int* gather_pair_row;       // [T*k]
+  int H;
 };
-// Decode-sized problems run as one one-block kernel counting in shared memory (bucket_counts unused);
-// larger ones as memset + count kernel + plan kernel.
+// Decode-sized problems run as one one-block kernel counting in shared memory (bucket_counts unused; it
+// can also do the permute stage, see gather_permuted); larger ones as memset + count kernel + plan kernel.
 constexpr int kOneBlockMaxPairs = 4096;
 constexpr int kOneBlockMaxBuckets = 8192;  // 32 KB of shared-memory counters
 inline bool routing_fits_one_block(int pairs, int64_t nbuckets) {
