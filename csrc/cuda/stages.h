@@ -1,8 +1,8 @@
 // Host-side launchers of the CUDA stages of fused_moe, with plain parameter structs (no torch types).
 // Pipeline (csrc/cuda/fused_moe_cuda.cpp runs them in this order):
 //   routing -> permute -> fc1 GEMM (+ LoRA shrink/expand) -> activation -> fc2 GEMM (+ LoRA) -> finalize
-// and when experts get few rows (decode; see expert_gemv.cu below):
-//   routing -> permute -> [LoRA shrink] -> fc1 GEMV (+ expand, activation) -> [LoRA shrink] -> fc2 GEMV -> finalize
+// and when experts get few rows (decode; see expert_gemv.cu below), with the permute inside the one-block routing:
+//   routing + permute -> [LoRA shrink] -> fc1 GEMV (+ expand, activation) -> [LoRA shrink] -> fc2 GEMV -> finalize
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
@@ -152,9 +152,10 @@ cudaError_t launch_lora_expand(const LoraExpandParams& p, int sm_count, cudaStre
 // B[s, e][n] -- the LoRA expand, fused -- with t the sum of the shrink's split-K partials (lora_gemm.cu,
 // launch_lora_shrink). out = round(v), or gated (fc1) h = round(act(round(v_gate)) * round(v_up)) with
 // gate / up = weight rows i and I + i.
-// Measured on the H100 (benchmarks/NOTES.md, v6): the GEMV beats the grouped GEMM up to T = 4 on every
-// benchmark shape, ties at qwen3 T = 4..16 and loses above, so by default only T <= kDecodeMaxTokens takes
-// it; kGemvMaxAvgRows (MOELORA_GEMV_AVG_ROWS) can extend it to T * k <= avg * E.
+// Measured on the H100 (benchmarks/NOTES.md, v5/v6): the GEMV wins at T = 1 on every benchmark shape, is
+// within run-to-run spread at T = 4 (mixtral T = 4 varies 790-910 µs on either path) and loses from T = 8..16
+// up, so by default only T <= kDecodeMaxTokens takes it; MOELORA_GEMV_AVG_ROWS extends it to
+// T * k <= avg * E (default kGemvMaxAvgRows = 0: off).
 constexpr int kDecodeMaxTokens = 4;
 constexpr int kGemvMaxAvgRows = 0;
 struct ExpertGemvParams {
