@@ -183,6 +183,60 @@ def test_lora_row_paths_agree(shape, dtype, monkeypatch):
     assert rel_err(outs[None], outs["0"]) < TOL[dtype] / 2
 
 
+FUSED_ACT_SHAPES = [
+    # T,   H,   I,   E,  k, S, R
+    (300, 256, 192, 32, 4, 8, 8),
+    (200, 256, 136, 16, 2, 4, 64),    # I = 136: the last chunk of h columns is partial
+    (100, 256, 128, 8, 2, 3, 128),
+    (20, 128, 64, 4, 2, 2, 5),        # rank 5: element-wise B loads
+    (700, 512, 256, 16, 4, 3, 32),
+    (5, 128, 64, 8, 2, 2, 16),        # smallest T above the decode GEMV
+]
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", FUSED_ACT_SHAPES, ids=lambda s: "T{}_I{}_E{}_S{}_R{}".format(s[0], s[2], s[3], s[5], s[6]))
+def test_lora_expand_with_fused_activation_bit_identical(shape, dtype, activation, monkeypatch):
+    """fc1's LoRA expand writing h itself (the default) gives the same bits as the expand updating gu
+    followed by the activation stage (MOELORA_LORA_FUSED_ACT=0), on both m-tile paths (few rows: =64, 64-row
+    tiles: =0, and the default mix), and matches the reference."""
+    T, H, I, E, k, S, R = shape
+    args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=41)
+    for rows in ["0", "64", None]:
+        if rows is None:
+            monkeypatch.delenv("MOELORA_LORA_FEW_ROWS", raising=False)
+        else:
+            monkeypatch.setenv("MOELORA_LORA_FEW_ROWS", rows)
+        monkeypatch.delenv("MOELORA_LORA_FUSED_ACT", raising=False)
+        fused = check(args, dtype, activation=activation)
+        monkeypatch.setenv("MOELORA_LORA_FUSED_ACT", "0")
+        poison_allocator()
+        unfused = moelora_ext.fused_moe(**args, activation=activation)
+        assert torch.equal(fused, unfused), f"MOELORA_LORA_FEW_ROWS={rows}: fused activation changed the bits"
+
+
+@pytest.mark.parametrize("T", [2, 100])  # decode (routing gathers the rows) / grouped GEMM
+def test_ids_and_weights_read_as_given(T, gemm_path):
+    """topk_ids in int64 (ids beyond int32 dropped, not wrapped), topk_weights in the activation dtype and
+    omitted lora_scalings are read in place: the same bits as int32 ids with those pairs set to -1, fp32
+    weights of the same values, and scalings of ones."""
+    args = make_case(T, 256, 128, 8, 2, 4, 16, seed=90)
+    ids64 = args["topk_ids"].to(torch.int64)
+    ids64[0, 0] = (1 << 32) + 1  # would read as expert 1 if narrowed first
+    ids64[-1, -1] = -(1 << 40)
+    ids32 = args["topk_ids"].clone()
+    ids32[0, 0] = -1
+    ids32[-1, -1] = -1
+    w16 = args["topk_weights"].to(torch.bfloat16)
+    baseline = dict(args, topk_ids=ids32, topk_weights=w16.float(), lora_scalings=torch.ones(4, device="cuda"))
+    expected = check(baseline, torch.bfloat16)
+    given = dict(args, topk_ids=ids64, topk_weights=w16)
+    del given["lora_scalings"]
+    poison_allocator()
+    assert torch.equal(moelora_ext.fused_moe(**given), expected)
+
+
 DECODE_SHAPES = [
     # T, H,    I,    E,  k, S, R
     (1, 256, 128, 8, 2, 4, 16),

@@ -8,39 +8,51 @@
 namespace moelora::cuda {
 namespace {
 
+constexpr int kThreads = 256;
+constexpr int kWarpsPerBlock = kThreads / 32;
+constexpr int kInFlight = 4;  // 16-byte gate and up vectors per lane loaded before their stores
+
+// One warp per row (grid-stride over rows), so a row the fused LoRA expand already did is skipped whole.
 template <typename T, ActivationKind kKind>
-__global__ void gated_activation_kernel(ActivationParams p) {
+__global__ void __launch_bounds__(kThreads) gated_activation_kernel(ActivationParams p) {
   pdl_begin();
   const int vecs_per_row = p.I / 8;
-  const int64_t total = static_cast<int64_t>(*p.num_rows) * vecs_per_row;
-  const auto* gu = static_cast<const T*>(p.gu);
-  auto* h = reinterpret_cast<Vec8<T>*>(p.h);
-  for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < total;
-       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = v / vecs_per_row;
-    const int col = static_cast<int>(v % vecs_per_row) * 8;
-    const Vec8<T> gate = *reinterpret_cast<const Vec8<T>*>(gu + row * 2 * p.I + col);
-    const Vec8<T> up = *reinterpret_cast<const Vec8<T>*>(gu + row * 2 * p.I + p.I + col);
-    Vec8<T> out;
+  const int rows = *p.num_rows;
+  const int lane = threadIdx.x % 32;
+  const int warps = gridDim.x * kWarpsPerBlock;
+  for (int row = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32; row < rows; row += warps) {
+    if (p.row_slot != nullptr && p.row_slot[row] >= 0) continue;  // done by the LoRA expand
+    const auto* gate = reinterpret_cast<const Vec8<T>*>(static_cast<const T*>(p.gu) + static_cast<int64_t>(row) * 2 * p.I);
+    const auto* up = gate + vecs_per_row;
+    auto* h = reinterpret_cast<Vec8<T>*>(static_cast<T*>(p.h) + static_cast<int64_t>(row) * p.I);
+    for (int c0 = lane; c0 < vecs_per_row; c0 += 32 * kInFlight) {
+      Vec8<T> g[kInFlight], u[kInFlight];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float g = to_float(gate.v[i]);
-      const float a = gate_activation<kKind>(g);
-      out.v[i] = from_float<T>(a * to_float(up.v[i]));
+      for (int i = 0; i < kInFlight; ++i)
+        if (c0 + 32 * i < vecs_per_row) {
+          g[i] = gate[c0 + 32 * i];
+          u[i] = up[c0 + 32 * i];
+        }
+#pragma unroll
+      for (int i = 0; i < kInFlight; ++i)
+        if (c0 + 32 * i < vecs_per_row) {
+          Vec8<T> o;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) o.v[e] = gated_value<kKind>(g[i].v[e], u[i].v[e]);
+          h[c0 + 32 * i] = o;
+        }
     }
-    h[v] = out;
   }
 }
 
 template <typename T>
 cudaError_t launch_typed(const ActivationParams& p, cudaStream_t stream) {
-  const int64_t vecs = static_cast<int64_t>(p.max_rows) * (p.I / 8);
-  // Enough blocks to fill the GPU several times over; the grid-stride loop covers the rest.
-  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(static_cast<int>(std::min<int64_t>(vecs, 1 << 30)), 256), 4096));
+  // A warp per row, up to 4096 blocks (the grid-stride loop covers the rest).
+  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(p.max_rows, kWarpsPerBlock), 4096));
   if (blocks == 0) return cudaSuccess;
   if (p.kind == ActivationKind::Silu)
-    return launch_kernel(gated_activation_kernel<T, ActivationKind::Silu>, blocks, 256, 0, stream, p);
-  return launch_kernel(gated_activation_kernel<T, ActivationKind::Gelu>, blocks, 256, 0, stream, p);
+    return launch_kernel(gated_activation_kernel<T, ActivationKind::Silu>, blocks, kThreads, 0, stream, p);
+  return launch_kernel(gated_activation_kernel<T, ActivationKind::Gelu>, blocks, kThreads, 0, stream, p);
 }
 
 }  // namespace

@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
         float delta = 0.f;
 #pragma unroll 8
         for (int i = 0; i < p.R; ++i) delta += t_s[r][i] * to_float(b[i]);
-        v += p.slot_scale[slot] * delta;
+        v += (p.slot_scale != nullptr ? p.slot_scale[slot] : 1.f) * delta;
       }
       return v;
     };
@@ -206,10 +206,9 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
         const int j = o % 16, r = o / 16;
         if (j >= wrows[0]) continue;
         const int row = row0 + r;
-        float gate = total(0, j, r), up = total(1, j, r);
-        gate = to_float(from_float<T>(gate));  // gu is rounded to the activation dtype, as on the GEMM path
-        up = to_float(from_float<T>(up));
-        D[static_cast<int64_t>(row) * half + wrow0[0] + j] = from_float<T>(gate_activation<kAct>(gate) * up);
+        // gate and up rounded to the activation dtype first, as gu is on the GEMM path
+        D[static_cast<int64_t>(row) * half + wrow0[0] + j] =
+            gated_value<kAct>(from_float<T>(total(0, j, r)), from_float<T>(total(1, j, r)));
       }
     } else {
       for (int o = threadIdx.x; o < 32 * rows; o += kThreads) {  // 32 columns x the pass's rows

@@ -27,7 +27,9 @@ __global__ void finalize_kernel(FinalizeParams p) {
       for (int u = 0; u < kInFlight; ++u) {
         const bool in = j0 + u < p.k;
         row[u] = in ? p.pair_row[t * p.k + j0 + u] : -1;
-        w[u] = in ? p.topk_weights[t * p.k + j0 + u] : 0.f;
+        w[u] = !in ? 0.f
+               : p.topk_weights_fp32 ? static_cast<const float*>(p.topk_weights)[t * p.k + j0 + u]
+                                     : to_float(static_cast<const T*>(p.topk_weights)[t * p.k + j0 + u]);
       }
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u)  // row < 0: expert not on this GPU / out of range, contributes nothing

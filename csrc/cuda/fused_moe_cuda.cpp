@@ -120,13 +120,26 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
   return ws;
 }
 
-// out += scale[slot] * B @ (A @ input) per (expert, slot) segment, on the base GEMM's output. With
-// `expand_in_gemv` (decode, lora_gemm.cu kernels only) just the shrink runs here, and the GEMV's LoRA fields
-// are filled so that its epilogue does the expand.
+// fc1's LoRA expand writes h itself (activation fused) unless MOELORA_LORA_FUSED_ACT=0 (kept to compare).
+bool use_fused_lora_activation() {
+  const char* v = std::getenv("MOELORA_LORA_FUSED_ACT");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+// Where fc1's expand puts its result when the activation is fused into it (LoraExpandParams::h).
+struct GatedExpandOut {
+  at::Tensor* h;  // [rows, I]
+  mc::ActivationKind kind;
+};
+
+// out += scale[slot] * B @ (A @ input) per (expert, slot) segment, on the base GEMM's output (`scalings`
+// nullptr: 1). With `expand_in_gemv` (decode, lora_gemm.cu kernels only) just the shrink runs here, and the
+// GEMV's LoRA fields are filled so that its epilogue does the expand. With `gated` (fc1, lora_gemm.cu kernels)
+// out is gu, left as the base GEMM wrote it, and the expand writes h of the rows with an adapter.
 void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, int k_splits,
-              mc::ExpertGemvParams* expand_in_gemv, at::Tensor& out,
+              mc::ExpertGemvParams* expand_in_gemv, const GatedExpandOut* gated, at::Tensor& out,
               const at::Tensor& bucket_offsets, const at::Tensor& lora_tile_prefix,
-              const at::Tensor& lora_tile_segment, const at::Tensor& scalings,
+              const at::Tensor& lora_tile_segment, const float* scalings,
               const FusedMoeDims& d, int N, int K, int sm_count, cudaStream_t stream) {
   const int64_t R = d.R;
   const int pairs = static_cast<int>(d.T * d.k);
@@ -152,7 +165,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
       g.lora_B = side.b.data_ptr();
       g.b_expert_stride = side.shared_b ? 0 : static_cast<int64_t>(N) * R;
       g.b_slot_stride = side.shared_b ? static_cast<int64_t>(N) * R : d.E * N * R;
-      g.slot_scale = scalings.data_ptr<float>();
+      g.slot_scale = scalings;
       return;
     }
 
@@ -162,10 +175,14 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
     e.b_expert_stride = side.shared_b ? 0 : static_cast<int64_t>(N) * R;
     e.b_slot_stride = side.shared_b ? static_cast<int64_t>(N) * R : d.E * N * R;
     e.D = out.data_ptr(); e.ldd = N;
-    e.slot_scale = scalings.data_ptr<float>();
+    e.slot_scale = scalings;
     e.row_offsets = s.row_offsets; e.tile_prefix = s.tile_prefix; e.tile_segment = s.tile_segment;
     e.nseg = nseg; e.seg_per_expert = s.seg_per_expert; e.slot_base = -1;
     e.R = s.R; e.N = N; e.n_range = mc::lora_n_range(N, s.R, pairs, active, sm_count);
+    if (gated != nullptr) {  // N = 2I columns of gu become I columns of h, each with its gate and up B rows
+      e.h = gated->h->data_ptr(); e.ldh = N / 2; e.up_col = N / 2; e.activation = gated->kind;
+      e.N = N / 2; e.n_range = std::max(16, e.n_range / 2);
+    }
     e.max_rows = pairs; e.max_active_segments = active; e.few_rows_max = ws.few_rows_max;
     e.dtype = s.dtype;
     C10_CUDA_CHECK(mc::launch_lora_expand(e, sm_count, stream));
@@ -198,7 +215,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
   p.w_expert_stride = side.shared_b ? 0 : static_cast<int64_t>(N) * R;
   p.w_slot_stride = side.shared_b ? static_cast<int64_t>(N) * R : d.E * N * R;
   p.D = out.data_ptr(); p.ldd = N;
-  p.slot_scale = scalings.data_ptr<float>(); p.accumulate = true;
+  p.slot_scale = scalings; p.accumulate = true;
   p.N = N; p.K = static_cast<int>(R);
   C10_CUDA_CHECK(mc::launch_segment_gemm(p, mc::SegmentGemmShape::Wide, sm_count, stream));
 }
@@ -286,8 +303,9 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
 
   const at::Tensor x = aligned_contiguous(hidden_states);
   const at::Tensor w13c = aligned_contiguous(w13), w2c = aligned_contiguous(w2);
-  const at::Tensor ids = topk_ids.to(at::kInt).contiguous();
-  const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
+  // Read as given (int32 / int64 ids, fp32 / activation-dtype weights): no conversion kernels.
+  const at::Tensor ids = topk_ids.contiguous();
+  const at::Tensor weights = topk_weights.contiguous();
   const int pairs = static_cast<int>(d.T * d.k);
   const int E = static_cast<int>(d.E), S = d.has_lora ? static_cast<int>(d.S) : 0;
   const int H = static_cast<int>(d.H), I = static_cast<int>(d.I);
@@ -309,17 +327,21 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   at::Tensor h = at::empty({pairs, I}, x.options());
   at::Tensor token_slots;
   LoraWorkspace lora_ws;
-  at::Tensor scalings;
+  at::Tensor scalings;  // undefined: every slot scales by 1
   if (d.has_lora) {
-    token_slots = token_lora_ids->to(at::kInt).contiguous();
+    token_slots = token_lora_ids->contiguous();  // int32 (checked)
     lora_ws = make_lora_workspace(d, x.options(), sm_count);  // reused by fc1 and fc2
-    scalings = lora_scalings.has_value() ? lora_scalings->to(at::kFloat).contiguous()
-                                         : at::ones({d.S}, x.options().dtype(at::kFloat));
+    if (lora_scalings.has_value()) scalings = lora_scalings->contiguous();  // float32 (checked)
   }
+  const float* scale_ptr = scalings.defined() ? scalings.data_ptr<float>() : nullptr;
+  // fc1's LoRA expand with the activation fused (not at decode: the GEMV fuses both itself). The permute
+  // records each sorted row's slot so that the activation stage skips the rows the expand did.
+  const bool fused_act = d.has_lora && !decode && lora_ws.lora_kernels && use_fused_lora_activation();
+  at::Tensor row_slot = at::empty({fused_act ? pairs : 0}, iopt);
 
   // ---- 1. routing ---------------------------------------------------------------------------------
   mc::RoutingParams rp{};
-  rp.topk_ids = ids.data_ptr<int>();
+  rp.topk_ids = {ids.data_ptr(), ids.scalar_type() == at::kLong};
   rp.token_slots = d.has_lora ? token_slots.data_ptr<int>() : nullptr;
   rp.T = static_cast<int>(d.T); rp.k = static_cast<int>(d.k); rp.E = E; rp.S = S;
   rp.bucket_counts = bucket_counts.data_ptr<int>();
@@ -365,6 +387,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   pp.pair_rank = rp.pair_rank; pp.bucket_offsets = rp.bucket_offsets;
   pp.T = rp.T; pp.k = rp.k; pp.E = E; pp.S = S; pp.H = H;
   pp.pair_row = pair_row.data_ptr<int>(); pp.permuted = permuted.data_ptr(); pp.dtype = to_dtype(dtype);
+  pp.row_slot = fused_act ? row_slot.data_ptr<int>() : nullptr;
   if (!gather_in_routing) C10_CUDA_CHECK(mc::launch_permute(pp, stream));
 
   // ---- 3-5. fc1 + LoRA, activation -----------------------------------------------------------------
@@ -376,18 +399,20 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const LoraSide lora13{a13, b13, w13_shared_a, w13_shared_b}, lora2{a2, b2, w2_shared_a, w2_shared_b};
   if (decode) {
     if (d.has_lora)
-      run_lora(lora13, permuted, lora_ws, lora_ws.k_splits_fc1, &gemv, gu, bucket_offsets, lora_tile_prefix,
-               lora_tile_segment, scalings, d, 2 * I, H, sm_count, stream);
+      run_lora(lora13, permuted, lora_ws, lora_ws.k_splits_fc1, &gemv, nullptr, gu, bucket_offsets, lora_tile_prefix,
+               lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, stream);
     gemv.X = permuted.data_ptr(); gemv.W = w13c.data_ptr(); gemv.D = h.data_ptr();
     gemv.N = 2 * I; gemv.K = H; gemv.gated = true;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
   } else {
     run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
+    const GatedExpandOut gated{&h, act};
     if (d.has_lora)
-      run_lora(lora13, permuted, lora_ws, lora_ws.k_splits_fc1, nullptr, gu, bucket_offsets, lora_tile_prefix,
-               lora_tile_segment, scalings, d, 2 * I, H, sm_count, stream);
+      run_lora(lora13, permuted, lora_ws, lora_ws.k_splits_fc1, nullptr, fused_act ? &gated : nullptr, gu,
+               bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, stream);
     mc::ActivationParams ap{};
     ap.gu = gu.data_ptr(); ap.h = h.data_ptr(); ap.num_rows = expert_offsets.data_ptr<int>() + E;
+    ap.row_slot = fused_act ? row_slot.data_ptr<int>() : nullptr;
     ap.max_rows = pairs; ap.I = I;
     ap.kind = act;
     ap.dtype = to_dtype(dtype);
@@ -397,19 +422,20 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   // ---- 6-7. fc2 + LoRA, then finalize -------------------------------------------------------------
   if (decode) {
     if (d.has_lora)
-      run_lora(lora2, h, lora_ws, lora_ws.k_splits_fc2, &gemv, y, bucket_offsets, lora_tile_prefix,
-               lora_tile_segment, scalings, d, H, I, sm_count, stream);
+      run_lora(lora2, h, lora_ws, lora_ws.k_splits_fc2, &gemv, nullptr, y, bucket_offsets, lora_tile_prefix,
+               lora_tile_segment, scale_ptr, d, H, I, sm_count, stream);
     gemv.X = h.data_ptr(); gemv.W = w2c.data_ptr(); gemv.D = y.data_ptr();
     gemv.N = H; gemv.K = I; gemv.gated = false;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
   } else {
     run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
     if (d.has_lora)
-      run_lora(lora2, h, lora_ws, lora_ws.k_splits_fc2, nullptr, y, bucket_offsets, lora_tile_prefix,
-               lora_tile_segment, scalings, d, H, I, sm_count, stream);
+      run_lora(lora2, h, lora_ws, lora_ws.k_splits_fc2, nullptr, nullptr, y, bucket_offsets, lora_tile_prefix,
+               lora_tile_segment, scale_ptr, d, H, I, sm_count, stream);
   }
   mc::FinalizeParams fp{};
-  fp.y = y.data_ptr(); fp.pair_row = pp.pair_row; fp.topk_weights = weights.data_ptr<float>();
+  fp.y = y.data_ptr(); fp.pair_row = pp.pair_row;
+  fp.topk_weights = weights.data_ptr(); fp.topk_weights_fp32 = weights.scalar_type() == at::kFloat;
   fp.out = out.data_ptr(); fp.T = rp.T; fp.k = rp.k; fp.H = H; fp.dtype = to_dtype(dtype);
   C10_CUDA_CHECK(mc::launch_finalize(fp, stream));
   return out;

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "activation.cuh"
 #include "cuda_utils.cuh"
 #include "lora_rows_mma.cuh"
 #include "pdl.cuh"
@@ -158,33 +159,41 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
 // ---- expand ----------------------------------------------------------------------------------------
 template <int RP>
 struct ExpandShape {
-  static constexpr int kBN = RP >= 128 ? 32 : 64;
+  static constexpr int kBN = RP >= 128 ? 32 : 64;      // B rows per chunk (gated: half gate, half up rows)
   static constexpr int kLdt = RP + kPad;               // t tile and B chunk row stride (elements)
   static constexpr int kScratchLd = 16 + 4;            // per-warp fp32 16x16 epilogue scratch
   static constexpr size_t kTBytes = size_t(kTileRows) * kLdt * 2;
   static constexpr size_t kBBytes = size_t(2) * kBN * kLdt * 2;  // double buffered
-  static constexpr size_t kScratchBytes = size_t(kWarps) * 16 * kScratchLd * 4;
+  static constexpr size_t kScratchBytes = size_t(kWarps) * 2 * 16 * kScratchLd * 4;  // gated: gate and up block
   static constexpr size_t kSmemBytes = kTBytes + kBBytes + kScratchBytes;
   static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
   static_assert(kSmemBytes >= size_t(2) * lora_few_rows::kRowGroup * RP * 4, "room for the few-rows path's t tile");
 };
 
-template <typename T, int RP>
+// kGated: fc1 with the activation fused (p.h set; see ExpandOut): a chunk holds kBN / 2 gate rows of B and the
+// matching kBN / 2 up rows, and the epilogue writes h instead of updating D.
+template <typename T, int RP, bool kGated>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(LoraExpandParams p) {
   pdl_begin();
   using Shape = ExpandShape<RP>;
-  constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt;
+  constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt, kLds = Shape::kScratchLd;
+  constexpr int kSides = kGated ? 2 : 1;
+  constexpr int kCols = kBN / kSides;  // output columns per chunk
+  constexpr int kBlocks = kCols / 16;  // 16-column output blocks per chunk
   __shared__ alignas(128) unsigned char smem_raw[Shape::kSmemBytes];
   T* t_tile = reinterpret_cast<T*>(smem_raw);
   T* b_buf = reinterpret_cast<T*>(smem_raw + Shape::kTBytes);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* scratch = reinterpret_cast<float*>(smem_raw + Shape::kTBytes + Shape::kBBytes) + warp * 16 * Shape::kScratchLd;
+  float* scratch = reinterpret_cast<float*>(smem_raw + Shape::kTBytes + Shape::kBBytes) + warp * 2 * 16 * kLds;
 
   const T* Bbase = static_cast<const T*>(p.B);
-  T* D = static_cast<T*>(p.D);
+  const ExpandOut<T> out{static_cast<T*>(p.D), p.ldd, static_cast<T*>(p.h), p.ldh, p.up_col, p.activation};
+  T* D = out.D;
   const bool vec_b = (p.R % 8 == 0) && (p.b_expert_stride % 8 == 0) && (p.b_slot_stride % 8 == 0) &&
                      (reinterpret_cast<uintptr_t>(Bbase) % 16 == 0);
-  const bool vec_out = (p.N % 8 == 0) && (p.ldd % 8 == 0) && (reinterpret_cast<uintptr_t>(D) % 16 == 0);
+  bool vec_out = (p.N % 8 == 0) && (p.ldd % 8 == 0) && (reinterpret_cast<uintptr_t>(D) % 16 == 0);
+  if constexpr (kGated)
+    vec_out = vec_out && p.ldh % 8 == 0 && p.up_col % 8 == 0 && reinterpret_cast<uintptr_t>(out.h) % 16 == 0;
   const int n_ranges = ceil_div(p.N, p.n_range);
   const int total = p.tile_prefix[p.nseg] * n_ranges;
 
@@ -193,23 +202,26 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
     const SegmentTile st = locate(p, mt);
     const int n_begin = nr * p.n_range;
     const int n_end = min(p.N, n_begin + p.n_range);
-    const int chunks = ceil_div(n_end - n_begin, kBN);
+    const int chunks = ceil_div(n_end - n_begin, kCols);
     const T* b_src = Bbase + st.expert * p.b_expert_stride + st.slot * p.b_slot_stride;  // [N, R]
     const float alpha = p.slot_scale != nullptr ? p.slot_scale[st.slot] : 1.f;
     const int my_row0 = warp * 16;
     const bool warp_active = my_row0 < st.rows;
 
     if (st.rows <= p.few_rows_max) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
-      lora_few_rows::expand_tile<T, RP, kWarps>(p.partial, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R, b_src, p.R,
-                                            vec_b, D, p.ldd, alpha, st.row0, st.rows, n_begin, n_end,
-                                            reinterpret_cast<float*>(smem_raw));
+      lora_few_rows::expand_tile<T, RP, kWarps, kGated>(p.partial, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R,
+                                                        b_src, p.R, vec_b, out, alpha, st.row0, st.rows, n_begin,
+                                                        n_end, reinterpret_cast<float*>(smem_raw));
       continue;
     }
 
     auto load_chunk = [&](int stage, int c) {
-      const int n0 = n_begin + c * kBN;
-      load_tile<T, kBN, RP, kLdt, kThreads>(b_buf + stage * kBN * kLdt, b_src + static_cast<int64_t>(n0) * p.R, p.R,
-                                            min(kBN, n_end - n0), 0, p.R, vec_b);
+      const int n0 = n_begin + c * kCols;
+#pragma unroll
+      for (int sd = 0; sd < kSides; ++sd)
+        load_tile<T, kCols, RP, kLdt, kThreads>(b_buf + (stage * kBN + sd * kCols) * kLdt,
+                                                b_src + static_cast<int64_t>(n0 + sd * p.up_col) * p.R, p.R,
+                                                min(kCols, n_end - n0), 0, p.R, vec_b);
     };
     load_chunk(0, 0);
     cp_async_commit();
@@ -226,49 +238,70 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
     }
 
     const int rmw_row = my_row0 + lane / 2, rmw_col = (lane % 2) * 8;  // this lane's 8 columns of a 16x16 block
+    const int64_t d_row = static_cast<int64_t>(st.row0 + rmw_row) * p.ldd;
     for (int c = 0; c < chunks; ++c) {
       if (c + 1 < chunks) load_chunk((c + 1) % 2, c + 1);
       cp_async_commit();
-      const int n0 = n_begin + c * kBN;
+      const int n0 = n_begin + c * kCols;
       // The chunk's D values are loaded before waiting for B, so the read-modify-write below costs one
       // memory round trip per chunk instead of one per 16x16 block.
-      Vec8<T> prev[kBN / 16];
+      Vec8<T> prev[kSides][kBlocks];
 #pragma unroll
-      for (int j = 0; j < kBN / 16; ++j) {
-        const int gcol = n0 + j * 16 + rmw_col;
-        if (vec_out && rmw_row < st.rows && gcol < n_end)
-          prev[j] = *reinterpret_cast<const Vec8<T>*>(D + static_cast<int64_t>(st.row0 + rmw_row) * p.ldd + gcol);
-      }
+      for (int sd = 0; sd < kSides; ++sd)
+#pragma unroll
+        for (int j = 0; j < kBlocks; ++j) {
+          const int gcol = n0 + j * 16 + rmw_col;
+          if (vec_out && rmw_row < st.rows && gcol < n_end)
+            prev[sd][j] = *reinterpret_cast<const Vec8<T>*>(D + d_row + gcol + sd * p.up_col);
+        }
       cp_async_wait<1>();
       __syncthreads();
       if (warp_active) {
         const T* bs = b_buf + (c % 2) * kBN * kLdt;
 #pragma unroll
-        for (int j = 0; j < kBN / 16; ++j) {
-          wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-          wmma::fill_fragment(acc, 0.f);
+        for (int j = 0; j < kBlocks; ++j) {
 #pragma unroll
-          for (int kk = 0; kk < RP; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // B [N, R] row-major
-            wmma::load_matrix_sync(fa, t_tile + my_row0 * kLdt + kk, kLdt);
-            wmma::load_matrix_sync(fb, bs + j * 16 * kLdt + kk, kLdt);
-            wmma::mma_sync(acc, fa, fb, acc);
+          for (int sd = 0; sd < kSides; ++sd) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+            for (int kk = 0; kk < RP; kk += 16) {
+              wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+              wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // B [N, R] row-major
+              wmma::load_matrix_sync(fa, t_tile + my_row0 * kLdt + kk, kLdt);
+              wmma::load_matrix_sync(fb, bs + (sd * kCols + j * 16) * kLdt + kk, kLdt);
+              wmma::mma_sync(acc, fa, fb, acc);
+            }
+            wmma::store_matrix_sync(scratch + sd * 16 * kLds, acc, kLds, wmma::mem_row_major);
           }
-          wmma::store_matrix_sync(scratch, acc, Shape::kScratchLd, wmma::mem_row_major);
           __syncwarp();
-          // Read-modify-write of the 16x16 block: lane -> (row, 8 columns), rows past the segment skipped.
+          // Epilogue of the 16x16 block: lane -> (row, 8 columns), rows past the segment skipped.
           const int gcol = n0 + j * 16 + rmw_col;
           if (rmw_row < st.rows && gcol < n_end) {
-            T* dst = D + static_cast<int64_t>(st.row0 + rmw_row) * p.ldd + gcol;
-            const float* src = scratch + (lane / 2) * Shape::kScratchLd + rmw_col;
+            const float* src = scratch + (lane / 2) * kLds + rmw_col;  // gate (or plain) sums; up sums 16 rows on
             if (vec_out) {
-              Vec8<T> out;
+              Vec8<T> o;
 #pragma unroll
-              for (int i = 0; i < 8; ++i) out.v[i] = from_float<T>(alpha * src[i] + to_float(prev[j].v[i]));
-              *reinterpret_cast<Vec8<T>*>(dst) = out;
+              for (int i = 0; i < 8; ++i) {
+                const T v = from_float<T>(alpha * src[i] + to_float(prev[0][j].v[i]));
+                if constexpr (kGated)
+                  o.v[i] = gated_value(v, from_float<T>(alpha * src[16 * kLds + i] + to_float(prev[kSides - 1][j].v[i])),
+                                       p.activation);
+                else
+                  o.v[i] = v;
+              }
+              T* dst = kGated ? out.h + static_cast<int64_t>(st.row0 + rmw_row) * p.ldh + gcol : D + d_row + gcol;
+              *reinterpret_cast<Vec8<T>*>(dst) = o;
             } else {
-              for (int i = 0; i < 8 && gcol + i < n_end; ++i) dst[i] = from_float<T>(alpha * src[i] + to_float(dst[i]));
+              for (int i = 0; i < 8 && gcol + i < n_end; ++i) {
+                const T v = from_float<T>(alpha * src[i] + to_float(D[d_row + gcol + i]));
+                if constexpr (kGated)
+                  out.h[static_cast<int64_t>(st.row0 + rmw_row) * p.ldh + gcol + i] = gated_value(
+                      v, from_float<T>(alpha * src[16 * kLds + i] + to_float(D[d_row + gcol + i + p.up_col])),
+                      p.activation);
+                else
+                  D[d_row + gcol + i] = v;
+              }
             }
           }
           __syncwarp();  // scratch is reused by the next fragment
@@ -311,7 +344,9 @@ template <typename T, int RP>
 cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStream_t stream) {
   const int64_t items_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * ceil_div(p.N, p.n_range);
   const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
-  return grid > 0 ? launch_kernel(lora_expand_kernel<T, RP>, grid, kThreads, 0, stream, p) : cudaSuccess;
+  if (grid == 0) return cudaSuccess;
+  return p.h != nullptr ? launch_kernel(lora_expand_kernel<T, RP, true>, grid, kThreads, 0, stream, p)
+                        : launch_kernel(lora_expand_kernel<T, RP, false>, grid, kThreads, 0, stream, p);
 }
 
 }  // namespace

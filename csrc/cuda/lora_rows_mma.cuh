@@ -16,9 +16,27 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "activation.cuh"
 #include "cuda_utils.cuh"
 #include "mma_operands.cuh"
 #include "stages.h"
+
+namespace moelora::cuda {
+
+// Where an expand's result goes. Plain: D[r, n] += delta (read-modify-write). Gated (h != nullptr; fc1 with
+// the activation fused): D is gu [rows, 2I], only read; h[r, n] = act(gu[r, n] + delta_n) * (gu[r, up_col + n]
+// + delta_{up_col + n}) with each sum rounded to T first, for n < I = up_col.
+template <typename T>
+struct ExpandOut {
+  T* D;
+  int64_t ldd;
+  T* h;
+  int64_t ldh;
+  int up_col;
+  ActivationKind act;
+};
+
+}  // namespace moelora::cuda
 
 namespace moelora::cuda::lora_few_rows {
 
@@ -127,22 +145,29 @@ __device__ void shrink_tile(const T* __restrict__ X, int64_t ldx, const T* __res
   }
 }
 
-// ---- expand --------------------------------------------------------------------------------------------
+// ---- expand ----------------------------------------------------------------------------------------
 // D[row0 + r, n] = round(alpha * sum_j t[r, j] * B[n, j] + D[row0 + r, n]) for n in [n_begin, n_end) and
 // r < rows (<= 8 NG), with t[r] = round(sum over ks of partial[ks, row0 + r]) in ks order. mma: M = 16
 // columns n (rows of B), N = 8 token rows, K = rank. Warp w takes the 16-column blocks w, w + kWarps, ...,
 // U at a time, issuing their B and D loads before the mmas. `t_smem` is 16 * RP floats of shared memory.
-template <typename T, int RP, int kWarps, int NG>
+// Gated (fc1 with the activation fused, ExpandOut::h set): n runs over h's columns, each needs the gate
+// column n and the up column n + up_col of D and B; D (gu) is only read and h = round(act(round(v_gate)) *
+// round(v_up)) is written -- the same roundings as the plain expand followed by activation.cu.
+template <typename T, int RP, int kWarps, int NG, bool kGated>
 __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int64_t split_stride,
-                            const T* __restrict__ B, int R, bool vec_b, T* D, int64_t ldd, float alpha, int row0,
-                            int rows, int n_begin, int n_end, float* t_smem) {
+                            const T* __restrict__ B, int R, bool vec_b, const ExpandOut<T>& out, float alpha,
+                            int row0, int rows, int n_begin, int n_end, float* t_smem) {
   constexpr int V = RP >= 32 ? 8 : 4;  // rank elements per lane per load: 4 lanes x V = one 4V-wide slice
   constexpr int NL = RP / (4 * V);     // loads per B row
-  // Column blocks in flight per warp: ~24-32 registers of B and D loads.
-  constexpr int U = RP >= 64 ? 2 : RP == 32 ? (NG == 2 ? 2 : 4) : (NG == 2 ? 3 : 6);
+  constexpr int kSides = kGated ? 2 : 1;  // gate and up
+  // Column blocks in flight per warp: ~24-32 registers of B and D loads (split between the gated sides).
+  constexpr int U1 = RP >= 64 ? 2 : RP == 32 ? (NG == 2 ? 2 : 4) : (NG == 2 ? 3 : 6);
+  constexpr int U = U1 / kSides > 0 ? U1 / kSides : 1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, q = lane % 4;
   const int nblocks = ceil_div(n_end - n_begin, 16);
+  T* D = out.D;
+  const int64_t ldd = out.ldd;
 
   for (int e = threadIdx.x; e < 8 * NG * RP; e += kWarps * 32) {
     const int r = e / RP, j = e % RP;
@@ -167,8 +192,8 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
       }
 
   for (int cb0 = warp; cb0 < nblocks; cb0 += kWarps * U) {
-    Pack<T, V> bp[U][NL][2];
-    float d[U][NG][4];
+    Pack<T, V> bp[U][kSides][NL][2];
+    float d[U][kSides][NG][4];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int n0 = n_begin + (cb0 + u * kWarps) * 16;
@@ -176,19 +201,23 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
       for (int h = 0; h < 2; ++h) {
         const int n = n0 + g + 8 * h;
         const bool n_ok = cb0 + u * kWarps < nblocks && n < n_end;
-        const T* brow = B + static_cast<int64_t>(n_ok ? n : n_begin) * R;
 #pragma unroll
-        for (int l = 0; l < NL; ++l) {
-          const int j0 = 4 * V * l + V * q;
-          bp[u][l][h] = load_pack<T, V>(brow + j0, vec_b, n_ok ? max(0, min(V, R - j0)) : 0);
-        }
+        for (int sd = 0; sd < kSides; ++sd) {
+          const int col = (n_ok ? n : n_begin) + sd * out.up_col;
+          const T* brow = B + static_cast<int64_t>(col) * R;
 #pragma unroll
-        for (int ng = 0; ng < NG; ++ng)
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const int r = 8 * ng + 2 * q + i;
-            d[u][ng][2 * h + i] = n_ok && r < rows ? to_float(D[static_cast<int64_t>(row0 + r) * ldd + n]) : 0.f;
+          for (int l = 0; l < NL; ++l) {
+            const int j0 = 4 * V * l + V * q;
+            bp[u][sd][l][h] = load_pack<T, V>(brow + j0, vec_b, n_ok ? max(0, min(V, R - j0)) : 0);
           }
+#pragma unroll
+          for (int ng = 0; ng < NG; ++ng)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              const int r = 8 * ng + 2 * q + i;
+              d[u][sd][ng][2 * h + i] = n_ok && r < rows ? to_float(D[static_cast<int64_t>(row0 + r) * ldd + col]) : 0.f;
+            }
+        }
       }
     }
 #pragma unroll
@@ -196,13 +225,17 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
       const int n0 = n_begin + (cb0 + u * kWarps) * 16;
 #pragma unroll
       for (int ng = 0; ng < NG; ++ng) {
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
+        float c[kSides][4];
 #pragma unroll
-        for (int l = 0; l < NL; ++l)
+        for (int sd = 0; sd < kSides; ++sd) {
+          c[sd][0] = c[sd][1] = c[sd][2] = c[sd][3] = 0.f;
 #pragma unroll
-          for (int s = 0; s < V / 4; ++s)
-            mma_16816<T>(c, bp[u][l][0].w[2 * s], bp[u][l][1].w[2 * s], bp[u][l][0].w[2 * s + 1],
-                         bp[u][l][1].w[2 * s + 1], tb[ng][l][2 * s], tb[ng][l][2 * s + 1]);
+          for (int l = 0; l < NL; ++l)
+#pragma unroll
+            for (int s = 0; s < V / 4; ++s)
+              mma_16816<T>(c[sd], bp[u][sd][l][0].w[2 * s], bp[u][sd][l][1].w[2 * s], bp[u][sd][l][0].w[2 * s + 1],
+                           bp[u][sd][l][1].w[2 * s + 1], tb[ng][l][2 * s], tb[ng][l][2 * s + 1]);
+        }
         // c = {(n, r), (n, r + 1), (n + 8, r), (n + 8, r + 1)} with n = n0 + g, r = 8 ng + 2q.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -210,8 +243,14 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const int r = 8 * ng + 2 * q + i;
-            if (cb0 + u * kWarps < nblocks && n < n_end && r < rows)
-              D[static_cast<int64_t>(row0 + r) * ldd + n] = from_float<T>(alpha * c[2 * h + i] + d[u][ng][2 * h + i]);
+            if (!(cb0 + u * kWarps < nblocks && n < n_end && r < rows)) continue;
+            const T v = from_float<T>(alpha * c[0][2 * h + i] + d[u][0][ng][2 * h + i]);
+            if constexpr (kGated) {
+              const T up = from_float<T>(alpha * c[kSides - 1][2 * h + i] + d[u][kSides - 1][ng][2 * h + i]);
+              out.h[static_cast<int64_t>(row0 + r) * out.ldh + n] = gated_value(v, up, out.act);
+            } else {
+              D[static_cast<int64_t>(row0 + r) * ldd + n] = v;
+            }
           }
         }
       }
@@ -220,22 +259,22 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
   __syncthreads();  // t_smem is rewritten by the next pass / reused by the caller
 }
 
-template <typename T, int RP, int kWarps>
+template <typename T, int RP, int kWarps, bool kGated>
 __device__ void expand_tile(const float* __restrict__ partial, int k_splits, int64_t split_stride,
-                            const T* __restrict__ B, int R, bool vec_b, T* D, int64_t ldd, float alpha, int row0,
-                            int rows, int n_begin, int n_end, float* t_smem) {
+                            const T* __restrict__ B, int R, bool vec_b, const ExpandOut<T>& out, float alpha,
+                            int row0, int rows, int n_begin, int n_end, float* t_smem) {
   for (int g0 = 0; g0 < rows;) {
     const int left = rows - g0;
     if constexpr (kRowPairs<RP>) {
       if (left > kRowGroup) {
-        expand_pass<T, RP, kWarps, 2>(partial, k_splits, split_stride, B, R, vec_b, D, ldd, alpha, row0 + g0,
-                                      min(left, 2 * kRowGroup), n_begin, n_end, t_smem);
+        expand_pass<T, RP, kWarps, 2, kGated>(partial, k_splits, split_stride, B, R, vec_b, out, alpha, row0 + g0,
+                                              min(left, 2 * kRowGroup), n_begin, n_end, t_smem);
         g0 += 2 * kRowGroup;
         continue;
       }
     }
-    expand_pass<T, RP, kWarps, 1>(partial, k_splits, split_stride, B, R, vec_b, D, ldd, alpha, row0 + g0,
-                                  min(left, kRowGroup), n_begin, n_end, t_smem);
+    expand_pass<T, RP, kWarps, 1, kGated>(partial, k_splits, split_stride, B, R, vec_b, out, alpha, row0 + g0,
+                                          min(left, kRowGroup), n_begin, n_end, t_smem);
     g0 += kRowGroup;
   }
 }

@@ -27,7 +27,10 @@ __global__ void permute_kernel(PermuteParams p) {
     if (lane + 32 * u < nvec) v[u] = src[lane + 32 * u];
   const int bucket = pair_bucket(p.topk_ids, p.token_slots, pair, p.k, p.E, p.S);
   const int row = bucket < 0 ? -1 : p.bucket_offsets[bucket] + p.pair_rank[pair];
-  if (lane == 0) p.pair_row[pair] = row;
+  if (lane == 0) {
+    p.pair_row[pair] = row;
+    if (p.row_slot != nullptr && row >= 0) p.row_slot[row] = bucket % (p.S + 1) - 1;
+  }
   if (row < 0) return;
   auto* dst = reinterpret_cast<Vec8<T>*>(static_cast<T*>(p.permuted) + static_cast<int64_t>(row) * p.H);
   for (int c0 = lane;; c0 += 32 * kInFlight) {

@@ -4,18 +4,21 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "stages.h"
+
 namespace moelora::cuda {
 
 // Bucket e * (S + 1) + (slot + 1), or -1 when the expert id is outside [0, E) (for example -1 for an
 // expert that lives on another GPU). Slot ids outside [-1, S) count as "no adapter": reading them
 // would be out of bounds, and checking them would need a host sync.
-__device__ __forceinline__ int pair_bucket(const int* topk_ids, const int* token_slots, int pair, int k, int E,
-                                           int S) {
-  const int e = topk_ids[pair];
+// int64 ids are range-checked before narrowing, so 2^32 + 3 is dropped, not read as expert 3.
+__device__ __forceinline__ int pair_bucket(TopkIds topk_ids, const int* token_slots, int pair, int k, int E, int S) {
+  const int64_t e = topk_ids.int64 ? static_cast<const int64_t*>(topk_ids.data)[pair]
+                                   : static_cast<const int*>(topk_ids.data)[pair];
   if (e < 0 || e >= E) return -1;
   int slot = token_slots == nullptr ? -1 : token_slots[pair / k];
   if (slot < -1 || slot >= S) slot = -1;
-  return e * (S + 1) + slot + 1;
+  return static_cast<int>(e) * (S + 1) + slot + 1;
 }
 
 // One warp copies nvec 16-byte vectors, 8 loads per lane in flight before their stores (a load -> store

@@ -24,12 +24,18 @@ inline int64_t segment_tiles_upper_bound(int max_rows, int max_active_segments) 
          (max_active_segments < max_rows ? max_active_segments : max_rows);
 }
 
+// The caller's topk_ids, int32 or int64, read as they are (no conversion kernel per call).
+struct TopkIds {
+  const void* data;  // [T * k]
+  bool int64;
+};
+
 // ---- routing.cu: bucket the T*k (token, expert) pairs by (expert, adapter slot) -------------------
 // A bucket is b = e * (S + 1) + (slot + 1): expert-major, and inside an expert the rows without an
 // adapter come first, then slot 0, 1, ... Pairs whose expert id is outside [0, E) are dropped; slot ids
 // outside [-1, S) are treated as -1 (the host cannot check them without a sync).
 struct RoutingParams {
-  const int* topk_ids;      // [T * k]
+  TopkIds topk_ids;
   const int* token_slots;   // [T] or nullptr (no LoRA; then S must be 0)
   int T, k, E, S;
   int* bucket_counts;       // [E*(S+1)] workspace
@@ -60,13 +66,14 @@ cudaError_t launch_routing(const RoutingParams& p, cudaStream_t stream);
 // ---- permute.cu: sorted-row map and the gather of hidden rows into expert-major order ---------------
 struct PermuteParams {
   const void* hidden;        // [T, H]
-  const int* topk_ids;       // [T*k]
+  TopkIds topk_ids;
   const int* token_slots;    // [T] or nullptr
   const int* pair_rank;      // [T*k] from routing
   const int* bucket_offsets; // [E*(S+1)+1] from routing
   int T, k, E, S, H;
   int* pair_row;             // [T*k] out: sorted row of pair (t, j), -1 when dropped
   void* permuted;            // [T*k, H] out: permuted[pair_row[p]] = hidden[p / k]
+  int* row_slot;             // [T*k] out, or nullptr: the adapter slot of each sorted row (-1: none)
   DType dtype;
 };
 cudaError_t launch_permute(const PermuteParams& p, cudaStream_t stream);
@@ -133,6 +140,12 @@ struct LoraExpandParams {
   int R, N, n_range;                        // one work item = one m-tile x n_range columns
   int max_rows, max_active_segments;
   int few_rows_max;                        // as for the shrink
+  // fc1 with the gated activation fused (h != nullptr): D is the base output gu [rows, 2I], only read; N = I
+  // and h[r, n] = round(act(round(v[n])) * round(v[up_col + n])) with v = D[r] + scale * delta, for the rows
+  // with an adapter (the activation stage does the others: PermuteParams::row_slot). Saves gu's
+  // read-modify-write and the activation's pass over those rows (benchmarks/NOTES.md, v7).
+  void* h; int64_t ldh; int up_col;
+  ActivationKind activation;
   DType dtype;
 };
 // Host heuristics (shapes only, no routing values): split counts that fill the GPU with work items.
@@ -185,6 +198,8 @@ struct ActivationParams {
   const void* gu;            // [rows, 2I]
   void* h;                   // [rows, I]
   const int* num_rows;       // device scalar: rows actually routed (expert_offsets[E])
+  const int* row_slot;       // nullptr, or [rows]: rows with row_slot >= 0 are skipped (the LoRA expand with
+                             // the activation fused wrote their h)
   int max_rows, I;
   ActivationKind kind;
   DType dtype;
@@ -195,7 +210,8 @@ cudaError_t launch_activation(const ActivationParams& p, cudaStream_t stream);
 struct FinalizeParams {
   const void* y;             // [rows, H]
   const int* pair_row;       // [T*k]
-  const float* topk_weights; // [T*k]
+  const void* topk_weights;  // [T*k], float32 or the activation dtype (read as given)
+  bool topk_weights_fp32;
   void* out;                 // [T, H]
   int T, k, H;
   DType dtype;
