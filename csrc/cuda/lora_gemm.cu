@@ -8,9 +8,9 @@
 // over CTAs so every SM streams adapter A, with the partial sums reduced by the expand in a fixed order
 // (deterministic, no atomics). The expand keeps the rank-R input tile in shared memory and walks a range
 // of N with double-buffered B chunks, instead of one tile launch-equivalent per 128 columns.
-// Each work item picks its tile path from the tile's row count (NOTES.md, v4): up to few_rows_max rows
-// (decode, mid batch sizes) go to lora_rows_mma.cuh, which streams the adapter straight from global
-// memory into mma.sync fragments; larger tiles use the 64-row WMMA tiles below.
+// Each work item picks its tile path from its segment's row count (NOTES.md, v4, v7): segments of up to
+// few_rows_max rows (decode, mid batch sizes) go to lora_rows_mma.cuh, which streams the adapter straight from
+// global memory into mma.sync fragments; larger ones use the 64-row WMMA tiles below, every tile of them.
 // Tile counts come from the routing's device-side tile prefix (and its tile -> bucket table), so grids are
 // sized from shapes alone and both kernels are CUDA-graph safe.
 #include <mma.h>
@@ -38,6 +38,7 @@ static_assert(kTileRows == kWarps * 16, "one 16-row fragment band per warp");
 
 struct SegmentTile {
   int row0, rows, expert, slot;
+  bool few_rows;  // the whole segment has <= few_rows_max rows: lora_rows_mma.cuh
 };
 
 template <class Params>
@@ -48,6 +49,10 @@ __device__ __forceinline__ SegmentTile locate(const Params& p, int mt) {
   t.rows = min(kTileRows, p.row_offsets[seg + 1] - t.row0);
   t.expert = seg / p.seg_per_expert;
   t.slot = seg % p.seg_per_expert + p.slot_base;
+  // The path is chosen per segment, not per tile: which rows land in a segment's last (partial) tile depends
+  // on the routing's atomic order, and the two paths sum in different orders, so a per-tile choice would
+  // make a row's bits depend on that order.
+  t.few_rows = p.row_offsets[seg + 1] - p.row_offsets[seg] <= p.few_rows_max;
   return t;
 }
 
@@ -91,7 +96,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
     const int k_tiles = ceil_div(k_end - k_begin, kBK);
     const T* x_src = X + static_cast<int64_t>(st.row0) * p.ldx;
     const T* a_src = Abase + st.expert * p.a_expert_stride + st.slot * p.a_slot_stride;  // [R, K]
-    if (st.rows <= p.few_rows_max) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
+    if (st.few_rows) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
       lora_few_rows::shrink_tile<T, RP, kWarps>(X, p.ldx, a_src, p.K, p.R,
                                             st.row0, st.rows, k_begin, k_end, vec,
                                             p.partial + static_cast<int64_t>(ks) * p.max_rows * p.R, ctile);
@@ -161,30 +166,36 @@ template <int RP>
 struct ExpandShape {
   static constexpr int kBN = RP >= 128 ? 32 : 64;      // B rows per chunk (gated: half gate, half up rows)
   static constexpr int kLdt = RP + kPad;               // t tile and B chunk row stride (elements)
-  static constexpr int kScratchLd = 16 + 4;            // per-warp fp32 16x16 epilogue scratch
+  static constexpr int kLdc = kBN + 4;                 // fp32 chunk products row stride
   static constexpr size_t kTBytes = size_t(kTileRows) * kLdt * 2;
   static constexpr size_t kBBytes = size_t(2) * kBN * kLdt * 2;  // double buffered
-  static constexpr size_t kScratchBytes = size_t(kWarps) * 2 * 16 * kScratchLd * 4;  // gated: gate and up block
-  static constexpr size_t kSmemBytes = kTBytes + kBBytes + kScratchBytes;
+  static constexpr size_t kCBytes = size_t(kTileRows) * kLdc * 4;
+  static constexpr size_t kSmemBytes = kTBytes + kBBytes + kCBytes;
   static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
   static_assert(kSmemBytes >= size_t(2) * lora_few_rows::kRowGroup * RP * 4, "room for the few-rows path's t tile");
 };
 
+// Per 64-row tile and range of N: t (the rank-R input rows) in shared memory, B streamed in double-buffered
+// chunks of kBN rows. Each chunk: the warps owning rows compute the 64 x kBN products into shared memory,
+// then all threads run the epilogue over (row, 8 columns) items, whose D values they loaded before waiting
+// for the chunk's B (one memory round trip per chunk, spread over every thread).
 // kGated: fc1 with the activation fused (p.h set; see ExpandOut): a chunk holds kBN / 2 gate rows of B and the
 // matching kBN / 2 up rows, and the epilogue writes h instead of updating D.
 template <typename T, int RP, bool kGated>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(LoraExpandParams p) {
   pdl_begin();
   using Shape = ExpandShape<RP>;
-  constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt, kLds = Shape::kScratchLd;
+  constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt, kLdc = Shape::kLdc;
   constexpr int kSides = kGated ? 2 : 1;
-  constexpr int kCols = kBN / kSides;  // output columns per chunk
-  constexpr int kBlocks = kCols / 16;  // 16-column output blocks per chunk
+  constexpr int kCols = kBN / kSides;                        // output columns per chunk
+  constexpr int kGroups = kCols / 8;                         // 8-column epilogue groups per row
+  constexpr int kItems = kTileRows * kGroups / kThreads;     // epilogue items per thread and chunk
+  static_assert(kTileRows * kGroups % kThreads == 0, "whole epilogue items per thread");
   __shared__ alignas(128) unsigned char smem_raw[Shape::kSmemBytes];
   T* t_tile = reinterpret_cast<T*>(smem_raw);
   T* b_buf = reinterpret_cast<T*>(smem_raw + Shape::kTBytes);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* scratch = reinterpret_cast<float*>(smem_raw + Shape::kTBytes + Shape::kBBytes) + warp * 2 * 16 * kLds;
+  float* ctile = reinterpret_cast<float*>(smem_raw + Shape::kTBytes + Shape::kBBytes);
+  const int warp = threadIdx.x / 32;
 
   const T* Bbase = static_cast<const T*>(p.B);
   const ExpandOut<T> out{static_cast<T*>(p.D), p.ldd, static_cast<T*>(p.h), p.ldh, p.up_col, p.activation};
@@ -208,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
     const int my_row0 = warp * 16;
     const bool warp_active = my_row0 < st.rows;
 
-    if (st.rows <= p.few_rows_max) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
+    if (st.few_rows) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
       lora_few_rows::expand_tile<T, RP, kWarps, kGated>(p.partial, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R,
                                                         b_src, p.R, vec_b, out, alpha, st.row0, st.rows, n_begin,
                                                         n_end, reinterpret_cast<float*>(smem_raw));
@@ -237,80 +248,75 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       t_tile[r * kLdt + col] = from_float<T>(v);
     }
 
-    const int rmw_row = my_row0 + lane / 2, rmw_col = (lane % 2) * 8;  // this lane's 8 columns of a 16x16 block
-    const int64_t d_row = static_cast<int64_t>(st.row0 + rmw_row) * p.ldd;
     for (int c = 0; c < chunks; ++c) {
       if (c + 1 < chunks) load_chunk((c + 1) % 2, c + 1);
       cp_async_commit();
       const int n0 = n_begin + c * kCols;
-      // The chunk's D values are loaded before waiting for B, so the read-modify-write below costs one
-      // memory round trip per chunk instead of one per 16x16 block.
-      Vec8<T> prev[kSides][kBlocks];
+      Vec8<T> prev[kItems][kSides];
 #pragma unroll
-      for (int sd = 0; sd < kSides; ++sd)
+      for (int it = 0; it < kItems; ++it) {
+        const int e = threadIdx.x + it * kThreads, r = e / kGroups, gcol = n0 + (e % kGroups) * 8;
+        if (vec_out && r < st.rows && gcol < n_end)
 #pragma unroll
-        for (int j = 0; j < kBlocks; ++j) {
-          const int gcol = n0 + j * 16 + rmw_col;
-          if (vec_out && rmw_row < st.rows && gcol < n_end)
-            prev[sd][j] = *reinterpret_cast<const Vec8<T>*>(D + d_row + gcol + sd * p.up_col);
-        }
+          for (int sd = 0; sd < kSides; ++sd)
+            prev[it][sd] = *reinterpret_cast<const Vec8<T>*>(D + static_cast<int64_t>(st.row0 + r) * p.ldd + gcol +
+                                                             sd * p.up_col);
+      }
       cp_async_wait<1>();
       __syncthreads();
       if (warp_active) {
         const T* bs = b_buf + (c % 2) * kBN * kLdt;
 #pragma unroll
-        for (int j = 0; j < kBlocks; ++j) {
+        for (int j = 0; j < kBN / 16; ++j) {  // gated: blocks of gate rows, then of up rows
+          wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+          wmma::fill_fragment(acc, 0.f);
 #pragma unroll
-          for (int sd = 0; sd < kSides; ++sd) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-            for (int kk = 0; kk < RP; kk += 16) {
-              wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-              wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // B [N, R] row-major
-              wmma::load_matrix_sync(fa, t_tile + my_row0 * kLdt + kk, kLdt);
-              wmma::load_matrix_sync(fb, bs + (sd * kCols + j * 16) * kLdt + kk, kLdt);
-              wmma::mma_sync(acc, fa, fb, acc);
-            }
-            wmma::store_matrix_sync(scratch + sd * 16 * kLds, acc, kLds, wmma::mem_row_major);
+          for (int kk = 0; kk < RP; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // B [N, R] row-major
+            wmma::load_matrix_sync(fa, t_tile + my_row0 * kLdt + kk, kLdt);
+            wmma::load_matrix_sync(fb, bs + j * 16 * kLdt + kk, kLdt);
+            wmma::mma_sync(acc, fa, fb, acc);
           }
-          __syncwarp();
-          // Epilogue of the 16x16 block: lane -> (row, 8 columns), rows past the segment skipped.
-          const int gcol = n0 + j * 16 + rmw_col;
-          if (rmw_row < st.rows && gcol < n_end) {
-            const float* src = scratch + (lane / 2) * kLds + rmw_col;  // gate (or plain) sums; up sums 16 rows on
-            if (vec_out) {
-              Vec8<T> o;
-#pragma unroll
-              for (int i = 0; i < 8; ++i) {
-                const T v = from_float<T>(alpha * src[i] + to_float(prev[0][j].v[i]));
-                if constexpr (kGated)
-                  o.v[i] = gated_value(v, from_float<T>(alpha * src[16 * kLds + i] + to_float(prev[kSides - 1][j].v[i])),
-                                       p.activation);
-                else
-                  o.v[i] = v;
-              }
-              T* dst = kGated ? out.h + static_cast<int64_t>(st.row0 + rmw_row) * p.ldh + gcol : D + d_row + gcol;
-              *reinterpret_cast<Vec8<T>*>(dst) = o;
-            } else {
-              for (int i = 0; i < 8 && gcol + i < n_end; ++i) {
-                const T v = from_float<T>(alpha * src[i] + to_float(D[d_row + gcol + i]));
-                if constexpr (kGated)
-                  out.h[static_cast<int64_t>(st.row0 + rmw_row) * p.ldh + gcol + i] = gated_value(
-                      v, from_float<T>(alpha * src[16 * kLds + i] + to_float(D[d_row + gcol + i + p.up_col])),
-                      p.activation);
-                else
-                  D[d_row + gcol + i] = v;
-              }
-            }
-          }
-          __syncwarp();  // scratch is reused by the next fragment
+          wmma::store_matrix_sync(ctile + my_row0 * kLdc + j * 16, acc, kLdc, wmma::mem_row_major);
         }
       }
-      __syncthreads();  // the chunk just read is refilled by the next prefetch
+      // The products are complete, and this chunk's B buffer is free for the prefetch two chunks on (the
+      // next iteration's barrier orders this epilogue's reads of ctile before the next products).
+      __syncthreads();
+#pragma unroll
+      for (int it = 0; it < kItems; ++it) {
+        const int e = threadIdx.x + it * kThreads, r = e / kGroups, gcol = n0 + (e % kGroups) * 8;
+        if (r >= st.rows || gcol >= n_end) continue;
+        const float* src = ctile + r * kLdc + (gcol - n0);  // gate (or plain) products; up products kCols on
+        const int64_t d_row = static_cast<int64_t>(st.row0 + r) * p.ldd;
+        T* dst = kGated ? out.h + static_cast<int64_t>(st.row0 + r) * p.ldh + gcol : D + d_row + gcol;
+        if (vec_out) {
+          Vec8<T> o;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const T v = from_float<T>(alpha * src[i] + to_float(prev[it][0].v[i]));
+            if constexpr (kGated)
+              o.v[i] = gated_value(v, from_float<T>(alpha * src[kCols + i] + to_float(prev[it][kSides - 1].v[i])),
+                                   p.activation);
+            else
+              o.v[i] = v;
+          }
+          *reinterpret_cast<Vec8<T>*>(dst) = o;
+        } else {
+          for (int i = 0; i < 8 && gcol + i < n_end; ++i) {
+            const T v = from_float<T>(alpha * src[i] + to_float(D[d_row + gcol + i]));
+            if constexpr (kGated)
+              dst[i] = gated_value(v, from_float<T>(alpha * src[kCols + i] + to_float(D[d_row + gcol + i + p.up_col])),
+                                   p.activation);
+            else
+              dst[i] = v;
+          }
+        }
+      }
     }
     cp_async_wait<0>();
-    __syncthreads();  // t_tile is rewritten by the next item
+    __syncthreads();  // t_tile, B and ctile are rewritten by the next item
   }
 }
 

@@ -109,7 +109,7 @@ cudaError_t launch_segment_gemm(const SegmentGemmParams& p, SegmentGemmShape sha
 // Segments and tiles as for the segment GEMM (slot = s % seg_per_expert + slot_base; slot -1 buckets have
 // no tiles). Adapter matrices of segment (e, slot) start at base + e * expert_stride + slot * slot_stride
 // (shared-outer gating: expert_stride = 0). Ranks up to kLoraMaxRank; above it the host uses the segment
-// GEMM path. M-tiles with few rows (<= few_rows_max) take a path built for streaming the adapter weights
+// GEMM path. Segments with few rows (<= few_rows_max) take a path built for streaming the adapter weights
 // (lora_rows_mma.cuh), the others the 64-row tensor-core tiles; kLoraFewRows is the default threshold.
 constexpr int kLoraMaxRank = 128;
 constexpr int kLoraFewRows = 16;
@@ -124,7 +124,7 @@ struct LoraShrinkParams {
   int nseg, seg_per_expert, slot_base;
   int R, K, k_chunk, k_splits;              // K-chunk ks covers [ks * k_chunk, min(K, (ks+1) * k_chunk))
   int max_rows, max_active_segments;        // host upper bounds (grid sizing, partial layout)
-  int few_rows_max;                        // m-tiles with at most this many rows: lora_rows_mma.cuh
+  int few_rows_max;                        // segments with at most this many rows: lora_rows_mma.cuh
   DType dtype;
 };
 struct LoraExpandParams {
