@@ -16,6 +16,8 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "activation.cuh"
@@ -167,9 +169,12 @@ struct ExpandShape {
   static constexpr int kBN = RP >= 128 ? 32 : 64;      // B rows per chunk (gated: half gate, half up rows)
   static constexpr int kLdt = RP + kPad;               // t tile and B chunk row stride (elements)
   static constexpr int kLdc = kBN + 4;                 // fp32 chunk products row stride
+  static constexpr int kScratchLd = 16 + 4;            // per-warp fp32 16x16 epilogue scratch
   static constexpr size_t kTBytes = size_t(kTileRows) * kLdt * 2;
   static constexpr size_t kBBytes = size_t(2) * kBN * kLdt * 2;  // double buffered
-  static constexpr size_t kCBytes = size_t(kTileRows) * kLdc * 4;
+  static constexpr size_t kCBytesBlock = size_t(kTileRows) * kLdc * 4;
+  static constexpr size_t kCBytesWarp = size_t(kWarps) * 2 * 16 * kScratchLd * 4;
+  static constexpr size_t kCBytes = kCBytesBlock > kCBytesWarp ? kCBytesBlock : kCBytesWarp;
   static constexpr size_t kSmemBytes = kTBytes + kBBytes + kCBytes;
   static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
   static_assert(kSmemBytes >= size_t(2) * lora_few_rows::kRowGroup * RP * 4, "room for the few-rows path's t tile");
@@ -181,7 +186,7 @@ struct ExpandShape {
 // for the chunk's B (one memory round trip per chunk, spread over every thread).
 // kGated: fc1 with the activation fused (p.h set; see ExpandOut): a chunk holds kBN / 2 gate rows of B and the
 // matching kBN / 2 up rows, and the epilogue writes h instead of updating D.
-template <typename T, int RP, bool kGated>
+template <typename T, int RP, bool kGated, bool kBlockEpi>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(LoraExpandParams p) {
   pdl_begin();
   using Shape = ExpandShape<RP>;
@@ -248,6 +253,83 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       t_tile[r * kLdt + col] = from_float<T>(v);
     }
 
+    if constexpr (!kBlockEpi) {
+    constexpr int kLds = Shape::kScratchLd, kBlocks = kCols / 16;
+    const int lane = threadIdx.x % 32;
+    float* scratch = ctile + warp * 2 * 16 * kLds;
+    const int rmw_row = my_row0 + lane / 2, rmw_col = (lane % 2) * 8;  // this lane's 8 columns of a 16x16 block
+    const int64_t d_row = static_cast<int64_t>(st.row0 + rmw_row) * p.ldd;
+    for (int c = 0; c < chunks; ++c) {
+      if (c + 1 < chunks) load_chunk((c + 1) % 2, c + 1);
+      cp_async_commit();
+      const int n0 = n_begin + c * kCols;
+      // The chunk's D values are loaded before waiting for B, so the read-modify-write below costs one
+      // memory round trip per chunk instead of one per 16x16 block.
+      Vec8<T> prev[kSides][kBlocks];
+#pragma unroll
+      for (int sd = 0; sd < kSides; ++sd)
+#pragma unroll
+        for (int j = 0; j < kBlocks; ++j) {
+          const int gcol = n0 + j * 16 + rmw_col;
+          if (vec_out && rmw_row < st.rows && gcol < n_end)
+            prev[sd][j] = *reinterpret_cast<const Vec8<T>*>(D + d_row + gcol + sd * p.up_col);
+        }
+      cp_async_wait<1>();
+      __syncthreads();
+      if (warp_active) {
+        const T* bs = b_buf + (c % 2) * kBN * kLdt;
+#pragma unroll
+        for (int j = 0; j < kBlocks; ++j) {
+#pragma unroll
+          for (int sd = 0; sd < kSides; ++sd) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+            for (int kk = 0; kk < RP; kk += 16) {
+              wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+              wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // B [N, R] row-major
+              wmma::load_matrix_sync(fa, t_tile + my_row0 * kLdt + kk, kLdt);
+              wmma::load_matrix_sync(fb, bs + (sd * kCols + j * 16) * kLdt + kk, kLdt);
+              wmma::mma_sync(acc, fa, fb, acc);
+            }
+            wmma::store_matrix_sync(scratch + sd * 16 * kLds, acc, kLds, wmma::mem_row_major);
+          }
+          __syncwarp();
+          // Epilogue of the 16x16 block: lane -> (row, 8 columns), rows past the segment skipped.
+          const int gcol = n0 + j * 16 + rmw_col;
+          if (rmw_row < st.rows && gcol < n_end) {
+            const float* src = scratch + (lane / 2) * kLds + rmw_col;  // gate (or plain) sums; up sums 16 rows on
+            if (vec_out) {
+              Vec8<T> o;
+#pragma unroll
+              for (int i = 0; i < 8; ++i) {
+                const T v = from_float<T>(alpha * src[i] + to_float(prev[0][j].v[i]));
+                if constexpr (kGated)
+                  o.v[i] = gated_value(v, from_float<T>(alpha * src[16 * kLds + i] + to_float(prev[kSides - 1][j].v[i])),
+                                       p.activation);
+                else
+                  o.v[i] = v;
+              }
+              T* dst = kGated ? out.h + static_cast<int64_t>(st.row0 + rmw_row) * p.ldh + gcol : D + d_row + gcol;
+              *reinterpret_cast<Vec8<T>*>(dst) = o;
+            } else {
+              for (int i = 0; i < 8 && gcol + i < n_end; ++i) {
+                const T v = from_float<T>(alpha * src[i] + to_float(D[d_row + gcol + i]));
+                if constexpr (kGated)
+                  out.h[static_cast<int64_t>(st.row0 + rmw_row) * p.ldh + gcol + i] = gated_value(
+                      v, from_float<T>(alpha * src[16 * kLds + i] + to_float(D[d_row + gcol + i + p.up_col])),
+                      p.activation);
+                else
+                  D[d_row + gcol + i] = v;
+              }
+            }
+          }
+          __syncwarp();  // scratch is reused by the next fragment
+        }
+      }
+      __syncthreads();  // the chunk just read is refilled by the next prefetch
+    }
+    } else {
     for (int c = 0; c < chunks; ++c) {
       if (c + 1 < chunks) load_chunk((c + 1) % 2, c + 1);
       cp_async_commit();
@@ -315,6 +397,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
         }
       }
     }
+    }
     cp_async_wait<0>();
     __syncthreads();  // t_tile, B and ctile are rewritten by the next item
   }
@@ -351,8 +434,15 @@ cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStr
   const int64_t items_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * ceil_div(p.N, p.n_range);
   const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid == 0) return cudaSuccess;
-  return p.h != nullptr ? launch_kernel(lora_expand_kernel<T, RP, true>, grid, kThreads, 0, stream, p)
-                        : launch_kernel(lora_expand_kernel<T, RP, false>, grid, kThreads, 0, stream, p);
+  // TEMPORARY experiment knob: MOELORA_EXPAND_EPI=block|warp (default: gated block, plain warp)
+  const char* epi = std::getenv("MOELORA_EXPAND_EPI");
+  const bool block_gated = epi == nullptr || std::strcmp(epi, "warp") != 0;
+  const bool block_plain = epi != nullptr && std::strcmp(epi, "block") == 0;
+  if (p.h != nullptr)
+    return block_gated ? launch_kernel(lora_expand_kernel<T, RP, true, true>, grid, kThreads, 0, stream, p)
+                       : launch_kernel(lora_expand_kernel<T, RP, true, false>, grid, kThreads, 0, stream, p);
+  return block_plain ? launch_kernel(lora_expand_kernel<T, RP, false, true>, grid, kThreads, 0, stream, p)
+                     : launch_kernel(lora_expand_kernel<T, RP, false, false>, grid, kThreads, 0, stream, p);
 }
 
 }  // namespace
