@@ -16,8 +16,6 @@
 #include <mma.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "activation.cuh"
@@ -168,39 +166,40 @@ template <int RP>
 struct ExpandShape {
   static constexpr int kBN = RP >= 128 ? 32 : 64;      // B rows per chunk (gated: half gate, half up rows)
   static constexpr int kLdt = RP + kPad;               // t tile and B chunk row stride (elements)
-  static constexpr int kLdc = kBN + 4;                 // fp32 chunk products row stride
-  static constexpr int kScratchLd = 16 + 4;            // per-warp fp32 16x16 epilogue scratch
+  static constexpr int kScratchLd = 16 + 4;            // plain: per-warp fp32 16x16 epilogue scratch
+  static constexpr int kLdc = kBN + 4;                 // gated: fp32 64 x kBN chunk products, row stride
   static constexpr size_t kTBytes = size_t(kTileRows) * kLdt * 2;
   static constexpr size_t kBBytes = size_t(2) * kBN * kLdt * 2;  // double buffered
-  static constexpr size_t kCBytesBlock = size_t(kTileRows) * kLdc * 4;
-  static constexpr size_t kCBytesWarp = size_t(kWarps) * 2 * 16 * kScratchLd * 4;
-  static constexpr size_t kCBytes = kCBytesBlock > kCBytesWarp ? kCBytesBlock : kCBytesWarp;
-  static constexpr size_t kSmemBytes = kTBytes + kBBytes + kCBytes;
-  static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
-  static_assert(kSmemBytes >= size_t(2) * lora_few_rows::kRowGroup * RP * 4, "room for the few-rows path's t tile");
+  static constexpr size_t kScratchBytes = size_t(kWarps) * 16 * kScratchLd * 4;
+  static constexpr size_t kProductBytes = size_t(kTileRows) * kLdc * 4;
+  static constexpr size_t smem_bytes(bool gated) { return kTBytes + kBBytes + (gated ? kProductBytes : kScratchBytes); }
+  static_assert(smem_bytes(true) <= 48 * 1024 && smem_bytes(false) <= 48 * 1024, "static shared memory limit");
+  static_assert(smem_bytes(false) >= size_t(2) * lora_few_rows::kRowGroup * RP * 4, "room for the few-rows path's t tile");
 };
 
-// Per 64-row tile and range of N: t (the rank-R input rows) in shared memory, B streamed in double-buffered
-// chunks of kBN rows. Each chunk: the warps owning rows compute the 64 x kBN products into shared memory,
-// then all threads run the epilogue over (row, 8 columns) items, whose D values they loaded before waiting
-// for the chunk's B (one memory round trip per chunk, spread over every thread).
-// kGated: fc1 with the activation fused (p.h set; see ExpandOut): a chunk holds kBN / 2 gate rows of B and the
-// matching kBN / 2 up rows, and the epilogue writes h instead of updating D.
-template <typename T, int RP, bool kGated, bool kBlockEpi>
+// One work item = one 64-row m-tile x a range of N: t (the tile's rank-R inputs) in shared memory, B streamed
+// in double-buffered chunks of kBN rows, and the chunk's D values loaded before waiting for its B (one memory
+// round trip per chunk).
+// Plain: D[r, n] += alpha * t[r] . B[n], each warp taking its 16 rows through mma -> scratch -> epilogue one
+// 16x16 block at a time.
+// kGated (fc1 with the activation fused, p.h set; see ExpandOut): a chunk holds kBN / 2 gate rows of B and the
+// matching up rows; the warps owning rows write the 64 x kBN products to shared memory, then every thread
+// takes (row, 8 columns) items of the epilogue, which reads gate and up from D and writes h. Measured on the
+// H100 (benchmarks/NOTES.md, v7): the whole-block epilogue made the gated expand up to 23% faster (the
+// activation's arithmetic is spread over all warps, not only those owning rows) but the plain one 25-30%
+// slower, hence the two epilogues.
+template <typename T, int RP, bool kGated>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(LoraExpandParams p) {
   pdl_begin();
   using Shape = ExpandShape<RP>;
-  constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt, kLdc = Shape::kLdc;
+  constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt;
   constexpr int kSides = kGated ? 2 : 1;
-  constexpr int kCols = kBN / kSides;                        // output columns per chunk
-  constexpr int kGroups = kCols / 8;                         // 8-column epilogue groups per row
-  constexpr int kItems = kTileRows * kGroups / kThreads;     // epilogue items per thread and chunk
-  static_assert(kTileRows * kGroups % kThreads == 0, "whole epilogue items per thread");
-  __shared__ alignas(128) unsigned char smem_raw[Shape::kSmemBytes];
+  constexpr int kCols = kBN / kSides;  // output columns per chunk
+  __shared__ alignas(128) unsigned char smem_raw[Shape::smem_bytes(kGated)];
   T* t_tile = reinterpret_cast<T*>(smem_raw);
   T* b_buf = reinterpret_cast<T*>(smem_raw + Shape::kTBytes);
-  float* ctile = reinterpret_cast<float*>(smem_raw + Shape::kTBytes + Shape::kBBytes);
-  const int warp = threadIdx.x / 32;
+  float* epilogue_smem = reinterpret_cast<float*>(smem_raw + Shape::kTBytes + Shape::kBBytes);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   const T* Bbase = static_cast<const T*>(p.B);
   const ExpandOut<T> out{static_cast<T*>(p.D), p.ldd, static_cast<T*>(p.h), p.ldh, p.up_col, p.activation};
@@ -253,153 +252,120 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       t_tile[r * kLdt + col] = from_float<T>(v);
     }
 
-    if constexpr (!kBlockEpi) {
-    constexpr int kLds = Shape::kScratchLd, kBlocks = kCols / 16;
-    const int lane = threadIdx.x % 32;
-    float* scratch = ctile + warp * 2 * 16 * kLds;
-    const int rmw_row = my_row0 + lane / 2, rmw_col = (lane % 2) * 8;  // this lane's 8 columns of a 16x16 block
-    const int64_t d_row = static_cast<int64_t>(st.row0 + rmw_row) * p.ldd;
-    for (int c = 0; c < chunks; ++c) {
-      if (c + 1 < chunks) load_chunk((c + 1) % 2, c + 1);
-      cp_async_commit();
-      const int n0 = n_begin + c * kCols;
-      // The chunk's D values are loaded before waiting for B, so the read-modify-write below costs one
-      // memory round trip per chunk instead of one per 16x16 block.
-      Vec8<T> prev[kSides][kBlocks];
+    // The rank-R products of 16 rows (this warp's) x 16 B rows (block j of the chunk in buffer `bs`).
+    auto block_products = [&](const T* bs, int j) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.f);
 #pragma unroll
-      for (int sd = 0; sd < kSides; ++sd)
+      for (int kk = 0; kk < RP; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // B [N, R] row-major
+        wmma::load_matrix_sync(fa, t_tile + my_row0 * kLdt + kk, kLdt);
+        wmma::load_matrix_sync(fb, bs + j * 16 * kLdt + kk, kLdt);
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+      return acc;
+    };
+
+    if constexpr (!kGated) {
+      constexpr int kLds = Shape::kScratchLd;
+      float* scratch = epilogue_smem + warp * 16 * kLds;
+      const int rmw_row = my_row0 + lane / 2, rmw_col = (lane % 2) * 8;  // this lane's 8 columns of a 16x16 block
+      const int64_t d_row = static_cast<int64_t>(st.row0 + rmw_row) * p.ldd;
+      for (int c = 0; c < chunks; ++c) {
+        if (c + 1 < chunks) load_chunk((c + 1) % 2, c + 1);
+        cp_async_commit();
+        const int n0 = n_begin + c * kBN;
+        Vec8<T> prev[kBN / 16];
 #pragma unroll
-        for (int j = 0; j < kBlocks; ++j) {
+        for (int j = 0; j < kBN / 16; ++j) {
           const int gcol = n0 + j * 16 + rmw_col;
           if (vec_out && rmw_row < st.rows && gcol < n_end)
-            prev[sd][j] = *reinterpret_cast<const Vec8<T>*>(D + d_row + gcol + sd * p.up_col);
+            prev[j] = *reinterpret_cast<const Vec8<T>*>(D + d_row + gcol);
         }
-      cp_async_wait<1>();
-      __syncthreads();
-      if (warp_active) {
-        const T* bs = b_buf + (c % 2) * kBN * kLdt;
+        cp_async_wait<1>();
+        __syncthreads();
+        if (warp_active) {
+          const T* bs = b_buf + (c % 2) * kBN * kLdt;
 #pragma unroll
-        for (int j = 0; j < kBlocks; ++j) {
+          for (int j = 0; j < kBN / 16; ++j) {
+            wmma::store_matrix_sync(scratch, block_products(bs, j), kLds, wmma::mem_row_major);
+            __syncwarp();
+            // Read-modify-write of the 16x16 block: lane -> (row, 8 columns), rows past the segment skipped.
+            const int gcol = n0 + j * 16 + rmw_col;
+            if (rmw_row < st.rows && gcol < n_end) {
+              T* dst = D + d_row + gcol;
+              const float* src = scratch + (lane / 2) * kLds + rmw_col;
+              if (vec_out) {
+                Vec8<T> o;
 #pragma unroll
-          for (int sd = 0; sd < kSides; ++sd) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-            for (int kk = 0; kk < RP; kk += 16) {
-              wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-              wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // B [N, R] row-major
-              wmma::load_matrix_sync(fa, t_tile + my_row0 * kLdt + kk, kLdt);
-              wmma::load_matrix_sync(fb, bs + (sd * kCols + j * 16) * kLdt + kk, kLdt);
-              wmma::mma_sync(acc, fa, fb, acc);
-            }
-            wmma::store_matrix_sync(scratch + sd * 16 * kLds, acc, kLds, wmma::mem_row_major);
-          }
-          __syncwarp();
-          // Epilogue of the 16x16 block: lane -> (row, 8 columns), rows past the segment skipped.
-          const int gcol = n0 + j * 16 + rmw_col;
-          if (rmw_row < st.rows && gcol < n_end) {
-            const float* src = scratch + (lane / 2) * kLds + rmw_col;  // gate (or plain) sums; up sums 16 rows on
-            if (vec_out) {
-              Vec8<T> o;
-#pragma unroll
-              for (int i = 0; i < 8; ++i) {
-                const T v = from_float<T>(alpha * src[i] + to_float(prev[0][j].v[i]));
-                if constexpr (kGated)
-                  o.v[i] = gated_value(v, from_float<T>(alpha * src[16 * kLds + i] + to_float(prev[kSides - 1][j].v[i])),
-                                       p.activation);
-                else
-                  o.v[i] = v;
-              }
-              T* dst = kGated ? out.h + static_cast<int64_t>(st.row0 + rmw_row) * p.ldh + gcol : D + d_row + gcol;
-              *reinterpret_cast<Vec8<T>*>(dst) = o;
-            } else {
-              for (int i = 0; i < 8 && gcol + i < n_end; ++i) {
-                const T v = from_float<T>(alpha * src[i] + to_float(D[d_row + gcol + i]));
-                if constexpr (kGated)
-                  out.h[static_cast<int64_t>(st.row0 + rmw_row) * p.ldh + gcol + i] = gated_value(
-                      v, from_float<T>(alpha * src[16 * kLds + i] + to_float(D[d_row + gcol + i + p.up_col])),
-                      p.activation);
-                else
-                  D[d_row + gcol + i] = v;
+                for (int i = 0; i < 8; ++i) o.v[i] = from_float<T>(alpha * src[i] + to_float(prev[j].v[i]));
+                *reinterpret_cast<Vec8<T>*>(dst) = o;
+              } else {
+                for (int i = 0; i < 8 && gcol + i < n_end; ++i) dst[i] = from_float<T>(alpha * src[i] + to_float(dst[i]));
               }
             }
+            __syncwarp();  // scratch is reused by the next block
           }
-          __syncwarp();  // scratch is reused by the next fragment
         }
+        __syncthreads();  // the chunk just read is refilled by the next prefetch
       }
-      __syncthreads();  // the chunk just read is refilled by the next prefetch
-    }
     } else {
-    for (int c = 0; c < chunks; ++c) {
-      if (c + 1 < chunks) load_chunk((c + 1) % 2, c + 1);
-      cp_async_commit();
-      const int n0 = n_begin + c * kCols;
-      Vec8<T> prev[kItems][kSides];
+      constexpr int kLdc = Shape::kLdc;
+      constexpr int kGroups = kCols / 8;                      // 8-column epilogue groups per row
+      constexpr int kItems = kTileRows * kGroups / kThreads;  // epilogue items per thread and chunk
+      static_assert(kTileRows * kGroups % kThreads == 0, "whole epilogue items per thread");
+      float* products = epilogue_smem;                         // [64, kLdc]: gate columns, then up columns
+      for (int c = 0; c < chunks; ++c) {
+        if (c + 1 < chunks) load_chunk((c + 1) % 2, c + 1);
+        cp_async_commit();
+        const int n0 = n_begin + c * kCols;
+        Vec8<T> prev[kItems][2];  // gate, up
 #pragma unroll
-      for (int it = 0; it < kItems; ++it) {
-        const int e = threadIdx.x + it * kThreads, r = e / kGroups, gcol = n0 + (e % kGroups) * 8;
-        if (vec_out && r < st.rows && gcol < n_end)
+        for (int it = 0; it < kItems; ++it) {
+          const int e = threadIdx.x + it * kThreads, r = e / kGroups, gcol = n0 + (e % kGroups) * 8;
+          if (vec_out && r < st.rows && gcol < n_end)
 #pragma unroll
-          for (int sd = 0; sd < kSides; ++sd)
-            prev[it][sd] = *reinterpret_cast<const Vec8<T>*>(D + static_cast<int64_t>(st.row0 + r) * p.ldd + gcol +
-                                                             sd * p.up_col);
-      }
-      cp_async_wait<1>();
-      __syncthreads();
-      if (warp_active) {
-        const T* bs = b_buf + (c % 2) * kBN * kLdt;
-#pragma unroll
-        for (int j = 0; j < kBN / 16; ++j) {  // gated: blocks of gate rows, then of up rows
-          wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-          wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-          for (int kk = 0; kk < RP; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // B [N, R] row-major
-            wmma::load_matrix_sync(fa, t_tile + my_row0 * kLdt + kk, kLdt);
-            wmma::load_matrix_sync(fb, bs + j * 16 * kLdt + kk, kLdt);
-            wmma::mma_sync(acc, fa, fb, acc);
-          }
-          wmma::store_matrix_sync(ctile + my_row0 * kLdc + j * 16, acc, kLdc, wmma::mem_row_major);
+            for (int sd = 0; sd < 2; ++sd)
+              prev[it][sd] = *reinterpret_cast<const Vec8<T>*>(D + static_cast<int64_t>(st.row0 + r) * p.ldd + gcol +
+                                                               sd * p.up_col);
         }
-      }
-      // The products are complete, and this chunk's B buffer is free for the prefetch two chunks on (the
-      // next iteration's barrier orders this epilogue's reads of ctile before the next products).
-      __syncthreads();
+        cp_async_wait<1>();
+        __syncthreads();
+        if (warp_active) {
+          const T* bs = b_buf + (c % 2) * kBN * kLdt;
 #pragma unroll
-      for (int it = 0; it < kItems; ++it) {
-        const int e = threadIdx.x + it * kThreads, r = e / kGroups, gcol = n0 + (e % kGroups) * 8;
-        if (r >= st.rows || gcol >= n_end) continue;
-        const float* src = ctile + r * kLdc + (gcol - n0);  // gate (or plain) products; up products kCols on
-        const int64_t d_row = static_cast<int64_t>(st.row0 + r) * p.ldd;
-        T* dst = kGated ? out.h + static_cast<int64_t>(st.row0 + r) * p.ldh + gcol : D + d_row + gcol;
-        if (vec_out) {
-          Vec8<T> o;
+          for (int j = 0; j < kBN / 16; ++j)
+            wmma::store_matrix_sync(products + my_row0 * kLdc + j * 16, block_products(bs, j), kLdc, wmma::mem_row_major);
+        }
+        // The products are complete, and this chunk's B buffer is free for the prefetch two chunks on (the
+        // next iteration's barrier orders this epilogue's reads of `products` before the next chunk's writes).
+        __syncthreads();
 #pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const T v = from_float<T>(alpha * src[i] + to_float(prev[it][0].v[i]));
-            if constexpr (kGated)
-              o.v[i] = gated_value(v, from_float<T>(alpha * src[kCols + i] + to_float(prev[it][kSides - 1].v[i])),
+        for (int it = 0; it < kItems; ++it) {
+          const int e = threadIdx.x + it * kThreads, r = e / kGroups, gcol = n0 + (e % kGroups) * 8;
+          if (r >= st.rows || gcol >= n_end) continue;
+          const float* src = products + r * kLdc + (gcol - n0);  // gate products; up products kCols on
+          const T* gu_row = D + static_cast<int64_t>(st.row0 + r) * p.ldd;
+          T* dst = out.h + static_cast<int64_t>(st.row0 + r) * p.ldh + gcol;
+          if (vec_out) {
+            Vec8<T> o;
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+              o.v[i] = gated_value(from_float<T>(alpha * src[i] + to_float(prev[it][0].v[i])),
+                                   from_float<T>(alpha * src[kCols + i] + to_float(prev[it][1].v[i])), p.activation);
+            *reinterpret_cast<Vec8<T>*>(dst) = o;
+          } else {
+            for (int i = 0; i < 8 && gcol + i < n_end; ++i)
+              dst[i] = gated_value(from_float<T>(alpha * src[i] + to_float(gu_row[gcol + i])),
+                                   from_float<T>(alpha * src[kCols + i] + to_float(gu_row[p.up_col + gcol + i])),
                                    p.activation);
-            else
-              o.v[i] = v;
-          }
-          *reinterpret_cast<Vec8<T>*>(dst) = o;
-        } else {
-          for (int i = 0; i < 8 && gcol + i < n_end; ++i) {
-            const T v = from_float<T>(alpha * src[i] + to_float(D[d_row + gcol + i]));
-            if constexpr (kGated)
-              dst[i] = gated_value(v, from_float<T>(alpha * src[kCols + i] + to_float(D[d_row + gcol + i + p.up_col])),
-                                   p.activation);
-            else
-              dst[i] = v;
           }
         }
       }
-    }
     }
     cp_async_wait<0>();
-    __syncthreads();  // t_tile, B and ctile are rewritten by the next item
+    __syncthreads();  // t_tile, B and the epilogue's shared memory are rewritten by the next item
   }
 }
 
@@ -434,15 +400,8 @@ cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStr
   const int64_t items_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * ceil_div(p.N, p.n_range);
   const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid == 0) return cudaSuccess;
-  // TEMPORARY experiment knob: MOELORA_EXPAND_EPI=block|warp (default: gated block, plain warp)
-  const char* epi = std::getenv("MOELORA_EXPAND_EPI");
-  const bool block_gated = epi == nullptr || std::strcmp(epi, "warp") != 0;
-  const bool block_plain = epi != nullptr && std::strcmp(epi, "block") == 0;
-  if (p.h != nullptr)
-    return block_gated ? launch_kernel(lora_expand_kernel<T, RP, true, true>, grid, kThreads, 0, stream, p)
-                       : launch_kernel(lora_expand_kernel<T, RP, true, false>, grid, kThreads, 0, stream, p);
-  return block_plain ? launch_kernel(lora_expand_kernel<T, RP, false, true>, grid, kThreads, 0, stream, p)
-                     : launch_kernel(lora_expand_kernel<T, RP, false, false>, grid, kThreads, 0, stream, p);
+  return p.h != nullptr ? launch_kernel(lora_expand_kernel<T, RP, true>, grid, kThreads, 0, stream, p)
+                        : launch_kernel(lora_expand_kernel<T, RP, false>, grid, kThreads, 0, stream, p);
 }
 
 }  // namespace
