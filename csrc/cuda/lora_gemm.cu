@@ -166,20 +166,25 @@ template <int RP>
 struct ExpandShape {
   static constexpr int kBN = RP >= 128 ? 32 : 64;      // B rows per chunk (gated: half gate, half up rows)
   static constexpr int kLdt = RP + kPad;               // t tile and B chunk row stride (elements)
+  static constexpr int kLdd = kBN + kPad;              // D chunk row stride (elements; gated: gate | up columns)
   static constexpr int kScratchLd = 16 + 4;            // plain: per-warp fp32 16x16 epilogue scratch
   static constexpr int kLdc = kBN + 4;                 // gated: fp32 64 x kBN chunk products, row stride
   static constexpr size_t kTBytes = size_t(kTileRows) * kLdt * 2;
-  static constexpr size_t kBBytes = size_t(2) * kBN * kLdt * 2;  // double buffered
+  static constexpr size_t kBBytes = size_t(2) * kBN * kLdt * 2;       // double buffered
+  static constexpr size_t kDBytes = size_t(2) * kTileRows * kLdd * 2;  // double buffered
   static constexpr size_t kScratchBytes = size_t(kWarps) * 16 * kScratchLd * 4;
   static constexpr size_t kProductBytes = size_t(kTileRows) * kLdc * 4;
-  static constexpr size_t smem_bytes(bool gated) { return kTBytes + kBBytes + (gated ? kProductBytes : kScratchBytes); }
-  static_assert(smem_bytes(true) <= 48 * 1024 && smem_bytes(false) <= 48 * 1024, "static shared memory limit");
+  // Dynamic shared memory (above the 48 KB static limit for the larger ranks).
+  static constexpr size_t smem_bytes(bool gated) {
+    return kTBytes + kBBytes + kDBytes + (gated ? kProductBytes : kScratchBytes);
+  }
+  static_assert(smem_bytes(true) <= 64 * 1024, "three or more CTAs per SM");
   static_assert(smem_bytes(false) >= size_t(2) * lora_few_rows::kRowGroup * RP * 4, "room for the few-rows path's t tile");
 };
 
-// One work item = one 64-row m-tile x a range of N: t (the tile's rank-R inputs) in shared memory, B streamed
-// in double-buffered chunks of kBN rows, and the chunk's D values loaded before waiting for its B (one memory
-// round trip per chunk).
+// One work item = one 64-row m-tile x a range of N: t (the tile's rank-R inputs) in shared memory, and each
+// chunk's kBN rows of B and the D values it updates (or, gated, reads) copied with cp.async into double buffers
+// one chunk ahead, so their memory round trip overlaps the previous chunk's products and epilogue.
 // Plain: D[r, n] += alpha * t[r] . B[n], each warp taking its 16 rows through mma -> scratch -> epilogue one
 // 16x16 block at a time.
 // kGated (fc1 with the activation fused, p.h set; see ExpandOut): a chunk holds kBN / 2 gate rows of B and the
@@ -195,10 +200,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
   constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt;
   constexpr int kSides = kGated ? 2 : 1;
   constexpr int kCols = kBN / kSides;  // output columns per chunk
-  __shared__ alignas(128) unsigned char smem_raw[Shape::smem_bytes(kGated)];
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // Shape::smem_bytes(kGated)
   T* t_tile = reinterpret_cast<T*>(smem_raw);
   T* b_buf = reinterpret_cast<T*>(smem_raw + Shape::kTBytes);
-  float* epilogue_smem = reinterpret_cast<float*>(smem_raw + Shape::kTBytes + Shape::kBBytes);
+  T* d_buf = reinterpret_cast<T*>(smem_raw + Shape::kTBytes + Shape::kBBytes);
+  float* epilogue_smem = reinterpret_cast<float*>(smem_raw + Shape::kTBytes + Shape::kBBytes + Shape::kDBytes);
+  constexpr int kLdd = Shape::kLdd;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   const T* Bbase = static_cast<const T*>(p.B);
@@ -238,7 +245,24 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
                                                 b_src + static_cast<int64_t>(n0 + sd * p.up_col) * p.R, p.R,
                                                 min(kCols, n_end - n0), 0, p.R, vec_b);
     };
-    load_chunk(0, 0);
+    // The chunk's D values, rows [0, rows) x its kCols output columns (gated: gate, then up), when 16-byte
+    // copies are possible (vec_out); else the epilogue reads D from global memory.
+    auto load_d = [&](int stage, int c) {
+      const int n0 = n_begin + c * kCols;
+      T* dst = d_buf + stage * kTileRows * kLdd;
+      constexpr int kVecs = kBN / 8, kSideVecs = kCols / 8;
+      for (int v = threadIdx.x; v < st.rows * kVecs; v += kThreads) {
+        const int r = v / kVecs, cv = v % kVecs, col = n0 + (cv % kSideVecs) * 8;
+        const bool ok = col < n_end;
+        const T* src = ok ? D + static_cast<int64_t>(st.row0 + r) * p.ldd + col + (cv / kSideVecs) * p.up_col : D;
+        cp_async_16(dst + r * kLdd + cv * 8, src, ok);
+      }
+    };
+    auto load_stage = [&](int stage, int c) {
+      load_chunk(stage, c);
+      if (vec_out) load_d(stage, c);
+    };
+    load_stage(0, 0);
     cp_async_commit();
 
     // t = sum of the split-K partials in a fixed order, rounded to the activation dtype (zero padded).
@@ -273,20 +297,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       const int rmw_row = my_row0 + lane / 2, rmw_col = (lane % 2) * 8;  // this lane's 8 columns of a 16x16 block
       const int64_t d_row = static_cast<int64_t>(st.row0 + rmw_row) * p.ldd;
       for (int c = 0; c < chunks; ++c) {
-        if (c + 1 < chunks) load_chunk((c + 1) % 2, c + 1);
+        if (c + 1 < chunks) load_stage((c + 1) % 2, c + 1);
         cp_async_commit();
         const int n0 = n_begin + c * kBN;
-        Vec8<T> prev[kBN / 16];
-#pragma unroll
-        for (int j = 0; j < kBN / 16; ++j) {
-          const int gcol = n0 + j * 16 + rmw_col;
-          if (vec_out && rmw_row < st.rows && gcol < n_end)
-            prev[j] = *reinterpret_cast<const Vec8<T>*>(D + d_row + gcol);
-        }
         cp_async_wait<1>();
         __syncthreads();
         if (warp_active) {
           const T* bs = b_buf + (c % 2) * kBN * kLdt;
+          const T* ds = d_buf + (c % 2) * kTileRows * kLdd + rmw_row * kLdd + rmw_col;
 #pragma unroll
           for (int j = 0; j < kBN / 16; ++j) {
             wmma::store_matrix_sync(scratch, block_products(bs, j), kLds, wmma::mem_row_major);
@@ -297,9 +315,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
               T* dst = D + d_row + gcol;
               const float* src = scratch + (lane / 2) * kLds + rmw_col;
               if (vec_out) {
+                const Vec8<T> prev = *reinterpret_cast<const Vec8<T>*>(ds + j * 16);
                 Vec8<T> o;
 #pragma unroll
-                for (int i = 0; i < 8; ++i) o.v[i] = from_float<T>(alpha * src[i] + to_float(prev[j].v[i]));
+                for (int i = 0; i < 8; ++i) o.v[i] = from_float<T>(alpha * src[i] + to_float(prev.v[i]));
                 *reinterpret_cast<Vec8<T>*>(dst) = o;
               } else {
                 for (int i = 0; i < 8 && gcol + i < n_end; ++i) dst[i] = from_float<T>(alpha * src[i] + to_float(dst[i]));
@@ -308,7 +327,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
             __syncwarp();  // scratch is reused by the next block
           }
         }
-        __syncthreads();  // the chunk just read is refilled by the next prefetch
+        __syncthreads();  // the chunk's buffers are refilled by the next prefetch
       }
     } else {
       constexpr int kLdc = Shape::kLdc;
@@ -317,19 +336,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       static_assert(kTileRows * kGroups % kThreads == 0, "whole epilogue items per thread");
       float* products = epilogue_smem;                         // [64, kLdc]: gate columns, then up columns
       for (int c = 0; c < chunks; ++c) {
-        if (c + 1 < chunks) load_chunk((c + 1) % 2, c + 1);
+        if (c + 1 < chunks) load_stage((c + 1) % 2, c + 1);
         cp_async_commit();
         const int n0 = n_begin + c * kCols;
-        Vec8<T> prev[kItems][2];  // gate, up
-#pragma unroll
-        for (int it = 0; it < kItems; ++it) {
-          const int e = threadIdx.x + it * kThreads, r = e / kGroups, gcol = n0 + (e % kGroups) * 8;
-          if (vec_out && r < st.rows && gcol < n_end)
-#pragma unroll
-            for (int sd = 0; sd < 2; ++sd)
-              prev[it][sd] = *reinterpret_cast<const Vec8<T>*>(D + static_cast<int64_t>(st.row0 + r) * p.ldd + gcol +
-                                                               sd * p.up_col);
-        }
+        const T* ds = d_buf + (c % 2) * kTileRows * kLdd;
         cp_async_wait<1>();
         __syncthreads();
         if (warp_active) {
@@ -338,9 +348,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
           for (int j = 0; j < kBN / 16; ++j)
             wmma::store_matrix_sync(products + my_row0 * kLdc + j * 16, block_products(bs, j), kLdc, wmma::mem_row_major);
         }
-        // The products are complete, and this chunk's B buffer is free for the prefetch two chunks on (the
-        // next iteration's barrier orders this epilogue's reads of `products` before the next chunk's writes).
-        __syncthreads();
+        __syncthreads();  // the products are complete
 #pragma unroll
         for (int it = 0; it < kItems; ++it) {
           const int e = threadIdx.x + it * kThreads, r = e / kGroups, gcol = n0 + (e % kGroups) * 8;
@@ -349,11 +357,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
           const T* gu_row = D + static_cast<int64_t>(st.row0 + r) * p.ldd;
           T* dst = out.h + static_cast<int64_t>(st.row0 + r) * p.ldh + gcol;
           if (vec_out) {
+            const Vec8<T> gate = *reinterpret_cast<const Vec8<T>*>(ds + r * kLdd + (gcol - n0));
+            const Vec8<T> up = *reinterpret_cast<const Vec8<T>*>(ds + r * kLdd + kCols + (gcol - n0));
             Vec8<T> o;
 #pragma unroll
             for (int i = 0; i < 8; ++i)
-              o.v[i] = gated_value(from_float<T>(alpha * src[i] + to_float(prev[it][0].v[i])),
-                                   from_float<T>(alpha * src[kCols + i] + to_float(prev[it][1].v[i])), p.activation);
+              o.v[i] = gated_value(from_float<T>(alpha * src[i] + to_float(gate.v[i])),
+                                   from_float<T>(alpha * src[kCols + i] + to_float(up.v[i])), p.activation);
             *reinterpret_cast<Vec8<T>*>(dst) = o;
           } else {
             for (int i = 0; i < 8 && gcol + i < n_end; ++i)
@@ -362,6 +372,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
                                    p.activation);
           }
         }
+        __syncthreads();  // the chunk's D buffer and the products are rewritten by the next chunk
       }
     }
     cp_async_wait<0>();
@@ -400,8 +411,15 @@ cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStr
   const int64_t items_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * ceil_div(p.N, p.n_range);
   const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid == 0) return cudaSuccess;
-  return p.h != nullptr ? launch_kernel(lora_expand_kernel<T, RP, true>, grid, kThreads, 0, stream, p)
-                        : launch_kernel(lora_expand_kernel<T, RP, false>, grid, kThreads, 0, stream, p);
+  auto launch = [&](auto kernel, size_t smem) {
+    // Set on every launch (a host-side attribute, not a stream operation: fine during graph capture), so it
+    // holds on whichever device is current.
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    return err != cudaSuccess ? err : launch_kernel(kernel, grid, kThreads, smem, stream, p);
+  };
+  using Shape = ExpandShape<RP>;
+  return p.h != nullptr ? launch(lora_expand_kernel<T, RP, true>, Shape::smem_bytes(true))
+                        : launch(lora_expand_kernel<T, RP, false>, Shape::smem_bytes(false));
 }
 
 }  // namespace
