@@ -171,22 +171,22 @@ struct ExpandShape {
   static constexpr int kLdc = kBN + 4;                 // gated: fp32 64 x kBN chunk products, row stride
   static constexpr size_t kTBytes = size_t(kTileRows) * kLdt * 2;
   static constexpr size_t kBBytes = size_t(2) * kBN * kLdt * 2;       // double buffered
-  static constexpr size_t kDBytes = size_t(2) * kTileRows * kLdd * 2;  // double buffered
+  static constexpr size_t kDBytes = size_t(2) * kTileRows * kLdd * 2;  // double buffered (plain only)
   static constexpr size_t kScratchBytes = size_t(kWarps) * 16 * kScratchLd * 4;
   static constexpr size_t kProductBytes = size_t(kTileRows) * kLdc * 4;
   // Dynamic shared memory (above the 48 KB static limit for the larger ranks).
   static constexpr size_t smem_bytes(bool gated) {
-    return kTBytes + kBBytes + kDBytes + (gated ? kProductBytes : kScratchBytes);
+    return kTBytes + kBBytes + (gated ? kProductBytes : kDBytes + kScratchBytes);
   }
   static_assert(smem_bytes(true) <= 64 * 1024, "three or more CTAs per SM");
   static_assert(smem_bytes(false) >= size_t(2) * lora_few_rows::kRowGroup * RP * 4, "room for the few-rows path's t tile");
 };
 
 // One work item = one 64-row m-tile x a range of N: t (the tile's rank-R inputs) in shared memory, and each
-// chunk's kBN rows of B and the D values it updates (or, gated, reads) copied with cp.async into double buffers
-// one chunk ahead, so their memory round trip overlaps the previous chunk's products and epilogue.
+// chunk's kBN rows of B copied with cp.async into a double buffer one chunk ahead.
 // Plain: D[r, n] += alpha * t[r] . B[n], each warp taking its 16 rows through mma -> scratch -> epilogue one
-// 16x16 block at a time.
+// 16x16 block at a time; the chunk's D values come through shared memory with B, one chunk ahead, so their
+// round trip overlaps the previous chunk (7-16% faster than loading them at the chunk's start, NOTES.md v7).
 // kGated (fc1 with the activation fused, p.h set; see ExpandOut): a chunk holds kBN / 2 gate rows of B and the
 // matching up rows; the warps owning rows write the 64 x kBN products to shared memory, then every thread
 // takes (row, 8 columns) items of the epilogue, which reads gate and up from D and writes h. Measured on the
@@ -203,8 +203,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
   extern __shared__ __align__(128) unsigned char smem_raw[];  // Shape::smem_bytes(kGated)
   T* t_tile = reinterpret_cast<T*>(smem_raw);
   T* b_buf = reinterpret_cast<T*>(smem_raw + Shape::kTBytes);
-  T* d_buf = reinterpret_cast<T*>(smem_raw + Shape::kTBytes + Shape::kBBytes);
-  float* epilogue_smem = reinterpret_cast<float*>(smem_raw + Shape::kTBytes + Shape::kBBytes + Shape::kDBytes);
+  T* d_buf = reinterpret_cast<T*>(smem_raw + Shape::kTBytes + Shape::kBBytes);  // plain only
+  float* epilogue_smem =
+      reinterpret_cast<float*>(smem_raw + Shape::kTBytes + Shape::kBBytes + (kGated ? 0 : Shape::kDBytes));
   constexpr int kLdd = Shape::kLdd;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
@@ -260,7 +261,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
     };
     auto load_stage = [&](int stage, int c) {
       load_chunk(stage, c);
-      if (vec_out) load_d(stage, c);
+      if (!kGated && vec_out) load_d(stage, c);
     };
     load_stage(0, 0);
     cp_async_commit();
@@ -336,10 +337,22 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       static_assert(kTileRows * kGroups % kThreads == 0, "whole epilogue items per thread");
       float* products = epilogue_smem;                         // [64, kLdc]: gate columns, then up columns
       for (int c = 0; c < chunks; ++c) {
-        if (c + 1 < chunks) load_stage((c + 1) % 2, c + 1);
+        if (c + 1 < chunks) load_chunk((c + 1) % 2, c + 1);
         cp_async_commit();
         const int n0 = n_begin + c * kCols;
-        const T* ds = d_buf + (c % 2) * kTileRows * kLdd;
+        // gate and up D values loaded into registers before waiting for the chunk's B. Through shared memory, as
+        // on the plain path, was measured mixed here (qwen3 / gpt-oss faster, mixtral 4% slower, and rank 64's
+        // 63.5 KB leave 3 CTAs per SM; NOTES.md v7).
+        Vec8<T> prev[kItems][2];  // gate, up
+#pragma unroll
+        for (int it = 0; it < kItems; ++it) {
+          const int e = threadIdx.x + it * kThreads, r = e / kGroups, gcol = n0 + (e % kGroups) * 8;
+          if (vec_out && r < st.rows && gcol < n_end)
+#pragma unroll
+            for (int sd = 0; sd < 2; ++sd)
+              prev[it][sd] = *reinterpret_cast<const Vec8<T>*>(D + static_cast<int64_t>(st.row0 + r) * p.ldd + gcol +
+                                                               sd * p.up_col);
+        }
         cp_async_wait<1>();
         __syncthreads();
         if (warp_active) {
@@ -348,7 +361,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
           for (int j = 0; j < kBN / 16; ++j)
             wmma::store_matrix_sync(products + my_row0 * kLdc + j * 16, block_products(bs, j), kLdc, wmma::mem_row_major);
         }
-        __syncthreads();  // the products are complete
+        // The products are complete, and this chunk's B buffer is free for the prefetch two chunks on (the
+        // next iteration's barrier orders this epilogue's reads of `products` before the next chunk's writes).
+        __syncthreads();
 #pragma unroll
         for (int it = 0; it < kItems; ++it) {
           const int e = threadIdx.x + it * kThreads, r = e / kGroups, gcol = n0 + (e % kGroups) * 8;
@@ -357,13 +372,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
           const T* gu_row = D + static_cast<int64_t>(st.row0 + r) * p.ldd;
           T* dst = out.h + static_cast<int64_t>(st.row0 + r) * p.ldh + gcol;
           if (vec_out) {
-            const Vec8<T> gate = *reinterpret_cast<const Vec8<T>*>(ds + r * kLdd + (gcol - n0));
-            const Vec8<T> up = *reinterpret_cast<const Vec8<T>*>(ds + r * kLdd + kCols + (gcol - n0));
             Vec8<T> o;
 #pragma unroll
             for (int i = 0; i < 8; ++i)
-              o.v[i] = gated_value(from_float<T>(alpha * src[i] + to_float(gate.v[i])),
-                                   from_float<T>(alpha * src[kCols + i] + to_float(up.v[i])), p.activation);
+              o.v[i] = gated_value(from_float<T>(alpha * src[i] + to_float(prev[it][0].v[i])),
+                                   from_float<T>(alpha * src[kCols + i] + to_float(prev[it][1].v[i])), p.activation);
             *reinterpret_cast<Vec8<T>*>(dst) = o;
           } else {
             for (int i = 0; i < 8 && gcol + i < n_end; ++i)
@@ -372,7 +385,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
                                    p.activation);
           }
         }
-        __syncthreads();  // the chunk's D buffer and the products are rewritten by the next chunk
       }
     }
     cp_async_wait<0>();
