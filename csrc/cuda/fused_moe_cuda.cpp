@@ -29,6 +29,12 @@ bool env_flag(const char* name) {
   return v != nullptr && std::strcmp(v, "0") != 0 && v[0] != '\0';
 }
 
+// For the features that are on by default: true only when `name` is set to "0".
+bool env_zero(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "0") == 0;
+}
+
 mc::DType to_dtype(at::ScalarType t) { return t == at::kBFloat16 ? mc::DType::BF16 : mc::DType::FP16; }
 
 int device_attribute(cudaDeviceAttr attr, int device) {
@@ -87,8 +93,7 @@ int env_int(const char* name, int fallback) {
 // epilogue reads the lora_gemm.cu shrink's partials, so adapters on the segment-GEMM path (rank >
 // kLoraMaxRank or MOELORA_LORA_SEGMENT_GEMM=1) keep the grouped-GEMM path.
 bool use_decode_gemv(const FusedMoeDims& d) {
-  const char* v = std::getenv("MOELORA_DECODE_GEMV");
-  if (v != nullptr && std::strcmp(v, "0") == 0) return false;
+  if (env_zero("MOELORA_DECODE_GEMV")) return false;
   const int64_t avg_rows = env_int("MOELORA_GEMV_AVG_ROWS", mc::kGemvMaxAvgRows);
   const bool few_rows = d.T <= mc::kDecodeMaxTokens || d.T * d.k <= avg_rows * d.E;
   return few_rows && (!d.has_lora || use_lora_kernels(d.R));
@@ -120,10 +125,7 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
 }
 
 // fc1's LoRA expand writes h itself (activation fused) unless MOELORA_LORA_FUSED_ACT=0 (kept to compare).
-bool use_fused_lora_activation() {
-  const char* v = std::getenv("MOELORA_LORA_FUSED_ACT");
-  return v == nullptr || std::strcmp(v, "0") != 0;
-}
+bool use_fused_lora_activation() { return !env_zero("MOELORA_LORA_FUSED_ACT"); }
 
 // Where fc1's expand puts its result when the activation is fused into it (LoraExpandParams::h).
 struct GatedExpandOut {

@@ -186,7 +186,7 @@ struct ExpandShape {
 // chunk's kBN rows of B copied with cp.async into a double buffer one chunk ahead.
 // Plain: D[r, n] += alpha * t[r] . B[n], each warp taking its 16 rows through mma -> scratch -> epilogue one
 // 16x16 block at a time; the chunk's D values come through shared memory with B, one chunk ahead, so their
-// round trip overlaps the previous chunk (7-16% faster than loading them at the chunk's start, NOTES.md v7).
+// round trip overlaps the previous chunk (10-16% faster than loading them at the chunk's start, NOTES.md v7).
 // kGated (fc1 with the activation fused, p.h set; see ExpandOut): a chunk holds kBN / 2 gate rows of B and the
 // matching up rows; the warps owning rows write the 64 x kBN products to shared memory, then every thread
 // takes (row, 8 columns) items of the epilogue, which reads gate and up from D and writes h. Measured on the
@@ -246,22 +246,22 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
                                                 b_src + static_cast<int64_t>(n0 + sd * p.up_col) * p.R, p.R,
                                                 min(kCols, n_end - n0), 0, p.R, vec_b);
     };
-    // The chunk's D values, rows [0, rows) x its kCols output columns (gated: gate, then up), when 16-byte
-    // copies are possible (vec_out); else the epilogue reads D from global memory.
+    // Plain path: the chunk's D values, rows [0, rows) x its kBN columns, when 16-byte copies are possible
+    // (vec_out); else its epilogue reads D from global memory.
     auto load_d = [&](int stage, int c) {
-      const int n0 = n_begin + c * kCols;
+      const int n0 = n_begin + c * kBN;
       T* dst = d_buf + stage * kTileRows * kLdd;
-      constexpr int kVecs = kBN / 8, kSideVecs = kCols / 8;
+      constexpr int kVecs = kBN / 8;
       for (int v = threadIdx.x; v < st.rows * kVecs; v += kThreads) {
-        const int r = v / kVecs, cv = v % kVecs, col = n0 + (cv % kSideVecs) * 8;
+        const int r = v / kVecs, col = n0 + (v % kVecs) * 8;
         const bool ok = col < n_end;
-        const T* src = ok ? D + static_cast<int64_t>(st.row0 + r) * p.ldd + col + (cv / kSideVecs) * p.up_col : D;
-        cp_async_16(dst + r * kLdd + cv * 8, src, ok);
+        cp_async_16(dst + r * kLdd + (col - n0), ok ? D + static_cast<int64_t>(st.row0 + r) * p.ldd + col : D, ok);
       }
     };
     auto load_stage = [&](int stage, int c) {
       load_chunk(stage, c);
-      if (!kGated && vec_out) load_d(stage, c);
+      if constexpr (!kGated)
+        if (vec_out) load_d(stage, c);
     };
     load_stage(0, 0);
     cp_async_commit();
