@@ -179,10 +179,10 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
     e.slot_scale = scalings;
     e.row_offsets = s.row_offsets; e.tile_prefix = s.tile_prefix; e.tile_segment = s.tile_segment;
     e.nseg = nseg; e.seg_per_expert = s.seg_per_expert; e.slot_base = -1;
-    e.R = s.R; e.N = N; e.n_range = mc::lora_n_range(N, s.R, pairs, active, sm_count);
+    e.R = s.R; e.N = N;
     if (gated != nullptr) {  // N = 2I columns of gu become I columns of h, each with its gate and up B rows
       e.h = gated->h->data_ptr(); e.ldh = N / 2; e.up_col = N / 2; e.activation = gated->kind;
-      e.N = N / 2; e.n_range = std::max(16, e.n_range / 2);
+      e.N = N / 2;
     }
     e.max_rows = pairs; e.max_active_segments = active; e.few_rows_max = ws.few_rows_max;
     e.dtype = s.dtype;

@@ -6,11 +6,11 @@
 // Why this shape (benchmarks/NOTES.md, v3): at decode and mid batch sizes a segment holds a handful of
 // rows, so a kernel is bound by latency, not bytes. The shrink's K loop (K = H or I, up to 14336) is split
 // over CTAs so every SM streams adapter A, with the partial sums reduced by the expand in a fixed order
-// (deterministic, no atomics). The expand keeps the rank-R input tile in shared memory and walks a range
-// of N with double-buffered B chunks, instead of one tile launch-equivalent per 128 columns.
+// (deterministic, no atomics). The expand keeps the rank-R input tile in shared memory and walks a run of
+// column chunks through a ring of B / D stages; its (m-tile, chunk) units are split evenly over the CTAs.
 // Each work item picks its tile path from its segment's row count (NOTES.md, v4, v7): segments of up to
 // few_rows_max rows (decode, mid batch sizes) go to lora_rows_mma.cuh, which streams the adapter straight from
-// global memory into mma.sync fragments; larger ones use the 64-row WMMA tiles below, every tile of them.
+// global memory into mma.sync fragments; larger ones use the 64-row tensor-core tiles below, every tile of them.
 // Tile counts come from the routing's device-side tile prefix (and its tile -> bucket table), so grids are
 // sized from shapes alone and both kernels are CUDA-graph safe.
 #include <mma.h>
@@ -164,50 +164,58 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
 // ---- expand ----------------------------------------------------------------------------------------
 template <int RP>
 struct ExpandShape {
-  static constexpr int kBN = RP >= 128 ? 32 : 64;      // B rows per chunk (gated: half gate, half up rows)
-  static constexpr int kLdt = RP + kPad;               // t tile and B chunk row stride (elements)
-  static constexpr int kLdd = kBN + kPad;              // D chunk row stride (elements; gated: gate | up columns)
-  static constexpr int kScratchLd = 16 + 4;            // plain: per-warp fp32 16x16 epilogue scratch
-  static constexpr int kLdc = kBN + 4;                 // gated: fp32 64 x kBN chunk products, row stride
+  static constexpr int kBN = RP >= 128 ? 32 : 64;  // B rows = D columns per chunk (gated: half gate, half up)
+  // Ring of chunk stages (B rows and the D values they update); kStages - 1 chunks in flight per CTA. Three
+  // for the small ranks, two where three would leave fewer than four CTAs per SM.
+  static constexpr int kStages = RP <= 32 ? 3 : 2;
+  static constexpr int kLdt = RP + kPad;   // t tile and B rows, row stride (elements)
+  static constexpr int kLdd = kBN + kPad;  // D values, row stride (elements; gated: gate | up columns)
   static constexpr size_t kTBytes = size_t(kTileRows) * kLdt * 2;
-  static constexpr size_t kBBytes = size_t(2) * kBN * kLdt * 2;       // double buffered
-  static constexpr size_t kDBytes = size_t(2) * kTileRows * kLdd * 2;  // double buffered (plain only)
-  static constexpr size_t kScratchBytes = size_t(kWarps) * 16 * kScratchLd * 4;
-  static constexpr size_t kProductBytes = size_t(kTileRows) * kLdc * 4;
-  // Dynamic shared memory (above the 48 KB static limit for the larger ranks).
-  static constexpr size_t smem_bytes(bool gated) {
-    return kTBytes + kBBytes + (gated ? kProductBytes : kDBytes + kScratchBytes);
-  }
-  static_assert(smem_bytes(true) <= 64 * 1024, "three or more CTAs per SM");
-  static_assert(smem_bytes(false) >= size_t(2) * lora_few_rows::kRowGroup * RP * 4, "room for the few-rows path's t tile");
+  static constexpr size_t kStageBBytes = size_t(kBN) * kLdt * 2;
+  static constexpr size_t kStageBytes = kStageBBytes + size_t(kTileRows) * kLdd * 2;
+  static constexpr size_t kSmemBytes = kTBytes + kStages * kStageBytes;  // dynamic shared memory
+  static_assert(kSmemBytes + 1024 <= 228 * 1024 / kBlocksPerSm, "kBlocksPerSm CTAs per SM");
+  static_assert(kSmemBytes >= size_t(2) * lora_few_rows::kRowGroup * RP * 4, "room for the few-rows path's t tile");
+  static_assert(kTBytes % 16 == 0 && kStageBBytes % 16 == 0 && kStageBytes % 16 == 0, "16-byte aligned regions");
 };
 
-// One work item = one 64-row m-tile x a range of N: t (the tile's rank-R inputs) in shared memory, and each
-// chunk's kBN rows of B copied with cp.async into a double buffer one chunk ahead.
-// Plain: D[r, n] += alpha * t[r] . B[n], each warp taking its 16 rows through mma -> scratch -> epilogue one
-// 16x16 block at a time; the chunk's D values come through shared memory with B, one chunk ahead, so their
-// round trip overlaps the previous chunk (10-16% faster than loading them at the chunk's start, NOTES.md v7).
-// kGated (fc1 with the activation fused, p.h set; see ExpandOut): a chunk holds kBN / 2 gate rows of B and the
-// matching up rows; the warps owning rows write the 64 x kBN products to shared memory, then every thread
-// takes (row, 8 columns) items of the epilogue, which reads gate and up from D and writes h. Measured on the
-// H100 (benchmarks/NOTES.md, v7): the whole-block epilogue made the gated expand up to 23% faster (the
-// activation's arithmetic is spread over all warps, not only those owning rows) but the plain one 25-30%
-// slower, hence the two epilogues.
+// 32-bit shared-memory load of two consecutive 16-bit elements (an mma fragment register).
+template <typename T>
+__device__ __forceinline__ uint32_t lds_pair(const T* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// The work: for every m-tile of an (expert, slot) segment, all its output columns, cut into chunks of kCols
+// (plain: kBN columns of D; gated: kBN / 2 columns of h, each with its gate and up column). The launch's
+// (m-tile, chunk) units are split evenly over the CTAs, each taking one contiguous run of them: the routing
+// decides how many m-tiles there are, so a host-side split into items left up to half a wave idle (mixtral
+// T=4096: 768 items on 528 CTA slots, benchmarks/NOTES.md v8). A run that crosses m-tiles is processed as one
+// item per m-tile, each item a column range [n_begin, n_end) of it.
+//
+// An item of a large segment (more than few_rows_max rows) is a 64-row tile: t (its rank-R inputs, the split-K
+// partials summed in a fixed order) in shared memory, and a ring of kStages chunk stages, each holding the
+// chunk's B rows and the D values they update, copied with cp.async kStages - 1 chunks ahead. Per chunk each
+// warp multiplies its 16 rows of t with the chunk's B rows (mma.sync m16n8k16, fp32), and rounds
+// v = D + alpha * product back into the D values in shared memory; the write-out then reads v from there with
+// 16-byte vectors: plain, each warp copies its own rows to D; gated (p.h set, fc1 with the activation fused),
+// after a block barrier every thread takes (row, 8 columns) items and writes h = round(act(v_gate) * v_up).
+// Measured on the H100 (NOTES.md v7, v8): register-held D values made the gated path spill and left one chunk
+// round trip per chunk exposed; the whole-block write-out is faster for the gated path (its arithmetic spread
+// over every warp, not only those owning rows), the per-warp one for the plain path (no block barrier).
 template <typename T, int RP, bool kGated>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(LoraExpandParams p) {
   pdl_begin();
   using Shape = ExpandShape<RP>;
-  constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt;
+  constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt, kLdd = Shape::kLdd, kStages = Shape::kStages;
   constexpr int kSides = kGated ? 2 : 1;
   constexpr int kCols = kBN / kSides;  // output columns per chunk
-  extern __shared__ __align__(128) unsigned char smem_raw[];  // Shape::smem_bytes(kGated)
+  constexpr int kGroups = kCols / 8;   // 8-column write-out vectors per row and chunk
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // Shape::kSmemBytes
   T* t_tile = reinterpret_cast<T*>(smem_raw);
-  T* b_buf = reinterpret_cast<T*>(smem_raw + Shape::kTBytes);
-  T* d_buf = reinterpret_cast<T*>(smem_raw + Shape::kTBytes + Shape::kBBytes);  // plain only
-  float* epilogue_smem =
-      reinterpret_cast<float*>(smem_raw + Shape::kTBytes + Shape::kBBytes + (kGated ? 0 : Shape::kDBytes));
-  constexpr int kLdd = Shape::kLdd;
+  auto stage_b = [&](int s) { return reinterpret_cast<T*>(smem_raw + Shape::kTBytes + s * Shape::kStageBytes); };
+  auto stage_d = [&](int s) { return stage_b(s) + kBN * kLdt; };
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, q = lane % 4;  // mma fragment coordinates
 
   const T* Bbase = static_cast<const T*>(p.B);
   const ExpandOut<T> out{static_cast<T*>(p.D), p.ldd, static_cast<T*>(p.h), p.ldh, p.up_col, p.activation};
@@ -217,19 +225,20 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
   bool vec_out = (p.N % 8 == 0) && (p.ldd % 8 == 0) && (reinterpret_cast<uintptr_t>(D) % 16 == 0);
   if constexpr (kGated)
     vec_out = vec_out && p.ldh % 8 == 0 && p.up_col % 8 == 0 && reinterpret_cast<uintptr_t>(out.h) % 16 == 0;
-  const int n_ranges = ceil_div(p.N, p.n_range);
-  const int total = p.tile_prefix[p.nseg] * n_ranges;
 
-  for (int item = blockIdx.x; item < total; item += gridDim.x) {
-    const int mt = item / n_ranges, nr = item % n_ranges;
+  const int chunks_per_tile = ceil_div(p.N, kCols);
+  const int64_t units = static_cast<int64_t>(p.tile_prefix[p.nseg]) * chunks_per_tile;
+  const int64_t u_end = units * (blockIdx.x + 1) / gridDim.x;
+  for (int64_t u = units * blockIdx.x / gridDim.x; u < u_end;) {
+    const int mt = static_cast<int>(u / chunks_per_tile), c_first = static_cast<int>(u % chunks_per_tile);
+    const int chunks = static_cast<int>(u_end - u < chunks_per_tile - c_first ? u_end - u : chunks_per_tile - c_first);
+    u += chunks;
     const SegmentTile st = locate(p, mt);
-    const int n_begin = nr * p.n_range;
-    const int n_end = min(p.N, n_begin + p.n_range);
-    const int chunks = ceil_div(n_end - n_begin, kCols);
+    const int n_begin = c_first * kCols;
+    const int n_end = min(p.N, n_begin + chunks * kCols);
     const T* b_src = Bbase + st.expert * p.b_expert_stride + st.slot * p.b_slot_stride;  // [N, R]
     const float alpha = p.slot_scale != nullptr ? p.slot_scale[st.slot] : 1.f;
     const int my_row0 = warp * 16;
-    const bool warp_active = my_row0 < st.rows;
 
     if (st.few_rows) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
       lora_few_rows::expand_tile<T, RP, kWarps, kGated>(p.partial, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R,
@@ -238,33 +247,31 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       continue;
     }
 
-    auto load_chunk = [&](int stage, int c) {
+    // Chunk c's B rows (gated: kCols gate rows, then the matching up rows) and, when 16-byte copies are
+    // possible (vec_out), its D values for rows [0, rows): D columns [n0, n0 + kCols) (+ up_col, gated).
+    auto load_stage = [&](int s, int c) {
       const int n0 = n_begin + c * kCols;
+      T* bs = stage_b(s);
+      T* ds = stage_d(s);
 #pragma unroll
       for (int sd = 0; sd < kSides; ++sd)
-        load_tile<T, kCols, RP, kLdt, kThreads>(b_buf + (stage * kBN + sd * kCols) * kLdt,
-                                                b_src + static_cast<int64_t>(n0 + sd * p.up_col) * p.R, p.R,
-                                                min(kCols, n_end - n0), 0, p.R, vec_b);
-    };
-    // Plain path: the chunk's D values, rows [0, rows) x its kBN columns, when 16-byte copies are possible
-    // (vec_out); else its epilogue reads D from global memory.
-    auto load_d = [&](int stage, int c) {
-      const int n0 = n_begin + c * kBN;
-      T* dst = d_buf + stage * kTileRows * kLdd;
-      constexpr int kVecs = kBN / 8;
-      for (int v = threadIdx.x; v < st.rows * kVecs; v += kThreads) {
-        const int r = v / kVecs, col = n0 + (v % kVecs) * 8;
-        const bool ok = col < n_end;
-        cp_async_16(dst + r * kLdd + (col - n0), ok ? D + static_cast<int64_t>(st.row0 + r) * p.ldd + col : D, ok);
+        load_tile<T, kCols, RP, kLdt, kThreads>(bs + sd * kCols * kLdt, b_src + static_cast<int64_t>(n0 + sd * p.up_col) * p.R,
+                                                p.R, min(kCols, n_end - n0), 0, p.R, vec_b);
+      if (vec_out) {
+        for (int v = threadIdx.x; v < st.rows * kSides * kGroups; v += kThreads) {
+          const int r = v / (kSides * kGroups), sc = v % (kSides * kGroups);
+          const int sd = sc / kGroups, col = n0 + (sc % kGroups) * 8;
+          const bool ok = col < n_end;
+          const T* src = D + static_cast<int64_t>(st.row0 + r) * p.ldd + col + sd * p.up_col;
+          cp_async_16(ds + r * kLdd + sd * kCols + (col - n0), ok ? src : D, ok);
+        }
       }
     };
-    auto load_stage = [&](int stage, int c) {
-      load_chunk(stage, c);
-      if constexpr (!kGated)
-        if (vec_out) load_d(stage, c);
-    };
-    load_stage(0, 0);
-    cp_async_commit();
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < chunks) load_stage(s, s);
+      cp_async_commit();
+    }
 
     // t = sum of the split-K partials in a fixed order, rounded to the activation dtype (zero padded).
     for (int c = threadIdx.x; c < kTileRows * RP; c += kThreads) {
@@ -277,126 +284,102 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       t_tile[r * kLdt + col] = from_float<T>(v);
     }
 
-    // The rank-R products of 16 rows (this warp's) x 16 B rows (block j of the chunk in buffer `bs`).
-    auto block_products = [&](const T* bs, int j) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < RP; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // B [N, R] row-major
-        wmma::load_matrix_sync(fa, t_tile + my_row0 * kLdt + kk, kLdt);
-        wmma::load_matrix_sync(fb, bs + j * 16 * kLdt + kk, kLdt);
-        wmma::mma_sync(acc, fa, fb, acc);
-      }
-      return acc;
-    };
+    for (int c = 0; c < chunks; ++c) {
+      const int prefetch = c + kStages - 1;
+      if (prefetch < chunks) load_stage(prefetch % kStages, prefetch);
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();
+      __syncthreads();  // chunk c's stage (and, the first time, t) visible to every warp
+      const int n0 = n_begin + c * kCols;
+      const T* bs = stage_b(c % kStages);
+      T* ds = stage_d(c % kStages);
 
-    if constexpr (!kGated) {
-      constexpr int kLds = Shape::kScratchLd;
-      float* scratch = epilogue_smem + warp * 16 * kLds;
-      const int rmw_row = my_row0 + lane / 2, rmw_col = (lane % 2) * 8;  // this lane's 8 columns of a 16x16 block
-      const int64_t d_row = static_cast<int64_t>(st.row0 + rmw_row) * p.ldd;
-      for (int c = 0; c < chunks; ++c) {
-        if (c + 1 < chunks) load_stage((c + 1) % 2, c + 1);
-        cp_async_commit();
-        const int n0 = n_begin + c * kBN;
-        cp_async_wait<1>();
-        __syncthreads();
-        if (warp_active) {
-          const T* bs = b_buf + (c % 2) * kBN * kLdt;
-          const T* ds = d_buf + (c % 2) * kTileRows * kLdd + rmw_row * kLdd + rmw_col;
+      if (my_row0 < st.rows) {
+        // products[16 rows][kBN] of this warp: acc[j] is the 16 x 8 block of B rows 8j .. 8j + 7.
+        float acc[kBN / 8][4];
 #pragma unroll
-          for (int j = 0; j < kBN / 16; ++j) {
-            wmma::store_matrix_sync(scratch, block_products(bs, j), kLds, wmma::mem_row_major);
-            __syncwarp();
-            // Read-modify-write of the 16x16 block: lane -> (row, 8 columns), rows past the segment skipped.
-            const int gcol = n0 + j * 16 + rmw_col;
-            if (rmw_row < st.rows && gcol < n_end) {
-              T* dst = D + d_row + gcol;
-              const float* src = scratch + (lane / 2) * kLds + rmw_col;
-              if (vec_out) {
-                const Vec8<T> prev = *reinterpret_cast<const Vec8<T>*>(ds + j * 16);
-                Vec8<T> o;
+        for (int j = 0; j < kBN / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 #pragma unroll
-                for (int i = 0; i < 8; ++i) o.v[i] = from_float<T>(alpha * src[i] + to_float(prev.v[i]));
-                *reinterpret_cast<Vec8<T>*>(dst) = o;
-              } else {
-                for (int i = 0; i < 8 && gcol + i < n_end; ++i) dst[i] = from_float<T>(alpha * src[i] + to_float(dst[i]));
-              }
+        for (int kk = 0; kk < RP; kk += 16) {
+          const T* ta = t_tile + (my_row0 + g) * kLdt + kk + 2 * q;
+          const uint32_t a0 = lds_pair(ta), a1 = lds_pair(ta + 8 * kLdt), a2 = lds_pair(ta + 8),
+                         a3 = lds_pair(ta + 8 * kLdt + 8);
+#pragma unroll
+          for (int j = 0; j < kBN / 8; ++j) {
+            const T* tb = bs + (8 * j + g) * kLdt + kk + 2 * q;
+            mma_operands::mma_16816<T>(acc[j], a0, a1, a2, a3, lds_pair(tb), lds_pair(tb + 8));
+          }
+        }
+        // v = round(D + alpha * product), in place over the D values: acc[j] = {(r, x), (r, x + 1), (r + 8, x),
+        // (r + 8, x + 1)} with r = my_row0 + g, x = 8j + 2q (a stage column: gated, gate columns then up).
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int r = my_row0 + g + 8 * hh, x = 8 * j + 2 * q;
+            T* v = ds + r * kLdd + x;
+            float d0, d1;
+            if (vec_out) {
+              d0 = to_float(v[0]);
+              d1 = to_float(v[1]);
+            } else {  // element loads from D (no D values were staged)
+              const int col = n0 + x % kCols, dcol = col + (x / kCols) * p.up_col;
+              const T* src = D + static_cast<int64_t>(st.row0 + r) * p.ldd + dcol;
+              const bool row_ok = r < st.rows;
+              d0 = row_ok && col < n_end ? to_float(src[0]) : 0.f;
+              d1 = row_ok && col + 1 < n_end ? to_float(src[1]) : 0.f;
             }
-            __syncwarp();  // scratch is reused by the next block
+            v[0] = from_float<T>(alpha * acc[j][2 * hh] + d0);
+            v[1] = from_float<T>(alpha * acc[j][2 * hh + 1] + d1);
           }
-        }
-        __syncthreads();  // the chunk's buffers are refilled by the next prefetch
       }
-    } else {
-      constexpr int kLdc = Shape::kLdc;
-      constexpr int kGroups = kCols / 8;                      // 8-column epilogue groups per row
-      constexpr int kItems = kTileRows * kGroups / kThreads;  // epilogue items per thread and chunk
-      static_assert(kTileRows * kGroups % kThreads == 0, "whole epilogue items per thread");
-      float* products = epilogue_smem;                         // [64, kLdc]: gate columns, then up columns
-      for (int c = 0; c < chunks; ++c) {
-        if (c + 1 < chunks) load_chunk((c + 1) % 2, c + 1);
-        cp_async_commit();
-        const int n0 = n_begin + c * kCols;
-        // gate and up D values loaded into registers before waiting for the chunk's B. Through shared memory, as
-        // on the plain path, was measured mixed here (qwen3 / gpt-oss faster, mixtral 4% slower, and rank 64's
-        // 63.5 KB leave 3 CTAs per SM; NOTES.md v7).
-        Vec8<T> prev[kItems][2];  // gate, up
+
+      // Write-out of rows [r_begin, r_end), vectors handed out as (row, 8 columns) to `nthreads` threads.
+      auto write_out = [&](int r_begin, int r_end, int tid, int nthreads) {
+        for (int e = tid; e < (r_end - r_begin) * kGroups; e += nthreads) {
+          const int r = r_begin + e / kGroups, x = (e % kGroups) * 8, col = n0 + x;
+          if (col >= n_end) continue;
+          const T* v = ds + r * kLdd + x;
+          if constexpr (kGated) {
+            T* dst = out.h + static_cast<int64_t>(st.row0 + r) * p.ldh + col;
+            if (vec_out) {
+              const Vec8<T> gate = *reinterpret_cast<const Vec8<T>*>(v);
+              const Vec8<T> up = *reinterpret_cast<const Vec8<T>*>(v + kCols);
+              Vec8<T> o;
 #pragma unroll
-        for (int it = 0; it < kItems; ++it) {
-          const int e = threadIdx.x + it * kThreads, r = e / kGroups, gcol = n0 + (e % kGroups) * 8;
-          if (vec_out && r < st.rows && gcol < n_end)
-#pragma unroll
-            for (int sd = 0; sd < 2; ++sd)
-              prev[it][sd] = *reinterpret_cast<const Vec8<T>*>(D + static_cast<int64_t>(st.row0 + r) * p.ldd + gcol +
-                                                               sd * p.up_col);
-        }
-        cp_async_wait<1>();
-        __syncthreads();
-        if (warp_active) {
-          const T* bs = b_buf + (c % 2) * kBN * kLdt;
-#pragma unroll
-          for (int j = 0; j < kBN / 16; ++j)
-            wmma::store_matrix_sync(products + my_row0 * kLdc + j * 16, block_products(bs, j), kLdc, wmma::mem_row_major);
-        }
-        // The products are complete, and this chunk's B buffer is free for the prefetch two chunks on (the
-        // next iteration's barrier orders this epilogue's reads of `products` before the next chunk's writes).
-        __syncthreads();
-#pragma unroll
-        for (int it = 0; it < kItems; ++it) {
-          const int e = threadIdx.x + it * kThreads, r = e / kGroups, gcol = n0 + (e % kGroups) * 8;
-          if (r >= st.rows || gcol >= n_end) continue;
-          const float* src = products + r * kLdc + (gcol - n0);  // gate products; up products kCols on
-          const T* gu_row = D + static_cast<int64_t>(st.row0 + r) * p.ldd;
-          T* dst = out.h + static_cast<int64_t>(st.row0 + r) * p.ldh + gcol;
-          if (vec_out) {
-            Vec8<T> o;
-#pragma unroll
-            for (int i = 0; i < 8; ++i)
-              o.v[i] = gated_value(from_float<T>(alpha * src[i] + to_float(prev[it][0].v[i])),
-                                   from_float<T>(alpha * src[kCols + i] + to_float(prev[it][1].v[i])), p.activation);
-            *reinterpret_cast<Vec8<T>*>(dst) = o;
+              for (int i = 0; i < 8; ++i) o.v[i] = gated_value(gate.v[i], up.v[i], p.activation);
+              *reinterpret_cast<Vec8<T>*>(dst) = o;
+            } else {
+              for (int i = 0; i < 8 && col + i < n_end; ++i) dst[i] = gated_value(v[i], v[kCols + i], p.activation);
+            }
           } else {
-            for (int i = 0; i < 8 && gcol + i < n_end; ++i)
-              dst[i] = gated_value(from_float<T>(alpha * src[i] + to_float(gu_row[gcol + i])),
-                                   from_float<T>(alpha * src[kCols + i] + to_float(gu_row[p.up_col + gcol + i])),
-                                   p.activation);
+            T* dst = D + static_cast<int64_t>(st.row0 + r) * p.ldd + col;
+            if (vec_out) {
+              *reinterpret_cast<Vec8<T>*>(dst) = *reinterpret_cast<const Vec8<T>*>(v);
+            } else {
+              for (int i = 0; i < 8 && col + i < n_end; ++i) dst[i] = v[i];
+            }
           }
         }
+      };
+      if constexpr (kGated) {
+        __syncthreads();
+        write_out(0, st.rows, threadIdx.x, kThreads);
+      } else {
+        __syncwarp();
+        write_out(min(my_row0, st.rows), min(my_row0 + 16, st.rows), lane, 32);
       }
+      __syncthreads();  // the stage is refilled by the next chunk's prefetch
     }
     cp_async_wait<0>();
-    __syncthreads();  // t_tile, B and the epilogue's shared memory are rewritten by the next item
+    __syncthreads();  // t and the stages are rewritten by the next item
   }
 }
 
-// Work items wanted per launch: two waves of resident CTAs, so the tail of uneven items is short.
+// Shrink work items wanted per launch: two waves of resident CTAs, so the tail of uneven items is short.
 int target_items(int sm_count) { return 2 * sm_count * kBlocksPerSm; }
 
-
-// How many pieces to cut each m-tile's work into so the launch has target_items() work items.
+// How many K-chunks to cut each m-tile's shrink into so the launch has target_items() work items.
 int splits_to_fill(int max_rows, int max_active_segments, int sm_count) {
   const int64_t m_tiles = std::max<int64_t>(1, segment_tiles_upper_bound(max_rows, max_active_segments));
   return static_cast<int>(std::max<int64_t>(1, (target_items(sm_count) + m_tiles - 1) / m_tiles));
@@ -420,18 +403,19 @@ cudaError_t launch_shrink_typed(const LoraShrinkParams& p, int sm_count, cudaStr
 
 template <typename T, int RP>
 cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStream_t stream) {
-  const int64_t items_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * ceil_div(p.N, p.n_range);
-  const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
+  // One CTA per resident slot; the kernel splits the (m-tile, chunk) units evenly over them.
+  const int cols = ExpandShape<RP>::kBN / (p.h != nullptr ? 2 : 1);
+  const int64_t units_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * ceil_div(p.N, cols);
+  const int grid = static_cast<int>(std::min<int64_t>(units_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid == 0) return cudaSuccess;
-  auto launch = [&](auto kernel, size_t smem) {
+  auto launch = [&](auto kernel) {
     // Set on every launch (a host-side attribute, not a stream operation: fine during graph capture), so it
     // holds on whichever device is current.
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    constexpr int smem = static_cast<int>(ExpandShape<RP>::kSmemBytes);
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     return err != cudaSuccess ? err : launch_kernel(kernel, grid, kThreads, smem, stream, p);
   };
-  using Shape = ExpandShape<RP>;
-  return p.h != nullptr ? launch(lora_expand_kernel<T, RP, true>, Shape::smem_bytes(true))
-                        : launch(lora_expand_kernel<T, RP, false>, Shape::smem_bytes(false));
+  return p.h != nullptr ? launch(lora_expand_kernel<T, RP, true>) : launch(lora_expand_kernel<T, RP, false>);
 }
 
 }  // namespace
@@ -442,12 +426,6 @@ int lora_k_splits(int K, int max_rows, int max_active_segments, int sm_count) {
   // Enough (m-tile, K-chunk) items to fill the GPU, but chunks of at least 4 K-steps of 32.
   const int splits = std::min(splits_to_fill(max_rows, max_active_segments, sm_count), std::max(1, ceil_div(K, 128)));
   return ceil_div(K, lora_k_chunk(K, splits));
-}
-
-int lora_n_range(int N, int R, int max_rows, int max_active_segments, int sm_count) {
-  const int bn = R > 64 ? 32 : 64;  // ExpandShape<RP>::kBN
-  const int splits = std::min(splits_to_fill(max_rows, max_active_segments, sm_count), ceil_div(N, bn));
-  return ceil_div(ceil_div(N, splits), bn) * bn;
 }
 
 cudaError_t launch_lora_shrink(const LoraShrinkParams& p, int sm_count, cudaStream_t stream) {

@@ -137,7 +137,7 @@ struct LoraExpandParams {
   const int* tile_prefix;
   const int* tile_segment;
   int nseg, seg_per_expert, slot_base;
-  int R, N, n_range;                        // one work item = one m-tile x n_range columns
+  int R, N;                                 // N: output columns (gated: h columns)
   int max_rows, max_active_segments;
   int few_rows_max;                        // as for the shrink
   // fc1 with the gated activation fused (h != nullptr): D is the base output gu [rows, 2I], only read; N = I
@@ -151,7 +151,6 @@ struct LoraExpandParams {
 // Host heuristics (shapes only, no routing values): split counts that fill the GPU with work items.
 int lora_k_splits(int K, int max_rows, int max_active_segments, int sm_count);
 int lora_k_chunk(int K, int k_splits);
-int lora_n_range(int N, int R, int max_rows, int max_active_segments, int sm_count);
 cudaError_t launch_lora_shrink(const LoraShrinkParams& p, int sm_count, cudaStream_t stream);
 cudaError_t launch_lora_expand(const LoraExpandParams& p, int sm_count, cudaStream_t stream);
 
