@@ -202,7 +202,7 @@ __device__ __forceinline__ uint32_t lds_pair(const T* p) {
 // Measured on the H100 (NOTES.md v7, v8): register-held D values made the gated path spill and left one chunk
 // round trip per chunk exposed; the whole-block write-out is faster for the gated path (its arithmetic spread
 // over every warp, not only those owning rows), the per-warp one for the plain path (no block barrier).
-template <typename T, int RP, bool kGated>
+template <typename T, int RP, bool kGated, bool kDirect>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(LoraExpandParams p) {
   pdl_begin();
   using Shape = ExpandShape<RP>;
@@ -293,6 +293,65 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       const int n0 = n_begin + c * kCols;
       const T* bs = stage_b(c % kStages);
       T* ds = stage_d(c % kStages);
+
+      if constexpr (kDirect) {
+        // Warps take (16-row block, 8-column block) items; each lane finishes its own outputs from registers:
+        // v = round(alpha * product + D) for (row g, columns 2q, 2q + 1) and (row g + 8, same), gated with the
+        // up block kCols on in the same lane.
+        constexpr int kBlocks = kCols / 8;
+        const int row_blocks = ceil_div(st.rows, 16);
+        for (int i = warp; i < row_blocks * kBlocks; i += kWarps) {
+          const int rb = i / kBlocks, cb = i % kBlocks;
+          float acc[kSides][4];
+#pragma unroll
+          for (int sd = 0; sd < kSides; ++sd) acc[sd][0] = acc[sd][1] = acc[sd][2] = acc[sd][3] = 0.f;
+#pragma unroll
+          for (int kk = 0; kk < RP; kk += 16) {
+            const T* ta = t_tile + (rb * 16 + g) * kLdt + kk + 2 * q;
+            const uint32_t a0 = lds_pair(ta), a1 = lds_pair(ta + 8 * kLdt), a2 = lds_pair(ta + 8),
+                           a3 = lds_pair(ta + 8 * kLdt + 8);
+#pragma unroll
+            for (int sd = 0; sd < kSides; ++sd) {
+              const T* tb = bs + (sd * kCols + cb * 8 + g) * kLdt + kk + 2 * q;
+              mma_operands::mma_16816<T>(acc[sd], a0, a1, a2, a3, lds_pair(tb), lds_pair(tb + 8));
+            }
+          }
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int r = rb * 16 + g + 8 * hh, x = cb * 8 + 2 * q, col = n0 + x;
+            if (r >= st.rows || col >= n_end) continue;
+            T v[kSides][2];
+#pragma unroll
+            for (int sd = 0; sd < kSides; ++sd) {
+              float d0, d1;
+              if (vec_out) {
+                const T* s = ds + r * kLdd + sd * kCols + x;
+                d0 = to_float(s[0]);
+                d1 = to_float(s[1]);
+              } else {
+                const T* s = D + static_cast<int64_t>(st.row0 + r) * p.ldd + col + sd * p.up_col;
+                d0 = to_float(s[0]);
+                d1 = col + 1 < n_end ? to_float(s[1]) : 0.f;
+              }
+              v[sd][0] = from_float<T>(alpha * acc[sd][2 * hh] + d0);
+              v[sd][1] = from_float<T>(alpha * acc[sd][2 * hh + 1] + d1);
+            }
+            T o[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) o[e] = kGated ? gated_value(v[0][e], v[kSides - 1][e], p.activation) : v[0][e];
+            T* dst = kGated ? out.h + static_cast<int64_t>(st.row0 + r) * p.ldh + col
+                            : D + static_cast<int64_t>(st.row0 + r) * p.ldd + col;
+            if (vec_out) {
+              *reinterpret_cast<uint32_t*>(dst) = mma_operands::pack2(o[0], o[1]);
+            } else {
+              dst[0] = o[0];
+              if (col + 1 < n_end) dst[1] = o[1];
+            }
+          }
+        }
+        __syncthreads();  // the stage is refilled by the next chunk's prefetch
+        continue;
+      }
 
       if (my_row0 < st.rows) {
         // products[16 rows][kBN] of this warp: acc[j] is the 16 x 8 block of B rows 8j .. 8j + 7.
@@ -415,7 +474,9 @@ cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStr
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     return err != cudaSuccess ? err : launch_kernel(kernel, grid, kThreads, smem, stream, p);
   };
-  return p.h != nullptr ? launch(lora_expand_kernel<T, RP, true>) : launch(lora_expand_kernel<T, RP, false>);
+  if (p.expand_direct)
+    return p.h != nullptr ? launch(lora_expand_kernel<T, RP, true, true>) : launch(lora_expand_kernel<T, RP, false, true>);
+  return p.h != nullptr ? launch(lora_expand_kernel<T, RP, true, false>) : launch(lora_expand_kernel<T, RP, false, false>);
 }
 
 }  // namespace

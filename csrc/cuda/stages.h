@@ -146,6 +146,7 @@ struct LoraExpandParams {
   // read-modify-write and the activation's pass over those rows (benchmarks/NOTES.md, v7).
   void* h; int64_t ldh; int up_col;
   ActivationKind activation;
+  bool expand_direct;  // TEMP: epilogue from registers (MOELORA_EXPAND_DIRECT=1)
   DType dtype;
 };
 // Host heuristics (shapes only, no routing values): split counts that fill the GPU with work items.
