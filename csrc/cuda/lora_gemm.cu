@@ -202,7 +202,7 @@ __device__ __forceinline__ uint32_t lds_pair(const T* p) {
 // Measured on the H100 (NOTES.md v7, v8): register-held D values made the gated path spill and left one chunk
 // round trip per chunk exposed; the whole-block write-out is faster for the gated path (its arithmetic spread
 // over every warp, not only those owning rows), the per-warp one for the plain path (no block barrier).
-template <typename T, int RP, bool kGated, bool kDirect>
+template <typename T, int RP, bool kGated>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(LoraExpandParams p) {
   pdl_begin();
   using Shape = ExpandShape<RP>;
@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       const T* bs = stage_b(c % kStages);
       T* ds = stage_d(c % kStages);
 
-      if constexpr (kDirect) {
+      if (st.rows <= p.direct_max_rows) {
         // Warps take (16-row block, 8-column block) items; each lane finishes its own outputs from registers:
         // v = round(alpha * product + D) for (row g, columns 2q, 2q + 1) and (row g + 8, same), gated with the
         // up block kCols on in the same lane.
@@ -474,9 +474,7 @@ cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStr
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     return err != cudaSuccess ? err : launch_kernel(kernel, grid, kThreads, smem, stream, p);
   };
-  if (p.expand_direct)
-    return p.h != nullptr ? launch(lora_expand_kernel<T, RP, true, true>) : launch(lora_expand_kernel<T, RP, false, true>);
-  return p.h != nullptr ? launch(lora_expand_kernel<T, RP, true, false>) : launch(lora_expand_kernel<T, RP, false, false>);
+  return p.h != nullptr ? launch(lora_expand_kernel<T, RP, true>) : launch(lora_expand_kernel<T, RP, false>);
 }
 
 }  // namespace
