@@ -185,7 +185,6 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
       e.N = N / 2;
     }
     e.max_rows = pairs; e.max_active_segments = active; e.few_rows_max = ws.few_rows_max;
-    e.direct_max_rows = env_int("MOELORA_LORA_DIRECT_ROWS", mc::kLoraDirectRows);
     e.dtype = s.dtype;
     C10_CUDA_CHECK(mc::launch_lora_expand(e, sm_count, stream));
     return;

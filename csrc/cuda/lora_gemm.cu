@@ -179,6 +179,12 @@ struct ExpandShape {
   static_assert(kTBytes % 16 == 0 && kStageBBytes % 16 == 0 && kStageBytes % 16 == 0, "16-byte aligned regions");
 };
 
+// Two consecutive 16-bit elements moved as one 32-bit shared-memory access.
+template <typename T>
+struct alignas(4) Pair {
+  T v[2];
+};
+
 // 32-bit shared-memory load of two consecutive 16-bit elements (an mma fragment register).
 template <typename T>
 __device__ __forceinline__ uint32_t lds_pair(const T* p) {
@@ -199,9 +205,12 @@ __device__ __forceinline__ uint32_t lds_pair(const T* p) {
 // v = D + alpha * product back into the D values in shared memory; the write-out then reads v from there with
 // 16-byte vectors: plain, each warp copies its own rows to D; gated (p.h set, fc1 with the activation fused),
 // after a block barrier every thread takes (row, 8 columns) items and writes h = round(act(v_gate) * v_up).
-// Measured on the H100 (NOTES.md v7, v8): register-held D values made the gated path spill and left one chunk
-// round trip per chunk exposed; the whole-block write-out is faster for the gated path (its arithmetic spread
-// over every warp, not only those owning rows), the per-warp one for the plain path (no block barrier).
+// Measured on the H100 (NOTES.md v7, v8): v7's register-held D values (loaded at each chunk's start) left a
+// round trip per chunk exposed and the gated kernel spilled in its chunk loop; the ring made the gated expand
+// 13-23% faster at T=4096. The whole-block write-out is faster for the gated path (its arithmetic spread over
+// every warp, not only those owning rows), the per-warp one for the plain path (no block barrier). Finishing
+// every output from the mma registers (4-byte stores) was faster only on qwen3's 28-row tiles and slower on
+// mixtral / gpt-oss; both write-outs in one kernel lost the gain to register pressure, so it was not kept.
 template <typename T, int RP, bool kGated>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(LoraExpandParams p) {
   pdl_begin();
@@ -294,65 +303,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       const T* bs = stage_b(c % kStages);
       T* ds = stage_d(c % kStages);
 
-      if (st.rows <= p.direct_max_rows) {
-        // Warps take (16-row block, 8-column block) items; each lane finishes its own outputs from registers:
-        // v = round(alpha * product + D) for (row g, columns 2q, 2q + 1) and (row g + 8, same), gated with the
-        // up block kCols on in the same lane.
-        constexpr int kBlocks = kCols / 8;
-        const int row_blocks = ceil_div(st.rows, 16);
-        for (int i = warp; i < row_blocks * kBlocks; i += kWarps) {
-          const int rb = i / kBlocks, cb = i % kBlocks;
-          float acc[kSides][4];
-#pragma unroll
-          for (int sd = 0; sd < kSides; ++sd) acc[sd][0] = acc[sd][1] = acc[sd][2] = acc[sd][3] = 0.f;
-#pragma unroll
-          for (int kk = 0; kk < RP; kk += 16) {
-            const T* ta = t_tile + (rb * 16 + g) * kLdt + kk + 2 * q;
-            const uint32_t a0 = lds_pair(ta), a1 = lds_pair(ta + 8 * kLdt), a2 = lds_pair(ta + 8),
-                           a3 = lds_pair(ta + 8 * kLdt + 8);
-#pragma unroll
-            for (int sd = 0; sd < kSides; ++sd) {
-              const T* tb = bs + (sd * kCols + cb * 8 + g) * kLdt + kk + 2 * q;
-              mma_operands::mma_16816<T>(acc[sd], a0, a1, a2, a3, lds_pair(tb), lds_pair(tb + 8));
-            }
-          }
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            const int r = rb * 16 + g + 8 * hh, x = cb * 8 + 2 * q, col = n0 + x;
-            if (r >= st.rows || col >= n_end) continue;
-            T v[kSides][2];
-#pragma unroll
-            for (int sd = 0; sd < kSides; ++sd) {
-              float d0, d1;
-              if (vec_out) {
-                const T* s = ds + r * kLdd + sd * kCols + x;
-                d0 = to_float(s[0]);
-                d1 = to_float(s[1]);
-              } else {
-                const T* s = D + static_cast<int64_t>(st.row0 + r) * p.ldd + col + sd * p.up_col;
-                d0 = to_float(s[0]);
-                d1 = col + 1 < n_end ? to_float(s[1]) : 0.f;
-              }
-              v[sd][0] = from_float<T>(alpha * acc[sd][2 * hh] + d0);
-              v[sd][1] = from_float<T>(alpha * acc[sd][2 * hh + 1] + d1);
-            }
-            T o[2];
-#pragma unroll
-            for (int e = 0; e < 2; ++e) o[e] = kGated ? gated_value(v[0][e], v[kSides - 1][e], p.activation) : v[0][e];
-            T* dst = kGated ? out.h + static_cast<int64_t>(st.row0 + r) * p.ldh + col
-                            : D + static_cast<int64_t>(st.row0 + r) * p.ldd + col;
-            if (vec_out) {
-              *reinterpret_cast<uint32_t*>(dst) = mma_operands::pack2(o[0], o[1]);
-            } else {
-              dst[0] = o[0];
-              if (col + 1 < n_end) dst[1] = o[1];
-            }
-          }
-        }
-        __syncthreads();  // the stage is refilled by the next chunk's prefetch
-        continue;
-      }
-
       if (my_row0 < st.rows) {
         // products[16 rows][kBN] of this warp: acc[j] is the 16 x 8 block of B rows 8j .. 8j + 7.
         float acc[kBN / 8][4];
@@ -376,11 +326,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
             const int r = my_row0 + g + 8 * hh, x = 8 * j + 2 * q;
-            T* v = ds + r * kLdd + x;
+            Pair<T>* v = reinterpret_cast<Pair<T>*>(ds + r * kLdd + x);  // x even: 4-byte aligned
             float d0, d1;
             if (vec_out) {
-              d0 = to_float(v[0]);
-              d1 = to_float(v[1]);
+              const Pair<T> d = *v;
+              d0 = to_float(d.v[0]);
+              d1 = to_float(d.v[1]);
             } else {  // element loads from D (no D values were staged)
               const int col = n0 + x % kCols, dcol = col + (x / kCols) * p.up_col;
               const T* src = D + static_cast<int64_t>(st.row0 + r) * p.ldd + dcol;
@@ -388,8 +339,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
               d0 = row_ok && col < n_end ? to_float(src[0]) : 0.f;
               d1 = row_ok && col + 1 < n_end ? to_float(src[1]) : 0.f;
             }
-            v[0] = from_float<T>(alpha * acc[j][2 * hh] + d0);
-            v[1] = from_float<T>(alpha * acc[j][2 * hh + 1] + d1);
+            *v = Pair<T>{{from_float<T>(alpha * acc[j][2 * hh] + d0), from_float<T>(alpha * acc[j][2 * hh + 1] + d1)}};
           }
       }
 

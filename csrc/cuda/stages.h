@@ -113,10 +113,6 @@ cudaError_t launch_segment_gemm(const SegmentGemmParams& p, SegmentGemmShape sha
 // (lora_rows_mma.cuh), the others the 64-row tensor-core tiles; kLoraFewRows is the default threshold.
 constexpr int kLoraMaxRank = 128;
 constexpr int kLoraFewRows = 16;
-// The expand's 64-row tiles with at most kLoraDirectRows rows (two 16-row blocks) split their (row block, column
-// block) products over all warps and finish each output from registers; fuller tiles round into shared memory
-// and write out 16-byte vectors (faster there: NOTES.md v8). MOELORA_LORA_DIRECT_ROWS overrides (0: never).
-constexpr int kLoraDirectRows = 32;
 struct LoraShrinkParams {
   const void* X; int64_t ldx;               // sorted activations [rows, K]
   const void* A;                            // per segment [R, K] row-major
@@ -150,7 +146,6 @@ struct LoraExpandParams {
   // read-modify-write and the activation's pass over those rows (benchmarks/NOTES.md, v7).
   void* h; int64_t ldh; int up_col;
   ActivationKind activation;
-  int direct_max_rows;  // 64-row tiles with at most this many rows finish from registers (kLoraDirectRows)
   DType dtype;
 };
 // Host heuristics (shapes only, no routing values): split counts that fill the GPU with work items.
