@@ -165,6 +165,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
 template <int RP>
 struct ExpandShape {
   static constexpr int kBN = RP >= 128 ? 32 : 64;  // B rows = D columns per chunk (gated: half gate, half up)
+  // Output columns per chunk, the kernel's unit of work (gated: h columns, each with its gate and up row).
+  static constexpr int cols(bool gated) { return gated ? kBN / 2 : kBN; }
   // Ring of chunk stages (B rows and the D values they update); kStages - 1 chunks in flight per CTA. Three
   // for the small ranks, two where three would leave fewer than four CTAs per SM.
   static constexpr int kStages = RP <= 32 ? 3 : 2;
@@ -217,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
   using Shape = ExpandShape<RP>;
   constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt, kLdd = Shape::kLdd, kStages = Shape::kStages;
   constexpr int kSides = kGated ? 2 : 1;
-  constexpr int kCols = kBN / kSides;  // output columns per chunk
+  constexpr int kCols = Shape::cols(kGated);
   constexpr int kGroups = kCols / 8;   // 8-column write-out vectors per row and chunk
   extern __shared__ __align__(128) unsigned char smem_raw[];  // Shape::kSmemBytes
   T* t_tile = reinterpret_cast<T*>(smem_raw);
@@ -413,7 +415,7 @@ cudaError_t launch_shrink_typed(const LoraShrinkParams& p, int sm_count, cudaStr
 template <typename T, int RP>
 cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStream_t stream) {
   // One CTA per resident slot; the kernel splits the (m-tile, chunk) units evenly over them.
-  const int cols = ExpandShape<RP>::kBN / (p.h != nullptr ? 2 : 1);
+  const int cols = ExpandShape<RP>::cols(p.h != nullptr);
   const int64_t units_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * ceil_div(p.N, cols);
   const int grid = static_cast<int>(std::min<int64_t>(units_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid == 0) return cudaSuccess;
