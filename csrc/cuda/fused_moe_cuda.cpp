@@ -103,6 +103,7 @@ bool use_decode_gemv(const FusedMoeDims& d) {
 struct LoraWorkspace {
   bool lora_kernels = false;  // use_lora_kernels(R), decided once per call
   int few_rows_max = mc::kLoraFewRows;  // MOELORA_LORA_FEW_ROWS overrides (0: 64-row tiles only; large: none)
+  int expand_few_rows_max = mc::kLoraFewRows;  // the expand's own threshold: MOELORA_LORA_EXPAND_FEW_ROWS
   at::Tensor buf;
   int k_splits_fc1 = 1, k_splits_fc2 = 1;
 };
@@ -113,6 +114,7 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
   const int active = static_cast<int>(d.E * d.S);
   ws.lora_kernels = use_lora_kernels(d.R);
   ws.few_rows_max = env_int("MOELORA_LORA_FEW_ROWS", mc::kLoraFewRows);
+  ws.expand_few_rows_max = env_int("MOELORA_LORA_EXPAND_FEW_ROWS", ws.few_rows_max);
   if (ws.lora_kernels) {
     ws.k_splits_fc1 = mc::lora_k_splits(static_cast<int>(d.H), pairs, active, sm_count);
     ws.k_splits_fc2 = mc::lora_k_splits(static_cast<int>(d.I), pairs, active, sm_count);
@@ -184,7 +186,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
       e.h = gated->h->data_ptr(); e.ldh = N / 2; e.up_col = N / 2; e.activation = gated->kind;
       e.N = N / 2;
     }
-    e.max_rows = pairs; e.max_active_segments = active; e.few_rows_max = ws.few_rows_max;
+    e.max_rows = pairs; e.max_active_segments = active; e.few_rows_max = ws.expand_few_rows_max;
     e.dtype = s.dtype;
     C10_CUDA_CHECK(mc::launch_lora_expand(e, sm_count, stream));
     return;
