@@ -71,17 +71,21 @@ def graph_of(fn):
     return g
 
 
-def replay_us(graphs, flush, iters: int) -> float:
-    times = []
+def replay_us(graphs, flush, iters: int, back_to_back: bool = False) -> float:
+    """Median µs of one replay. Each replay is synchronized before the next is queued unless back_to_back
+    (then the GPU runs them one after another, as bench_moe.py times them)."""
+    evs = []
     for i in range(iters):
         flush.add_(1)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         graphs[i % len(graphs)].replay()
         b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
+        if not back_to_back:
+            b.synchronize()
+        evs.append((a, b))
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) * 1e3 for a, b in evs)
 
 
 def kernel_breakdown(fns, flush, iters: int) -> list[tuple[str, int, float]]:
@@ -123,6 +127,8 @@ def main(argv=None):
     ap.add_argument("--variant", action="append", default=[], help="NAME=ENV=VAL,... (repeatable)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-kernels", action="store_true", help="graph totals only")
+    ap.add_argument("--back-to-back", action="store_true",
+                    help="queue the timed replays without synchronizing between them (as bench_moe.py)")
     ap.add_argument("--json", default=None, help="write the numbers here")
     ap.add_argument("--ncu", action="store_true",
                     help="for Nsight Compute: one eager LoRA call per (shape, T, variant) between "
@@ -166,8 +172,8 @@ def main(argv=None):
                     print(f"ncu: {sname} T={T} [{vname}] profiled", flush=True)
                     continue
                 with Env(env):
-                    base = replay_us([graph_of(call(b, False)) for b in batches], flush, args.iters)
-                    lora = replay_us([graph_of(call(b, True)) for b in batches], flush, args.iters)
+                    base = replay_us([graph_of(call(b, False)) for b in batches], flush, args.iters, args.back_to_back)
+                    lora = replay_us([graph_of(call(b, True)) for b in batches], flush, args.iters, args.back_to_back)
                     rows = [] if args.no_kernels else kernel_breakdown([call(b, True) for b in batches], flush,
                                                                       max(5, args.iters // 2))
                 ovh = 100.0 * (lora / base - 1.0)

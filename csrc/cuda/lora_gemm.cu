@@ -177,7 +177,8 @@ struct ExpandShape {
   static constexpr size_t kStageBytes = kStageBBytes + size_t(kTileRows) * kLdd * 2;
   static constexpr size_t kSmemBytes = kTBytes + kStages * kStageBytes;  // dynamic shared memory
   static_assert(kSmemBytes + 1024 <= 228 * 1024 / kBlocksPerSm, "kBlocksPerSm CTAs per SM");
-  static_assert(kSmemBytes >= size_t(2) * lora_few_rows::kRowGroup * RP * 4, "room for the few-rows path's t tile");
+  static_assert(kSmemBytes >= size_t(lora_few_rows::expand_smem_floats<RP, kWarps>()) * 4,
+                "room for the few-rows path's t tile and write-out scratch");
   static_assert(kTBytes % 16 == 0 && kStageBBytes % 16 == 0 && kStageBytes % 16 == 0, "16-byte aligned regions");
 };
 
@@ -253,8 +254,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
 
     if (st.few_rows) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
       lora_few_rows::expand_tile<T, RP, kWarps, kGated>(p.partial, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R,
-                                                        b_src, p.R, vec_b, out, alpha, st.row0, st.rows, n_begin,
-                                                        n_end, reinterpret_cast<float*>(smem_raw));
+                                                        b_src, p.R, vec_b, vec_out, out, alpha, st.row0, st.rows,
+                                                        n_begin, n_end, reinterpret_cast<float*>(smem_raw));
       continue;
     }
 

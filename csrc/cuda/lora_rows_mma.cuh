@@ -149,27 +149,59 @@ __device__ void shrink_tile(const T* __restrict__ X, int64_t ldx, const T* __res
 // D[row0 + r, n] = round(alpha * sum_j t[r, j] * B[n, j] + D[row0 + r, n]) for n in [n_begin, n_end) and
 // r < rows (<= 8 NG), with t[r] = round(sum over ks of partial[ks, row0 + r]) in ks order. mma: M = 16
 // columns n (rows of B), N = 8 token rows, K = rank. Warp w takes the 16-column blocks w, w + kWarps, ...,
-// U at a time, issuing their B and D loads before the mmas. `t_smem` is 16 * RP floats of shared memory.
+// U at a time, issuing their B loads (and the D loads of its write-out items) before the mmas.
 // Gated (fc1 with the activation fused, ExpandOut::h set): n runs over h's columns, each needs the gate
 // column n and the up column n + up_col of D and B; D (gu) is only read and h = round(act(round(v_gate)) *
 // round(v_up)) is written -- the same roundings as the plain expand followed by activation.cu.
+//
+// Write-out through the warp's shared-memory scratch (NOTES.md v9): the mma leaves each lane the products
+// of 2 columns x 2 token rows, so with 1-2 rows per segment (decode-like batches) three in four lanes held
+// nothing to write, yet every lane ran the whole epilogue (two-byte D loads, the activation, two-byte
+// stores). The products now go to shared memory as [column][row] and the warp finishes them as (row,
+// 8-column) items, one per lane, with 16-byte D loads and stores.
+template <int RP, int NG, bool kGated>
+struct ExpandPassShape {
+  static constexpr int kSides = kGated ? 2 : 1;  // gate and up
+  static constexpr int V = RP >= 32 ? 8 : 4;    // rank elements per lane per load: 4 lanes x V = one 4V-wide slice
+  static constexpr int NL = RP / (4 * V);       // loads per B row
+  // 16-column blocks in flight per warp: ~32 registers of B fragments (split between the gated sides).
+  static constexpr int U1 = RP >= 64 ? 2 : RP == 32 ? (NG == 2 ? 2 : 4) : (NG == 2 ? 4 : 8);
+  static constexpr int U = U1 / kSides > 0 ? U1 / kSides : 1;
+  static constexpr int kRows = kRowGroup * NG;        // token rows of a pass (padded)
+  static constexpr int kVecs = 2 * U;                 // 8-column vectors per row, side and iteration
+  static constexpr int kVecStride = 8 * kRows + 8;    // floats per vector's products ([8 columns][kRows] + pad)
+  static constexpr int kItemsPerLane = (kRows * kVecs + 31) / 32;
+  static constexpr int kProducts = kSides * kVecs * kVecStride;          // floats: the products
+  static constexpr int kScratch = kProducts + kItemsPerLane * 32 * kSides * 4;  // + the D vectors (16 B each)
+};
+
+// Shared memory (floats) the few-rows expand needs: the t tile, then kWarps scratch areas.
+template <int RP, int kWarps>
+constexpr int expand_smem_floats() {
+  constexpr int a = ExpandPassShape<RP, 1, false>::kScratch, b = ExpandPassShape<RP, 1, true>::kScratch;
+  constexpr int c = kRowPairs<RP> ? ExpandPassShape<RP, 2, false>::kScratch : 0;
+  constexpr int d = kRowPairs<RP> ? ExpandPassShape<RP, 2, true>::kScratch : 0;
+  constexpr int ab = a > b ? a : b, cd = c > d ? c : d;
+  return 2 * kRowGroup * RP + kWarps * (ab > cd ? ab : cd);
+}
+
 template <typename T, int RP, int kWarps, int NG, bool kGated>
 __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int64_t split_stride,
-                            const T* __restrict__ B, int R, bool vec_b, const ExpandOut<T>& out, float alpha,
-                            int row0, int rows, int n_begin, int n_end, float* t_smem) {
-  constexpr int V = RP >= 32 ? 8 : 4;  // rank elements per lane per load: 4 lanes x V = one 4V-wide slice
-  constexpr int NL = RP / (4 * V);     // loads per B row
-  constexpr int kSides = kGated ? 2 : 1;  // gate and up
-  // Column blocks in flight per warp: ~24-32 registers of B and D loads (split between the gated sides).
-  constexpr int U1 = RP >= 64 ? 2 : RP == 32 ? (NG == 2 ? 2 : 4) : (NG == 2 ? 3 : 6);
-  constexpr int U = U1 / kSides > 0 ? U1 / kSides : 1;
+                            const T* __restrict__ B, int R, bool vec_b, bool vec_out, const ExpandOut<T>& out,
+                            float alpha, int row0, int rows, int n_begin, int n_end, float* smem) {
+  using Shape = ExpandPassShape<RP, NG, kGated>;
+  constexpr int V = Shape::V, NL = Shape::NL, kSides = Shape::kSides, U = Shape::U;
+  constexpr int kRows = Shape::kRows, kVecs = Shape::kVecs, kVecStride = Shape::kVecStride;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, q = lane % 4;
   const int nblocks = ceil_div(n_end - n_begin, 16);
   T* D = out.D;
   const int64_t ldd = out.ldd;
+  float* t_smem = smem;                                                  // 16 * RP floats
+  float* vs = smem + 2 * kRowGroup * RP + warp * Shape::kScratch;        // this warp's products
+  T* dvec = reinterpret_cast<T*>(vs + Shape::kProducts);                 // and its D vectors
 
-  for (int e = threadIdx.x; e < 8 * NG * RP; e += kWarps * 32) {
+  for (int e = threadIdx.x; e < kRows * RP; e += kWarps * 32) {
     const int r = e / RP, j = e % RP;
     float v = 0.f;
     if (r < rows && j < R) {
@@ -191,90 +223,124 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
         tb[ng][l][i] = pack2(from_float<T>(src[0]), from_float<T>(src[1]));
       }
 
+  // Write-out items of an iteration: (row r, vector cv) for r < rows, cv < kVecs; vector cv covers columns
+  // 8 (cv % 2) + [0, 8) of the iteration's block u = cv / 2. Lane `lane` takes items lane, lane + 32, ...
+  const int items = rows * kVecs;
   for (int cb0 = warp; cb0 < nblocks; cb0 += kWarps * U) {
+    auto block_ok = [&](int u) { return cb0 + u * kWarps < nblocks; };
+    auto block_col = [&](int u) { return n_begin + (cb0 + u * kWarps) * 16; };
     Pack<T, V> bp[U][kSides][NL][2];
-    float d[U][kSides][NG][4];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int n0 = n_begin + (cb0 + u * kWarps) * 16;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int n = n0 + g + 8 * h;
-        const bool n_ok = cb0 + u * kWarps < nblocks && n < n_end;
+        const int n = block_col(u) + g + 8 * h;
+        const bool n_ok = block_ok(u) && n < n_end;
 #pragma unroll
         for (int sd = 0; sd < kSides; ++sd) {
-          const int col = (n_ok ? n : n_begin) + sd * out.up_col;
-          const T* brow = B + static_cast<int64_t>(col) * R;
+          const T* brow = B + static_cast<int64_t>((n_ok ? n : n_begin) + sd * out.up_col) * R;
 #pragma unroll
           for (int l = 0; l < NL; ++l) {
             const int j0 = 4 * V * l + V * q;
             bp[u][sd][l][h] = load_pack<T, V>(brow + j0, vec_b, n_ok ? max(0, min(V, R - j0)) : 0);
           }
-#pragma unroll
-          for (int ng = 0; ng < NG; ++ng)
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-              const int r = 8 * ng + 2 * q + i;
-              d[u][sd][ng][2 * h + i] = n_ok && r < rows ? to_float(D[static_cast<int64_t>(row0 + r) * ldd + col]) : 0.f;
-            }
         }
       }
     }
+    // This lane's D vectors, copied into its own slots of the scratch with cp.async (in flight with the B
+    // loads, holding no registers); with !vec_out the write-out loads elements instead.
+    if (vec_out) {
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int n0 = n_begin + (cb0 + u * kWarps) * 16;
+      for (int k = 0; k < Shape::kItemsPerLane; ++k) {
+        const int it = lane + 32 * k, r = it / kVecs, cv = it % kVecs;
+        const int col = block_col(cv / 2) + 8 * (cv % 2);
+        if (it < items && block_ok(cv / 2) && col < n_end) {
 #pragma unroll
-      for (int ng = 0; ng < NG; ++ng) {
-        float c[kSides][4];
+          for (int sd = 0; sd < kSides; ++sd)
+            cp_async_16(dvec + (it * kSides + sd) * 8, D + static_cast<int64_t>(row0 + r) * ldd + col + sd * out.up_col,
+                        true);
+        }
+      }
+      cp_async_commit();
+    }
+    // Products to the scratch: c = {(n, r), (n, r + 1), (n + 8, r), (n + 8, r + 1)} with n = g, r = 8 ng + 2q
+    // (block-local); column n of block u is column n % 8 of vector 2u + n / 8, stored at [column][row].
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int ng = 0; ng < NG; ++ng)
 #pragma unroll
         for (int sd = 0; sd < kSides; ++sd) {
-          c[sd][0] = c[sd][1] = c[sd][2] = c[sd][3] = 0.f;
+          float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
           for (int l = 0; l < NL; ++l)
 #pragma unroll
             for (int s = 0; s < V / 4; ++s)
-              mma_16816<T>(c[sd], bp[u][sd][l][0].w[2 * s], bp[u][sd][l][1].w[2 * s], bp[u][sd][l][0].w[2 * s + 1],
+              mma_16816<T>(c, bp[u][sd][l][0].w[2 * s], bp[u][sd][l][1].w[2 * s], bp[u][sd][l][0].w[2 * s + 1],
                            bp[u][sd][l][1].w[2 * s + 1], tb[ng][l][2 * s], tb[ng][l][2 * s + 1]);
+          float* dst = vs + (sd * kVecs + 2 * u) * kVecStride + g * kRows + 8 * ng + 2 * q;
+          *reinterpret_cast<float2*>(dst) = make_float2(c[0], c[1]);
+          *reinterpret_cast<float2*>(dst + kVecStride) = make_float2(c[2], c[3]);
         }
-        // c = {(n, r), (n, r + 1), (n + 8, r), (n + 8, r + 1)} with n = n0 + g, r = 8 ng + 2q.
+    cp_async_wait<0>();  // this lane's D vectors (a lane reads back only its own copies)
+    __syncwarp();
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int n = n0 + g + 8 * h;
+    for (int k = 0; k < Shape::kItemsPerLane; ++k) {
+      const int it = lane + 32 * k, r = it / kVecs, cv = it % kVecs;
+      const int col = block_col(cv / 2) + 8 * (cv % 2);
+      if (!(it < items && block_ok(cv / 2) && col < n_end)) continue;
+      const float* pg = vs + cv * kVecStride + r;  // product of column i: pg[i * kRows]; up side: + kVecs vectors
+      const float* pu = pg + (kSides - 1) * kVecs * kVecStride;
+      const int64_t drow = static_cast<int64_t>(row0 + r) * ldd;
+      if (vec_out) {
+        const Vec8<T> dg = *reinterpret_cast<const Vec8<T>*>(dvec + it * kSides * 8);
+        const Vec8<T> du = *reinterpret_cast<const Vec8<T>*>(dvec + (it * kSides + kSides - 1) * 8);
+        Vec8<T> o;
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const int r = 8 * ng + 2 * q + i;
-            if (!(cb0 + u * kWarps < nblocks && n < n_end && r < rows)) continue;
-            const T v = from_float<T>(alpha * c[0][2 * h + i] + d[u][0][ng][2 * h + i]);
-            if constexpr (kGated) {
-              const T up = from_float<T>(alpha * c[kSides - 1][2 * h + i] + d[u][kSides - 1][ng][2 * h + i]);
-              out.h[static_cast<int64_t>(row0 + r) * out.ldh + n] = gated_value(v, up, out.act);
-            } else {
-              D[static_cast<int64_t>(row0 + r) * ldd + n] = v;
-            }
+        for (int i = 0; i < 8; ++i) {
+          const T v = from_float<T>(alpha * pg[i * kRows] + to_float(dg.v[i]));
+          if constexpr (kGated) {
+            const T up = from_float<T>(alpha * pu[i * kRows] + to_float(du.v[i]));
+            o.v[i] = gated_value(v, up, out.act);
+          } else {
+            o.v[i] = v;
+          }
+        }
+        T* dst = kGated ? out.h + static_cast<int64_t>(row0 + r) * out.ldh + col : D + drow + col;
+        *reinterpret_cast<Vec8<T>*>(dst) = o;
+      } else {  // unaligned or odd widths: element loads and stores
+        for (int i = 0; i < 8 && col + i < n_end; ++i) {
+          const T v = from_float<T>(alpha * pg[i * kRows] + to_float(D[drow + col + i]));
+          if constexpr (kGated) {
+            const T up = from_float<T>(alpha * pu[i * kRows] + to_float(D[drow + col + i + out.up_col]));
+            out.h[static_cast<int64_t>(row0 + r) * out.ldh + col + i] = gated_value(v, up, out.act);
+          } else {
+            D[drow + col + i] = v;
           }
         }
       }
     }
+    __syncwarp();  // the scratch is rewritten by the next iteration
   }
   __syncthreads();  // t_smem is rewritten by the next pass / reused by the caller
 }
 
 template <typename T, int RP, int kWarps, bool kGated>
 __device__ void expand_tile(const float* __restrict__ partial, int k_splits, int64_t split_stride,
-                            const T* __restrict__ B, int R, bool vec_b, const ExpandOut<T>& out, float alpha,
-                            int row0, int rows, int n_begin, int n_end, float* t_smem) {
+                            const T* __restrict__ B, int R, bool vec_b, bool vec_out, const ExpandOut<T>& out,
+                            float alpha, int row0, int rows, int n_begin, int n_end, float* smem) {
   for (int g0 = 0; g0 < rows;) {
     const int left = rows - g0;
     if constexpr (kRowPairs<RP>) {
       if (left > kRowGroup) {
-        expand_pass<T, RP, kWarps, 2, kGated>(partial, k_splits, split_stride, B, R, vec_b, out, alpha, row0 + g0,
-                                              min(left, 2 * kRowGroup), n_begin, n_end, t_smem);
+        expand_pass<T, RP, kWarps, 2, kGated>(partial, k_splits, split_stride, B, R, vec_b, vec_out, out, alpha,
+                                              row0 + g0, min(left, 2 * kRowGroup), n_begin, n_end, smem);
         g0 += 2 * kRowGroup;
         continue;
       }
     }
-    expand_pass<T, RP, kWarps, 1, kGated>(partial, k_splits, split_stride, B, R, vec_b, out, alpha, row0 + g0,
-                                          min(left, kRowGroup), n_begin, n_end, t_smem);
+    expand_pass<T, RP, kWarps, 1, kGated>(partial, k_splits, split_stride, B, R, vec_b, vec_out, out, alpha,
+                                          row0 + g0, min(left, kRowGroup), n_begin, n_end, smem);
     g0 += kRowGroup;
   }
 }
