@@ -168,8 +168,11 @@ struct ExpandPassShape {
   static constexpr int U1 = RP >= 64 ? 2 : RP == 32 ? (NG == 2 ? 2 : 4) : (NG == 2 ? 4 : 8);
   static constexpr int U = U1 / kSides > 0 ? U1 / kSides : 1;
   static constexpr int kRows = kRowGroup * NG;        // token rows of a pass (padded)
+  // Floats per column of products: kRows, padded for two row groups so that the float2 stores of lanes g
+  // and g + 2 do not meet in one bank (4-way -> 2-way conflicts).
+  static constexpr int kLdc = NG == 1 ? kRows : kRows + 8;
   static constexpr int kVecs = 2 * U;                 // 8-column vectors per row, side and iteration
-  static constexpr int kVecStride = 8 * kRows + 8;    // floats per vector's products ([8 columns][kRows] + pad)
+  static constexpr int kVecStride = 8 * kLdc + 8;     // floats per vector's products ([8 columns][kLdc] + pad)
   static constexpr int kItemsPerLane = (kRows * kVecs + 31) / 32;
   static constexpr int kProducts = kSides * kVecs * kVecStride;          // floats: the products
   static constexpr int kScratch = kProducts + kItemsPerLane * 32 * kSides * 4;  // + the D vectors (16 B each)
@@ -191,7 +194,7 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
                             float alpha, int row0, int rows, int n_begin, int n_end, float* smem) {
   using Shape = ExpandPassShape<RP, NG, kGated>;
   constexpr int V = Shape::V, NL = Shape::NL, kSides = Shape::kSides, U = Shape::U;
-  constexpr int kRows = Shape::kRows, kVecs = Shape::kVecs, kVecStride = Shape::kVecStride;
+  constexpr int kRows = Shape::kRows, kLdc = Shape::kLdc, kVecs = Shape::kVecs, kVecStride = Shape::kVecStride;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, q = lane % 4;
   const int nblocks = ceil_div(n_end - n_begin, 16);
@@ -278,7 +281,7 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
             for (int s = 0; s < V / 4; ++s)
               mma_16816<T>(c, bp[u][sd][l][0].w[2 * s], bp[u][sd][l][1].w[2 * s], bp[u][sd][l][0].w[2 * s + 1],
                            bp[u][sd][l][1].w[2 * s + 1], tb[ng][l][2 * s], tb[ng][l][2 * s + 1]);
-          float* dst = vs + (sd * kVecs + 2 * u) * kVecStride + g * kRows + 8 * ng + 2 * q;
+          float* dst = vs + (sd * kVecs + 2 * u) * kVecStride + g * kLdc + 8 * ng + 2 * q;
           *reinterpret_cast<float2*>(dst) = make_float2(c[0], c[1]);
           *reinterpret_cast<float2*>(dst + kVecStride) = make_float2(c[2], c[3]);
         }
@@ -289,7 +292,7 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
       const int it = lane + 32 * k, r = it / kVecs, cv = it % kVecs;
       const int col = block_col(cv / 2) + 8 * (cv % 2);
       if (!(it < items && block_ok(cv / 2) && col < n_end)) continue;
-      const float* pg = vs + cv * kVecStride + r;  // product of column i: pg[i * kRows]; up side: + kVecs vectors
+      const float* pg = vs + cv * kVecStride + r;  // product of column i: pg[i * kLdc]; up side: + kVecs vectors
       const float* pu = pg + (kSides - 1) * kVecs * kVecStride;
       const int64_t drow = static_cast<int64_t>(row0 + r) * ldd;
       if (vec_out) {
@@ -298,9 +301,9 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
         Vec8<T> o;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-          const T v = from_float<T>(alpha * pg[i * kRows] + to_float(dg.v[i]));
+          const T v = from_float<T>(alpha * pg[i * kLdc] + to_float(dg.v[i]));
           if constexpr (kGated) {
-            const T up = from_float<T>(alpha * pu[i * kRows] + to_float(du.v[i]));
+            const T up = from_float<T>(alpha * pu[i * kLdc] + to_float(du.v[i]));
             o.v[i] = gated_value(v, up, out.act);
           } else {
             o.v[i] = v;
@@ -310,9 +313,9 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
         *reinterpret_cast<Vec8<T>*>(dst) = o;
       } else {  // unaligned or odd widths: element loads and stores
         for (int i = 0; i < 8 && col + i < n_end; ++i) {
-          const T v = from_float<T>(alpha * pg[i * kRows] + to_float(D[drow + col + i]));
+          const T v = from_float<T>(alpha * pg[i * kLdc] + to_float(D[drow + col + i]));
           if constexpr (kGated) {
-            const T up = from_float<T>(alpha * pu[i * kRows] + to_float(D[drow + col + i + out.up_col]));
+            const T up = from_float<T>(alpha * pu[i * kLdc] + to_float(D[drow + col + i + out.up_col]));
             out.h[static_cast<int64_t>(row0 + r) * out.ldh + col + i] = gated_value(v, up, out.act);
           } else {
             D[drow + col + i] = v;
