@@ -389,44 +389,24 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
     }
   };
 
-  // Without p.work, each CTA takes one even share of the units. With it, half of the units are shared out
-  // that way and the other half is grabbed from the counter in runs of `grain` (about grabs_per_cta per
-  // CTA), so CTAs whose share cost more (more rows, 64-row tiles next to few-rows ones) take fewer runs.
-  // Thread 0 issues each grab one run ahead, so its latency hides behind the run in progress; the run
-  // bounds go through shared memory so that no scheduling state stays live across the (large) run loop.
-  __shared__ long long next_run[3];  // begin, end, last (no grab after this run)
-  unsigned long long pending = 0;    // thread 0: the grab in flight
-  auto split = [&](int64_t& units, int64_t& shared_units, int64_t& grain) {
-    units = static_cast<int64_t>(p.tile_prefix[p.nseg]) * chunks_per_tile;
-    shared_units = p.work != nullptr ? units / 2 : units;
-    const int64_t slots = static_cast<int64_t>(gridDim.x) * (p.work != nullptr ? p.grabs_per_cta : 1);
-    grain = (units - shared_units + slots - 1) / slots;
-  };
-  if (threadIdx.x == 0) {
-    int64_t units, shared_units, grain;
-    split(units, shared_units, grain);
-    next_run[0] = shared_units * blockIdx.x / gridDim.x;
-    next_run[1] = shared_units * (blockIdx.x + 1) / gridDim.x;
-    next_run[2] = p.work == nullptr;
-    if (p.work != nullptr) pending = atomicAdd(p.work, static_cast<unsigned long long>(grain));
-  }
-  __syncthreads();
+  const int64_t units = static_cast<int64_t>(p.tile_prefix[p.nseg]) * chunks_per_tile;
+  // Runs of units: with p.work, grabbed from the shared counter, `grain` units at a time, until none are
+  // left; without, the CTA's one even share.
+  __shared__ unsigned long long grab;
+  const int64_t slots = static_cast<int64_t>(gridDim.x) * (p.work != nullptr ? p.grabs_per_cta : 1);
+  const int64_t grain = (units + slots - 1) / slots;
+  int64_t run_begin = units * blockIdx.x / gridDim.x, run_end = units * (blockIdx.x + 1) / gridDim.x;
   for (;;) {
-    const int64_t run_begin = next_run[0], run_end = next_run[1];
-    const bool last = next_run[2] != 0;
-    run_units(run_begin, run_end);  // one call site: its loop body is large
-    if (last) break;
-    __syncthreads();  // every thread has read next_run (the run may have been empty: no barrier inside)
-    if (threadIdx.x == 0) {
-      int64_t units, shared_units, grain;
-      split(units, shared_units, grain);
-      const int64_t begin = shared_units + static_cast<int64_t>(pending);
-      next_run[0] = min(begin, units);
-      next_run[1] = min(begin + grain, units);
-      next_run[2] = begin + grain >= units;
-      if (begin + grain < units) pending = atomicAdd(p.work, static_cast<unsigned long long>(grain));
+    if (p.work != nullptr) {
+      if (threadIdx.x == 0) grab = atomicAdd(p.work, static_cast<unsigned long long>(grain));
+      __syncthreads();
+      run_begin = static_cast<int64_t>(grab);
+      run_end = min(units, run_begin + grain);
+      __syncthreads();  // every thread has read `grab` before thread 0 overwrites it
     }
-    __syncthreads();
+    if (run_begin >= run_end) break;
+    run_units(run_begin, run_end);
+    if (p.work == nullptr) break;
   }
 }
 

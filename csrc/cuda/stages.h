@@ -114,7 +114,7 @@ cudaError_t launch_segment_gemm(const SegmentGemmParams& p, SegmentGemmShape sha
 constexpr int kLoraMaxRank = 128;
 constexpr int kLoraFewRows = 16;
 // Runs of units each CTA of the LoRA expand grabs on average (LoraExpandParams::work; NOTES.md v9).
-constexpr int kLoraExpandGrabsPerCta = 2;
+constexpr int kLoraExpandGrabsPerCta = 3;
 struct LoraShrinkParams {
   const void* X; int64_t ldx;               // sorted activations [rows, K]
   const void* A;                            // per segment [R, K] row-major
@@ -145,9 +145,9 @@ struct LoraExpandParams {
   int R, N;                                 // N: output columns (gated: h columns)
   int max_rows, max_active_segments;
   int few_rows_max;                        // as for the shrink
-  // Work split over the CTAs (lora_gemm.cu). With `work` (a device counter, 0 at launch: the shrink before
-  // zeroes it) half of the units are grabbed from it in runs, about grabs_per_cta per CTA, so CTAs whose
-  // units cost more take fewer runs; nullptr: each CTA takes one even share of all units.
+  // Work split over the CTAs. With `work` (a device counter, 0 at launch: the shrink before zeroes it) the
+  // CTAs grab runs of units from it, about grabs_per_cta each, so CTAs whose units cost more (64-row tiles
+  // next to few-rows ones) take fewer runs; nullptr: each CTA takes one even share.
   unsigned long long* work;
   int grabs_per_cta;
   // fc1 with the gated activation fused (h != nullptr): D is the base output gu [rows, 2I], only read; N = I
