@@ -104,10 +104,6 @@ struct LoraWorkspace {
   bool lora_kernels = false;  // use_lora_kernels(R), decided once per call
   int few_rows_max = mc::kLoraFewRows;  // MOELORA_LORA_FEW_ROWS overrides (0: 64-row tiles only; large: none)
   int expand_few_rows_max = mc::kLoraFewRows;  // the expand's own threshold: MOELORA_LORA_EXPAND_FEW_ROWS
-  // The expand's work counter (LoraExpandParams::work) and runs per CTA; MOELORA_LORA_EXPAND_GRABS=0 keeps
-  // the static even split.
-  at::Tensor work;
-  int expand_grabs = mc::kLoraExpandGrabsPerCta;
   at::Tensor buf;
   int k_splits_fc1 = 1, k_splits_fc2 = 1;
 };
@@ -119,13 +115,11 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
   ws.lora_kernels = use_lora_kernels(d.R);
   ws.few_rows_max = env_int("MOELORA_LORA_FEW_ROWS", mc::kLoraFewRows);
   ws.expand_few_rows_max = env_int("MOELORA_LORA_EXPAND_FEW_ROWS", ws.few_rows_max);
-  ws.expand_grabs = env_int("MOELORA_LORA_EXPAND_GRABS", mc::kLoraExpandGrabsPerCta);
   if (ws.lora_kernels) {
     ws.k_splits_fc1 = mc::lora_k_splits(static_cast<int>(d.H), pairs, active, sm_count);
     ws.k_splits_fc2 = mc::lora_k_splits(static_cast<int>(d.I), pairs, active, sm_count);
     const int64_t splits = std::max(ws.k_splits_fc1, ws.k_splits_fc2);
     ws.buf = at::empty({splits, pairs, d.R}, act_options.dtype(at::kFloat));
-    if (ws.expand_grabs > 0) ws.work = at::empty({1}, act_options.dtype(at::kLong));  // zeroed by each shrink
   } else {
     ws.buf = at::empty({pairs, d.R}, act_options);
   }
@@ -167,9 +161,6 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
     s.R = static_cast<int>(R); s.K = K; s.k_splits = k_splits; s.k_chunk = mc::lora_k_chunk(K, k_splits);
     s.max_rows = pairs; s.max_active_segments = active; s.few_rows_max = ws.few_rows_max;
     s.dtype = to_dtype(input.scalar_type());
-    unsigned long long* work =
-        ws.work.defined() && expand_in_gemv == nullptr ? reinterpret_cast<unsigned long long*>(ws.work.data_ptr<int64_t>()) : nullptr;
-    s.expand_work = work;
     C10_CUDA_CHECK(mc::launch_lora_shrink(s, sm_count, stream));
     if (expand_in_gemv != nullptr) {
       mc::ExpertGemvParams& g = *expand_in_gemv;
@@ -196,7 +187,6 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
       e.N = N / 2;
     }
     e.max_rows = pairs; e.max_active_segments = active; e.few_rows_max = ws.expand_few_rows_max;
-    e.work = work; e.grabs_per_cta = ws.expand_grabs;
     e.dtype = s.dtype;
     C10_CUDA_CHECK(mc::launch_lora_expand(e, sm_count, stream));
     return;

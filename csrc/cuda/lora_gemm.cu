@@ -74,7 +74,6 @@ struct ShrinkShape {
 template <typename T, int RP>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(LoraShrinkParams p) {
   pdl_begin();
-  if (p.expand_work != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *p.expand_work = 0;  // for the expand
   using Shape = ShrinkShape<RP>;
   constexpr int kBK = Shape::kBK, kLds = Shape::kLds, kStages = Shape::kStages;
   __shared__ alignas(128) unsigned char smem_raw[Shape::kSmemBytes];
@@ -240,173 +239,152 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
     vec_out = vec_out && p.ldh % 8 == 0 && p.up_col % 8 == 0 && reinterpret_cast<uintptr_t>(out.h) % 16 == 0;
 
   const int chunks_per_tile = ceil_div(p.N, kCols);
-  // Units [u_begin, u_end): one item per m-tile the run crosses.
-  auto run_units = [&](int64_t u_begin, int64_t u_end) {
-    for (int64_t u = u_begin; u < u_end;) {
-      const int mt = static_cast<int>(u / chunks_per_tile), c_first = static_cast<int>(u % chunks_per_tile);
-      const int chunks = static_cast<int>(u_end - u < chunks_per_tile - c_first ? u_end - u : chunks_per_tile - c_first);
-      u += chunks;
-      const SegmentTile st = locate(p, mt);
-      const int n_begin = c_first * kCols;
-      const int n_end = min(p.N, n_begin + chunks * kCols);
-      const T* b_src = Bbase + st.expert * p.b_expert_stride + st.slot * p.b_slot_stride;  // [N, R]
-      const float alpha = p.slot_scale != nullptr ? p.slot_scale[st.slot] : 1.f;
-      const int my_row0 = warp * 16;
+  const int64_t units = static_cast<int64_t>(p.tile_prefix[p.nseg]) * chunks_per_tile;
+  const int64_t u_end = units * (blockIdx.x + 1) / gridDim.x;
+  for (int64_t u = units * blockIdx.x / gridDim.x; u < u_end;) {
+    const int mt = static_cast<int>(u / chunks_per_tile), c_first = static_cast<int>(u % chunks_per_tile);
+    const int chunks = static_cast<int>(u_end - u < chunks_per_tile - c_first ? u_end - u : chunks_per_tile - c_first);
+    u += chunks;
+    const SegmentTile st = locate(p, mt);
+    const int n_begin = c_first * kCols;
+    const int n_end = min(p.N, n_begin + chunks * kCols);
+    const T* b_src = Bbase + st.expert * p.b_expert_stride + st.slot * p.b_slot_stride;  // [N, R]
+    const float alpha = p.slot_scale != nullptr ? p.slot_scale[st.slot] : 1.f;
+    const int my_row0 = warp * 16;
 
-      if (st.few_rows) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
-        lora_few_rows::expand_tile<T, RP, kWarps, kGated>(p.partial, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R,
-                                                          b_src, p.R, vec_b, vec_out, out, alpha, st.row0, st.rows,
-                                                          n_begin, n_end, reinterpret_cast<float*>(smem_raw));
-        continue;
+    if (st.few_rows) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
+      lora_few_rows::expand_tile<T, RP, kWarps, kGated>(p.partial, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R,
+                                                        b_src, p.R, vec_b, vec_out, out, alpha, st.row0, st.rows,
+                                                        n_begin, n_end, reinterpret_cast<float*>(smem_raw));
+      continue;
+    }
+
+    // Chunk c's B rows (gated: kCols gate rows, then the matching up rows) and, when 16-byte copies are
+    // possible (vec_out), its D values for rows [0, rows): D columns [n0, n0 + kCols) (+ up_col, gated).
+    auto load_stage = [&](int s, int c) {
+      const int n0 = n_begin + c * kCols;
+      T* bs = stage_b(s);
+      T* ds = stage_d(s);
+#pragma unroll
+      for (int sd = 0; sd < kSides; ++sd)
+        load_tile<T, kCols, RP, kLdt, kThreads>(bs + sd * kCols * kLdt, b_src + static_cast<int64_t>(n0 + sd * p.up_col) * p.R,
+                                                p.R, min(kCols, n_end - n0), 0, p.R, vec_b);
+      if (vec_out) {
+        for (int v = threadIdx.x; v < st.rows * kSides * kGroups; v += kThreads) {
+          const int r = v / (kSides * kGroups), sc = v % (kSides * kGroups);
+          const int sd = sc / kGroups, col = n0 + (sc % kGroups) * 8;
+          const bool ok = col < n_end;
+          const T* src = D + static_cast<int64_t>(st.row0 + r) * p.ldd + col + sd * p.up_col;
+          cp_async_16(ds + r * kLdd + sd * kCols + (col - n0), ok ? src : D, ok);
+        }
+      }
+    };
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < chunks) load_stage(s, s);
+      cp_async_commit();
+    }
+
+    // t = sum of the split-K partials in a fixed order, rounded to the activation dtype (zero padded).
+    for (int c = threadIdx.x; c < kTileRows * RP; c += kThreads) {
+      const int r = c / RP, col = c % RP;
+      float v = 0.f;
+      if (r < st.rows && col < p.R) {
+        const float* src = p.partial + static_cast<int64_t>(st.row0 + r) * p.R + col;
+        v = sum_splits(src, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R);
+      }
+      t_tile[r * kLdt + col] = from_float<T>(v);
+    }
+
+    for (int c = 0; c < chunks; ++c) {
+      const int prefetch = c + kStages - 1;
+      if (prefetch < chunks) load_stage(prefetch % kStages, prefetch);
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();
+      __syncthreads();  // chunk c's stage (and, the first time, t) visible to every warp
+      const int n0 = n_begin + c * kCols;
+      const T* bs = stage_b(c % kStages);
+      T* ds = stage_d(c % kStages);
+
+      if (my_row0 < st.rows) {
+        // products[16 rows][kBN] of this warp: acc[j] is the 16 x 8 block of B rows 8j .. 8j + 7.
+        float acc[kBN / 8][4];
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < RP; kk += 16) {
+          const T* ta = t_tile + (my_row0 + g) * kLdt + kk + 2 * q;
+          const uint32_t a0 = lds_pair(ta), a1 = lds_pair(ta + 8 * kLdt), a2 = lds_pair(ta + 8),
+                         a3 = lds_pair(ta + 8 * kLdt + 8);
+#pragma unroll
+          for (int j = 0; j < kBN / 8; ++j) {
+            const T* tb = bs + (8 * j + g) * kLdt + kk + 2 * q;
+            mma_operands::mma_16816<T>(acc[j], a0, a1, a2, a3, lds_pair(tb), lds_pair(tb + 8));
+          }
+        }
+        // v = round(D + alpha * product), in place over the D values: acc[j] = {(r, x), (r, x + 1), (r + 8, x),
+        // (r + 8, x + 1)} with r = my_row0 + g, x = 8j + 2q (a stage column: gated, gate columns then up).
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int r = my_row0 + g + 8 * hh, x = 8 * j + 2 * q;
+            Pair<T>* v = reinterpret_cast<Pair<T>*>(ds + r * kLdd + x);  // x even: 4-byte aligned
+            float d0, d1;
+            if (vec_out) {
+              const Pair<T> d = *v;
+              d0 = to_float(d.v[0]);
+              d1 = to_float(d.v[1]);
+            } else {  // element loads from D (no D values were staged)
+              const int col = n0 + x % kCols, dcol = col + (x / kCols) * p.up_col;
+              const T* src = D + static_cast<int64_t>(st.row0 + r) * p.ldd + dcol;
+              const bool row_ok = r < st.rows;
+              d0 = row_ok && col < n_end ? to_float(src[0]) : 0.f;
+              d1 = row_ok && col + 1 < n_end ? to_float(src[1]) : 0.f;
+            }
+            *v = Pair<T>{{from_float<T>(alpha * acc[j][2 * hh] + d0), from_float<T>(alpha * acc[j][2 * hh + 1] + d1)}};
+          }
       }
 
-      // Chunk c's B rows (gated: kCols gate rows, then the matching up rows) and, when 16-byte copies are
-      // possible (vec_out), its D values for rows [0, rows): D columns [n0, n0 + kCols) (+ up_col, gated).
-      auto load_stage = [&](int s, int c) {
-        const int n0 = n_begin + c * kCols;
-        T* bs = stage_b(s);
-        T* ds = stage_d(s);
-  #pragma unroll
-        for (int sd = 0; sd < kSides; ++sd)
-          load_tile<T, kCols, RP, kLdt, kThreads>(bs + sd * kCols * kLdt, b_src + static_cast<int64_t>(n0 + sd * p.up_col) * p.R,
-                                                  p.R, min(kCols, n_end - n0), 0, p.R, vec_b);
-        if (vec_out) {
-          for (int v = threadIdx.x; v < st.rows * kSides * kGroups; v += kThreads) {
-            const int r = v / (kSides * kGroups), sc = v % (kSides * kGroups);
-            const int sd = sc / kGroups, col = n0 + (sc % kGroups) * 8;
-            const bool ok = col < n_end;
-            const T* src = D + static_cast<int64_t>(st.row0 + r) * p.ldd + col + sd * p.up_col;
-            cp_async_16(ds + r * kLdd + sd * kCols + (col - n0), ok ? src : D, ok);
+      // Write-out of rows [r_begin, r_end), vectors handed out as (row, 8 columns) to `nthreads` threads.
+      auto write_out = [&](int r_begin, int r_end, int tid, int nthreads) {
+        for (int e = tid; e < (r_end - r_begin) * kGroups; e += nthreads) {
+          const int r = r_begin + e / kGroups, x = (e % kGroups) * 8, col = n0 + x;
+          if (col >= n_end) continue;
+          const T* v = ds + r * kLdd + x;
+          if constexpr (kGated) {
+            T* dst = out.h + static_cast<int64_t>(st.row0 + r) * p.ldh + col;
+            if (vec_out) {
+              const Vec8<T> gate = *reinterpret_cast<const Vec8<T>*>(v);
+              const Vec8<T> up = *reinterpret_cast<const Vec8<T>*>(v + kCols);
+              Vec8<T> o;
+#pragma unroll
+              for (int i = 0; i < 8; ++i) o.v[i] = gated_value(gate.v[i], up.v[i], p.activation);
+              *reinterpret_cast<Vec8<T>*>(dst) = o;
+            } else {
+              for (int i = 0; i < 8 && col + i < n_end; ++i) dst[i] = gated_value(v[i], v[kCols + i], p.activation);
+            }
+          } else {
+            T* dst = D + static_cast<int64_t>(st.row0 + r) * p.ldd + col;
+            if (vec_out) {
+              *reinterpret_cast<Vec8<T>*>(dst) = *reinterpret_cast<const Vec8<T>*>(v);
+            } else {
+              for (int i = 0; i < 8 && col + i < n_end; ++i) dst[i] = v[i];
+            }
           }
         }
       };
-  #pragma unroll
-      for (int s = 0; s < kStages - 1; ++s) {
-        if (s < chunks) load_stage(s, s);
-        cp_async_commit();
+      if constexpr (kGated) {
+        __syncthreads();
+        write_out(0, st.rows, threadIdx.x, kThreads);
+      } else {
+        __syncwarp();
+        write_out(min(my_row0, st.rows), min(my_row0 + 16, st.rows), lane, 32);
       }
-
-      // t = sum of the split-K partials in a fixed order, rounded to the activation dtype (zero padded).
-      for (int c = threadIdx.x; c < kTileRows * RP; c += kThreads) {
-        const int r = c / RP, col = c % RP;
-        float v = 0.f;
-        if (r < st.rows && col < p.R) {
-          const float* src = p.partial + static_cast<int64_t>(st.row0 + r) * p.R + col;
-          v = sum_splits(src, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R);
-        }
-        t_tile[r * kLdt + col] = from_float<T>(v);
-      }
-
-      for (int c = 0; c < chunks; ++c) {
-        const int prefetch = c + kStages - 1;
-        if (prefetch < chunks) load_stage(prefetch % kStages, prefetch);
-        cp_async_commit();
-        cp_async_wait<kStages - 1>();
-        __syncthreads();  // chunk c's stage (and, the first time, t) visible to every warp
-        const int n0 = n_begin + c * kCols;
-        const T* bs = stage_b(c % kStages);
-        T* ds = stage_d(c % kStages);
-
-        if (my_row0 < st.rows) {
-          // products[16 rows][kBN] of this warp: acc[j] is the 16 x 8 block of B rows 8j .. 8j + 7.
-          float acc[kBN / 8][4];
-  #pragma unroll
-          for (int j = 0; j < kBN / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  #pragma unroll
-          for (int kk = 0; kk < RP; kk += 16) {
-            const T* ta = t_tile + (my_row0 + g) * kLdt + kk + 2 * q;
-            const uint32_t a0 = lds_pair(ta), a1 = lds_pair(ta + 8 * kLdt), a2 = lds_pair(ta + 8),
-                           a3 = lds_pair(ta + 8 * kLdt + 8);
-  #pragma unroll
-            for (int j = 0; j < kBN / 8; ++j) {
-              const T* tb = bs + (8 * j + g) * kLdt + kk + 2 * q;
-              mma_operands::mma_16816<T>(acc[j], a0, a1, a2, a3, lds_pair(tb), lds_pair(tb + 8));
-            }
-          }
-          // v = round(D + alpha * product), in place over the D values: acc[j] = {(r, x), (r, x + 1), (r + 8, x),
-          // (r + 8, x + 1)} with r = my_row0 + g, x = 8j + 2q (a stage column: gated, gate columns then up).
-  #pragma unroll
-          for (int j = 0; j < kBN / 8; ++j)
-  #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-              const int r = my_row0 + g + 8 * hh, x = 8 * j + 2 * q;
-              Pair<T>* v = reinterpret_cast<Pair<T>*>(ds + r * kLdd + x);  // x even: 4-byte aligned
-              float d0, d1;
-              if (vec_out) {
-                const Pair<T> d = *v;
-                d0 = to_float(d.v[0]);
-                d1 = to_float(d.v[1]);
-              } else {  // element loads from D (no D values were staged)
-                const int col = n0 + x % kCols, dcol = col + (x / kCols) * p.up_col;
-                const T* src = D + static_cast<int64_t>(st.row0 + r) * p.ldd + dcol;
-                const bool row_ok = r < st.rows;
-                d0 = row_ok && col < n_end ? to_float(src[0]) : 0.f;
-                d1 = row_ok && col + 1 < n_end ? to_float(src[1]) : 0.f;
-              }
-              *v = Pair<T>{{from_float<T>(alpha * acc[j][2 * hh] + d0), from_float<T>(alpha * acc[j][2 * hh + 1] + d1)}};
-            }
-        }
-
-        // Write-out of rows [r_begin, r_end), vectors handed out as (row, 8 columns) to `nthreads` threads.
-        auto write_out = [&](int r_begin, int r_end, int tid, int nthreads) {
-          for (int e = tid; e < (r_end - r_begin) * kGroups; e += nthreads) {
-            const int r = r_begin + e / kGroups, x = (e % kGroups) * 8, col = n0 + x;
-            if (col >= n_end) continue;
-            const T* v = ds + r * kLdd + x;
-            if constexpr (kGated) {
-              T* dst = out.h + static_cast<int64_t>(st.row0 + r) * p.ldh + col;
-              if (vec_out) {
-                const Vec8<T> gate = *reinterpret_cast<const Vec8<T>*>(v);
-                const Vec8<T> up = *reinterpret_cast<const Vec8<T>*>(v + kCols);
-                Vec8<T> o;
-  #pragma unroll
-                for (int i = 0; i < 8; ++i) o.v[i] = gated_value(gate.v[i], up.v[i], p.activation);
-                *reinterpret_cast<Vec8<T>*>(dst) = o;
-              } else {
-                for (int i = 0; i < 8 && col + i < n_end; ++i) dst[i] = gated_value(v[i], v[kCols + i], p.activation);
-              }
-            } else {
-              T* dst = D + static_cast<int64_t>(st.row0 + r) * p.ldd + col;
-              if (vec_out) {
-                *reinterpret_cast<Vec8<T>*>(dst) = *reinterpret_cast<const Vec8<T>*>(v);
-              } else {
-                for (int i = 0; i < 8 && col + i < n_end; ++i) dst[i] = v[i];
-              }
-            }
-          }
-        };
-        if constexpr (kGated) {
-          __syncthreads();
-          write_out(0, st.rows, threadIdx.x, kThreads);
-        } else {
-          __syncwarp();
-          write_out(min(my_row0, st.rows), min(my_row0 + 16, st.rows), lane, 32);
-        }
-        __syncthreads();  // the stage is refilled by the next chunk's prefetch
-      }
-      cp_async_wait<0>();
-      __syncthreads();  // t and the stages are rewritten by the next item
+      __syncthreads();  // the stage is refilled by the next chunk's prefetch
     }
-  };
-
-  const int64_t units = static_cast<int64_t>(p.tile_prefix[p.nseg]) * chunks_per_tile;
-  // Runs of units: with p.work, grabbed from the shared counter, `grain` units at a time, until none are
-  // left; without, the CTA's one even share.
-  __shared__ unsigned long long grab;
-  const int64_t slots = static_cast<int64_t>(gridDim.x) * (p.work != nullptr ? p.grabs_per_cta : 1);
-  const int64_t grain = (units + slots - 1) / slots;
-  int64_t run_begin = units * blockIdx.x / gridDim.x, run_end = units * (blockIdx.x + 1) / gridDim.x;
-  for (;;) {
-    if (p.work != nullptr) {
-      if (threadIdx.x == 0) grab = atomicAdd(p.work, static_cast<unsigned long long>(grain));
-      __syncthreads();
-      run_begin = static_cast<int64_t>(grab);
-      run_end = min(units, run_begin + grain);
-      __syncthreads();  // every thread has read `grab` before thread 0 overwrites it
-    }
-    if (run_begin >= run_end) break;
-    run_units(run_begin, run_end);
-    if (p.work == nullptr) break;
+    cp_async_wait<0>();
+    __syncthreads();  // t and the stages are rewritten by the next item
   }
 }
 

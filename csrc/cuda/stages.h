@@ -113,8 +113,6 @@ cudaError_t launch_segment_gemm(const SegmentGemmParams& p, SegmentGemmShape sha
 // (lora_rows_mma.cuh), the others the 64-row tensor-core tiles; kLoraFewRows is the default threshold.
 constexpr int kLoraMaxRank = 128;
 constexpr int kLoraFewRows = 16;
-// Runs of units each CTA of the LoRA expand grabs on average (LoraExpandParams::work; NOTES.md v9).
-constexpr int kLoraExpandGrabsPerCta = 3;
 struct LoraShrinkParams {
   const void* X; int64_t ldx;               // sorted activations [rows, K]
   const void* A;                            // per segment [R, K] row-major
@@ -127,9 +125,6 @@ struct LoraShrinkParams {
   int R, K, k_chunk, k_splits;              // K-chunk ks covers [ks * k_chunk, min(K, (ks+1) * k_chunk))
   int max_rows, max_active_segments;        // host upper bounds (grid sizing, partial layout)
   int few_rows_max;                        // segments with at most this many rows: lora_rows_mma.cuh
-  // The work counter of the expand launched after this shrink (LoraExpandParams::work), set to 0 here so
-  // that no launch of its own is needed (nullptr: none).
-  unsigned long long* expand_work;
   DType dtype;
 };
 struct LoraExpandParams {
@@ -145,11 +140,6 @@ struct LoraExpandParams {
   int R, N;                                 // N: output columns (gated: h columns)
   int max_rows, max_active_segments;
   int few_rows_max;                        // as for the shrink
-  // Work split over the CTAs. With `work` (a device counter, 0 at launch: the shrink before zeroes it) the
-  // CTAs grab runs of units from it, about grabs_per_cta each, so CTAs whose units cost more (64-row tiles
-  // next to few-rows ones) take fewer runs; nullptr: each CTA takes one even share.
-  unsigned long long* work;
-  int grabs_per_cta;
   // fc1 with the gated activation fused (h != nullptr): D is the base output gu [rows, 2I], only read; N = I
   // and h[r, n] = round(act(round(v[n])) * round(v[up_col + n])) with v = D[r] + scale * delta, for the rows
   // with an adapter (the activation stage does the others: PermuteParams::row_slot). Saves gu's
