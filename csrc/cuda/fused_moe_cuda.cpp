@@ -114,7 +114,16 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
   const int active = static_cast<int>(d.E * d.S);
   ws.lora_kernels = use_lora_kernels(d.R);
   ws.few_rows_max = env_int("MOELORA_LORA_FEW_ROWS", mc::kLoraFewRows);
-  ws.expand_few_rows_max = env_int("MOELORA_LORA_EXPAND_FEW_ROWS", ws.few_rows_max);
+  // The expand's threshold (benchmarks/NOTES.md v9): when the segments average at most kLoraFewRows rows,
+  // those of up to twice that also take the few-rows path (two passes, B read twice) -- cheaper than
+  // 64-row tiles next to few-rows ones, whose work items cost unevenly (qwen3 / gpt-oss T=1024: -5..-25%
+  // per expand); with larger segments the 64-row tiles stay (qwen3 T=4096: +35% otherwise).
+  const char* both = std::getenv("MOELORA_LORA_FEW_ROWS");
+  const bool small_segments = static_cast<int64_t>(pairs) <= static_cast<int64_t>(mc::kLoraFewRows) * active;
+  const int expand_default = both != nullptr && both[0] != '\0' ? ws.few_rows_max
+                             : small_segments                  ? 2 * mc::kLoraFewRows
+                                                               : mc::kLoraFewRows;
+  ws.expand_few_rows_max = env_int("MOELORA_LORA_EXPAND_FEW_ROWS", expand_default);
   if (ws.lora_kernels) {
     ws.k_splits_fc1 = mc::lora_k_splits(static_cast<int>(d.H), pairs, active, sm_count);
     ws.k_splits_fc2 = mc::lora_k_splits(static_cast<int>(d.I), pairs, active, sm_count);
