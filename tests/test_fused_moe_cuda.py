@@ -185,6 +185,25 @@ def test_lora_row_paths_agree(shape, dtype, monkeypatch):
     assert rel_err(outs[None], outs["0"]) < TOL[dtype] / 2
 
 
+@pytest.mark.parametrize("shape", [ROW_PATH_SHAPES[i] for i in (1, 3, 7)],
+                         ids=lambda s: "T{}_H{}_E{}_S{}_R{}".format(s[0], s[1], s[3], s[5], s[6]))
+def test_lora_shrink_and_expand_paths_chosen_apart(shape, monkeypatch):
+    """The expand's own threshold (MOELORA_LORA_EXPAND_FEW_ROWS; by default 2 x 16 when segments average
+    <= 16 rows): the shrink on one m-tile path and the expand on the other -- the expand reads the
+    partials either shrink path writes -- matches the reference and the all-64-row-tiles result."""
+    T, H, I, E, k, S, R = shape
+    dtype = torch.bfloat16
+    args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=23)
+    monkeypatch.setenv("MOELORA_LORA_FEW_ROWS", "0")
+    monkeypatch.delenv("MOELORA_LORA_EXPAND_FEW_ROWS", raising=False)
+    tiles = check(args, dtype)
+    for shrink_rows, expand_rows in [("0", EVERY_SEGMENT), (EVERY_SEGMENT, "0"), ("16", "32")]:
+        monkeypatch.setenv("MOELORA_LORA_FEW_ROWS", shrink_rows)
+        monkeypatch.setenv("MOELORA_LORA_EXPAND_FEW_ROWS", expand_rows)
+        out = check(args, dtype)
+        assert rel_err(out, tiles) < TOL[dtype] / 2, (shrink_rows, expand_rows)
+
+
 FUSED_ACT_SHAPES = [
     # T,   H,   I,   E,  k, S, R
     (300, 256, 192, 32, 4, 8, 8),
