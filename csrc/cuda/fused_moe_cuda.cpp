@@ -115,11 +115,14 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
   ws.lora_kernels = use_lora_kernels(d.R);
   ws.few_rows_max = env_int("MOELORA_LORA_FEW_ROWS", mc::kLoraFewRows);
   // The expand's threshold (benchmarks/NOTES.md v9): when the segments average at most kLoraFewRows rows,
-  // those of up to twice that also take the few-rows path (two passes, B read twice) -- cheaper than
-  // 64-row tiles next to few-rows ones, whose work items cost unevenly (qwen3 / gpt-oss T=1024: -5..-25%
-  // per expand); with larger segments the 64-row tiles stay (qwen3 T=4096: +35% otherwise).
+  // those of up to twice that also take the few-rows path (two passes of 16 rows, B read twice) -- cheaper
+  // than 64-row tiles next to few-rows ones, whose work items cost unevenly (qwen3 / gpt-oss T=1024:
+  // -5..-25% per expand); with larger segments the 64-row tiles stay (qwen3 T=4096: +35% otherwise). Only
+  // for ranks <= 32: above, a pass holds 8 rows (lora_rows_mma.cuh kRowPairs) and B would be read 4 times
+  // (gpt-oss T=1024 rank 64: +4% end to end).
   const char* both = std::getenv("MOELORA_LORA_FEW_ROWS");
-  const bool small_segments = static_cast<int64_t>(pairs) <= static_cast<int64_t>(mc::kLoraFewRows) * active;
+  const bool small_segments =
+      d.R <= 32 && static_cast<int64_t>(pairs) <= static_cast<int64_t>(mc::kLoraFewRows) * active;
   const int expand_default = both != nullptr && both[0] != '\0' ? ws.few_rows_max
                              : small_segments                  ? 2 * mc::kLoraFewRows
                                                                : mc::kLoraFewRows;
