@@ -204,6 +204,19 @@ def test_lora_shrink_and_expand_paths_chosen_apart(shape, monkeypatch):
         assert rel_err(out, tiles) < TOL[dtype] / 2, (shrink_rows, expand_rows)
 
 
+@pytest.mark.parametrize("waves", ["1", "6"])
+def test_lora_shrink_split_count(waves, monkeypatch):
+    """The shrink's split-K count (MOELORA_LORA_SHRINK_WAVES: fewer or more K-chunks than the default) changes
+    only the summation order of the partials: the result matches the reference and the default's."""
+    T, H, I, E, k, S, R = 2048, 2048, 512, 8, 2, 4, 16  # fc1 on an H100: 6 / 11 / 16 K-chunks for 1 / 2 / 6 waves
+    dtype = torch.bfloat16
+    args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=29)
+    monkeypatch.delenv("MOELORA_LORA_SHRINK_WAVES", raising=False)
+    default = check(args, dtype)
+    monkeypatch.setenv("MOELORA_LORA_SHRINK_WAVES", waves)
+    assert rel_err(check(args, dtype), default) < TOL[dtype] / 2
+
+
 FUSED_ACT_SHAPES = [
     # T,   H,   I,   E,  k, S, R
     (300, 256, 192, 32, 4, 8, 8),

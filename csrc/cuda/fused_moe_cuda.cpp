@@ -128,8 +128,10 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
                                                                : mc::kLoraFewRows;
   ws.expand_few_rows_max = env_int("MOELORA_LORA_EXPAND_FEW_ROWS", expand_default);
   if (ws.lora_kernels) {
-    ws.k_splits_fc1 = mc::lora_k_splits(static_cast<int>(d.H), pairs, active, sm_count);
-    ws.k_splits_fc2 = mc::lora_k_splits(static_cast<int>(d.I), pairs, active, sm_count);
+    // MOELORA_LORA_SHRINK_WAVES=N (default 2): the shrink's split-K target, for measuring (NOTES.md v9).
+    const int waves = std::max(1, env_int("MOELORA_LORA_SHRINK_WAVES", mc::kLoraShrinkWaves));
+    ws.k_splits_fc1 = mc::lora_k_splits(static_cast<int>(d.H), pairs, active, sm_count, waves);
+    ws.k_splits_fc2 = mc::lora_k_splits(static_cast<int>(d.I), pairs, active, sm_count, waves);
     const int64_t splits = std::max(ws.k_splits_fc1, ws.k_splits_fc2);
     ws.buf = at::empty({splits, pairs, d.R}, act_options.dtype(at::kFloat));
   } else {

@@ -388,13 +388,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
   }
 }
 
-// Shrink work items wanted per launch: two waves of resident CTAs, so the tail of uneven items is short.
-int target_items(int sm_count) { return 2 * sm_count * kBlocksPerSm; }
+// Shrink work items wanted per launch: `waves` waves of resident CTAs (default 2), so the tail of uneven
+// items is short.
+int target_items(int sm_count, int waves) { return waves * sm_count * kBlocksPerSm; }
 
 // How many K-chunks to cut each m-tile's shrink into so the launch has target_items() work items.
-int splits_to_fill(int max_rows, int max_active_segments, int sm_count) {
+int splits_to_fill(int max_rows, int max_active_segments, int sm_count, int waves) {
   const int64_t m_tiles = std::max<int64_t>(1, segment_tiles_upper_bound(max_rows, max_active_segments));
-  return static_cast<int>(std::max<int64_t>(1, (target_items(sm_count) + m_tiles - 1) / m_tiles));
+  return static_cast<int>(std::max<int64_t>(1, (target_items(sm_count, waves) + m_tiles - 1) / m_tiles));
 }
 
 // Calls f(std::integral_constant<int, RP>{}) with the rank padded to the kernels' instantiations.
@@ -434,9 +435,10 @@ cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStr
 
 int lora_k_chunk(int K, int k_splits) { return ceil_div(ceil_div(K, k_splits), 32) * 32; }
 
-int lora_k_splits(int K, int max_rows, int max_active_segments, int sm_count) {
+int lora_k_splits(int K, int max_rows, int max_active_segments, int sm_count, int waves) {
   // Enough (m-tile, K-chunk) items to fill the GPU, but chunks of at least 4 K-steps of 32.
-  const int splits = std::min(splits_to_fill(max_rows, max_active_segments, sm_count), std::max(1, ceil_div(K, 128)));
+  const int splits =
+      std::min(splits_to_fill(max_rows, max_active_segments, sm_count, waves), std::max(1, ceil_div(K, 128)));
   return ceil_div(K, lora_k_chunk(K, splits));
 }
 

@@ -149,7 +149,9 @@ struct LoraExpandParams {
   DType dtype;
 };
 // Host heuristics (shapes only, no routing values): split counts that fill the GPU with work items.
-int lora_k_splits(int K, int max_rows, int max_active_segments, int sm_count);
+// `waves`: shrink work items wanted per launch, in waves of resident CTAs (kLoraShrinkWaves).
+constexpr int kLoraShrinkWaves = 2;
+int lora_k_splits(int K, int max_rows, int max_active_segments, int sm_count, int waves = kLoraShrinkWaves);
 int lora_k_chunk(int K, int k_splits);
 cudaError_t launch_lora_shrink(const LoraShrinkParams& p, int sm_count, cudaStream_t stream);
 cudaError_t launch_lora_expand(const LoraExpandParams& p, int sm_count, cudaStream_t stream);
