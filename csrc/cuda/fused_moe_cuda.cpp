@@ -118,11 +118,11 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
   // those of up to twice that also take the few-rows path (two passes of 16 rows, B read twice) -- cheaper
   // than 64-row tiles next to few-rows ones, whose work items cost unevenly (qwen3 / gpt-oss T=1024:
   // -5..-25% per expand); with larger segments the 64-row tiles stay (qwen3 T=4096: +35% otherwise). Only
-  // for ranks <= 32: above, a pass holds 8 rows (lora_rows_mma.cuh kRowPairs) and B would be read 4 times
-  // (gpt-oss T=1024 rank 64: +4% end to end).
+  // for ranks with 16-row passes: above kLoraRowPairsMaxRank a pass holds 8 rows and B would be read 4
+  // times (gpt-oss T=1024 rank 64: +4% end to end).
   const char* both = std::getenv("MOELORA_LORA_FEW_ROWS");
-  const bool small_segments =
-      d.R <= 32 && static_cast<int64_t>(pairs) <= static_cast<int64_t>(mc::kLoraFewRows) * active;
+  const bool small_segments = d.R <= mc::kLoraRowPairsMaxRank &&
+                              static_cast<int64_t>(pairs) <= static_cast<int64_t>(mc::kLoraFewRows) * active;
   const int expand_default = both != nullptr && both[0] != '\0' ? ws.few_rows_max
                              : small_segments                  ? 2 * mc::kLoraFewRows
                                                                : mc::kLoraFewRows;

@@ -48,9 +48,9 @@ using mma_operands::Pack;
 using mma_operands::pack2;
 
 // Rows per pass: one or two 8-row groups (NG); two share every adapter load between two mmas, for ranks
-// where the registers allow it (RP <= 32). Tiles above 16 rows loop over passes.
+// where the registers allow it (RP <= kLoraRowPairsMaxRank). Tiles above 16 rows loop over passes.
 template <int RP>
-constexpr bool kRowPairs = RP <= 32;
+constexpr bool kRowPairs = RP <= kLoraRowPairsMaxRank;
 
 // ---- shrink --------------------------------------------------------------------------------------------
 // partial[row0 + r, j] = sum over k in [k_begin, k_end) of X[row0 + r, k] * A[j, k] for r < rows (<= 8 NG),

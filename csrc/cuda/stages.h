@@ -113,6 +113,9 @@ cudaError_t launch_segment_gemm(const SegmentGemmParams& p, SegmentGemmShape sha
 // (lora_rows_mma.cuh), the others the 64-row tensor-core tiles; kLoraFewRows is the default threshold.
 constexpr int kLoraMaxRank = 128;
 constexpr int kLoraFewRows = 16;
+// Ranks up to this take the few-rows path 16 token rows per pass (two 8-row groups sharing each adapter
+// load: lora_rows_mma.cuh kRowPairs); above it, 8 rows per pass.
+constexpr int kLoraRowPairsMaxRank = 32;
 struct LoraShrinkParams {
   const void* X; int64_t ldx;               // sorted activations [rows, K]
   const void* A;                            // per segment [R, K] row-major
