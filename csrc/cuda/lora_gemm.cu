@@ -57,10 +57,12 @@ __device__ __forceinline__ SegmentTile locate(const Params& p, int mt) {
 }
 
 // ---- shrink ----------------------------------------------------------------------------------------
-template <int RP>
+// 64-row tiles: K steps of kBK through a kStages cp.async ring. kBK = 64 for ranks up to 32 (NOTES.md v10):
+// each X row is read in 128-byte pieces and a step's barrier pair covers twice the K of 32-wide steps.
+template <int RP, int BK>
 struct ShrinkShape {
-  static constexpr int kBK = 32;
-  static constexpr int kStages = RP >= 128 ? 3 : 4;
+  static constexpr int kBK = BK;
+  static constexpr int kStages = RP >= 128 ? 3 : (BK == 64 && RP > 16 ? 3 : 4);
   static constexpr int kLds = kBK + kPad;
   static constexpr int kStageElems = (kTileRows + RP) * kLds;
   static constexpr size_t kPipelineBytes = size_t(kStages) * kStageElems * 2;
@@ -68,13 +70,13 @@ struct ShrinkShape {
   static constexpr size_t kOutBytes = size_t(kTileRows) * kLdc * 4;
   static constexpr size_t kSmemBytes = kPipelineBytes > kOutBytes ? kPipelineBytes : kOutBytes;
   static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
-  static_assert(kSmemBytes >= size_t(kWarps) * 2 * lora_few_rows::kRowGroup * RP * 4, "room for the few-rows path's reduction");
+  static_assert(kSmemBytes >= size_t(lora_few_rows::shrink_red_floats<RP, kWarps>()) * 4, "room for the few-rows path's reduction");
 };
 
-template <typename T, int RP>
+template <typename T, int RP, int BK>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(LoraShrinkParams p) {
   pdl_begin();
-  using Shape = ShrinkShape<RP>;
+  using Shape = ShrinkShape<RP, BK>;
   constexpr int kBK = Shape::kBK, kLds = Shape::kLds, kStages = Shape::kStages;
   __shared__ alignas(128) unsigned char smem_raw[Shape::kSmemBytes];
   T* stage_base = reinterpret_cast<T*>(smem_raw);
@@ -411,7 +413,12 @@ template <typename T, int RP>
 cudaError_t launch_shrink_typed(const LoraShrinkParams& p, int sm_count, cudaStream_t stream) {
   const int64_t items_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * p.k_splits;
   const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
-  return grid > 0 ? launch_kernel(lora_shrink_kernel<T, RP>, grid, kThreads, 0, stream, p) : cudaSuccess;
+  if (grid <= 0) return cudaSuccess;
+  // TEMPORARY A/B (p.variant bit 1: 64-row tiles with BK = 32).
+  if constexpr (RP <= 32) {
+    if (!(p.variant & 2)) return launch_kernel(lora_shrink_kernel<T, RP, 64>, grid, kThreads, 0, stream, p);
+  }
+  return launch_kernel(lora_shrink_kernel<T, RP, 32>, grid, kThreads, 0, stream, p);
 }
 
 template <typename T, int RP>

@@ -55,7 +55,14 @@ constexpr bool kRowPairs = RP <= kLoraRowPairsMaxRank;
 // ---- shrink --------------------------------------------------------------------------------------------
 // partial[row0 + r, j] = sum over k in [k_begin, k_end) of X[row0 + r, k] * A[j, k] for r < rows (<= 8 NG),
 // j < R. mma: M = 16 adapter rows j, N = 8 token rows, K = k. Warp w takes the 32-wide k blocks w, w + kWarps,
-// ...; the warps' sums meet in shared memory (`red`: kWarps * 16 * RP floats) and are added in warp order.
+// ...; the warps' sums meet in shared memory (`red`: shrink_red_floats) and are added in warp order.
+// red's rows are kRedLd = RP + 4 floats apart: a lane writes token rows 2q, 2q + 1 of column g, and with a
+// row stride of RP the four q of one g hit the same bank (4-way conflicts, Nsight Compute, NOTES.md v10).
+template <int RP>
+constexpr int kRedLd = RP + 4;
+template <int RP, int kWarps>
+constexpr int shrink_red_floats() { return kWarps * 2 * kRowGroup * kRedLd<RP>; }
+
 template <typename T, int RP, int kWarps, int NG>
 __device__ void shrink_pass(const T* __restrict__ X, int64_t ldx, const T* __restrict__ A, int64_t lda, int R,
                             int row0, int rows, int k_begin, int k_end, bool vec, float* __restrict__ partial,
@@ -108,18 +115,19 @@ __device__ void shrink_pass(const T* __restrict__ X, int64_t ldx, const T* __res
   for (int jb = 0; jb < JB; ++jb)
 #pragma unroll
     for (int ng = 0; ng < NG; ++ng) {
-      float* dst = red + (warp * kRedRows + 8 * ng + 2 * q) * RP + 16 * jb + g;
+      constexpr int ld = kRedLd<RP>;
+      float* dst = red + (warp * kRedRows + 8 * ng + 2 * q) * ld + 16 * jb + g;
       dst[0] = c[jb][ng][0];
-      dst[RP] = c[jb][ng][1];
+      dst[ld] = c[jb][ng][1];
       dst[8] = c[jb][ng][2];
-      dst[RP + 8] = c[jb][ng][3];
+      dst[ld + 8] = c[jb][ng][3];
     }
   __syncthreads();
   for (int e = threadIdx.x; e < rows * R; e += kWarps * 32) {
     const int r = e / R, j = e % R;
     float v = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) v += red[(w * kRedRows + r) * RP + j];
+    for (int w = 0; w < kWarps; ++w) v += red[(w * kRedRows + r) * kRedLd<RP> + j];
     partial[static_cast<int64_t>(row0 + r) * R + j] = v;
   }
   __syncthreads();  // red is rewritten by the next pass / reused by the caller
