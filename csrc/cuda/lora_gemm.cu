@@ -57,12 +57,13 @@ __device__ __forceinline__ SegmentTile locate(const Params& p, int mt) {
 }
 
 // ---- shrink ----------------------------------------------------------------------------------------
-// 64-row tiles: K steps of kBK through a kStages cp.async ring. kBK = 64 for ranks up to 32 (NOTES.md v10):
-// each X row is read in 128-byte pieces and a step's barrier pair covers twice the K of 32-wide steps.
-template <int RP, int BK>
+// 64-row tiles: K steps of kBK through a kStages cp.async ring. kBK = 64 for ranks up to 32 (NOTES.md v10:
+// each X row is read in 128-byte pieces, and a step's barrier pair covers twice the K; qwen3 / mixtral /
+// gpt-oss T=4096 shrinks 146 / 186 / 131 -> 121 / 161 / 109 µs), 32 above (static shared memory).
+template <int RP>
 struct ShrinkShape {
-  static constexpr int kBK = BK;
-  static constexpr int kStages = RP >= 128 ? 3 : (BK == 64 && RP > 16 ? 3 : 4);
+  static constexpr int kBK = RP <= 32 ? 64 : 32;
+  static constexpr int kStages = RP >= 128 || RP == 32 ? 3 : 4;
   static constexpr int kLds = kBK + kPad;
   static constexpr int kStageElems = (kTileRows + RP) * kLds;
   static constexpr size_t kPipelineBytes = size_t(kStages) * kStageElems * 2;
@@ -73,10 +74,10 @@ struct ShrinkShape {
   static_assert(kSmemBytes >= size_t(lora_few_rows::shrink_red_floats<RP, kWarps>()) * 4, "room for the few-rows path's reduction");
 };
 
-template <typename T, int RP, int BK>
+template <typename T, int RP>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(LoraShrinkParams p) {
   pdl_begin();
-  using Shape = ShrinkShape<RP, BK>;
+  using Shape = ShrinkShape<RP>;
   constexpr int kBK = Shape::kBK, kLds = Shape::kLds, kStages = Shape::kStages;
   __shared__ alignas(128) unsigned char smem_raw[Shape::kSmemBytes];
   T* stage_base = reinterpret_cast<T*>(smem_raw);
@@ -164,14 +165,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
 }
 
 // ---- expand ----------------------------------------------------------------------------------------
-template <int RP>
+template <int RP, bool kWide = false>
 struct ExpandShape {
-  static constexpr int kBN = RP >= 128 ? 32 : 64;  // B rows = D columns per chunk (gated: half gate, half up)
+  // B rows = D columns per chunk (gated: half gate, half up).
+  static constexpr int kBN = RP >= 128 ? 32 : (kWide ? 128 : 64);
   // Output columns per chunk, the kernel's unit of work (gated: h columns, each with its gate and up row).
   static constexpr int cols(bool gated) { return gated ? kBN / 2 : kBN; }
   // Ring of chunk stages (B rows and the D values they update); kStages - 1 chunks in flight per CTA. Three
   // for the small ranks, two where three would leave fewer than four CTAs per SM.
-  static constexpr int kStages = RP <= 32 ? 3 : 2;
+  static constexpr int kStages = RP <= 32 && !kWide ? 3 : 2;
   static constexpr int kLdt = RP + kPad;   // t tile and B rows, row stride (elements)
   static constexpr int kLdd = kBN + kPad;  // D values, row stride (elements; gated: gate | up columns)
   static constexpr size_t kTBytes = size_t(kTileRows) * kLdt * 2;
@@ -216,10 +218,10 @@ __device__ __forceinline__ uint32_t lds_pair(const T* p) {
 // every warp, not only those owning rows), the per-warp one for the plain path (no block barrier). Finishing
 // every output from the mma registers (4-byte stores) was faster only on qwen3's 28-row tiles and slower on
 // mixtral / gpt-oss; both write-outs in one kernel lost the gain to register pressure, so it was not kept.
-template <typename T, int RP, bool kGated>
+template <typename T, int RP, bool kGated, bool kWide>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(LoraExpandParams p) {
   pdl_begin();
-  using Shape = ExpandShape<RP>;
+  using Shape = ExpandShape<RP, kWide>;
   constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt, kLdd = Shape::kLdd, kStages = Shape::kStages;
   constexpr int kSides = kGated ? 2 : 1;
   constexpr int kCols = Shape::cols(kGated);
@@ -308,29 +310,32 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       const T* bs = stage_b(c % kStages);
       T* ds = stage_d(c % kStages);
 
-      if (my_row0 < st.rows) {
-        // products[16 rows][kBN] of this warp: acc[j] is the 16 x 8 block of B rows 8j .. 8j + 7.
-        float acc[kBN / 8][4];
+      // In blocks of up to 64 stage columns (the accumulators of one block in registers).
+      constexpr int kBlockCols = kBN < 64 ? kBN : 64;
+#pragma unroll 1
+      for (int x0 = 0; x0 < kBN && my_row0 < st.rows; x0 += kBlockCols) {
+        // products[16 rows][kBlockCols] of this warp: acc[j] is the 16 x 8 block of B rows x0 + 8j .. + 7.
+        float acc[kBlockCols / 8][4];
 #pragma unroll
-        for (int j = 0; j < kBN / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+        for (int j = 0; j < kBlockCols / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < RP; kk += 16) {
           const T* ta = t_tile + (my_row0 + g) * kLdt + kk + 2 * q;
           const uint32_t a0 = lds_pair(ta), a1 = lds_pair(ta + 8 * kLdt), a2 = lds_pair(ta + 8),
                          a3 = lds_pair(ta + 8 * kLdt + 8);
 #pragma unroll
-          for (int j = 0; j < kBN / 8; ++j) {
-            const T* tb = bs + (8 * j + g) * kLdt + kk + 2 * q;
+          for (int j = 0; j < kBlockCols / 8; ++j) {
+            const T* tb = bs + (x0 + 8 * j + g) * kLdt + kk + 2 * q;
             mma_operands::mma_16816<T>(acc[j], a0, a1, a2, a3, lds_pair(tb), lds_pair(tb + 8));
           }
         }
         // v = round(D + alpha * product), in place over the D values: acc[j] = {(r, x), (r, x + 1), (r + 8, x),
-        // (r + 8, x + 1)} with r = my_row0 + g, x = 8j + 2q (a stage column: gated, gate columns then up).
+        // (r + 8, x + 1)} with r = my_row0 + g, x = x0 + 8j + 2q (a stage column: gated, gate columns then up).
 #pragma unroll
-        for (int j = 0; j < kBN / 8; ++j)
+        for (int j = 0; j < kBlockCols / 8; ++j)
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
-            const int r = my_row0 + g + 8 * hh, x = 8 * j + 2 * q;
+            const int r = my_row0 + g + 8 * hh, x = x0 + 8 * j + 2 * q;
             Pair<T>* v = reinterpret_cast<Pair<T>*>(ds + r * kLdd + x);  // x even: 4-byte aligned
             float d0, d1;
             if (vec_out) {
@@ -413,29 +418,32 @@ template <typename T, int RP>
 cudaError_t launch_shrink_typed(const LoraShrinkParams& p, int sm_count, cudaStream_t stream) {
   const int64_t items_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * p.k_splits;
   const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
-  if (grid <= 0) return cudaSuccess;
-  // TEMPORARY A/B (p.variant bit 1: 64-row tiles with BK = 32).
-  if constexpr (RP <= 32) {
-    if (!(p.variant & 2)) return launch_kernel(lora_shrink_kernel<T, RP, 64>, grid, kThreads, 0, stream, p);
-  }
-  return launch_kernel(lora_shrink_kernel<T, RP, 32>, grid, kThreads, 0, stream, p);
+  return grid > 0 ? launch_kernel(lora_shrink_kernel<T, RP>, grid, kThreads, 0, stream, p) : cudaSuccess;
 }
 
 template <typename T, int RP>
 cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStream_t stream) {
   // One CTA per resident slot; the kernel splits the (m-tile, chunk) units evenly over them.
-  const int cols = ExpandShape<RP>::cols(p.h != nullptr);
+  // TEMPORARY A/B: p.variant bit 0: gated chunks wide, bit 1: plain chunks wide (rank <= 16 only).
+  const bool wide = RP <= 16 && (p.h != nullptr ? (p.variant & 1) : (p.variant & 2));
+  const int cols = ExpandShape<RP>::cols(p.h != nullptr) * (wide ? 2 : 1);
   const int64_t units_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * ceil_div(p.N, cols);
   const int grid = static_cast<int>(std::min<int64_t>(units_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid == 0) return cudaSuccess;
-  auto launch = [&](auto kernel) {
+  auto launch = [&](auto kernel, auto shape) {
     // Set on every launch (a host-side attribute, not a stream operation: fine during graph capture), so it
     // holds on whichever device is current.
-    constexpr int smem = static_cast<int>(ExpandShape<RP>::kSmemBytes);
+    constexpr int smem = static_cast<int>(decltype(shape)::kSmemBytes);
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     return err != cudaSuccess ? err : launch_kernel(kernel, grid, kThreads, smem, stream, p);
   };
-  return p.h != nullptr ? launch(lora_expand_kernel<T, RP, true>) : launch(lora_expand_kernel<T, RP, false>);
+  if constexpr (RP <= 16) {
+    if (wide)
+      return p.h != nullptr ? launch(lora_expand_kernel<T, RP, true, true>, ExpandShape<RP, true>{})
+                            : launch(lora_expand_kernel<T, RP, false, true>, ExpandShape<RP, true>{});
+  }
+  return p.h != nullptr ? launch(lora_expand_kernel<T, RP, true, false>, ExpandShape<RP>{})
+                        : launch(lora_expand_kernel<T, RP, false, false>, ExpandShape<RP>{});
 }
 
 }  // namespace

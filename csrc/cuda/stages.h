@@ -128,7 +128,6 @@ struct LoraShrinkParams {
   int R, K, k_chunk, k_splits;              // K-chunk ks covers [ks * k_chunk, min(K, (ks+1) * k_chunk))
   int max_rows, max_active_segments;        // host upper bounds (grid sizing, partial layout)
   int few_rows_max;                        // segments with at most this many rows: lora_rows_mma.cuh
-  int variant;                              // TEMPORARY A/B switch (lora_gemm.cu launch_shrink_typed)
   DType dtype;
 };
 struct LoraExpandParams {
@@ -150,6 +149,7 @@ struct LoraExpandParams {
   // read-modify-write and the activation's pass over those rows (benchmarks/NOTES.md, v7).
   void* h; int64_t ldh; int up_col;
   ActivationKind activation;
+  int variant;  // TEMPORARY A/B
   DType dtype;
 };
 // Host heuristics (shapes only, no routing values): split counts that fill the GPU with work items.
