@@ -165,15 +165,18 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
 }
 
 // ---- expand ----------------------------------------------------------------------------------------
-template <int RP, bool kWide = false>
+template <int RP>
 struct ExpandShape {
-  // B rows = D columns per chunk (gated: half gate, half up).
-  static constexpr int kBN = RP >= 128 ? 32 : (kWide ? 128 : 64);
+  // B rows = D columns per chunk (gated: half gate, half up). 128 where four CTAs per SM still fit two
+  // stages of them (rank 16): the gated expand then reads gu and writes h in 128-byte row pieces, not 64
+  // (NOTES.md v10: 8-18% faster at T >= 1024 on the 64-row tiles, mixtral T=4096 425 -> 367 µs; the plain
+  // one 1-6%).
+  static constexpr int kBN = RP >= 128 ? 32 : (RP <= 16 ? 128 : 64);
   // Output columns per chunk, the kernel's unit of work (gated: h columns, each with its gate and up row).
   static constexpr int cols(bool gated) { return gated ? kBN / 2 : kBN; }
   // Ring of chunk stages (B rows and the D values they update); kStages - 1 chunks in flight per CTA. Three
-  // for the small ranks, two where three would leave fewer than four CTAs per SM.
-  static constexpr int kStages = RP <= 32 && !kWide ? 3 : 2;
+  // for rank 32, two where three would leave fewer than four CTAs per SM.
+  static constexpr int kStages = RP == 32 ? 3 : 2;
   static constexpr int kLdt = RP + kPad;   // t tile and B rows, row stride (elements)
   static constexpr int kLdd = kBN + kPad;  // D values, row stride (elements; gated: gate | up columns)
   static constexpr size_t kTBytes = size_t(kTileRows) * kLdt * 2;
@@ -218,10 +221,10 @@ __device__ __forceinline__ uint32_t lds_pair(const T* p) {
 // every warp, not only those owning rows), the per-warp one for the plain path (no block barrier). Finishing
 // every output from the mma registers (4-byte stores) was faster only on qwen3's 28-row tiles and slower on
 // mixtral / gpt-oss; both write-outs in one kernel lost the gain to register pressure, so it was not kept.
-template <typename T, int RP, bool kGated, bool kWide>
+template <typename T, int RP, bool kGated>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(LoraExpandParams p) {
   pdl_begin();
-  using Shape = ExpandShape<RP, kWide>;
+  using Shape = ExpandShape<RP>;
   constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt, kLdd = Shape::kLdd, kStages = Shape::kStages;
   constexpr int kSides = kGated ? 2 : 1;
   constexpr int kCols = Shape::cols(kGated);
@@ -424,26 +427,18 @@ cudaError_t launch_shrink_typed(const LoraShrinkParams& p, int sm_count, cudaStr
 template <typename T, int RP>
 cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStream_t stream) {
   // One CTA per resident slot; the kernel splits the (m-tile, chunk) units evenly over them.
-  // TEMPORARY A/B: p.variant bit 0: gated chunks wide, bit 1: plain chunks wide (rank <= 16 only).
-  const bool wide = RP <= 16 && (p.h != nullptr ? (p.variant & 1) : (p.variant & 2));
-  const int cols = ExpandShape<RP>::cols(p.h != nullptr) * (wide ? 2 : 1);
+  const int cols = ExpandShape<RP>::cols(p.h != nullptr);
   const int64_t units_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * ceil_div(p.N, cols);
   const int grid = static_cast<int>(std::min<int64_t>(units_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid == 0) return cudaSuccess;
-  auto launch = [&](auto kernel, auto shape) {
+  auto launch = [&](auto kernel) {
     // Set on every launch (a host-side attribute, not a stream operation: fine during graph capture), so it
     // holds on whichever device is current.
-    constexpr int smem = static_cast<int>(decltype(shape)::kSmemBytes);
+    constexpr int smem = static_cast<int>(ExpandShape<RP>::kSmemBytes);
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     return err != cudaSuccess ? err : launch_kernel(kernel, grid, kThreads, smem, stream, p);
   };
-  if constexpr (RP <= 16) {
-    if (wide)
-      return p.h != nullptr ? launch(lora_expand_kernel<T, RP, true, true>, ExpandShape<RP, true>{})
-                            : launch(lora_expand_kernel<T, RP, false, true>, ExpandShape<RP, true>{});
-  }
-  return p.h != nullptr ? launch(lora_expand_kernel<T, RP, true, false>, ExpandShape<RP>{})
-                        : launch(lora_expand_kernel<T, RP, false, false>, ExpandShape<RP>{});
+  return p.h != nullptr ? launch(lora_expand_kernel<T, RP, true>) : launch(lora_expand_kernel<T, RP, false>);
 }
 
 }  // namespace

@@ -149,7 +149,6 @@ struct LoraExpandParams {
   // read-modify-write and the activation's pass over those rows (benchmarks/NOTES.md, v7).
   void* h; int64_t ldh; int up_col;
   ActivationKind activation;
-  int variant;  // TEMPORARY A/B
   DType dtype;
 };
 // Host heuristics (shapes only, no routing values): split counts that fill the GPU with work items.
