@@ -41,9 +41,9 @@ struct SegmentTile {
   bool few_rows;  // the whole segment has <= few_rows_max rows: lora_rows_mma.cuh
 };
 
+// m-tile mt of segment seg (= p.tile_segment[mt], which a caller may have loaded ahead).
 template <class Params>
-__device__ __forceinline__ SegmentTile locate(const Params& p, int mt) {
-  const int seg = p.tile_segment[mt];
+__device__ __forceinline__ SegmentTile locate(const Params& p, int mt, int seg) {
   SegmentTile t;
   t.row0 = p.row_offsets[seg] + (mt - p.tile_prefix[seg]) * kTileRows;
   t.rows = min(kTileRows, p.row_offsets[seg + 1] - t.row0);
@@ -54,6 +54,10 @@ __device__ __forceinline__ SegmentTile locate(const Params& p, int mt) {
   // make a row's bits depend on that order.
   t.few_rows = p.row_offsets[seg + 1] - p.row_offsets[seg] <= p.few_rows_max;
   return t;
+}
+template <class Params>
+__device__ __forceinline__ SegmentTile locate(const Params& p, int mt) {
+  return locate(p, mt, p.tile_segment[mt]);
 }
 
 // ---- shrink ----------------------------------------------------------------------------------------
@@ -89,11 +93,18 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
   const bool vec = (p.K % 8 == 0) && (p.ldx % 8 == 0) && (p.a_expert_stride % 8 == 0) &&
                    (p.a_slot_stride % 8 == 0) && (reinterpret_cast<uintptr_t>(X) % 16 == 0) &&
                    (reinterpret_cast<uintptr_t>(Abase) % 16 == 0);
+  // Each item's segment is loaded one item ahead (the first one together with the item count): at decode and
+  // small batch sizes an item is a few short chains of loads, and this takes one round trip off each.
+  // blockIdx.x / k_splits is below the tile table's capacity (the grid is sized from it), and a segment
+  // loaded for an index past the routed tiles is never used.
   const int total = p.tile_prefix[p.nseg] * p.k_splits;
+  int seg_next = p.tile_segment[blockIdx.x / p.k_splits];
 
   for (int item = blockIdx.x; item < total; item += gridDim.x) {
     const int mt = item / p.k_splits, ks = item % p.k_splits;
-    const SegmentTile st = locate(p, mt);
+    const int seg = seg_next;
+    if (item + static_cast<int>(gridDim.x) < total) seg_next = p.tile_segment[(item + gridDim.x) / p.k_splits];
+    const SegmentTile st = locate(p, mt, seg);
     const int k_begin = ks * p.k_chunk;
     const int k_end = min(p.K, k_begin + p.k_chunk);
     const int k_tiles = ceil_div(k_end - k_begin, kBK);
