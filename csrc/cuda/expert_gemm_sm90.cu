@@ -4,6 +4,8 @@
 
 #include <algorithm>
 
+#include "pdl.cuh"
+
 namespace moelora::cuda {
 
 #if defined(MOELORA_WITH_CUDA) && !defined(MOELORA_NO_CUTLASS)
@@ -41,6 +43,18 @@ detail::ExpertGemmTile pick_tile(const ExpertGemmParams& p) {
   return rows >= 64LL * p.num_experts ? detail::ExpertGemmTile::LargeM : detail::ExpertGemmTile::SmallM;
 }
 
+// One thread per expert, blockIdx.y picks the GEMM: prepare's launch of the group tables.
+__global__ void build_expert_groups_kernel(ExpertGemmTables t0, ExpertGemmTables t1, const int* offsets0,
+                                           const int* offsets1, int experts0, int experts1) {
+  pdl_begin();
+  const bool second = blockIdx.y == 1;
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= (second ? experts1 : experts0)) return;
+  const int* offsets = second ? offsets1 : offsets0;
+  const int begin = offsets[e];
+  write_expert_gemm_tables(second ? t1 : t0, e, begin, max(offsets[e + 1] - begin, 0));
+}
+
 }  // namespace
 
 bool expert_gemm_sm90_compiled() { return built_for_sm90(); }
@@ -55,27 +69,38 @@ size_t expert_gemm_sm90_workspace_bytes(int num_experts, int sm_count) {
   return bytes;
 }
 
+cudaError_t expert_gemm_sm90_tables(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
+                                    ExpertGemmTables* tables) {
+  if (!built_for_sm90()) return cudaErrorNotSupported;
+  if (tables == nullptr || p.num_experts <= 0 || sm_count <= 0 || workspace == nullptr ||
+      workspace_bytes < expert_gemm_sm90_workspace_bytes(p.num_experts, sm_count))
+    return cudaErrorInvalidValue;
+  const detail::ExpertGemmTile tile = pick_tile(p);
+  *tables = p.dtype == DType::BF16 ? detail::expert_gemm_sm90_bf16_tables(tile, p, workspace)
+                                   : detail::expert_gemm_sm90_fp16_tables(tile, p, workspace);
+  return cudaSuccess;
+}
+
 cudaError_t expert_gemm_sm90_prepare(const ExpertGemmParams* gemms, void* const* workspaces, int count,
                                      size_t workspace_bytes, int sm_count, cudaStream_t stream) {
   if (!built_for_sm90()) return cudaErrorNotSupported;
   if (count <= 0 || gemms == nullptr || workspaces == nullptr) return cudaErrorInvalidValue;
-  for (int i = 0; i < count; ++i) {
-    if (gemms[i].num_experts <= 0 || workspaces[i] == nullptr ||
-        workspace_bytes < expert_gemm_sm90_workspace_bytes(gemms[i].num_experts, sm_count))
-      return cudaErrorInvalidValue;
-  }
-  // GEMMs of one configuration (dtype and tile) share a launch, two at a time; others get their own.
-  for (int i = 0; i < count;) {
-    const bool pair =
-        i + 1 < count && gemms[i + 1].dtype == gemms[i].dtype && pick_tile(gemms[i + 1]) == pick_tile(gemms[i]);
-    const int n = pair ? 2 : 1;
-    const detail::ExpertGemmTile tile = pick_tile(gemms[i]);
+  // Two GEMMs' tables per launch.
+  for (int i = 0; i < count; i += 2) {
+    const int n = std::min(2, count - i);
+    ExpertGemmTables t[2];
+    for (int j = 0; j < n; ++j) {
+      const cudaError_t err = expert_gemm_sm90_tables(gemms[i + j], workspaces[i + j], workspace_bytes, sm_count, &t[j]);
+      if (err != cudaSuccess) return err;
+    }
+    const ExpertGemmParams& g1 = gemms[i + n - 1];
+    constexpr int kThreads = 128;
+    const int max_e = std::max(gemms[i].num_experts, g1.num_experts);
     const cudaError_t err =
-        gemms[i].dtype == DType::BF16
-            ? detail::expert_gemm_sm90_bf16_prepare(tile, gemms + i, workspaces + i, n, stream)
-            : detail::expert_gemm_sm90_fp16_prepare(tile, gemms + i, workspaces + i, n, stream);
+        launch_kernel(build_expert_groups_kernel, dim3((max_e + kThreads - 1) / kThreads, n), kThreads, 0, stream,
+                      t[0], t[n - 1], gemms[i].expert_offsets, g1.expert_offsets, gemms[i].num_experts,
+                      g1.num_experts);
     if (err != cudaSuccess) return err;
-    i += n;
   }
   return cudaSuccess;
 }
@@ -106,6 +131,9 @@ cudaError_t expert_gemm_sm90(const ExpertGemmParams& p, void* workspace, size_t 
 bool expert_gemm_sm90_compiled() { return false; }
 size_t expert_gemm_sm90_workspace_bytes(int, int) { return 0; }
 cudaError_t expert_gemm_sm90_prepare(const ExpertGemmParams*, void* const*, int, size_t, int, cudaStream_t) {
+  return cudaErrorNotSupported;
+}
+cudaError_t expert_gemm_sm90_tables(const ExpertGemmParams&, void*, size_t, int, ExpertGemmTables*) {
   return cudaErrorNotSupported;
 }
 cudaError_t expert_gemm_sm90_run(const ExpertGemmParams&, void*, size_t, int, cudaStream_t) {

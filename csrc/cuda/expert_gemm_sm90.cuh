@@ -7,9 +7,9 @@
 //
 // Design (why it is graph-capturable):
 //  * CUTLASS 3.x ptr-array grouped GEMM, one group per expert, GroupProblemShape with host shapes = nullptr.
-//    Problem shapes, A/B/D pointer arrays and strides live in the caller's workspace and are written by
-//    build_expert_groups_kernel from expert_offsets on the same stream (fc1's and fc2's tables in one
-//    launch: prepare), so nothing on the host depends on the routing. With no host shapes the CUTLASS grid
+//    Problem shapes, A/B/D pointer arrays and strides live in the caller's workspace and are written on the
+//    device from expert_offsets on the same stream (write_expert_gemm_tables: by prepare's launch, or by the
+//    routing kernel in fused_moe), so nothing on the host depends on the routing. With no host shapes the CUTLASS grid
 //    is sized from sm_count alone (PersistentTileSchedulerSm90Group::get_tiled_cta_shape_mnl ->
 //    total_ctas = sm_count; cluster 1x1 -> grid = sm_count persistent CTAs).
 //  * Experts with 0 rows: the group tile scheduler computes ceil_div(M, tileM) * ceil_div(N, tileN) = 0
@@ -30,12 +30,11 @@ namespace moelora::cuda::detail {
 // Tile configurations (see expert_gemm_sm90.cu for how rows_hint picks one).
 enum class ExpertGemmTile { SmallM, LargeM };
 
-// Per dtype: workspace size, group tables of `count` (1 or 2) GEMMs of one configuration in one launch, and
-// the GEMM itself.
+// Per dtype: workspace size, where the group tables live and what goes in them (host only), and the GEMM itself.
 #define MOELORA_EXPERT_GEMM_DECLARE(NAME)                                                                      \
   size_t expert_gemm_sm90_##NAME##_workspace(ExpertGemmTile tile, int num_experts, int sm_count);              \
-  cudaError_t expert_gemm_sm90_##NAME##_prepare(ExpertGemmTile tile, const ExpertGemmParams* gemms,           \
-                                                void* const* workspaces, int count, cudaStream_t stream);     \
+  ExpertGemmTables expert_gemm_sm90_##NAME##_tables(ExpertGemmTile tile, const ExpertGemmParams& p,            \
+                                                    void* workspace);                                          \
   cudaError_t expert_gemm_sm90_##NAME##_run(ExpertGemmTile tile, const ExpertGemmParams& p, void* workspace,  \
                                             size_t workspace_bytes, int sm_count, cudaStream_t stream);
 MOELORA_EXPERT_GEMM_DECLARE(bf16)
@@ -167,52 +166,45 @@ struct GroupTableLayout {
   }
 };
 
-// Where one GEMM's group table lives, and what goes into it.
-template <class Kern, class Element>
-struct GroupTableJob {
-  const int* offsets;
-  int E, N, K;
-  const Element* A;
-  const Element* W;
-  Element* D;
-  typename Kern::Shape3* shapes;
-  const Element** ptr_a;
-  const Element** ptr_b;
-  Element** ptr_d;
-  typename Kern::StrideA* stride_a;
-  typename Kern::StrideB* stride_b;
-  typename Kern::StrideD* stride_d;
-};
-
-template <class Kern, class Element>
-GroupTableJob<Kern, Element> make_job(const ExpertGemmParams& p, const GroupTableLayout& l, char* ws) {
-  return {p.expert_offsets, p.num_experts, p.N, p.K, static_cast<const Element*>(p.A),
-          static_cast<const Element*>(p.W), static_cast<Element*>(p.D),
-          reinterpret_cast<typename Kern::Shape3*>(ws + l.shapes), reinterpret_cast<const Element**>(ws + l.ptr_a),
-          reinterpret_cast<const Element**>(ws + l.ptr_b), reinterpret_cast<Element**>(ws + l.ptr_d),
-          reinterpret_cast<typename Kern::StrideA*>(ws + l.stride_a),
-          reinterpret_cast<typename Kern::StrideB*>(ws + l.stride_b),
-          reinterpret_cast<typename Kern::StrideD*>(ws + l.stride_d)};
+// The caller's allocation is at least 256-aligned in practice; align anyway.
+inline char* aligned_workspace(void* workspace) {
+  const uintptr_t base = reinterpret_cast<uintptr_t>(workspace);
+  return reinterpret_cast<char*>((base + GroupTableLayout::kAlign - 1) / GroupTableLayout::kAlign *
+                                 GroupTableLayout::kAlign);
 }
 
-// One thread per expert, blockIdx.y picks the job: the group tables of the ptr-array GEMMs, from the device
-// expert offsets.
-template <class Kern, class Element>
-__global__ void build_expert_groups_kernel(GroupTableJob<Kern, Element> job0, GroupTableJob<Kern, Element> job1) {
-  pdl_begin();
-  const GroupTableJob<Kern, Element>& j = blockIdx.y == 0 ? job0 : job1;
-  const int e = blockIdx.x * blockDim.x + threadIdx.x;
-  if (e >= j.E) return;
-  const int begin = j.offsets[e];
-  const int m = max(j.offsets[e + 1] - begin, 0);
-  j.shapes[e] = typename Kern::Shape3{m, j.N, j.K};
-  j.ptr_a[e] = j.A + static_cast<int64_t>(begin) * j.K;
-  j.ptr_b[e] = j.W + static_cast<int64_t>(e) * j.N * j.K;
-  j.ptr_d[e] = j.D + static_cast<int64_t>(begin) * j.N;
-  // Packed strides do not depend on M (a leading dimension only), so every group gets the same ones.
-  j.stride_a[e] = cutlass::make_cute_packed_stride(typename Kern::StrideA{}, cute::make_shape(1, j.K, 1));
-  j.stride_b[e] = cutlass::make_cute_packed_stride(typename Kern::StrideB{}, cute::make_shape(j.N, j.K, 1));
-  j.stride_d[e] = cutlass::make_cute_packed_stride(typename Kern::StrideD{}, cute::make_shape(1, j.N, 1));
+// The tables of p in the workspace as plain data (ExpertGemmTables): the device-side writer
+// (write_expert_gemm_tables) fills CUTLASS's per-group shape and stride types as raw ints, which the asserts
+// below pin down.
+template <class Element, class Tile>
+ExpertGemmTables make_tables(const ExpertGemmParams& p, void* workspace) {
+  using K = ExpertGemmKernel<Element, Tile>;
+  using PackedStride = cute::Stride<int64_t, cute::Int<1>, cute::Int<0>>;  // one dynamic stride: mode 0
+  static_assert(sizeof(typename K::Shape3) == 3 * sizeof(int), "group shape = {M, N, K} ints");
+  static_assert(cute::is_same_v<typename K::StrideA, PackedStride> && cute::is_same_v<typename K::StrideB, PackedStride> &&
+                    cute::is_same_v<typename K::StrideD, PackedStride> && sizeof(PackedStride) == sizeof(int64_t),
+                "packed strides are one int64 each");
+  char* ws = aligned_workspace(workspace);
+  const GroupTableLayout l = GroupTableLayout::make<K>(p.num_experts);
+  ExpertGemmTables t{};
+  t.shapes = reinterpret_cast<int*>(ws + l.shapes);
+  t.ptr_a = reinterpret_cast<const void**>(ws + l.ptr_a);
+  t.ptr_b = reinterpret_cast<const void**>(ws + l.ptr_b);
+  t.ptr_d = reinterpret_cast<void**>(ws + l.ptr_d);
+  t.strides[0] = reinterpret_cast<int64_t*>(ws + l.stride_a);
+  t.strides[1] = reinterpret_cast<int64_t*>(ws + l.stride_b);
+  t.strides[2] = reinterpret_cast<int64_t*>(ws + l.stride_d);
+  // Packed strides do not depend on M (a leading dimension only).
+  t.stride_values[0] = cute::get<0>(cutlass::make_cute_packed_stride(typename K::StrideA{}, cute::make_shape(1, p.K, 1)));
+  t.stride_values[1] = cute::get<0>(cutlass::make_cute_packed_stride(typename K::StrideB{}, cute::make_shape(p.N, p.K, 1)));
+  t.stride_values[2] = cute::get<0>(cutlass::make_cute_packed_stride(typename K::StrideD{}, cute::make_shape(1, p.N, 1)));
+  t.A = static_cast<const char*>(p.A);
+  t.W = static_cast<const char*>(p.W);
+  t.D = static_cast<char*>(p.D);
+  t.N = p.N;
+  t.K = p.K;
+  t.element_bytes = sizeof(Element);
+  return t;
 }
 
 template <class K>
@@ -255,13 +247,6 @@ size_t expert_gemm_workspace_bytes(int num_experts, int sm_count) {
   return l.end + GroupTableLayout::up(K::Gemm::get_workspace_size(args)) + GroupTableLayout::kAlign;
 }
 
-// The caller's allocation is at least 256-aligned in practice; align anyway.
-inline char* aligned_workspace(void* workspace) {
-  const uintptr_t base = reinterpret_cast<uintptr_t>(workspace);
-  return reinterpret_cast<char*>((base + GroupTableLayout::kAlign - 1) / GroupTableLayout::kAlign *
-                                 GroupTableLayout::kAlign);
-}
-
 template <class Element, class Tile>
 cudaError_t check_params(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count) {
   using K = ExpertGemmKernel<Element, Tile>;
@@ -275,27 +260,7 @@ cudaError_t check_params(const ExpertGemmParams& p, void* workspace, size_t work
   return cudaSuccess;
 }
 
-// Group tables of gemms[0..count) (count 1 or 2, one configuration) in one launch.
-template <class Element, class Tile>
-cudaError_t expert_gemm_prepare(const ExpertGemmParams* gemms, void* const* workspaces, int count,
-                                cudaStream_t stream) {
-  using K = ExpertGemmKernel<Element, Tile>;
-  using ElementA = typename K::Gemm::ElementA;
-  if (count < 1 || count > 2) return cudaErrorInvalidValue;
-  GroupTableJob<K, ElementA> jobs[2];
-  int max_e = 0;
-  for (int i = 0; i < count; ++i) {
-    jobs[i] = make_job<K, ElementA>(gemms[i], GroupTableLayout::make<K>(gemms[i].num_experts),
-                                    aligned_workspace(workspaces[i]));
-    max_e = std::max(max_e, gemms[i].num_experts);
-  }
-  if (count == 1) jobs[1] = jobs[0];
-  constexpr int kThreads = 128;
-  return launch_kernel(build_expert_groups_kernel<K, ElementA>, dim3((max_e + kThreads - 1) / kThreads, count),
-                       kThreads, 0, stream, jobs[0], jobs[1]);
-}
-
-// The grouped GEMM over tables written by expert_gemm_prepare on this stream.
+// The grouped GEMM over tables written on this stream (write_expert_gemm_tables).
 template <class Element, class Tile>
 cudaError_t expert_gemm_run(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
                             cudaStream_t stream) {
@@ -322,11 +287,10 @@ cudaError_t expert_gemm_run(const ExpertGemmParams& p, void* workspace, size_t w
     return tile == ExpertGemmTile::SmallM ? expert_gemm_workspace_bytes<ELEMENT, SmallMTile>(num_experts, sm_count) \
                                           : expert_gemm_workspace_bytes<ELEMENT, LargeMTile>(num_experts, sm_count); \
   }                                                                                                            \
-  cudaError_t expert_gemm_sm90_##NAME##_prepare(ExpertGemmTile tile, const ExpertGemmParams* gemms,           \
-                                                void* const* workspaces, int count, cudaStream_t stream) {    \
-    return tile == ExpertGemmTile::SmallM                                                                      \
-               ? expert_gemm_prepare<ELEMENT, SmallMTile>(gemms, workspaces, count, stream)                  \
-               : expert_gemm_prepare<ELEMENT, LargeMTile>(gemms, workspaces, count, stream);                 \
+  ExpertGemmTables expert_gemm_sm90_##NAME##_tables(ExpertGemmTile tile, const ExpertGemmParams& p,            \
+                                                    void* workspace) {                                         \
+    return tile == ExpertGemmTile::SmallM ? make_tables<ELEMENT, SmallMTile>(p, workspace)                     \
+                                          : make_tables<ELEMENT, LargeMTile>(p, workspace);                    \
   }                                                                                                            \
   cudaError_t expert_gemm_sm90_##NAME##_run(ExpertGemmTile tile, const ExpertGemmParams& p, void* workspace,  \
                                             size_t workspace_bytes, int sm_count, cudaStream_t stream) {      \

@@ -7,6 +7,7 @@
 #pragma once
 #include <cuda_runtime.h>
 #include <cstddef>
+#include <cstdint>
 
 namespace moelora::cuda {
 
@@ -41,5 +42,39 @@ cudaError_t expert_gemm_sm90_run(const ExpertGemmParams& p, void* workspace, siz
 // prepare + run of one GEMM.
 cudaError_t expert_gemm_sm90(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes,
                              int sm_count, cudaStream_t stream);
+
+// The group tables of one GEMM as plain data: where they live in its workspace and what goes in them, so that
+// a kernel that computes the expert offsets anyway (the routing) writes them instead of prepare's launch.
+// Entry e, for the expert's rows [begin, begin + m): shape {m, N, K}; pointers A + begin * K, W + e * N * K
+// and D + begin * N (elements); three strides (A, B, D), each one 64-bit value, the same for every expert.
+struct ExpertGemmTables {
+  int* shapes;  // [E][3]
+  const void** ptr_a;
+  const void** ptr_b;
+  void** ptr_d;
+  int64_t* strides[3];  // [E] each
+  int64_t stride_values[3];
+  const char* A;
+  const char* W;
+  char* D;
+  int N, K, element_bytes;
+};
+// Host only (no launch): the tables of p's configuration in `workspace`. Same errors as prepare; after the
+// entries are written on `stream` (write_expert_gemm_tables, every e < num_experts), run may follow.
+cudaError_t expert_gemm_sm90_tables(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
+                                    ExpertGemmTables* tables);
+
+#if defined(__CUDACC__)
+__device__ __forceinline__ void write_expert_gemm_tables(const ExpertGemmTables& t, int e, int begin, int m) {
+  t.shapes[3 * e] = m;
+  t.shapes[3 * e + 1] = t.N;
+  t.shapes[3 * e + 2] = t.K;
+  t.ptr_a[e] = t.A + static_cast<int64_t>(begin) * t.K * t.element_bytes;
+  t.ptr_b[e] = t.W + static_cast<int64_t>(e) * t.N * t.K * t.element_bytes;
+  t.ptr_d[e] = t.D + static_cast<int64_t>(begin) * t.N * t.element_bytes;
+#pragma unroll
+  for (int i = 0; i < 3; ++i) t.strides[i][e] = t.stride_values[i];
+}
+#endif
 
 }  // namespace moelora::cuda

@@ -249,8 +249,8 @@ mc::ExpertGemmParams expert_gemm_params(const at::Tensor& input, const at::Tenso
   return g;
 }
 
-// The two base GEMMs (fc1, fc2). On sm90 their CUTLASS group tables are written by one launch (prepare)
-// right after routing; the portable path runs the segment GEMM and needs no tables.
+// The two base GEMMs (fc1, fc2). On sm90 the routing kernel writes their CUTLASS group tables (no launch of its
+// own); the portable path runs the segment GEMM and needs no tables.
 struct BaseGemms {
   bool sm90 = false;
   mc::ExpertGemmParams fc1{}, fc2{};
@@ -259,14 +259,15 @@ struct BaseGemms {
   void* ws(int i) const { return static_cast<char*>(workspace.data_ptr()) + i * bytes; }
 };
 
-void prepare_base_gemms(BaseGemms& g, const at::TensorOptions& options, int sm_count, cudaStream_t stream) {
+// The workspaces, and where their group tables go: the routing kernel writes them (RoutingParams::gemm_tables).
+void prepare_base_gemms(BaseGemms& g, const at::TensorOptions& options, int sm_count, mc::RoutingParams& routing) {
   if (!g.sm90) return;
   g.bytes = mc::expert_gemm_sm90_workspace_bytes(g.fc1.num_experts, sm_count);
   g.bytes = (g.bytes + 255) / 256 * 256;
   g.workspace = at::empty({static_cast<int64_t>(2 * g.bytes)}, options.dtype(at::kByte));
-  const mc::ExpertGemmParams gemms[2] = {g.fc1, g.fc2};
-  void* const workspaces[2] = {g.ws(0), g.ws(1)};
-  C10_CUDA_CHECK(mc::expert_gemm_sm90_prepare(gemms, workspaces, 2, g.bytes, sm_count, stream));
+  C10_CUDA_CHECK(mc::expert_gemm_sm90_tables(g.fc1, g.ws(0), g.bytes, sm_count, &routing.gemm_tables[0]));
+  C10_CUDA_CHECK(mc::expert_gemm_sm90_tables(g.fc2, g.ws(1), g.bytes, sm_count, &routing.gemm_tables[1]));
+  routing.gemm_table_count = 2;
 }
 
 void run_base_gemm(const BaseGemms& g, int which, const at::Tensor& expert_tile_prefix, const FusedMoeDims& d,
@@ -375,10 +376,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     rp.gather_hidden = x.data_ptr(); rp.gather_permuted = permuted.data_ptr();
     rp.gather_pair_row = pair_row.data_ptr<int>(); rp.H = H;
   }
-  C10_CUDA_CHECK(mc::launch_routing(rp, stream));
-
-  // Both base GEMMs' group tables from the expert offsets (not at decode sizes: expert_gemv.cu needs none).
-  // fc2 writes into the gathered input's buffer (permuted), which is dead once fc1 and its LoRA shrink
+  // Both base GEMMs, their group tables written by the routing (not at decode sizes: expert_gemv.cu needs
+  // none). fc2 writes into the gathered input's buffer (permuted), which is dead once fc1 and its LoRA shrink
   // have run.
   at::Tensor& y = permuted;
   BaseGemms base;
@@ -386,8 +385,10 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     base.sm90 = use_sm90(device);
     base.fc1 = expert_gemm_params(permuted, w13c, gu, expert_offsets, d, 2 * I, H);
     base.fc2 = expert_gemm_params(h, w2c, y, expert_offsets, d, H, I);
-    prepare_base_gemms(base, x.options(), sm_count, stream);
+    prepare_base_gemms(base, x.options(), sm_count, rp);
   }
+  C10_CUDA_CHECK(mc::launch_routing(rp, stream));
+
   // Decode: the GEMVs (their LoRA fields are set by run_lora, after the shrink).
   mc::ExpertGemvParams gemv{};
   gemv.expert_offsets = expert_offsets.data_ptr<int>();

@@ -53,6 +53,10 @@ struct RoutingParams {
   void* gather_permuted;      // [T*k, H]
   int* gather_pair_row;       // [T*k]
   int H;
+  // Optional: the sm90 base GEMMs' group tables (expert_gemm_sm90.h), written from the expert offsets by the
+  // plan (one launch less than expert_gemm_sm90_prepare). Their expert count is E.
+  ExpertGemmTables gemm_tables[2];
+  int gemm_table_count;
 };
 // Decode-sized problems run as one one-block kernel counting in shared memory (bucket_counts unused; it
 // can also do the permute stage, see gather_permuted); larger ones as memset + count kernel + plan kernel.
