@@ -24,9 +24,8 @@ __global__ void count_pairs_kernel(RoutingParams p) {
 }
 
 constexpr int kPlanThreads = 1024;
-// Warp-shuffle scans: cub's default (raking) has one warp walk 32 shared-memory segments serially, about a
-// microsecond per scan at 1024 threads, and the plan runs three scans on the critical path of every call.
-using PlanScan = cub::BlockScan<int, kPlanThreads, cub::BLOCK_SCAN_WARP_SCANS>;
+// cub's default (raking) scan: BLOCK_SCAN_WARP_SCANS made the routing kernels 1.2-2 µs slower (NOTES.md v10).
+using PlanScan = cub::BlockScan<int, kPlanThreads>;
 
 // Exclusive prefix sum of value(i) for i in [0, n) into out[0..n], by one block: each thread sums a
 // contiguous chunk, the block scans the chunk sums, then each thread writes its chunk.
