@@ -14,9 +14,7 @@ namespace moelora::cuda::detail {
 MOELORA_EXPERT_GEMM_DEFINE(bf16, cutlass::bfloat16_t)
 #else
 size_t expert_gemm_sm90_bf16_workspace(ExpertGemmTile, int, int) { return 0; }
-cudaError_t expert_gemm_sm90_bf16_prepare(ExpertGemmTile, const ExpertGemmParams*, void* const*, int, cudaStream_t) {
-  return cudaErrorNotSupported;
-}
+ExpertGemmTables expert_gemm_sm90_bf16_tables(ExpertGemmTile, const ExpertGemmParams&, void*) { return {}; }
 cudaError_t expert_gemm_sm90_bf16_run(ExpertGemmTile, const ExpertGemmParams&, void*, size_t, int, cudaStream_t) {
   return cudaErrorNotSupported;
 }
