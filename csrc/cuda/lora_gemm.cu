@@ -63,28 +63,27 @@ __device__ __forceinline__ SegmentTile locate(const Params& p, int mt) {
 // ---- shrink ----------------------------------------------------------------------------------------
 // 64-row tiles: K steps of kBK through a kStages cp.async ring. kBK = 64 for ranks up to 32 (NOTES.md v10:
 // each X row is read in 128-byte pieces, and a step's barrier pair covers twice the K; qwen3 / mixtral /
-// gpt-oss T=4096 shrinks 146 / 186 / 131 -> 121 / 161 / 109 µs), 32 above. kWide (TEMPORARY A/B): BK = 64
-// up to rank 64 with dynamic shared memory (rank 32: 4 stages, rank 64: 3).
-template <int RP, bool kWide = false>
+// gpt-oss T=4096 shrinks 146 / 186 / 131 -> 121 / 161 / 109 µs), 32 above (static shared memory).
+template <int RP>
 struct ShrinkShape {
-  static constexpr int kBK = RP <= (kWide ? 64 : 32) ? 64 : 32;
-  static constexpr int kStages = kWide ? (RP == 64 || RP >= 128 ? 3 : 4) : (RP >= 128 || RP == 32 ? 3 : 4);
+  static constexpr int kBK = RP <= 32 ? 64 : 32;
+  static constexpr int kStages = RP >= 128 || RP == 32 ? 3 : 4;
   static constexpr int kLds = kBK + kPad;
   static constexpr int kStageElems = (kTileRows + RP) * kLds;
   static constexpr size_t kPipelineBytes = size_t(kStages) * kStageElems * 2;
   static constexpr int kLdc = RP + 4;
   static constexpr size_t kOutBytes = size_t(kTileRows) * kLdc * 4;
-  static constexpr size_t kSmemBytes = kPipelineBytes > kOutBytes ? kPipelineBytes : kOutBytes;  // dynamic
-  static_assert(kSmemBytes + 1024 <= 228 * 1024 / kBlocksPerSm, "kBlocksPerSm CTAs per SM");
+  static constexpr size_t kSmemBytes = kPipelineBytes > kOutBytes ? kPipelineBytes : kOutBytes;
+  static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
   static_assert(kSmemBytes >= size_t(lora_few_rows::shrink_red_floats<RP, kWarps>()) * 4, "room for the few-rows path's reduction");
 };
 
-template <typename T, int RP, bool kWide>
+template <typename T, int RP>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(LoraShrinkParams p) {
   pdl_begin();
-  using Shape = ShrinkShape<RP, kWide>;
+  using Shape = ShrinkShape<RP>;
   constexpr int kBK = Shape::kBK, kLds = Shape::kLds, kStages = Shape::kStages;
-  extern __shared__ __align__(128) unsigned char smem_raw[];  // Shape::kSmemBytes
+  __shared__ alignas(128) unsigned char smem_raw[Shape::kSmemBytes];
   T* stage_base = reinterpret_cast<T*>(smem_raw);
   float* ctile = reinterpret_cast<float*>(smem_raw);  // after the K loop
 
@@ -433,17 +432,7 @@ template <typename T, int RP>
 cudaError_t launch_shrink_typed(const LoraShrinkParams& p, int sm_count, cudaStream_t stream) {
   const int64_t items_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * p.k_splits;
   const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
-  if (grid == 0) return cudaSuccess;
-  auto launch = [&](auto kernel, auto shape) {
-    // Set on every launch (a host-side attribute, not a stream operation: fine during graph capture), so it
-    // holds on whichever device is current.
-    constexpr int smem = static_cast<int>(decltype(shape)::kSmemBytes);
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    return err != cudaSuccess ? err : launch_kernel(kernel, grid, kThreads, smem, stream, p);
-  };
-  // TEMPORARY A/B (p.variant bit 0: the wide shape).
-  if (p.variant & 1) return launch(lora_shrink_kernel<T, RP, true>, ShrinkShape<RP, true>{});
-  return launch(lora_shrink_kernel<T, RP, false>, ShrinkShape<RP, false>{});
+  return grid > 0 ? launch_kernel(lora_shrink_kernel<T, RP>, grid, kThreads, 0, stream, p) : cudaSuccess;
 }
 
 template <typename T, int RP>

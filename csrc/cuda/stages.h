@@ -132,7 +132,6 @@ struct LoraShrinkParams {
   int R, K, k_chunk, k_splits;              // K-chunk ks covers [ks * k_chunk, min(K, (ks+1) * k_chunk))
   int max_rows, max_active_segments;        // host upper bounds (grid sizing, partial layout)
   int few_rows_max;                        // segments with at most this many rows: lora_rows_mma.cuh
-  int variant;  // TEMPORARY A/B
   DType dtype;
 };
 struct LoraExpandParams {
