@@ -162,6 +162,7 @@ ROW_PATH_SHAPES = [
     (200, 256, 128, 16, 2, 4, 64),
     (100, 256, 128, 8, 2, 3, 128),
     (700, 512, 256, 16, 4, 3, 32),
+    (600, 200, 136, 8, 2, 2, 64),  # segments average 75 rows: rank 64's wide-K shrink tiles; K = 200: a partial K step
 ]
 
 

@@ -61,29 +61,34 @@ __device__ __forceinline__ SegmentTile locate(const Params& p, int mt) {
 }
 
 // ---- shrink ----------------------------------------------------------------------------------------
-// 64-row tiles: K steps of kBK through a kStages cp.async ring. kBK = 64 for ranks up to 32 (NOTES.md v10:
-// each X row is read in 128-byte pieces, and a step's barrier pair covers twice the K; qwen3 / mixtral /
-// gpt-oss T=4096 shrinks 146 / 186 / 131 -> 121 / 161 / 109 µs), 32 above (static shared memory).
-template <int RP>
+// 64-row tiles: K steps of kBK through a kStages cp.async ring (NOTES.md v10).
+// - kBK = 64 for ranks up to 32: each X row is read in 128-byte pieces, and a step's barrier pair covers twice
+//   the K (qwen3 / mixtral / gpt-oss T=4096 shrinks 146 / 186 / 131 -> 121 / 161 / 109 µs).
+// - Rank 64 takes kBK = 64 (three stages, 54 KB) only when its launch is mostly 64-row tiles (kLargeSegments:
+//   segments average more than kLoraFewRows rows; T=4096 -15..-21%). With mostly few-rows items the larger
+//   shared-memory carve-out made them slower (qwen3 / gpt-oss T=1024 +25..37%, likely L1 they lose), and rank
+//   32 with four such stages was slower everywhere; both keep the shapes below.
+template <int RP, bool kLargeSegments = false>
 struct ShrinkShape {
-  static constexpr int kBK = RP <= 32 ? 64 : 32;
-  static constexpr int kStages = RP >= 128 || RP == 32 ? 3 : 4;
+  static constexpr bool kWideK = RP <= 32 || (RP == 64 && kLargeSegments);
+  static constexpr int kBK = kWideK ? 64 : 32;
+  static constexpr int kStages = RP == 16 || (RP == 64 && !kWideK) ? 4 : 3;
   static constexpr int kLds = kBK + kPad;
   static constexpr int kStageElems = (kTileRows + RP) * kLds;
   static constexpr size_t kPipelineBytes = size_t(kStages) * kStageElems * 2;
   static constexpr int kLdc = RP + 4;
   static constexpr size_t kOutBytes = size_t(kTileRows) * kLdc * 4;
-  static constexpr size_t kSmemBytes = kPipelineBytes > kOutBytes ? kPipelineBytes : kOutBytes;
-  static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
+  static constexpr size_t kSmemBytes = kPipelineBytes > kOutBytes ? kPipelineBytes : kOutBytes;  // dynamic
+  static_assert(kSmemBytes + 1024 <= 228 * 1024 / kBlocksPerSm, "kBlocksPerSm CTAs per SM");
   static_assert(kSmemBytes >= size_t(lora_few_rows::shrink_red_floats<RP, kWarps>()) * 4, "room for the few-rows path's reduction");
 };
 
-template <typename T, int RP>
+template <typename T, int RP, bool kLargeSegments>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(LoraShrinkParams p) {
   pdl_begin();
-  using Shape = ShrinkShape<RP>;
+  using Shape = ShrinkShape<RP, kLargeSegments>;
   constexpr int kBK = Shape::kBK, kLds = Shape::kLds, kStages = Shape::kStages;
-  __shared__ alignas(128) unsigned char smem_raw[Shape::kSmemBytes];
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // Shape::kSmemBytes
   T* stage_base = reinterpret_cast<T*>(smem_raw);
   float* ctile = reinterpret_cast<float*>(smem_raw);  // after the K loop
 
@@ -432,7 +437,18 @@ template <typename T, int RP>
 cudaError_t launch_shrink_typed(const LoraShrinkParams& p, int sm_count, cudaStream_t stream) {
   const int64_t items_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * p.k_splits;
   const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
-  return grid > 0 ? launch_kernel(lora_shrink_kernel<T, RP>, grid, kThreads, 0, stream, p) : cudaSuccess;
+  if (grid == 0) return cudaSuccess;
+  auto launch = [&](auto kernel, auto shape) {
+    // Set on every launch (a host-side attribute, not a stream operation: fine during graph capture), so it
+    // holds on whichever device is current.
+    constexpr int smem = static_cast<int>(decltype(shape)::kSmemBytes);
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    return err != cudaSuccess ? err : launch_kernel(kernel, grid, kThreads, smem, stream, p);
+  };
+  if constexpr (RP == 64) {  // the only rank whose shape depends on it (ShrinkShape)
+    if (p.large_segments) return launch(lora_shrink_kernel<T, RP, true>, ShrinkShape<RP, true>{});
+  }
+  return launch(lora_shrink_kernel<T, RP, false>, ShrinkShape<RP, false>{});
 }
 
 template <typename T, int RP>

@@ -132,6 +132,9 @@ struct LoraShrinkParams {
   int R, K, k_chunk, k_splits;              // K-chunk ks covers [ks * k_chunk, min(K, (ks+1) * k_chunk))
   int max_rows, max_active_segments;        // host upper bounds (grid sizing, partial layout)
   int few_rows_max;                        // segments with at most this many rows: lora_rows_mma.cuh
+  // Host shape rule: the segments average more than kLoraFewRows rows (T * k > kLoraFewRows * E * S), so most
+  // work items are 64-row tiles (picks the rank-64 tile shape, lora_gemm.cu ShrinkShape).
+  bool large_segments;
   DType dtype;
 };
 struct LoraExpandParams {
