@@ -104,7 +104,6 @@ struct LoraWorkspace {
   bool lora_kernels = false;  // use_lora_kernels(R), decided once per call
   int few_rows_max = mc::kLoraFewRows;  // MOELORA_LORA_FEW_ROWS overrides (0: 64-row tiles only; large: none)
   int expand_few_rows_max = mc::kLoraFewRows;  // the expand's own threshold: MOELORA_LORA_EXPAND_FEW_ROWS
-  bool large_segments = false;  // T * k > kLoraFewRows * E * S (LoraShrinkParams::large_segments)
   at::Tensor buf;
   int k_splits_fc1 = 1, k_splits_fc2 = 1;
 };
@@ -122,8 +121,7 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
   // for ranks with 16-row passes: above kLoraRowPairsMaxRank a pass holds 8 rows and B would be read 4
   // times (gpt-oss T=1024 rank 64: +4% end to end).
   const char* both = std::getenv("MOELORA_LORA_FEW_ROWS");
-  ws.large_segments = static_cast<int64_t>(pairs) > static_cast<int64_t>(mc::kLoraFewRows) * active;
-  const bool small_segments = d.R <= mc::kLoraRowPairsMaxRank && !ws.large_segments;
+  const bool small_segments = d.R <= mc::kLoraRowPairsMaxRank && !mc::lora_large_segments(pairs, active);
   const int expand_default = both != nullptr && both[0] != '\0' ? ws.few_rows_max
                              : small_segments                  ? 2 * mc::kLoraFewRows
                                                                : mc::kLoraFewRows;
@@ -175,7 +173,6 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
     s.nseg = nseg; s.seg_per_expert = static_cast<int>(d.S + 1); s.slot_base = -1;
     s.R = static_cast<int>(R); s.K = K; s.k_splits = k_splits; s.k_chunk = mc::lora_k_chunk(K, k_splits);
     s.max_rows = pairs; s.max_active_segments = active; s.few_rows_max = ws.few_rows_max;
-    s.large_segments = ws.large_segments;
     s.dtype = to_dtype(input.scalar_type());
     C10_CUDA_CHECK(mc::launch_lora_shrink(s, sm_count, stream));
     if (expand_in_gemv != nullptr) {

@@ -64,10 +64,10 @@ __device__ __forceinline__ SegmentTile locate(const Params& p, int mt) {
 // 64-row tiles: K steps of kBK through a kStages cp.async ring (NOTES.md v10).
 // - kBK = 64 for ranks up to 32: each X row is read in 128-byte pieces, and a step's barrier pair covers twice
 //   the K (qwen3 / mixtral / gpt-oss T=4096 shrinks 146 / 186 / 131 -> 121 / 161 / 109 µs).
-// - Rank 64 takes kBK = 64 (three stages, 54 KB) only when its launch is mostly 64-row tiles (kLargeSegments:
-//   segments average more than kLoraFewRows rows; T=4096 -15..-21%). With mostly few-rows items the larger
-//   shared-memory carve-out made them slower (qwen3 / gpt-oss T=1024 +25..37%, likely L1 they lose), and rank
-//   32 with four such stages was slower everywhere; both keep the shapes below.
+// - Rank 64 takes kBK = 64 (three stages, 54 KB) only when its launch is mostly 64-row tiles (kLargeSegments,
+//   from lora_large_segments; T=4096 -15..-21%). With mostly few-rows items the larger shared-memory carve-out
+//   made them slower (qwen3 / gpt-oss T=1024 +25..37%, likely L1 they lose), and rank 32 with four such stages
+//   was slower everywhere; both keep the shapes below.
 template <int RP, bool kLargeSegments = false>
 struct ShrinkShape {
   static constexpr bool kWideK = RP <= 32 || (RP == 64 && kLargeSegments);
@@ -433,22 +433,26 @@ void dispatch_padded_rank(int R, F&& f) {
   else f(std::integral_constant<int, 128>{});
 }
 
+// kernel<<<grid, kThreads, smem>>>(p), its dynamic shared memory allowed first. The attribute is host-side
+// (not a stream operation: fine during graph capture) and set on every launch, so that it holds on whichever
+// device is current.
+template <typename Params>
+cudaError_t launch_with_smem(void (*kernel)(Params), int grid, size_t smem, cudaStream_t stream, const Params& p) {
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  return err != cudaSuccess ? err : launch_kernel(kernel, grid, kThreads, smem, stream, p);
+}
+
 template <typename T, int RP>
 cudaError_t launch_shrink_typed(const LoraShrinkParams& p, int sm_count, cudaStream_t stream) {
   const int64_t items_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * p.k_splits;
   const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid == 0) return cudaSuccess;
-  auto launch = [&](auto kernel, auto shape) {
-    // Set on every launch (a host-side attribute, not a stream operation: fine during graph capture), so it
-    // holds on whichever device is current.
-    constexpr int smem = static_cast<int>(decltype(shape)::kSmemBytes);
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    return err != cudaSuccess ? err : launch_kernel(kernel, grid, kThreads, smem, stream, p);
-  };
   if constexpr (RP == 64) {  // the only rank whose shape depends on it (ShrinkShape)
-    if (p.large_segments) return launch(lora_shrink_kernel<T, RP, true>, ShrinkShape<RP, true>{});
+    if (lora_large_segments(p.max_rows, p.max_active_segments))
+      return launch_with_smem(lora_shrink_kernel<T, RP, true>, grid, ShrinkShape<RP, true>::kSmemBytes, stream, p);
   }
-  return launch(lora_shrink_kernel<T, RP, false>, ShrinkShape<RP, false>{});
+  return launch_with_smem(lora_shrink_kernel<T, RP, false>, grid, ShrinkShape<RP, false>::kSmemBytes, stream, p);
 }
 
 template <typename T, int RP>
@@ -458,14 +462,9 @@ cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStr
   const int64_t units_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * ceil_div(p.N, cols);
   const int grid = static_cast<int>(std::min<int64_t>(units_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid == 0) return cudaSuccess;
-  auto launch = [&](auto kernel) {
-    // Set on every launch (a host-side attribute, not a stream operation: fine during graph capture), so it
-    // holds on whichever device is current.
-    constexpr int smem = static_cast<int>(ExpandShape<RP>::kSmemBytes);
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    return err != cudaSuccess ? err : launch_kernel(kernel, grid, kThreads, smem, stream, p);
-  };
-  return p.h != nullptr ? launch(lora_expand_kernel<T, RP, true>) : launch(lora_expand_kernel<T, RP, false>);
+  constexpr size_t smem = ExpandShape<RP>::kSmemBytes;
+  return p.h != nullptr ? launch_with_smem(lora_expand_kernel<T, RP, true>, grid, smem, stream, p)
+                        : launch_with_smem(lora_expand_kernel<T, RP, false>, grid, smem, stream, p);
 }
 
 }  // namespace

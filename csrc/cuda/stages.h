@@ -120,6 +120,12 @@ constexpr int kLoraFewRows = 16;
 // Ranks up to this take the few-rows path 16 token rows per pass (two 8-row groups sharing each adapter
 // load: lora_rows_mma.cuh kRowPairs); above it, 8 rows per pass.
 constexpr int kLoraRowPairsMaxRank = 32;
+// Host shape rule: the segments average more than kLoraFewRows rows (rows T * k over the E * S adapter
+// segments), so most LoRA work items are 64-row tiles. It picks the rank-64 shrink's tile shape (lora_gemm.cu
+// ShrinkShape) and the expand's few-rows threshold (fused_moe_cuda.cpp).
+inline bool lora_large_segments(int64_t rows, int64_t active_segments) {
+  return rows > kLoraFewRows * active_segments;
+}
 struct LoraShrinkParams {
   const void* X; int64_t ldx;               // sorted activations [rows, K]
   const void* A;                            // per segment [R, K] row-major
@@ -132,9 +138,6 @@ struct LoraShrinkParams {
   int R, K, k_chunk, k_splits;              // K-chunk ks covers [ks * k_chunk, min(K, (ks+1) * k_chunk))
   int max_rows, max_active_segments;        // host upper bounds (grid sizing, partial layout)
   int few_rows_max;                        // segments with at most this many rows: lora_rows_mma.cuh
-  // Host shape rule: the segments average more than kLoraFewRows rows (T * k > kLoraFewRows * E * S), so most
-  // work items are 64-row tiles (picks the rank-64 tile shape, lora_gemm.cu ShrinkShape).
-  bool large_segments;
   DType dtype;
 };
 struct LoraExpandParams {
