@@ -317,6 +317,7 @@ GEMV_ROWS_SHAPES = [
     (33, 128, 64, 4, 2, 2, 40),      # rank padded inside the shrink, 5-30 rows
     (100, 256, 128, 8, 2, 3, 128),   # rank 128
     (64, 512, 256, 16, 4, 0, 0),     # no LoRA
+    (1000, 128, 64, 8, 8, 64, 128),  # ~2500 LoRA shrink CTAs in each GEMV launch, more than fit on the GPU at once
 ]
 
 
@@ -335,6 +336,20 @@ def test_gemv_many_rows_per_expert(shape, dtype, gemm_path, monkeypatch):
     monkeypatch.setenv("MOELORA_DECODE_GEMV", "0")
     gemm = check(args, dtype)
     assert rel_err(gemv, gemm) < TOL[dtype] / 2
+
+
+def test_decode_lora_runs_inside_the_gemv_launches():
+    """At decode the LoRA shrink runs in the GEMV launches (their first CTAs), not as kernels of its own: a
+    call is routing, two GEMVs and the finalize."""
+    args = make_case(1, 2048, 768, 128, 8, 8, 16, seed=47)
+    moelora_ext.fused_moe(**args)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = moelora_ext.fused_moe(**args)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sum("expert_gemv_kernel" in n for n in names) == 2, names
+    assert not any("lora_shrink" in n or "lora_expand" in n for n in names), names
+    assert rel_err(out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("flags", [(True, True, True, True), (False, True, False, True)])
@@ -449,8 +464,9 @@ def _rewrite_inputs(args, seed):
         args[name].copy_(fresh[name])
 
 
-def test_cuda_graph_replay_with_new_inputs(gemm_path):
-    args = make_case(333, 256, 128, 16, 4, 8, 16, seed=8)
+@pytest.mark.parametrize("T", [3, 333])  # decode GEMV (its launch-local LoRA counters) / grouped GEMM
+def test_cuda_graph_replay_with_new_inputs(T, gemm_path):
+    args = make_case(T, 256, 128, 16, 4, 8, 16, seed=8)
     graph, static_out = capture_graph(args)
     for seed in range(9, 13):
         _rewrite_inputs(args, seed)

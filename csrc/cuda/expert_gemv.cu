@@ -8,6 +8,14 @@
 // several 16-byte loads per lane in flight, so ~400-2700 CTAs keep HBM busy; the gated fc1 epilogue applies
 // SwiGLU / GeGLU directly (no gu round trip, no activation kernel), and the LoRA expand (rank R x the CTA's
 // columns, a few KB of B) happens in the epilogue too (no expand kernels, no read-modify-write).
+//
+// The LoRA shrink runs in the same launch (NOTES.md v11): at decode it is a few hundred KB of A, and as a
+// launch of its own it cost a kernel boundary and its latency chains twice per call (qwen3 T=1: 6.7 µs for
+// the two shrinks, eager). Its CTAs stream A the way the GEMV streams W and write t in fp32; the GEMV CTAs
+// need t only in their epilogue, after streaming their weights, and wait for a counter there.
+// Forward progress does not rest on the order in which the hardware starts CTAs: each CTA takes a ticket
+// when it starts, and the first tickets are the shrink CTAs, which wait for nothing. A CTA that waits
+// therefore started after every shrink CTA had started.
 #include "activation.cuh"
 #include "cuda_utils.cuh"
 #include "mma_operands.cuh"
@@ -101,18 +109,98 @@ __device__ __forceinline__ void gemv_pass(const T* X, int K, int row0, int rows,
     }
 }
 
-template <typename T, bool kGated, ActivationKind kAct>
+// The launch's LoRA shrink CTAs: one per (LoRA m-tile, 32 ranks).
+__host__ __device__ inline int lora_rank_blocks(int R) { return ceil_div(R, 32); }
+__host__ __device__ inline int lora_shrink_ctas(const ExpertGemvParams& p) {
+  return p.lora_A == nullptr ? 0 : p.lora_tile_capacity * lora_rank_blocks(p.R);
+}
+
+__device__ __forceinline__ int load_acquire(const int* ptr) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
+// Shrink CTA `cta`: t[r, r0 .. r0 + 32) = A[slot, e][r0 .. r0 + 32) @ X[r] for the rows r of LoRA m-tile
+// cta / lora_rank_blocks(R), summed over the warps in warp order; then it counts itself done (lora_sync[1]),
+// also when that m-tile is past the routed ones.
+template <typename T>
+__device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)[2][16][kPassRows]) {
+  const int rblocks = lora_rank_blocks(p.R);
+  const int mt = cta / rblocks, r0 = (cta % rblocks) * 32;
+  if (mt < p.lora_tile_prefix[p.E * p.seg_per_expert]) {
+    const int seg = p.lora_tile_segment[mt];
+    const int tile_row0 = p.bucket_offsets[seg] + (mt - p.lora_tile_prefix[seg]) * kTileRows;
+    const int tile_rows = min(kTileRows, p.bucket_offsets[seg + 1] - tile_row0);
+    const int e = seg / p.seg_per_expert, slot = seg % p.seg_per_expert - 1;
+    const T* X = static_cast<const T*>(p.X);
+    const T* A = static_cast<const T*>(p.lora_A) + e * p.a_expert_stride + slot * p.a_slot_stride;  // [R, K]
+    // The A offsets are multiples of K elements, so K % 8 == 0 keeps 16-byte rows when the base is aligned.
+    const bool vec = p.K % 8 == 0 && reinterpret_cast<uintptr_t>(X) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(p.lora_A) % 16 == 0;
+    const int g = (threadIdx.x % 32) / 4;
+    WeightRows<T> w;
+#pragma unroll
+    for (int jb = 0; jb < 2; ++jb)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = r0 + 16 * jb + g + 8 * h;
+        w.valid[jb][h] = j < p.R;
+        w.row[jb][h] = A + static_cast<int64_t>(w.valid[jb][h] ? j : 0) * p.K;
+      }
+    for (int g0 = 0; g0 < tile_rows; g0 += kPassRows) {
+      const int rows = min(kPassRows, tile_rows - g0);
+      if (rows > kRowGroup)
+        gemv_pass<T, 2>(X, p.K, tile_row0 + g0, rows, w, vec, red);
+      else
+        gemv_pass<T, 1>(X, p.K, tile_row0 + g0, rows, w, vec, red);
+      __syncthreads();
+      for (int o = threadIdx.x; o < 32 * rows; o += kThreads) {
+        const int jb = (o % 32) / 16, j = o % 16, r = o / 32, col = r0 + 16 * jb + j;
+        if (col >= p.R) continue;
+        float v = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < kWarps; ++wi) v += red[wi][jb][j][r];
+        p.lora_t[static_cast<int64_t>(tile_row0 + g0 + r) * p.R + col] = v;
+      }
+      __syncthreads();  // red is rewritten by the next pass; every t store is issued before the signal below
+    }
+  }
+  if (threadIdx.x == 0) {
+    __threadfence();  // the CTA's t stores (ordered before this by the barrier) are visible GPU-wide first
+    atomicAdd(&p.lora_sync[1], 1);
+  }
+}
+
+// kLora: p.lora_A != nullptr. Its own instantiation, so that the plain GEMV's registers do not grow with the
+// shrink CTAs' code.
+template <typename T, bool kGated, ActivationKind kAct, bool kLora>
 __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvParams p) {
   pdl_begin();
   __shared__ float red[kWarps][2][16][kPassRows];  // per warp: two 16-row weight blocks x the pass's rows
   __shared__ float t_s[kPassRows][kLoraMaxRank];    // LoRA: the pass rows' shrink output, rounded
   __shared__ int slot_s[kPassRows];                 // LoRA: each row's adapter slot (-1: none)
   __shared__ int tile_s[3];                         // the tile's expert, first row and rows
+  __shared__ int ticket_s;
+
+  constexpr bool lora = kLora;
+  const int shrink_ctas = lora_shrink_ctas(p);
+  int cta = blockIdx.x;
+  if constexpr (kLora) {  // roles by start order (see the top of this file)
+    if (threadIdx.x == 0) ticket_s = atomicAdd(&p.lora_sync[0], 1);
+    __syncthreads();
+    cta = ticket_s;
+    if (cta < shrink_ctas) {
+      lora_shrink_cta<T>(p, cta, red);
+      return;
+    }
+    cta -= shrink_ctas;
+  }
 
   // The tile's expert, found by the whole CTA in one round of loads: a binary search over the tile prefix
   // would be log2(E) dependent loads before the first weight load (several µs at decode, NOTES.md v6).
   const int col_blocks = column_blocks<kGated>(p.N);
-  const int tile = blockIdx.x / col_blocks, cb = blockIdx.x % col_blocks;
+  const int tile = cta / col_blocks, cb = cta % col_blocks;
   if (threadIdx.x == 0) tile_s[0] = -1;
   __syncthreads();
   for (int i = threadIdx.x; i < p.E; i += kThreads) {
@@ -147,7 +235,6 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
   T* D = static_cast<T*>(p.D);
   const bool vec = p.K % 8 == 0 && reinterpret_cast<uintptr_t>(X) % 16 == 0 && reinterpret_cast<uintptr_t>(W) % 16 == 0;
   const int lane = threadIdx.x % 32, g = lane / 4;
-  const bool lora = p.lora_partial != nullptr;
   const int bucket0 = e * p.seg_per_expert;  // the expert's slot -1 bucket; slot s is bucket0 + 1 + s
   const T* lora_b = lora ? static_cast<const T*>(p.lora_B) + e * p.b_expert_stride : nullptr;
 
@@ -168,7 +255,12 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
       gemv_pass<T, 2>(X, p.K, row0, rows, w, vec, red);
     else
       gemv_pass<T, 1>(X, p.K, row0, rows, w, vec, red);
-    if (lora) {  // each row's slot, and t = sum of the split-K partials in ks order, rounded as in lora_gemm.cu
+    if (lora) {  // each row's slot, and its t rounded to the activation dtype (as lora_gemm.cu rounds it)
+      if (g0 == 0) {  // the shrink CTAs are done (they started first, see the top of this file)
+        if (threadIdx.x == 0)
+          while (load_acquire(&p.lora_sync[1]) < shrink_ctas) __nanosleep(64);
+        __syncthreads();
+      }
       if (threadIdx.x < kPassRows) {
         int slot = -1;
         const int row = row0 + threadIdx.x;
@@ -180,8 +272,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
       }
       for (int i = threadIdx.x; i < rows * p.R; i += kThreads) {
         const int r = i / p.R, j = i % p.R;
-        const float* src = p.lora_partial + static_cast<int64_t>(row0 + r) * p.R + j;
-        t_s[r][j] = to_float(from_float<T>(sum_splits(src, p.lora_k_splits, static_cast<int64_t>(p.max_rows) * p.R)));
+        t_s[r][j] = to_float(from_float<T>(__ldcg(p.lora_t + static_cast<int64_t>(row0 + r) * p.R + j)));
       }
     }
     __syncthreads();
@@ -222,26 +313,34 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
   }
 }
 
-template <typename T, bool kGated>
+template <typename T, bool kGated, bool kLora>
 cudaError_t launch_typed(const ExpertGemvParams& p, cudaStream_t stream) {
   const int64_t tiles_ub = segment_tiles_upper_bound(p.max_rows, p.E < p.max_rows ? p.E : p.max_rows);
-  const int64_t grid = tiles_ub * column_blocks<kGated>(p.N);
+  const int64_t grid = tiles_ub * column_blocks<kGated>(p.N) + lora_shrink_ctas(p);
   if (grid <= 0) return cudaSuccess;
   if (grid > 0x7fffffff) return cudaErrorInvalidValue;
   const unsigned blocks = static_cast<unsigned>(grid);
   if constexpr (kGated) {
     if (p.activation == ActivationKind::Gelu)
-      return launch_kernel(expert_gemv_kernel<T, true, ActivationKind::Gelu>, blocks, kThreads, 0, stream, p);
+      return launch_kernel(expert_gemv_kernel<T, true, ActivationKind::Gelu, kLora>, blocks, kThreads, 0, stream, p);
   }
   // The plain epilogue has no activation: one instantiation.
-  return launch_kernel(expert_gemv_kernel<T, kGated, ActivationKind::Silu>, blocks, kThreads, 0, stream, p);
+  return launch_kernel(expert_gemv_kernel<T, kGated, ActivationKind::Silu, kLora>, blocks, kThreads, 0, stream, p);
+}
+
+template <typename T, bool kGated>
+cudaError_t launch_typed(const ExpertGemvParams& p, cudaStream_t stream) {
+  return p.lora_A != nullptr ? launch_typed<T, kGated, true>(p, stream) : launch_typed<T, kGated, false>(p, stream);
 }
 
 }  // namespace
 
 cudaError_t launch_expert_gemv(const ExpertGemvParams& p, cudaStream_t stream) {
   if (p.max_rows == 0 || p.N == 0) return cudaSuccess;
-  if ((p.gated && p.N % 2 != 0) || (p.lora_partial != nullptr && (p.R <= 0 || p.R > kLoraMaxRank)))
+  if (p.gated && p.N % 2 != 0) return cudaErrorInvalidValue;
+  if (p.lora_A != nullptr && (p.R <= 0 || p.R > kLoraMaxRank || p.lora_B == nullptr || p.lora_t == nullptr ||
+                              p.lora_sync == nullptr || p.lora_tile_prefix == nullptr ||
+                              p.lora_tile_segment == nullptr || p.lora_tile_capacity < 0))
     return cudaErrorInvalidValue;
   if (p.dtype == DType::BF16)
     return p.gated ? launch_typed<__nv_bfloat16, true>(p, stream) : launch_typed<__nv_bfloat16, false>(p, stream);

@@ -89,9 +89,9 @@ int env_int(const char* name, int fallback) {
 
 // Few routed rows per expert (decode, T <= kDecodeMaxTokens, or T * k <= kGemvMaxAvgRows * E on average;
 // MOELORA_GEMV_AVG_ROWS overrides the latter) run the base GEMMs as expert_gemv.cu (fc1 with the gated
-// activation fused, both with the LoRA expand fused) on every GPU, unless MOELORA_DECODE_GEMV=0. Its LoRA
-// epilogue reads the lora_gemm.cu shrink's partials, so adapters on the segment-GEMM path (rank >
-// kLoraMaxRank or MOELORA_LORA_SEGMENT_GEMM=1) keep the grouped-GEMM path.
+// activation fused, both with the LoRA shrink and expand in the same launch) on every GPU, unless
+// MOELORA_DECODE_GEMV=0. Its LoRA holds ranks up to kLoraMaxRank, so adapters on the segment-GEMM path (rank >
+// kLoraMaxRank, or MOELORA_LORA_SEGMENT_GEMM=1 to compare) keep the grouped-GEMM path.
 bool use_decode_gemv(const FusedMoeDims& d) {
   if (env_zero("MOELORA_DECODE_GEMV")) return false;
   const int64_t avg_rows = env_int("MOELORA_GEMV_AVG_ROWS", mc::kGemvMaxAvgRows);
@@ -148,12 +148,32 @@ struct GatedExpandOut {
   mc::ActivationKind kind;
 };
 
+// Decode: the GEMV launch runs this side's LoRA itself (expert_gemv.cu: shrink CTAs, expand in the epilogue);
+// fill its fields. `sync`: two ints the routing plan zeroes (ExpertGemvParams::lora_sync).
+void lora_in_gemv(const LoraSide& side, LoraWorkspace& ws, const at::Tensor& lora_tile_prefix,
+                  const at::Tensor& lora_tile_segment, int lora_tile_capacity, int* sync, const float* scalings,
+                  const FusedMoeDims& d, int N, int K, mc::ExpertGemvParams& g) {
+  const int64_t R = d.R;
+  g.lora_A = side.a.data_ptr();
+  g.a_expert_stride = side.shared_a ? 0 : R * K;  // shared-outer gating: no expert offset
+  g.a_slot_stride = side.shared_a ? R * K : d.E * R * K;
+  g.lora_B = side.b.data_ptr();
+  g.b_expert_stride = side.shared_b ? 0 : static_cast<int64_t>(N) * R;
+  g.b_slot_stride = side.shared_b ? static_cast<int64_t>(N) * R : d.E * N * R;
+  g.R = static_cast<int>(R);
+  g.slot_scale = scalings;
+  g.lora_t = ws.buf.data_ptr<float>();  // [pairs, R] of it; fc2's launch reuses it after fc1's
+  g.lora_tile_prefix = lora_tile_prefix.data_ptr<int>();
+  g.lora_tile_segment = lora_tile_segment.data_ptr<int>();
+  g.lora_tile_capacity = lora_tile_capacity;
+  g.lora_sync = sync;
+}
+
 // out += scale[slot] * B @ (A @ input) per (expert, slot) segment, on the base GEMM's output (`scalings`
-// nullptr: 1). With `expand_in_gemv` (decode, lora_gemm.cu kernels only) just the shrink runs here, and the
-// GEMV's LoRA fields are filled so that its epilogue does the expand. With `gated` (fc1, lora_gemm.cu kernels)
-// out is gu, left as the base GEMM wrote it, and the expand writes h of the rows with an adapter.
+// nullptr: 1). With `gated` (fc1, lora_gemm.cu kernels) out is gu, left as the base GEMM wrote it, and the
+// expand writes h of the rows with an adapter.
 void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, int k_splits,
-              mc::ExpertGemvParams* expand_in_gemv, const GatedExpandOut* gated, at::Tensor& out,
+              const GatedExpandOut* gated, at::Tensor& out,
               const at::Tensor& bucket_offsets, const at::Tensor& lora_tile_prefix,
               const at::Tensor& lora_tile_segment, const float* scalings,
               const FusedMoeDims& d, int N, int K, int sm_count, cudaStream_t stream) {
@@ -175,15 +195,6 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
     s.max_rows = pairs; s.max_active_segments = active; s.few_rows_max = ws.few_rows_max;
     s.dtype = to_dtype(input.scalar_type());
     C10_CUDA_CHECK(mc::launch_lora_shrink(s, sm_count, stream));
-    if (expand_in_gemv != nullptr) {
-      mc::ExpertGemvParams& g = *expand_in_gemv;
-      g.lora_partial = s.partial; g.lora_k_splits = k_splits; g.R = s.R;
-      g.lora_B = side.b.data_ptr();
-      g.b_expert_stride = side.shared_b ? 0 : static_cast<int64_t>(N) * R;
-      g.b_slot_stride = side.shared_b ? static_cast<int64_t>(N) * R : d.E * N * R;
-      g.slot_scale = scalings;
-      return;
-    }
 
     mc::LoraExpandParams e{};
     e.partial = s.partial; e.k_splits = k_splits;
@@ -355,6 +366,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   // records each sorted row's slot so that the activation stage skips the rows the expand did.
   const bool fused_act = d.has_lora && !decode && lora_ws.lora_kernels && use_fused_lora_activation();
   at::Tensor row_slot = at::empty({fused_act ? pairs : 0}, iopt);
+  // Decode with LoRA: the two GEMV launches' counters (ExpertGemvParams::lora_sync), zeroed by the routing.
+  at::Tensor gemv_sync = at::empty({decode && d.has_lora ? 4 : 0}, iopt);
 
   // ---- 1. routing ---------------------------------------------------------------------------------
   mc::RoutingParams rp{};
@@ -369,6 +382,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   rp.lora_tile_prefix = S > 0 ? lora_tile_prefix.data_ptr<int>() : nullptr;
   rp.lora_tile_segment = S > 0 ? lora_tile_segment.data_ptr<int>() : nullptr;
   rp.lora_tile_capacity = static_cast<int>(lora_tile_capacity);
+  rp.zero_ints = gemv_sync.numel() > 0 ? gemv_sync.data_ptr<int>() : nullptr;
+  rp.zero_count = static_cast<int>(gemv_sync.numel());
   // At decode the one-block routing kernel also does the permute stage (one launch less).
   const bool gather_in_routing = decode && mc::routing_fits_one_block(pairs, nbuckets);
   if (gather_in_routing) {
@@ -388,7 +403,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   }
   C10_CUDA_CHECK(mc::launch_routing(rp, stream));
 
-  // Decode: the GEMVs (their LoRA fields are set by run_lora, after the shrink).
+  // Decode: the GEMVs (their LoRA fields are set by lora_in_gemv).
   mc::ExpertGemvParams gemv{};
   gemv.expert_offsets = expert_offsets.data_ptr<int>();
   gemv.expert_tile_prefix = expert_tile_prefix.data_ptr<int>();
@@ -416,8 +431,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const LoraSide lora13{a13, b13, w13_shared_a, w13_shared_b}, lora2{a2, b2, w2_shared_a, w2_shared_b};
   if (decode) {
     if (d.has_lora)
-      run_lora(lora13, permuted, lora_ws, lora_ws.k_splits_fc1, &gemv, nullptr, gu, bucket_offsets, lora_tile_prefix,
-               lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, stream);
+      lora_in_gemv(lora13, lora_ws, lora_tile_prefix, lora_tile_segment, static_cast<int>(lora_tile_capacity),
+                   gemv_sync.data_ptr<int>(), scale_ptr, d, 2 * I, H, gemv);
     gemv.X = permuted.data_ptr(); gemv.W = w13c.data_ptr(); gemv.D = h.data_ptr();
     gemv.N = 2 * I; gemv.K = H; gemv.gated = true;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
@@ -425,7 +440,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
     const GatedExpandOut gated{&h, act};
     if (d.has_lora)
-      run_lora(lora13, permuted, lora_ws, lora_ws.k_splits_fc1, nullptr, fused_act ? &gated : nullptr, gu,
+      run_lora(lora13, permuted, lora_ws, lora_ws.k_splits_fc1, fused_act ? &gated : nullptr, gu,
                bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, stream);
     mc::ActivationParams ap{};
     ap.gu = gu.data_ptr(); ap.h = h.data_ptr(); ap.num_rows = expert_offsets.data_ptr<int>() + E;
@@ -439,15 +454,15 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   // ---- 6-7. fc2 + LoRA, then finalize -------------------------------------------------------------
   if (decode) {
     if (d.has_lora)
-      run_lora(lora2, h, lora_ws, lora_ws.k_splits_fc2, &gemv, nullptr, y, bucket_offsets, lora_tile_prefix,
-               lora_tile_segment, scale_ptr, d, H, I, sm_count, stream);
+      lora_in_gemv(lora2, lora_ws, lora_tile_prefix, lora_tile_segment, static_cast<int>(lora_tile_capacity),
+                   gemv_sync.data_ptr<int>() + 2, scale_ptr, d, H, I, gemv);
     gemv.X = h.data_ptr(); gemv.W = w2c.data_ptr(); gemv.D = y.data_ptr();
     gemv.N = H; gemv.K = I; gemv.gated = false;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
   } else {
     run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
     if (d.has_lora)
-      run_lora(lora2, h, lora_ws, lora_ws.k_splits_fc2, nullptr, nullptr, y, bucket_offsets, lora_tile_prefix,
+      run_lora(lora2, h, lora_ws, lora_ws.k_splits_fc2, nullptr, y, bucket_offsets, lora_tile_prefix,
                lora_tile_segment, scale_ptr, d, H, I, sm_count, stream);
   }
   mc::FinalizeParams fp{};

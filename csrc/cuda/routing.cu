@@ -51,6 +51,7 @@ __device__ void plan_from_counts(const RoutingParams& p, const int* counts, Plan
   const int per_expert = p.S + 1;
   const int nbuckets = p.E * per_expert;
 
+  if (static_cast<int>(threadIdx.x) < p.zero_count) p.zero_ints[threadIdx.x] = 0;
   block_prefix_sum(nbuckets, [&](int b) { return counts[b]; }, p.bucket_offsets, tmp);
   for (int e = threadIdx.x; e <= p.E; e += blockDim.x) p.expert_offsets[e] = p.bucket_offsets[e * per_expert];
   for (int i = 0; i < p.gemm_table_count; ++i)
@@ -117,6 +118,7 @@ __global__ void __launch_bounds__(kPlanThreads) routing_one_block_kernel(Routing
 cudaError_t launch_routing(const RoutingParams& p, cudaStream_t stream) {
   const int pairs = p.T * p.k;
   const size_t nbuckets = static_cast<size_t>(p.E) * (p.S + 1);
+  if (p.zero_count < 0 || p.zero_count > 32 || (p.zero_count > 0 && p.zero_ints == nullptr)) return cudaErrorInvalidValue;
   if (routing_fits_one_block(pairs, static_cast<int64_t>(nbuckets)))
     return launch_kernel(routing_one_block_kernel, 1, kPlanThreads, 0, stream, p);
   if (p.gather_permuted != nullptr) return cudaErrorInvalidValue;  // only the one-block kernel gathers

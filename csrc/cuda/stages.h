@@ -1,8 +1,9 @@
 // Host-side launchers of the CUDA stages of fused_moe, with plain parameter structs (no torch types).
 // Pipeline (csrc/cuda/fused_moe_cuda.cpp runs them in this order):
 //   routing -> permute -> fc1 GEMM (+ LoRA shrink/expand) -> activation -> fc2 GEMM (+ LoRA) -> finalize
-// and when experts get few rows (decode; see expert_gemv.cu below), with the permute inside the one-block routing:
-//   routing + permute -> [LoRA shrink] -> fc1 GEMV (+ expand, activation) -> [LoRA shrink] -> fc2 GEMV -> finalize
+// and when experts get few rows (decode; see expert_gemv.cu below), with the permute inside the one-block routing
+// and the LoRA shrink and expand inside the GEMV launches:
+//   routing + permute -> fc1 GEMV (+ LoRA, activation) -> fc2 GEMV (+ LoRA) -> finalize
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
@@ -57,6 +58,9 @@ struct RoutingParams {
   // plan (one launch less than expert_gemm_sm90_prepare). Their expert count is E.
   ExpertGemmTables gemm_tables[2];
   int gemm_table_count;
+  // Optional: counters the plan sets to zero (expert_gemv.cu's ExpertGemvParams::lora_sync of both GEMVs).
+  int* zero_ints;
+  int zero_count;  // <= 32
 };
 // Decode-sized problems run as one one-block kernel counting in shared memory (bucket_counts unused; it
 // can also do the permute stage, see gather_permuted); larger ones as memset + count kernel + plan kernel.
@@ -176,9 +180,11 @@ cudaError_t launch_lora_expand(const LoraExpandParams& p, int sm_count, cudaStre
 // rows per pass share every weight load, the warps' sums meet in shared memory in a fixed order. Tiles come
 // from routing's expert tile prefix (grid sized from shapes). Epilogue, per output (row r, weight row n):
 // v = acc + LoRA delta, where the delta of a row with an adapter (slot s) is slot_scale[s] * round(t[r]) .
-// B[s, e][n] -- the LoRA expand, fused -- with t the sum of the shrink's split-K partials (lora_gemm.cu,
-// launch_lora_shrink). out = round(v), or gated (fc1) h = round(act(round(v_gate)) * round(v_up)) with
-// gate / up = weight rows i and I + i.
+// B[s, e][n] -- the LoRA expand, fused. out = round(v), or gated (fc1) h = round(act(round(v_gate)) *
+// round(v_up)) with gate / up = weight rows i and I + i.
+// With LoRA the same launch also runs the shrink t[r] = A[s, e] @ X[r] (fp32, one CTA per (LoRA m-tile, 32
+// ranks), the GEMV's streaming with A's rows as the weight rows): those CTAs are the first to start, and the
+// GEMV CTAs wait for them (lora_sync) only before their epilogue, after streaming W. No shrink launch.
 // Measured on the H100 (benchmarks/NOTES.md, v5/v6): the GEMV wins at T = 1 on every benchmark shape, is
 // within run-to-run spread at T = 4 (mixtral T = 4 varies 790-910 µs on either path) and loses from T = 8..16
 // up, so by default only T <= kDecodeMaxTokens takes it; MOELORA_GEMV_AVG_ROWS extends it to
@@ -196,14 +202,21 @@ struct ExpertGemvParams {
   ActivationKind activation;   // when gated
   int max_rows;                // host upper bound of the rows (T * k): sizes the grid
   DType dtype;
-  // LoRA expand (lora_partial == nullptr: none). Rows of bucket b = e * seg_per_expert + 1 + s hold slot s.
-  const float* lora_partial;   // [lora_k_splits, max_rows, R] fp32 shrink partial sums
-  int lora_k_splits, R;        // R <= kLoraMaxRank
+  // LoRA (lora_A == nullptr: none). Rows of bucket b = e * seg_per_expert + 1 + s hold slot s.
+  const void* lora_A;          // A[s, e] = lora_A + e * a_expert_stride + s * a_slot_stride, [R, K] row-major
+  int64_t a_expert_stride, a_slot_stride;
   const void* lora_B;          // B[s, e] = lora_B + e * b_expert_stride + s * b_slot_stride, [N, R] row-major
   int64_t b_expert_stride, b_slot_stride;
-  const float* slot_scale;     // [S]
+  int R;                       // <= kLoraMaxRank
+  const float* slot_scale;     // [S] or nullptr for 1
+  float* lora_t;               // [max_rows, R] workspace: the shrink's fp32 sums
   const int* bucket_offsets;   // [E * seg_per_expert + 1]
   int seg_per_expert;          // S + 1
+  const int* lora_tile_prefix;   // [E * seg_per_expert + 1] routing's LoRA m-tiles per bucket (prefix)
+  const int* lora_tile_segment;  // [lora_tile_capacity] bucket of each LoRA m-tile
+  int lora_tile_capacity;
+  int* lora_sync;              // [2], zero before the launch (RoutingParams::zero_ints): CTA tickets, shrink
+                               // CTAs done
 };
 cudaError_t launch_expert_gemv(const ExpertGemvParams& p, cudaStream_t stream);
 
