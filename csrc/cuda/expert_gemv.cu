@@ -13,9 +13,10 @@
 // launch of its own it cost a kernel boundary and its latency chains twice per call (qwen3 T=1: 6.7 µs for
 // the two shrinks, eager). Its CTAs stream A the way the GEMV streams W and write t in fp32; the GEMV CTAs
 // need t only in their epilogue, after streaming their weights, and wait for a counter there.
-// Forward progress does not rest on the order in which the hardware starts CTAs: each CTA takes a ticket
-// when it starts, and the first tickets are the shrink CTAs, which wait for nothing. A CTA that waits
-// therefore started after every shrink CTA had started.
+// The shrink CTAs are the launch's lowest block indices and wait for nothing, so a waiting GEMV CTA never
+// holds back a shrink CTA as long as CTAs start in block-index order -- what the GPU does, and what cub's
+// decoupled look-back scans rely on too. (A start ticket from an atomic counter would not rely on it, but
+// costs each CTA a round trip before its first weight load.)
 #include "activation.cuh"
 #include "cuda_utils.cuh"
 #include "mma_operands.cuh"
@@ -120,9 +121,14 @@ __device__ __forceinline__ int load_acquire(const int* ptr) {
   asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
   return v;
 }
+__device__ __forceinline__ int load_relaxed(const int* ptr) {
+  int v;
+  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(ptr));
+  return v;
+}
 
 // Shrink CTA `cta`: t[r, r0 .. r0 + 32) = A[slot, e][r0 .. r0 + 32) @ X[r] for the rows r of LoRA m-tile
-// cta / lora_rank_blocks(R), summed over the warps in warp order; then it counts itself done (lora_sync[1]),
+// cta / lora_rank_blocks(R), summed over the warps in warp order; then it counts itself done (lora_sync[0]),
 // also when that m-tile is past the routed ones.
 template <typename T>
 __device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)[2][16][kPassRows]) {
@@ -168,7 +174,54 @@ __device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)
   }
   if (threadIdx.x == 0) {
     __threadfence();  // the CTA's t stores (ordered before this by the barrier) are visible GPU-wide first
-    atomicAdd(&p.lora_sync[1], 1);
+    atomicAdd(&p.lora_sync[0], 1);
+  }
+}
+
+// delta[jb][j][r] = scale[s] * sum_i round(t[row0 + r, i]) * B[s, e][wrow0[jb] + j, i] for the pass's rows r
+// with an adapter (slot s = slot_s[r]), by the whole CTA: the B row and t of each (weight row, token row) in
+// 16-byte pieces, one piece per thread, summed over the pieces by a shuffle tree (fixed order). Every load
+// is independent of the others, so the expand costs one memory round trip after the weight stream.
+template <typename T>
+__device__ __forceinline__ void lora_delta(const ExpertGemvParams& p, const T* lora_b, int row0, int rows,
+                                           const int (&wrow0)[2], const int (&wrows)[2], const int* slot_s,
+                                           float (*delta)[16][kPassRows]) {
+  const int pieces = p.R / 8;  // 16-byte pieces of a B row
+  const bool vec = p.R % 8 == 0 && (pieces & (pieces - 1)) == 0 && reinterpret_cast<uintptr_t>(p.lora_B) % 16 == 0;
+  if (vec) {
+    const int per_row = 32 * pieces, items = rows * per_row;
+    for (int base = 0; base < items; base += kThreads) {  // same trip count in every lane (the shuffles)
+      const int o = base + threadIdx.x;
+      const int r = o / per_row, jj = (o / pieces) % 32, c = o % pieces;
+      const int jb = jj / 16, j = jj % 16;
+      const int slot = o < items ? slot_s[r] : -1;
+      const bool active = slot >= 0 && j < wrows[jb];
+      float part = 0.f, scale = 1.f;
+      if (active) {
+        const T* b = lora_b + slot * p.b_slot_stride + static_cast<int64_t>(wrow0[jb] + j) * p.R + 8 * c;
+        const float4* t = reinterpret_cast<const float4*>(p.lora_t + static_cast<int64_t>(row0 + r) * p.R + 8 * c);
+        const Vec8<T> bv = *reinterpret_cast<const Vec8<T>*>(b);
+        const float4 t0 = __ldcg(t), t1 = __ldcg(t + 1);
+        if (p.slot_scale != nullptr) scale = p.slot_scale[slot];
+        const float tv[8] = {t0.x, t0.y, t0.z, t0.w, t1.x, t1.y, t1.z, t1.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) part += to_float(from_float<T>(tv[i])) * to_float(bv.v[i]);
+      }
+      for (int m = 1; m < pieces; m <<= 1) part += __shfl_xor_sync(0xffffffffu, part, m);
+      if (active && c == 0) delta[jb][j][r] = scale * part;
+    }
+    return;
+  }
+  // Ranks that are not a power-of-two multiple of 8, or an unaligned B: one thread per output, element loads.
+  for (int o = threadIdx.x; o < 32 * rows; o += kThreads) {
+    const int r = o / 32, jb = (o % 32) / 16, j = o % 16;
+    const int slot = slot_s[r];
+    if (slot < 0 || j >= wrows[jb]) continue;
+    const T* b = lora_b + slot * p.b_slot_stride + static_cast<int64_t>(wrow0[jb] + j) * p.R;
+    const float* t = p.lora_t + static_cast<int64_t>(row0 + r) * p.R;
+    float d = 0.f;
+    for (int i = 0; i < p.R; ++i) d += to_float(from_float<T>(__ldcg(t + i))) * to_float(b[i]);
+    delta[jb][j][r] = (p.slot_scale != nullptr ? p.slot_scale[slot] : 1.f) * d;
   }
 }
 
@@ -177,19 +230,14 @@ __device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)
 template <typename T, bool kGated, ActivationKind kAct, bool kLora>
 __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvParams p) {
   pdl_begin();
-  __shared__ float red[kWarps][2][16][kPassRows];  // per warp: two 16-row weight blocks x the pass's rows
-  __shared__ float t_s[kPassRows][kLoraMaxRank];    // LoRA: the pass rows' shrink output, rounded
-  __shared__ int slot_s[kPassRows];                 // LoRA: each row's adapter slot (-1: none)
-  __shared__ int tile_s[3];                         // the tile's expert, first row and rows
-  __shared__ int ticket_s;
+  __shared__ float red[kWarps][2][16][kPassRows];          // per warp: two 16-row weight blocks x the pass's rows
+  __shared__ float delta_s[kLora ? 2 : 1][16][kPassRows];  // LoRA: the pass rows' expand output, scaled
+  __shared__ int slot_s[kPassRows];                         // LoRA: each row's adapter slot (-1: none)
+  __shared__ int tile_s[3];                                 // the tile's expert, first row and rows
 
-  constexpr bool lora = kLora;
   const int shrink_ctas = lora_shrink_ctas(p);
   int cta = blockIdx.x;
-  if constexpr (kLora) {  // roles by start order (see the top of this file)
-    if (threadIdx.x == 0) ticket_s = atomicAdd(&p.lora_sync[0], 1);
-    __syncthreads();
-    cta = ticket_s;
+  if constexpr (kLora) {  // the first CTAs are the shrink's (see the top of this file)
     if (cta < shrink_ctas) {
       lora_shrink_cta<T>(p, cta, red);
       return;
@@ -235,8 +283,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
   T* D = static_cast<T*>(p.D);
   const bool vec = p.K % 8 == 0 && reinterpret_cast<uintptr_t>(X) % 16 == 0 && reinterpret_cast<uintptr_t>(W) % 16 == 0;
   const int lane = threadIdx.x % 32, g = lane / 4;
-  const int bucket0 = e * p.seg_per_expert;  // the expert's slot -1 bucket; slot s is bucket0 + 1 + s
-  const T* lora_b = lora ? static_cast<const T*>(p.lora_B) + e * p.b_expert_stride : nullptr;
+  const T* lora_b = kLora ? static_cast<const T*>(p.lora_B) + e * p.b_expert_stride : nullptr;
 
   WeightRows<T> w;
 #pragma unroll
@@ -251,29 +298,27 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
   for (int g0 = 0; g0 < tile_rows; g0 += kPassRows) {  // one pass unless the expert has more than 16 rows here
     const int rows = min(kPassRows, tile_rows - g0);
     const int row0 = tile_row0 + g0;
+    // LoRA: loads whose values are needed only after the weight stream, issued before it: each row's slot
+    // (written by the routing / permute), and a first look at the shrink CTAs' counter.
+    int my_slot = -1, shrinks_seen = 0;
+    if constexpr (kLora) {
+      if (static_cast<int>(threadIdx.x) < rows) my_slot = p.row_slot[row0 + threadIdx.x];
+      if (g0 == 0 && threadIdx.x == 0) shrinks_seen = load_relaxed(&p.lora_sync[0]);
+    }
     if (rows > kRowGroup)
       gemv_pass<T, 2>(X, p.K, row0, rows, w, vec, red);
     else
       gemv_pass<T, 1>(X, p.K, row0, rows, w, vec, red);
-    if (lora) {  // each row's slot, and its t rounded to the activation dtype (as lora_gemm.cu rounds it)
-      if (g0 == 0) {  // the shrink CTAs are done (they started first, see the top of this file)
-        if (threadIdx.x == 0)
-          while (load_acquire(&p.lora_sync[1]) < shrink_ctas) __nanosleep(64);
-        __syncthreads();
+    if constexpr (kLora) {
+      if (threadIdx.x < kPassRows) slot_s[threadIdx.x] = my_slot;
+      if (g0 == 0 && threadIdx.x == 0) {  // every shrink CTA is done: acquire their t
+        if (shrinks_seen >= shrink_ctas)
+          __threadfence();  // the relaxed read above, then a fence: an acquire
+        else
+          while (load_acquire(&p.lora_sync[0]) < shrink_ctas) __nanosleep(64);
       }
-      if (threadIdx.x < kPassRows) {
-        int slot = -1;
-        const int row = row0 + threadIdx.x;
-        if (static_cast<int>(threadIdx.x) < rows) {
-          for (int s = 0; s + 1 < p.seg_per_expert; ++s)
-            if (row >= p.bucket_offsets[bucket0 + 1 + s] && row < p.bucket_offsets[bucket0 + 2 + s]) slot = s;
-        }
-        slot_s[threadIdx.x] = slot;
-      }
-      for (int i = threadIdx.x; i < rows * p.R; i += kThreads) {
-        const int r = i / p.R, j = i % p.R;
-        t_s[r][j] = to_float(from_float<T>(__ldcg(p.lora_t + static_cast<int64_t>(row0 + r) * p.R + j)));
-      }
+      __syncthreads();
+      lora_delta<T>(p, lora_b, row0, rows, wrow0, wrows, slot_s, delta_s);
     }
     __syncthreads();
 
@@ -282,13 +327,8 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
       float v = 0.f;
 #pragma unroll
       for (int wi = 0; wi < kWarps; ++wi) v += red[wi][jb][j][r];
-      if (lora && slot_s[r] >= 0) {
-        const int slot = slot_s[r];
-        const T* b = lora_b + slot * p.b_slot_stride + static_cast<int64_t>(wrow0[jb] + j) * p.R;
-        float delta = 0.f;
-#pragma unroll 8
-        for (int i = 0; i < p.R; ++i) delta += t_s[r][i] * to_float(b[i]);
-        v += (p.slot_scale != nullptr ? p.slot_scale[slot] : 1.f) * delta;
+      if constexpr (kLora) {
+        if (slot_s[r] >= 0) v += delta_s[jb][j][r];
       }
       return v;
     };
@@ -309,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
         D[static_cast<int64_t>(row) * p.N + col] = from_float<T>(total(jb, j, r));
       }
     }
-    __syncthreads();  // red, t_s and slot_s are rewritten by the next pass
+    __syncthreads();  // red, delta_s and slot_s are rewritten by the next pass
   }
 }
 
@@ -339,7 +379,7 @@ cudaError_t launch_expert_gemv(const ExpertGemvParams& p, cudaStream_t stream) {
   if (p.max_rows == 0 || p.N == 0) return cudaSuccess;
   if (p.gated && p.N % 2 != 0) return cudaErrorInvalidValue;
   if (p.lora_A != nullptr && (p.R <= 0 || p.R > kLoraMaxRank || p.lora_B == nullptr || p.lora_t == nullptr ||
-                              p.lora_sync == nullptr || p.lora_tile_prefix == nullptr ||
+                              p.lora_sync == nullptr || p.row_slot == nullptr || p.lora_tile_prefix == nullptr ||
                               p.lora_tile_segment == nullptr || p.lora_tile_capacity < 0))
     return cudaErrorInvalidValue;
   if (p.dtype == DType::BF16)

@@ -149,9 +149,10 @@ struct GatedExpandOut {
 };
 
 // Decode: the GEMV launch runs this side's LoRA itself (expert_gemv.cu: shrink CTAs, expand in the epilogue);
-// fill its fields. `sync`: two ints the routing plan zeroes (ExpertGemvParams::lora_sync).
+// fill its fields. `sync`: an int the routing plan zeroes (ExpertGemvParams::lora_sync).
 void lora_in_gemv(const LoraSide& side, LoraWorkspace& ws, const at::Tensor& lora_tile_prefix,
-                  const at::Tensor& lora_tile_segment, int lora_tile_capacity, int* sync, const float* scalings,
+                  const at::Tensor& lora_tile_segment, int lora_tile_capacity, const at::Tensor& row_slot,
+                  int* sync, const float* scalings,
                   const FusedMoeDims& d, int N, int K, mc::ExpertGemvParams& g) {
   const int64_t R = d.R;
   g.lora_A = side.a.data_ptr();
@@ -166,6 +167,7 @@ void lora_in_gemv(const LoraSide& side, LoraWorkspace& ws, const at::Tensor& lor
   g.lora_tile_prefix = lora_tile_prefix.data_ptr<int>();
   g.lora_tile_segment = lora_tile_segment.data_ptr<int>();
   g.lora_tile_capacity = lora_tile_capacity;
+  g.row_slot = row_slot.data_ptr<int>();
   g.lora_sync = sync;
 }
 
@@ -365,9 +367,12 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   // fc1's LoRA expand with the activation fused (not at decode: the GEMV fuses both itself). The permute
   // records each sorted row's slot so that the activation stage skips the rows the expand did.
   const bool fused_act = d.has_lora && !decode && lora_ws.lora_kernels && use_fused_lora_activation();
-  at::Tensor row_slot = at::empty({fused_act ? pairs : 0}, iopt);
+  // Each sorted row's slot, recorded by the permute (or the routing's gather): the activation skips the rows
+  // fc1's expand did, and the decode GEMVs' LoRA epilogue reads a row's slot there.
+  const bool need_row_slot = fused_act || (decode && d.has_lora);
+  at::Tensor row_slot = at::empty({need_row_slot ? pairs : 0}, iopt);
   // Decode with LoRA: the two GEMV launches' counters (ExpertGemvParams::lora_sync), zeroed by the routing.
-  at::Tensor gemv_sync = at::empty({decode && d.has_lora ? 4 : 0}, iopt);
+  at::Tensor gemv_sync = at::empty({decode && d.has_lora ? 2 : 0}, iopt);
 
   // ---- 1. routing ---------------------------------------------------------------------------------
   mc::RoutingParams rp{};
@@ -389,6 +394,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   if (gather_in_routing) {
     rp.gather_hidden = x.data_ptr(); rp.gather_permuted = permuted.data_ptr();
     rp.gather_pair_row = pair_row.data_ptr<int>(); rp.H = H;
+    rp.gather_row_slot = need_row_slot ? row_slot.data_ptr<int>() : nullptr;
   }
   // Both base GEMMs, their group tables written by the routing (not at decode sizes: expert_gemv.cu needs
   // none). fc2 writes into the gathered input's buffer (permuted), which is dead once fc1 and its LoRA shrink
@@ -419,7 +425,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   pp.pair_rank = rp.pair_rank; pp.bucket_offsets = rp.bucket_offsets;
   pp.T = rp.T; pp.k = rp.k; pp.E = E; pp.S = S; pp.H = H;
   pp.pair_row = pair_row.data_ptr<int>(); pp.permuted = permuted.data_ptr(); pp.dtype = to_dtype(dtype);
-  pp.row_slot = fused_act ? row_slot.data_ptr<int>() : nullptr;
+  pp.row_slot = need_row_slot ? row_slot.data_ptr<int>() : nullptr;
   if (!gather_in_routing) C10_CUDA_CHECK(mc::launch_permute(pp, stream));
 
   // ---- 3-5. fc1 + LoRA, activation -----------------------------------------------------------------
@@ -432,7 +438,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   if (decode) {
     if (d.has_lora)
       lora_in_gemv(lora13, lora_ws, lora_tile_prefix, lora_tile_segment, static_cast<int>(lora_tile_capacity),
-                   gemv_sync.data_ptr<int>(), scale_ptr, d, 2 * I, H, gemv);
+                   row_slot, gemv_sync.data_ptr<int>(), scale_ptr, d, 2 * I, H, gemv);
     gemv.X = permuted.data_ptr(); gemv.W = w13c.data_ptr(); gemv.D = h.data_ptr();
     gemv.N = 2 * I; gemv.K = H; gemv.gated = true;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
@@ -455,7 +461,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   if (decode) {
     if (d.has_lora)
       lora_in_gemv(lora2, lora_ws, lora_tile_prefix, lora_tile_segment, static_cast<int>(lora_tile_capacity),
-                   gemv_sync.data_ptr<int>() + 2, scale_ptr, d, H, I, gemv);
+                   row_slot, gemv_sync.data_ptr<int>() + 1, scale_ptr, d, H, I, gemv);
     gemv.X = h.data_ptr(); gemv.W = w2c.data_ptr(); gemv.D = y.data_ptr();
     gemv.N = H; gemv.K = I; gemv.gated = false;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));

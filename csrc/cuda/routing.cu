@@ -105,7 +105,10 @@ __global__ void __launch_bounds__(kPlanThreads) routing_one_block_kernel(Routing
   for (int pair = warp; pair < p.T * p.k; pair += kPlanThreads / 32) {
     const int bucket = pair_bucket(p.topk_ids, p.token_slots, pair, p.k, p.E, p.S);
     const int row = bucket < 0 ? -1 : p.bucket_offsets[bucket] + p.pair_rank[pair];
-    if (lane == 0) p.gather_pair_row[pair] = row;
+    if (lane == 0) {
+      p.gather_pair_row[pair] = row;
+      if (p.gather_row_slot != nullptr && row >= 0) p.gather_row_slot[row] = bucket % (p.S + 1) - 1;
+    }
     if (row < 0) continue;
     const int nvec = p.H / 8;  // 16-byte vectors of 2-byte elements (H % 8 == 0)
     warp_copy_row(static_cast<const uint4*>(p.gather_hidden) + static_cast<int64_t>(pair / p.k) * nvec,

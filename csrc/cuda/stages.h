@@ -53,6 +53,7 @@ struct RoutingParams {
   const void* gather_hidden;  // [T, H]
   void* gather_permuted;      // [T*k, H]
   int* gather_pair_row;       // [T*k]
+  int* gather_row_slot;       // [T*k] or nullptr: as PermuteParams::row_slot
   int H;
   // Optional: the sm90 base GEMMs' group tables (expert_gemm_sm90.h), written from the expert offsets by the
   // plan (one launch less than expert_gemm_sm90_prepare). Their expert count is E.
@@ -215,8 +216,8 @@ struct ExpertGemvParams {
   const int* lora_tile_prefix;   // [E * seg_per_expert + 1] routing's LoRA m-tiles per bucket (prefix)
   const int* lora_tile_segment;  // [lora_tile_capacity] bucket of each LoRA m-tile
   int lora_tile_capacity;
-  int* lora_sync;              // [2], zero before the launch (RoutingParams::zero_ints): CTA tickets, shrink
-                               // CTAs done
+  const int* row_slot;         // [max_rows] each sorted row's adapter slot (routing / permute's row_slot)
+  int* lora_sync;              // [1], zero before the launch (RoutingParams::zero_ints): shrink CTAs done
 };
 cudaError_t launch_expert_gemv(const ExpertGemvParams& p, cudaStream_t stream);
 
