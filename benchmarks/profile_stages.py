@@ -127,6 +127,7 @@ def main(argv=None):
     ap.add_argument("--variant", action="append", default=[], help="NAME=ENV=VAL,... (repeatable)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-kernels", action="store_true", help="graph totals only")
+    ap.add_argument("--base-kernels", action="store_true", help="also the per-kernel breakdown of the call without LoRA")
     ap.add_argument("--back-to-back", action="store_true",
                     help="queue the timed replays without synchronizing between them (as bench_moe.py)")
     ap.add_argument("--json", default=None, help="write the numbers here")
@@ -176,6 +177,8 @@ def main(argv=None):
                     lora = replay_us([graph_of(call(b, True)) for b in batches], flush, args.iters, args.back_to_back)
                     rows = [] if args.no_kernels else kernel_breakdown([call(b, True) for b in batches], flush,
                                                                       max(5, args.iters // 2))
+                    base_rows = kernel_breakdown([call(b, False) for b in batches], flush,
+                                                 max(5, args.iters // 2)) if args.base_kernels else []
                 ovh = 100.0 * (lora / base - 1.0)
                 print(f"\n## {sname} T={T} [{vname}] graph: base {base:.1f} µs, lora {lora:.1f} µs "
                       f"(+{ovh:.0f}%)", flush=True)
@@ -184,8 +187,13 @@ def main(argv=None):
                     print(f"  {us:8.1f} µs  x{n}  {short(name)}")
                 if rows:
                     print(f"  {total:8.1f} µs  sum of kernel times (eager LoRA call)")
+                for name, n, us in base_rows:
+                    print(f"  {us:8.1f} µs  x{n}  {short(name)}  [base]")
+                if base_rows:
+                    print(f"  {sum(r[2] for r in base_rows):8.1f} µs  sum of kernel times (eager base call)")
                 out.append(dict(shape=sname, T=T, variant=vname, env=env, base_us=base, lora_us=lora,
-                                kernels=[dict(name=n_, launches=c_, us=u_) for n_, c_, u_ in rows]))
+                                kernels=[dict(name=n_, launches=c_, us=u_) for n_, c_, u_ in rows],
+                                base_kernels=[dict(name=n_, launches=c_, us=u_) for n_, c_, u_ in base_rows]))
             torch.cuda.empty_cache()
         del W, L, WL
         torch.cuda.empty_cache()
