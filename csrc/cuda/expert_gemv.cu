@@ -55,11 +55,10 @@ struct WeightRows {
 };
 
 // Sums over K of the pass's rows [row0, row0 + rows) (rows <= 8 NG) times the CTA's weight rows, into
-// red[warp][jb][j][r] (each warp a quarter of the k blocks). Every thread calls after_first_loads() once, right
-// after issuing its first weight loads (a place to issue other loads whose latency the stream then hides).
-template <typename T, int NG, class Hook>
+// red[warp][jb][j][r] (each warp a quarter of the k blocks).
+template <typename T, int NG>
 __device__ __forceinline__ void gemv_pass(const T* X, int K, int row0, int rows, const WeightRows<T>& w, bool vec,
-                                          float (*red)[2][16][kPassRows], Hook&& after_first_loads) {
+                                          float (*red)[2][16][kPassRows]) {
   constexpr int U = kU<NG>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, q = lane % 4;
@@ -73,7 +72,6 @@ __device__ __forceinline__ void gemv_pass(const T* X, int K, int row0, int rows,
 #pragma unroll
     for (int ng = 0; ng < NG; ++ng) c[jb][ng][0] = c[jb][ng][1] = c[jb][ng][2] = c[jb][ng][3] = 0.f;
 
-  bool hooked = false;
   for (int kb0 = warp; kb0 < nkb; kb0 += kWarps * U) {
     Pack<T, 8> xp[U][NG], wp[U][2][2];
 #pragma unroll
@@ -87,10 +85,6 @@ __device__ __forceinline__ void gemv_pass(const T* X, int K, int row0, int rows,
 #pragma unroll
         for (int h = 0; h < 2; ++h) wp[u][jb][h] = load_pack<T, 8>(w.row[jb][h] + k, vec, w.valid[jb][h] ? valid : 0);
     }
-    if (!hooked) {
-      after_first_loads();
-      hooked = true;
-    }
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
@@ -103,7 +97,6 @@ __device__ __forceinline__ void gemv_pass(const T* X, int K, int row0, int rows,
                        xp[u][ng].w[2], xp[u][ng].w[3]);
         }
   }
-  if (!hooked) after_first_loads();  // a warp with no k blocks (K <= 96)
   // c[jb][ng] = {(j, r), (j, r + 1), (j + 8, r), (j + 8, r + 1)} with weight row j = g, token row r = 8 ng + 2q.
 #pragma unroll
   for (int jb = 0; jb < 2; ++jb)
@@ -164,9 +157,9 @@ __device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)
     for (int g0 = 0; g0 < tile_rows; g0 += kPassRows) {
       const int rows = min(kPassRows, tile_rows - g0);
       if (rows > kRowGroup)
-        gemv_pass<T, 2>(X, p.K, tile_row0 + g0, rows, w, vec, red, [] {});
+        gemv_pass<T, 2>(X, p.K, tile_row0 + g0, rows, w, vec, red);
       else
-        gemv_pass<T, 1>(X, p.K, tile_row0 + g0, rows, w, vec, red, [] {});
+        gemv_pass<T, 1>(X, p.K, tile_row0 + g0, rows, w, vec, red);
       __syncthreads();
       for (int o = threadIdx.x; o < 32 * rows; o += kThreads) {
         const int jb = (o % 32) / 16, j = o % 16, r = o / 32, col = r0 + 16 * jb + j;
@@ -185,38 +178,18 @@ __device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)
   }
 }
 
-// The expand's 16-byte B pieces (lora_delta): piece o of a pass is (token row r, weight row jj of the CTA's 32,
-// rank piece c). The vector path needs R a power-of-two multiple of 8 and an aligned B.
-template <typename T>
-struct DeltaPieces {
-  int pieces, per_row;
-  bool vec;
-  __device__ explicit DeltaPieces(const ExpertGemvParams& p)
-      : pieces(p.R / 8), per_row(32 * (p.R / 8)),
-        vec(p.R % 8 == 0 && ((p.R / 8) & (p.R / 8 - 1)) == 0 && reinterpret_cast<uintptr_t>(p.lora_B) % 16 == 0) {}
-  // B piece o of a row with adapter `slot`, or nullptr when that weight row is past the CTA's valid rows.
-  __device__ const T* b_piece(const ExpertGemvParams& p, const T* lora_b, int o, int slot, const int (&wrow0)[2],
-                              const int (&wrows)[2]) const {
-    const int jj = (o / pieces) % 32, c = o % pieces, jb = jj / 16, j = jj % 16;
-    if (j >= wrows[jb]) return nullptr;
-    return lora_b + slot * p.b_slot_stride + static_cast<int64_t>(wrow0[jb] + j) * p.R + 8 * c;
-  }
-};
-
 // delta[jb][j][r] = scale[s] * sum_i round(t[row0 + r, i]) * B[s, e][wrow0[jb] + j, i] for the pass's rows r
 // with an adapter (slot s = slot_s[r]), by the whole CTA: the B row and t of each (weight row, token row) in
-// 16-byte pieces, one piece per thread, summed over the pieces by a shuffle tree (fixed order). Each thread's
-// first piece (o = threadIdx.x) and its slot's scale were fetched during the weight stream (b_first,
-// scale_first, see the kernel); the other loads are independent of each other: one round trip.
+// 16-byte pieces, one piece per thread, summed over the pieces by a shuffle tree (fixed order). Every load
+// is independent of the others, so the expand costs one memory round trip after the weight stream.
 template <typename T>
 __device__ __forceinline__ void lora_delta(const ExpertGemvParams& p, const T* lora_b, int row0, int rows,
                                            const int (&wrow0)[2], const int (&wrows)[2], const int* slot_s,
-                                           const Vec8<T>* b_first, float scale_first,
                                            float (*delta)[16][kPassRows]) {
-  const DeltaPieces<T> dp(p);
-  if (dp.vec) {
-    const int pieces = dp.pieces, per_row = dp.per_row, items = rows * per_row;
-    cp_async_wait<0>();  // this thread's b_first copy
+  const int pieces = p.R / 8;  // 16-byte pieces of a B row
+  const bool vec = p.R % 8 == 0 && (pieces & (pieces - 1)) == 0 && reinterpret_cast<uintptr_t>(p.lora_B) % 16 == 0;
+  if (vec) {
+    const int per_row = 32 * pieces, items = rows * per_row;
     for (int base = 0; base < items; base += kThreads) {  // same trip count in every lane (the shuffles)
       const int o = base + threadIdx.x;
       const int r = o / per_row, jj = (o / pieces) % 32, c = o % pieces;
@@ -225,16 +198,11 @@ __device__ __forceinline__ void lora_delta(const ExpertGemvParams& p, const T* l
       const bool active = slot >= 0 && j < wrows[jb];
       float part = 0.f, scale = 1.f;
       if (active) {
+        const T* b = lora_b + slot * p.b_slot_stride + static_cast<int64_t>(wrow0[jb] + j) * p.R + 8 * c;
         const float4* t = reinterpret_cast<const float4*>(p.lora_t + static_cast<int64_t>(row0 + r) * p.R + 8 * c);
+        const Vec8<T> bv = *reinterpret_cast<const Vec8<T>*>(b);
         const float4 t0 = __ldcg(t), t1 = __ldcg(t + 1);
-        Vec8<T> bv;
-        if (base == 0) {
-          bv = b_first[threadIdx.x];
-          scale = scale_first;
-        } else {
-          bv = *reinterpret_cast<const Vec8<T>*>(dp.b_piece(p, lora_b, o, slot, wrow0, wrows));
-          if (p.slot_scale != nullptr) scale = p.slot_scale[slot];
-        }
+        if (p.slot_scale != nullptr) scale = p.slot_scale[slot];
         const float tv[8] = {t0.x, t0.y, t0.z, t0.w, t1.x, t1.y, t1.z, t1.w};
 #pragma unroll
         for (int i = 0; i < 8; ++i) part += to_float(from_float<T>(tv[i])) * to_float(bv.v[i]);
@@ -265,7 +233,6 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
   __shared__ float red[kWarps][2][16][kPassRows];          // per warp: two 16-row weight blocks x the pass's rows
   __shared__ float delta_s[kLora ? 2 : 1][16][kPassRows];  // LoRA: the pass rows' expand output, scaled
   __shared__ int slot_s[kPassRows];                         // LoRA: each row's adapter slot (-1: none)
-  __shared__ Vec8<T> b_first_s[kLora ? kThreads : 1];      // LoRA: each thread's first B piece (lora_delta)
   __shared__ int tile_s[3];                                 // the tile's expert, first row and rows
 
   const int shrink_ctas = lora_shrink_ctas(p);
@@ -332,32 +299,16 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
     const int rows = min(kPassRows, tile_rows - g0);
     const int row0 = tile_row0 + g0;
     // LoRA: loads whose values are needed only after the weight stream, issued before it: each row's slot
-    // (written by the routing / permute), a first look at the shrink CTAs' counter, and -- once the weight
-    // loads are on their way -- each thread's first B piece of the expand (cp.async) and its slot's scale.
-    // B and the scales are inputs, so unlike t they need not wait for the shrink.
-    int my_slot = -1, shrinks_seen = 0, first_slot = -1;
-    float scale_first = 1.f;
+    // (written by the routing / permute), and a first look at the shrink CTAs' counter.
+    int my_slot = -1, shrinks_seen = 0;
     if constexpr (kLora) {
       if (static_cast<int>(threadIdx.x) < rows) my_slot = p.row_slot[row0 + threadIdx.x];
       if (g0 == 0 && threadIdx.x == 0) shrinks_seen = load_relaxed(&p.lora_sync[0]);
-      const DeltaPieces<T> dp(p);
-      if (dp.vec && static_cast<int>(threadIdx.x) < rows * dp.per_row)
-        first_slot = p.row_slot[row0 + threadIdx.x / dp.per_row];
     }
-    auto fetch_first_piece = [&] {
-      if constexpr (kLora) {
-        const DeltaPieces<T> dp(p);
-        if (!dp.vec) return;
-        const T* b = first_slot >= 0 ? dp.b_piece(p, lora_b, threadIdx.x, first_slot, wrow0, wrows) : nullptr;
-        cp_async_16(&b_first_s[threadIdx.x], b != nullptr ? b : lora_b, b != nullptr);
-        cp_async_commit();
-        if (first_slot >= 0 && p.slot_scale != nullptr) scale_first = p.slot_scale[first_slot];
-      }
-    };
     if (rows > kRowGroup)
-      gemv_pass<T, 2>(X, p.K, row0, rows, w, vec, red, fetch_first_piece);
+      gemv_pass<T, 2>(X, p.K, row0, rows, w, vec, red);
     else
-      gemv_pass<T, 1>(X, p.K, row0, rows, w, vec, red, fetch_first_piece);
+      gemv_pass<T, 1>(X, p.K, row0, rows, w, vec, red);
     if constexpr (kLora) {
       if (threadIdx.x < kPassRows) slot_s[threadIdx.x] = my_slot;
       if (g0 == 0 && threadIdx.x == 0) {  // every shrink CTA is done: acquire their t
@@ -367,7 +318,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
           while (load_acquire(&p.lora_sync[0]) < shrink_ctas) __nanosleep(64);
       }
       __syncthreads();
-      lora_delta<T>(p, lora_b, row0, rows, wrow0, wrows, slot_s, b_first_s, scale_first, delta_s);
+      lora_delta<T>(p, lora_b, row0, rows, wrow0, wrows, slot_s, delta_s);
     }
     __syncthreads();
 

@@ -28,11 +28,9 @@ constexpr int kPlanThreads = 1024;
 using PlanScan = cub::BlockScan<int, kPlanThreads>;
 
 // Exclusive prefix sum of value(i) for i in [0, n) into out[0..n], by one block: each thread sums a
-// contiguous chunk, the block scans the chunk sums, then each thread writes its chunk, calling
-// on_write(i, out[i], value(i)) for each i <= n (value(n) = 0) -- derived tables are written from registers
-// there instead of being read back from out after a barrier (a memory round trip each).
-template <typename ValueOf, typename OnWrite>
-__device__ void block_prefix_sum(int n, ValueOf value, int* out, PlanScan::TempStorage& tmp, OnWrite on_write) {
+// contiguous chunk, the block scans the chunk sums, then each thread writes its chunk.
+template <typename ValueOf>
+__device__ void block_prefix_sum(int n, ValueOf value, int* out, PlanScan::TempStorage& tmp) {
   const int chunk = ceil_div(n, kPlanThreads);
   const int begin = min(n, static_cast<int>(threadIdx.x) * chunk);
   const int end = min(n, begin + chunk);
@@ -41,20 +39,11 @@ __device__ void block_prefix_sum(int n, ValueOf value, int* out, PlanScan::TempS
   int running, total;
   PlanScan(tmp).ExclusiveSum(local, running, total);
   for (int i = begin; i < end; ++i) {
-    const int v = value(i);
     out[i] = running;
-    on_write(i, running, v);
-    running += v;
+    running += value(i);
   }
-  if (threadIdx.x == 0) {
-    out[n] = total;
-    on_write(n, total, 0);
-  }
+  if (threadIdx.x == 0) out[n] = total;
   __syncthreads();  // tmp is reused by the next scan; out is read by the next one
-}
-template <typename ValueOf>
-__device__ void block_prefix_sum(int n, ValueOf value, int* out, PlanScan::TempStorage& tmp) {
-  block_prefix_sum(n, value, out, tmp, [](int, int, int) {});
 }
 
 // Offsets and tile tables from the bucket counts (global or shared memory), by the whole block.
@@ -63,9 +52,8 @@ __device__ void plan_from_counts(const RoutingParams& p, const int* counts, Plan
   const int nbuckets = p.E * per_expert;
 
   if (static_cast<int>(threadIdx.x) < p.zero_count) p.zero_ints[threadIdx.x] = 0;
-  block_prefix_sum(nbuckets, [&](int b) { return counts[b]; }, p.bucket_offsets, tmp, [&](int b, int offset, int) {
-    if (b % per_expert == 0) p.expert_offsets[b / per_expert] = offset;  // b = nbuckets: expert_offsets[E]
-  });
+  block_prefix_sum(nbuckets, [&](int b) { return counts[b]; }, p.bucket_offsets, tmp);
+  for (int e = threadIdx.x; e <= p.E; e += blockDim.x) p.expert_offsets[e] = p.bucket_offsets[e * per_expert];
   for (int i = 0; i < p.gemm_table_count; ++i)
     for (int e = threadIdx.x; e < p.E; e += blockDim.x) {
       const int begin = p.bucket_offsets[e * per_expert];
@@ -77,15 +65,16 @@ __device__ void plan_from_counts(const RoutingParams& p, const int* counts, Plan
       p.E, [&](int e) { return ceil_div(expert_offsets[e + 1] - expert_offsets[e], kTileRows); },
       p.expert_tile_prefix, tmp);
   if (p.S > 0) {
-    // Buckets of rows without an adapter (slot -1, the first of each expert) get no LoRA tiles. The LoRA
-    // kernels look up an m-tile's bucket in lora_tile_segment instead of searching the prefix (one load, not
-    // log2(buckets) dependent ones per work item).
+    // Buckets of rows without an adapter (slot -1, the first of each expert) get no LoRA tiles.
     block_prefix_sum(
         nbuckets, [&](int b) { return b % per_expert == 0 ? 0 : ceil_div(counts[b], kTileRows); },
-        p.lora_tile_prefix, tmp, [&](int b, int first, int tiles) {
-          const int end = min(first + tiles, p.lora_tile_capacity);
-          for (int t = first; t < end; ++t) p.lora_tile_segment[t] = b;
-        });
+        p.lora_tile_prefix, tmp);
+    // The LoRA kernels look up an m-tile's bucket here instead of searching the prefix (one load, not
+    // log2(buckets) dependent ones per work item).
+    for (int b = threadIdx.x; b < nbuckets; b += blockDim.x) {
+      const int end = min(p.lora_tile_prefix[b + 1], p.lora_tile_capacity);
+      for (int t = p.lora_tile_prefix[b]; t < end; ++t) p.lora_tile_segment[t] = b;
+    }
   }
 }
 
