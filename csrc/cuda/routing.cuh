@@ -12,11 +12,13 @@ namespace moelora::cuda {
 // expert that lives on another GPU). Slot ids outside [-1, S) count as "no adapter": reading them
 // would be out of bounds, and checking them would need a host sync.
 // int64 ids are range-checked before narrowing, so 2^32 + 3 is dropped, not read as expert 3.
+// Both loads are issued before either value is tested: a slot load behind the expert's range check would be
+// a second memory round trip (at decode, most of this function's time).
 __device__ __forceinline__ int pair_bucket(TopkIds topk_ids, const int* token_slots, int pair, int k, int E, int S) {
   const int64_t e = topk_ids.int64 ? static_cast<const int64_t*>(topk_ids.data)[pair]
                                    : static_cast<const int*>(topk_ids.data)[pair];
-  if (e < 0 || e >= E) return -1;
   int slot = token_slots == nullptr ? -1 : token_slots[pair / k];
+  if (e < 0 || e >= E) return -1;
   if (slot < -1 || slot >= S) slot = -1;
   return static_cast<int>(e) * (S + 1) + slot + 1;
 }
