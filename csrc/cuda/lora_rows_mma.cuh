@@ -240,6 +240,20 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
   for (int cb0 = warp; cb0 < nblocks; cb0 += kWarps * U) {
     auto block_ok = [&](int u) { return cb0 + u * kWarps < nblocks; };
     auto block_col = [&](int u) { return n_begin + (cb0 + u * kWarps) * 16; };
+    // This lane's write-out item k: row r, 8-column vector cv at column col; ok = it is a real item.
+    struct Item {
+      int it, r, cv, col;
+      bool ok;
+    };
+    auto item = [&](int k) {
+      Item x;
+      x.it = lane + 32 * k;
+      x.r = x.it / kVecs;
+      x.cv = x.it % kVecs;
+      x.col = block_col(x.cv / 2) + 8 * (x.cv % 2);
+      x.ok = x.it < items && block_ok(x.cv / 2) && x.col < n_end;
+      return x;
+    };
     Pack<T, V> bp[U][kSides][NL][2];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -263,13 +277,12 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
     if (vec_out) {
 #pragma unroll
       for (int k = 0; k < Shape::kItemsPerLane; ++k) {
-        const int it = lane + 32 * k, r = it / kVecs, cv = it % kVecs;
-        const int col = block_col(cv / 2) + 8 * (cv % 2);
-        if (it < items && block_ok(cv / 2) && col < n_end) {
+        const Item x = item(k);
+        if (x.ok) {
 #pragma unroll
           for (int sd = 0; sd < kSides; ++sd)
-            cp_async_16(dvec + (it * kSides + sd) * 8, D + static_cast<int64_t>(row0 + r) * ldd + col + sd * out.up_col,
-                        true);
+            cp_async_16(dvec + (x.it * kSides + sd) * 8,
+                        D + static_cast<int64_t>(row0 + x.r) * ldd + x.col + sd * out.up_col, true);
         }
       }
       cp_async_commit();
@@ -297,9 +310,9 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
     __syncwarp();
 #pragma unroll
     for (int k = 0; k < Shape::kItemsPerLane; ++k) {
-      const int it = lane + 32 * k, r = it / kVecs, cv = it % kVecs;
-      const int col = block_col(cv / 2) + 8 * (cv % 2);
-      if (!(it < items && block_ok(cv / 2) && col < n_end)) continue;
+      const Item x = item(k);
+      if (!x.ok) continue;
+      const int it = x.it, r = x.r, cv = x.cv, col = x.col;
       const float* pg = vs + cv * kVecStride + r;  // product of column i: pg[i * kLdc]; up side: + kVecs vectors
       const float* pu = pg + (kSides - 1) * kVecs * kVecStride;
       const int64_t drow = static_cast<int64_t>(row0 + r) * ldd;
