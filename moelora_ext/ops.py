@@ -71,9 +71,27 @@ def fused_moe(
                        w13_shared_a, w13_shared_b, w2_shared_a, w2_shared_b, activation)
     if token_lora_ids is not None and _can_read_values(token_lora_ids):
         check_slot_ids(token_lora_ids, w13_lora_a.shape[0])
+    _warn_if_copied_per_call(w13, "w13")
+    _warn_if_copied_per_call(w2, "w2")
     return torch.ops.moelora.fused_moe.default(
         hidden_states, w13, w2, topk_weights, topk_ids, token_lora_ids, w13_lora_a, w13_lora_b, w2_lora_a,
         w2_lora_b, lora_scalings, w13_shared_a, w13_shared_b, w2_shared_a, w2_shared_b, activation)
+
+
+def _warn_if_copied_per_call(weight: Tensor, name: str) -> None:
+    """The CUDA op reads the expert weights with 16-byte vectors (TMA), so a weight that is not contiguous or
+    does not start on a 16-byte boundary is copied to aligned memory on every call -- the whole tensor, GBs
+    at real sizes. Say so (Python shows a warning once per call site by default). Not while torch.compile
+    traces (no real pointers then)."""
+    if weight.device.type != "cuda" or torch.compiler.is_compiling():
+        return
+    from torch._subclasses.fake_tensor import is_fake
+    if is_fake(weight) or (weight.is_contiguous() and weight.data_ptr() % 16 == 0):
+        return
+    import warnings
+    why = "is not contiguous" if not weight.is_contiguous() else "does not start on a 16-byte boundary"
+    warnings.warn(f"moelora.fused_moe: {name} {why}, so its {weight.nbytes >> 20} MiB are copied on every call; "
+                  f"pass a contiguous, aligned tensor (e.g. {name}.clone()) to avoid the copy", stacklevel=3)
 
 
 def _can_read_values(t: Tensor) -> bool:

@@ -176,20 +176,6 @@ __device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)
     __threadfence();  // the CTA's t stores (ordered before this by the barrier) are visible GPU-wide first
     atomicAdd(&p.lora_sync[0], 1);
   }
-  // Then warm L2 with the segment's B[slot, e] (N x R, contiguous), once per segment: the GEMV CTAs read it
-  // in their epilogue, after their weight stream, where a miss waits behind that stream's queue. evict_last,
-  // so the weight stream passing through L2 in the meantime does not push it out.
-  if (mt < p.lora_tile_prefix[p.E * p.seg_per_expert] && cta % rblocks == 0) {
-    const int seg = p.lora_tile_segment[mt];
-    if (mt == p.lora_tile_prefix[seg]) {
-      const int e = seg / p.seg_per_expert, slot = seg % p.seg_per_expert - 1;
-      const char* b = reinterpret_cast<const char*>(static_cast<const T*>(p.lora_B) + e * p.b_expert_stride +
-                                                    slot * p.b_slot_stride);
-      const int64_t bytes = static_cast<int64_t>(p.N) * p.R * sizeof(T);
-      for (int64_t off = static_cast<int64_t>(threadIdx.x) * 128; off < bytes; off += kThreads * 128)
-        asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(b + off));
-    }
-  }
 }
 
 // delta[jb][j][r] = scale[s] * sum_i round(t[row0 + r, i]) * B[s, e][wrow0[jb] + j, i] for the pass's rows r

@@ -66,18 +66,6 @@ at::Tensor aligned_contiguous(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
-// The expert weights the same way, but such a copy moves the whole weight tensor on every call (GBs at
-// real sizes), so the caller is told once per call site (Python's warning filter) how to avoid it.
-at::Tensor aligned_weight(const at::Tensor& t, const char* name) {
-  at::Tensor c = t.contiguous();
-  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0) return c;
-  TORCH_WARN("moelora::fused_moe: ", name, " does not start on a 16-byte boundary (a view at storage offset ",
-             t.storage_offset(), "), so its ", c.nbytes() >> 20,
-             " MiB are copied to aligned memory on every call; pass an aligned tensor (e.g. ", name,
-             ".clone()) to avoid the copy");
-  return c.clone();
-}
-
 // One LoRA pair (shrink with A, expand with B) on top of a base GEMM output. Segments are the routing
 // buckets: expert-major, slot -1 first (those get no tiles).
 struct LoraSide {
@@ -344,7 +332,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const mc::ActivationKind act = d.activation == Activation::Silu ? mc::ActivationKind::Silu : mc::ActivationKind::Gelu;
 
   const at::Tensor x = aligned_contiguous(hidden_states);
-  const at::Tensor w13c = aligned_weight(w13, "w13"), w2c = aligned_weight(w2, "w2");
+  // A copied expert weight is the whole tensor on every call: the Python wrapper warns (ops.py).
+  const at::Tensor w13c = aligned_contiguous(w13), w2c = aligned_contiguous(w2);
   // Read as given (int32 / int64 ids, fp32 / activation-dtype weights): no conversion kernels.
   const at::Tensor ids = topk_ids.contiguous();
   const at::Tensor weights = topk_weights.contiguous();
