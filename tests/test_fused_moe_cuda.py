@@ -399,9 +399,21 @@ def test_misaligned_views(T, gemm_path):
         assert view.data_ptr() % 16 != 0
         shifted[name] = view
     expected = check(args, torch.bfloat16)
-    with pytest.warns(UserWarning, match=r"w13 does not start on a 16-byte boundary.*copied") as caught:
+    with pytest.warns(UserWarning, match=r"w13 does not start on a 16-byte boundary.*copied on every call") as caught:
         got = moelora_ext.fused_moe(**shifted)
     assert any("w2 does not start" in str(w.message) for w in caught)
+    assert torch.equal(got, expected)
+
+
+def test_non_contiguous_weight_warns_and_matches():
+    """A non-contiguous expert weight is copied on every call (the whole tensor): the wrapper says so, naming
+    it, and the result is the contiguous one's."""
+    args = make_case(40, 256, 128, 8, 2, 4, 16, seed=81)
+    expected = moelora_ext.fused_moe(**args)
+    strided = dict(args, w2=args["w2"].transpose(1, 2).contiguous().transpose(1, 2))
+    assert not strided["w2"].is_contiguous()
+    with pytest.warns(UserWarning, match=r"w2 is not contiguous.*copied on every call"):
+        got = moelora_ext.fused_moe(**strided)
     assert torch.equal(got, expected)
 
 
