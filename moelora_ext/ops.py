@@ -94,7 +94,8 @@ def _warn_if_copied_per_call(weight: Tensor, name: str) -> None:
         return
     import warnings
     why = "is not contiguous" if not weight.is_contiguous() else "does not start on a 16-byte boundary"
-    warnings.warn(f"moelora.fused_moe: {name} {why}, so its {weight.nbytes >> 20} MiB are copied on every call; "
+    size = f"{weight.nbytes / 2**20:.1f} MiB" if weight.nbytes >= 2**20 else f"{weight.nbytes / 2**10:.1f} KiB"
+    warnings.warn(f"moelora.fused_moe: {name} {why}, so its {size} are copied on every call; "
                   f"pass a contiguous, aligned tensor (e.g. {name}.clone()) to avoid the copy", stacklevel=3)
 
 
