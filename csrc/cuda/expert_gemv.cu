@@ -54,6 +54,24 @@ struct WeightRows {
   bool valid[2][2];
 };
 
+// This lane's rows of the two 16-row blocks of W (row stride K) that start at rows first[jb] and hold
+// count[jb] valid rows.
+template <typename T>
+__device__ __forceinline__ WeightRows<T> weight_rows(const T* W, int64_t K, const int (&first)[2],
+                                                     const int (&count)[2]) {
+  const int g = (threadIdx.x % 32) / 4;
+  WeightRows<T> w;
+#pragma unroll
+  for (int jb = 0; jb < 2; ++jb)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int j = g + 8 * h;
+      w.valid[jb][h] = j < count[jb];
+      w.row[jb][h] = W + (first[jb] + (w.valid[jb][h] ? j : 0)) * K;
+    }
+  return w;
+}
+
 // Sums over K of the pass's rows [row0, row0 + rows) (rows <= 8 NG) times the CTA's weight rows, into
 // red[warp][jb][j][r] (each warp a quarter of the k blocks).
 template <typename T, int NG>
@@ -110,6 +128,24 @@ __device__ __forceinline__ void gemv_pass(const T* X, int K, int row0, int rows,
     }
 }
 
+// One pass over the rows [row0, row0 + rows), rows <= kPassRows: one or two 8-row groups per weight load.
+template <typename T>
+__device__ __forceinline__ void gemv_rows(const T* X, int K, int row0, int rows, const WeightRows<T>& w, bool vec,
+                                          float (*red)[2][16][kPassRows]) {
+  if (rows > kRowGroup)
+    gemv_pass<T, 2>(X, K, row0, rows, w, vec, red);
+  else
+    gemv_pass<T, 1>(X, K, row0, rows, w, vec, red);
+}
+
+// Output (weight row j of block jb, token row r) of a pass: the warps' sums added in warp order.
+__device__ __forceinline__ float warp_sum(const float (*red)[2][16][kPassRows], int jb, int j, int r) {
+  float v = 0.f;
+#pragma unroll
+  for (int wi = 0; wi < kWarps; ++wi) v += red[wi][jb][j][r];
+  return v;
+}
+
 // The launch's LoRA shrink CTAs: one per (LoRA m-tile, 32 ranks).
 __host__ __device__ inline int lora_rank_blocks(int R) { return ceil_div(R, 32); }
 __host__ __device__ inline int lora_shrink_ctas(const ExpertGemvParams& p) {
@@ -144,30 +180,17 @@ __device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)
     // The A offsets are multiples of K elements, so K % 8 == 0 keeps 16-byte rows when the base is aligned.
     const bool vec = p.K % 8 == 0 && reinterpret_cast<uintptr_t>(X) % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(p.lora_A) % 16 == 0;
-    const int g = (threadIdx.x % 32) / 4;
-    WeightRows<T> w;
-#pragma unroll
-    for (int jb = 0; jb < 2; ++jb)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int j = r0 + 16 * jb + g + 8 * h;
-        w.valid[jb][h] = j < p.R;
-        w.row[jb][h] = A + static_cast<int64_t>(w.valid[jb][h] ? j : 0) * p.K;
-      }
+    const int first[2] = {r0, r0 + 16};  // A's rows as the two weight blocks
+    const int count[2] = {max(0, min(16, p.R - r0)), max(0, min(16, p.R - r0 - 16))};
+    const WeightRows<T> w = weight_rows(A, p.K, first, count);
     for (int g0 = 0; g0 < tile_rows; g0 += kPassRows) {
       const int rows = min(kPassRows, tile_rows - g0);
-      if (rows > kRowGroup)
-        gemv_pass<T, 2>(X, p.K, tile_row0 + g0, rows, w, vec, red);
-      else
-        gemv_pass<T, 1>(X, p.K, tile_row0 + g0, rows, w, vec, red);
+      gemv_rows(X, p.K, tile_row0 + g0, rows, w, vec, red);
       __syncthreads();
       for (int o = threadIdx.x; o < 32 * rows; o += kThreads) {
         const int jb = (o % 32) / 16, j = o % 16, r = o / 32, col = r0 + 16 * jb + j;
         if (col >= p.R) continue;
-        float v = 0.f;
-#pragma unroll
-        for (int wi = 0; wi < kWarps; ++wi) v += red[wi][jb][j][r];
-        p.lora_t[static_cast<int64_t>(tile_row0 + g0 + r) * p.R + col] = v;
+        p.lora_t[static_cast<int64_t>(tile_row0 + g0 + r) * p.R + col] = warp_sum(red, jb, j, r);
       }
       __syncthreads();  // red is rewritten by the next pass; every t store is issued before the signal below
     }
@@ -282,18 +305,8 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
   const T* W = static_cast<const T*>(p.W) + static_cast<int64_t>(e) * p.N * p.K;
   T* D = static_cast<T*>(p.D);
   const bool vec = p.K % 8 == 0 && reinterpret_cast<uintptr_t>(X) % 16 == 0 && reinterpret_cast<uintptr_t>(W) % 16 == 0;
-  const int lane = threadIdx.x % 32, g = lane / 4;
   const T* lora_b = kLora ? static_cast<const T*>(p.lora_B) + e * p.b_expert_stride : nullptr;
-
-  WeightRows<T> w;
-#pragma unroll
-  for (int jb = 0; jb < 2; ++jb)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int j = g + 8 * h;
-      w.valid[jb][h] = j < wrows[jb];
-      w.row[jb][h] = W + static_cast<int64_t>(wrow0[jb] + (w.valid[jb][h] ? j : 0)) * p.K;
-    }
+  const WeightRows<T> w = weight_rows(W, p.K, wrow0, wrows);
 
   for (int g0 = 0; g0 < tile_rows; g0 += kPassRows) {  // one pass unless the expert has more than 16 rows here
     const int rows = min(kPassRows, tile_rows - g0);
@@ -305,10 +318,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
       if (static_cast<int>(threadIdx.x) < rows) my_slot = p.row_slot[row0 + threadIdx.x];
       if (g0 == 0 && threadIdx.x == 0) shrinks_seen = load_relaxed(&p.lora_sync[0]);
     }
-    if (rows > kRowGroup)
-      gemv_pass<T, 2>(X, p.K, row0, rows, w, vec, red);
-    else
-      gemv_pass<T, 1>(X, p.K, row0, rows, w, vec, red);
+    gemv_rows(X, p.K, row0, rows, w, vec, red);
     if constexpr (kLora) {
       if (threadIdx.x < kPassRows) slot_s[threadIdx.x] = my_slot;
       if (g0 == 0 && threadIdx.x == 0) {  // every shrink CTA is done: acquire their t
@@ -324,9 +334,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
 
     // Sum of the warps in warp order (deterministic), plus the row's LoRA delta, then the epilogue.
     auto total = [&](int jb, int j, int r) {
-      float v = 0.f;
-#pragma unroll
-      for (int wi = 0; wi < kWarps; ++wi) v += red[wi][jb][j][r];
+      float v = warp_sum(red, jb, j, r);
       if constexpr (kLora) {
         if (slot_s[r] >= 0) v += delta_s[jb][j][r];
       }
