@@ -74,6 +74,15 @@ struct LoraSide {
   bool shared_a, shared_b;
 };
 
+// Adapter (slot s, expert e) of a LoRA tensor with `matrix` elements per matrix starts at element
+// s * slot + e * expert. Shared-outer gating: a shared side has no expert offset.
+struct AdapterStrides {
+  int64_t expert, slot;
+};
+AdapterStrides adapter_strides(bool shared, int64_t matrix, int64_t E) {
+  return shared ? AdapterStrides{0, matrix} : AdapterStrides{matrix, E * matrix};
+}
+
 // The LoRA kernels in use: lora_gemm.cu (split-K shrink + N-range expand) for ranks up to kLoraMaxRank,
 // else (or with MOELORA_LORA_SEGMENT_GEMM=1, kept for comparison) the generic segment GEMM, which
 // rounds the shrink output through a [rows, R] buffer.
@@ -155,12 +164,11 @@ void lora_in_gemv(const LoraSide& side, LoraWorkspace& ws, const at::Tensor& lor
                   int* sync, const float* scalings,
                   const FusedMoeDims& d, int N, int K, mc::ExpertGemvParams& g) {
   const int64_t R = d.R;
+  const AdapterStrides sa = adapter_strides(side.shared_a, R * K, d.E), sb = adapter_strides(side.shared_b, N * R, d.E);
   g.lora_A = side.a.data_ptr();
-  g.a_expert_stride = side.shared_a ? 0 : R * K;  // shared-outer gating: no expert offset
-  g.a_slot_stride = side.shared_a ? R * K : d.E * R * K;
+  g.a_expert_stride = sa.expert; g.a_slot_stride = sa.slot;
   g.lora_B = side.b.data_ptr();
-  g.b_expert_stride = side.shared_b ? 0 : static_cast<int64_t>(N) * R;
-  g.b_slot_stride = side.shared_b ? static_cast<int64_t>(N) * R : d.E * N * R;
+  g.b_expert_stride = sb.expert; g.b_slot_stride = sb.slot;
   g.R = static_cast<int>(R);
   g.slot_scale = scalings;
   g.lora_t = ws.buf.data_ptr<float>();  // [pairs, R] of it; fc2's launch reuses it after fc1's
@@ -183,12 +191,12 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
   const int pairs = static_cast<int>(d.T * d.k);
   const int nseg = static_cast<int>(d.E * (d.S + 1));
   const int active = static_cast<int>(d.E * d.S);
+  const AdapterStrides sa = adapter_strides(side.shared_a, R * K, d.E), sb = adapter_strides(side.shared_b, N * R, d.E);
   if (ws.lora_kernels) {
     mc::LoraShrinkParams s{};
     s.X = input.data_ptr(); s.ldx = K;
     s.A = side.a.data_ptr();
-    s.a_expert_stride = side.shared_a ? 0 : R * K;  // shared-outer gating: no expert offset
-    s.a_slot_stride = side.shared_a ? R * K : d.E * R * K;
+    s.a_expert_stride = sa.expert; s.a_slot_stride = sa.slot;
     s.partial = ws.buf.data_ptr<float>();
     s.row_offsets = bucket_offsets.data_ptr<int>(); s.tile_prefix = lora_tile_prefix.data_ptr<int>();
     s.tile_segment = lora_tile_segment.data_ptr<int>();
@@ -201,8 +209,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
     mc::LoraExpandParams e{};
     e.partial = s.partial; e.k_splits = k_splits;
     e.B = side.b.data_ptr();
-    e.b_expert_stride = side.shared_b ? 0 : static_cast<int64_t>(N) * R;
-    e.b_slot_stride = side.shared_b ? static_cast<int64_t>(N) * R : d.E * N * R;
+    e.b_expert_stride = sb.expert; e.b_slot_stride = sb.slot;
     e.D = out.data_ptr(); e.ldd = N;
     e.slot_scale = scalings;
     e.row_offsets = s.row_offsets; e.tile_prefix = s.tile_prefix; e.tile_segment = s.tile_segment;
@@ -231,8 +238,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
   // Shrink: t[r, :R] = A[slot, e] @ input[r]  (scaling applied once, at the expand).
   p.A = input.data_ptr(); p.lda = K;
   p.W = side.a.data_ptr(); p.ldw = K;
-  p.w_expert_stride = side.shared_a ? 0 : R * K;  // shared-outer gating: no expert offset
-  p.w_slot_stride = side.shared_a ? R * K : d.E * R * K;
+  p.w_expert_stride = sa.expert; p.w_slot_stride = sa.slot;
   p.D = ws.buf.data_ptr(); p.ldd = R;
   p.slot_scale = nullptr; p.accumulate = false;
   p.N = static_cast<int>(R); p.K = K;
@@ -241,8 +247,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, LoraWorkspace& ws, 
   // Expand: out[r, :N] += scaling[slot] * B[slot, e] @ t[r].
   p.A = ws.buf.data_ptr(); p.lda = R;
   p.W = side.b.data_ptr(); p.ldw = R;
-  p.w_expert_stride = side.shared_b ? 0 : static_cast<int64_t>(N) * R;
-  p.w_slot_stride = side.shared_b ? static_cast<int64_t>(N) * R : d.E * N * R;
+  p.w_expert_stride = sb.expert; p.w_slot_stride = sb.slot;
   p.D = out.data_ptr(); p.ldd = N;
   p.slot_scale = scalings; p.accumulate = true;
   p.N = N; p.K = static_cast<int>(R);
