@@ -29,7 +29,7 @@ __global__ void permute_kernel(PermuteParams p) {
   const int row = bucket < 0 ? -1 : p.bucket_offsets[bucket] + p.pair_rank[pair];
   if (lane == 0) {
     p.pair_row[pair] = row;
-    if (p.row_slot != nullptr && row >= 0) p.row_slot[row] = bucket % (p.S + 1) - 1;
+    if (p.row_slot != nullptr && row >= 0) p.row_slot[row] = bucket_slot(bucket, p.S);
   }
   if (row < 0) return;
   auto* dst = reinterpret_cast<Vec8<T>*>(static_cast<T*>(p.permuted) + static_cast<int64_t>(row) * p.H);

@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kPlanThreads) routing_one_block_kernel(Routing
     const int row = bucket < 0 ? -1 : p.bucket_offsets[bucket] + p.pair_rank[pair];
     if (lane == 0) {
       p.gather_pair_row[pair] = row;
-      if (p.gather_row_slot != nullptr && row >= 0) p.gather_row_slot[row] = bucket % (p.S + 1) - 1;
+      if (p.gather_row_slot != nullptr && row >= 0) p.gather_row_slot[row] = bucket_slot(bucket, p.S);
     }
     if (row < 0) continue;
     const int nvec = p.H / 8;  // 16-byte vectors of 2-byte elements (H % 8 == 0)

@@ -23,6 +23,9 @@ __device__ __forceinline__ int pair_bucket(TopkIds topk_ids, const int* token_sl
   return static_cast<int>(e) * (S + 1) + slot + 1;
 }
 
+// The adapter slot of bucket b (pair_bucket's inverse for the slot; -1: no adapter).
+__device__ __forceinline__ int bucket_slot(int bucket, int S) { return bucket % (S + 1) - 1; }
+
 // One warp copies nvec 16-byte vectors, 8 loads per lane in flight before their stores (a load -> store
 // loop would wait one memory round trip per 512 bytes).
 __device__ __forceinline__ void warp_copy_row(const uint4* src, uint4* dst, int nvec, int lane) {
