@@ -3,6 +3,7 @@
 
     python benchmarks/profile_stages.py --shapes qwen3-30b-a3b --tokens 1,256,4096 --rank 16 --adapters 8
     python benchmarks/profile_stages.py --variant base= --variant v3=MOELORA_LORA_SIMT_ROWS=0
+    python benchmarks/profile_stages.py --shapes qwen3-30b-a3b --tokens 1 --layers 8 --no-kernels
 
 Each --variant is NAME=ENV1=V1,ENV2=V2 (environment set while that variant's graphs are captured and its
 kernels profiled; the op reads its MOELORA_* knobs per call). For every (shape, T, variant) it prints the
@@ -10,6 +11,11 @@ graph-replay median (CUDA events, L2 flushed before each replay, as bench_moe.py
 and the per-kernel breakdown of the LoRA call from torch.profiler (median per kernel over the iterations).
 This is the tool behind benchmarks/NOTES.md's "count first" analysis; the side-by-side numbers live in
 bench_moe.py.
+
+With --layers N a call is a stack of N layers, each with its own expert weights, adapters and routing, the
+output of one the input of the next, and the times are per layer (the replay over N). One layer's weights
+exceed the L2 anyway; the stack also shows what one layer leaves in the L2 for the next (the decode GEMV's L2
+prefetch, NOTES.md v12), which a single flushed call cannot.
 """
 from __future__ import annotations
 
@@ -130,6 +136,8 @@ def main(argv=None):
     ap.add_argument("--base-kernels", action="store_true", help="also the per-kernel breakdown of the call without LoRA")
     ap.add_argument("--back-to-back", action="store_true",
                     help="queue the timed replays without synchronizing between them (as bench_moe.py)")
+    ap.add_argument("--layers", type=int, default=1,
+                    help="time a stack of this many layers with their own weights (times per layer)")
     ap.add_argument("--json", default=None, help="write the numbers here")
     ap.add_argument("--ncu", action="store_true",
                     help="for Nsight Compute: one eager LoRA call per (shape, T, variant) between "
@@ -146,19 +154,31 @@ def main(argv=None):
     out = []
     for sname in args.shapes.split(","):
         shape = SHAPES[sname]
-        W = P.make_expert_weights(shape.H, shape.I, shape.E, dtype, dev)
-        L = P.make_lora_weights(shape.H, shape.I, shape.E, args.adapters, args.rank, dtype, dev)
-        WL = W.with_lora(L)
+        nl = max(1, args.layers)
+        Ws = [P.make_expert_weights(shape.H, shape.I, shape.E, dtype, dev, seed=3 * layer) for layer in range(nl)]
+        WLs = [W.with_lora(P.make_lora_weights(shape.H, shape.I, shape.E, args.adapters, args.rank, dtype, dev,
+                                               seed=3 * layer + 1)) for layer, W in enumerate(Ws)]
         for T in [int(t) for t in args.tokens.split(",")]:
-            batches = []
+            batches = []  # per copy: x, then each layer's (topk weights, topk ids), the lora ids
             for c in range(2):
-                x, tw, ti = P.make_batch(T, shape.H, shape.E, shape.k, dtype, dev, seed=100 + c)
-                batches.append((x, tw, ti, P.make_lora_ids(T, args.adapters, dev, seed=200 + c)))
+                x = None
+                routes = []
+                for layer in range(nl):
+                    xl, tw, ti = P.make_batch(T, shape.H, shape.E, shape.k, dtype, dev, seed=100 + c + 7 * layer)
+                    x = xl if x is None else x
+                    routes.append((tw, ti))
+                batches.append((x, routes, P.make_lora_ids(T, args.adapters, dev, seed=200 + c)))
 
             def call(b, lora):
-                x, tw, ti, ids = b
-                kw = dict(token_lora_ids=ids, **WL.lora_kwargs()) if lora else {}
-                return lambda: ours.fused_moe(x, W.w13, W.w2, tw, ti, **kw)
+                x, routes, ids = b
+
+                def run():
+                    y = x
+                    for W, (tw, ti) in zip(WLs, routes):
+                        kw = dict(token_lora_ids=ids, **W.lora_kwargs()) if lora else {}
+                        y = ours.fused_moe(y, W.w13, W.w2, tw, ti, **kw)
+                    return y
+                return run
 
             for vname, env in variants:
                 if args.ncu:
@@ -173,14 +193,17 @@ def main(argv=None):
                     print(f"ncu: {sname} T={T} [{vname}] profiled", flush=True)
                     continue
                 with Env(env):
-                    base = replay_us([graph_of(call(b, False)) for b in batches], flush, args.iters, args.back_to_back)
-                    lora = replay_us([graph_of(call(b, True)) for b in batches], flush, args.iters, args.back_to_back)
+                    base = replay_us([graph_of(call(b, False)) for b in batches], flush, args.iters,
+                                     args.back_to_back) / nl
+                    lora = replay_us([graph_of(call(b, True)) for b in batches], flush, args.iters,
+                                     args.back_to_back) / nl
                     rows = [] if args.no_kernels else kernel_breakdown([call(b, True) for b in batches], flush,
                                                                       max(5, args.iters // 2))
                     base_rows = kernel_breakdown([call(b, False) for b in batches], flush,
                                                  max(5, args.iters // 2)) if args.base_kernels else []
                 ovh = 100.0 * (lora / base - 1.0)
-                print(f"\n## {sname} T={T} [{vname}] graph: base {base:.1f} µs, lora {lora:.1f} µs "
+                per = f" per layer of {nl}" if nl > 1 else ""
+                print(f"\n## {sname} T={T} [{vname}] graph{per}: base {base:.1f} µs, lora {lora:.1f} µs "
                       f"(+{ovh:.0f}%)", flush=True)
                 total = sum(r[2] for r in rows)
                 for name, n, us in rows:
@@ -191,11 +214,11 @@ def main(argv=None):
                     print(f"  {us:8.1f} µs  x{n}  {short(name)}  [base]")
                 if base_rows:
                     print(f"  {sum(r[2] for r in base_rows):8.1f} µs  sum of kernel times (eager base call)")
-                out.append(dict(shape=sname, T=T, variant=vname, env=env, base_us=base, lora_us=lora,
+                out.append(dict(shape=sname, T=T, variant=vname, env=env, layers=nl, base_us=base, lora_us=lora,
                                 kernels=[dict(name=n_, launches=c_, us=u_) for n_, c_, u_ in rows],
                                 base_kernels=[dict(name=n_, launches=c_, us=u_) for n_, c_, u_ in base_rows]))
             torch.cuda.empty_cache()
-        del W, L, WL
+        del Ws, WLs
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

@@ -108,6 +108,21 @@ bool use_decode_gemv(const FusedMoeDims& d) {
   return few_rows && (!d.has_lora || use_lora_kernels(d.R));
 }
 
+// Decode: fc1's GEMV prefetches fc2's weights into L2 while it streams its own (sm_90 bulk prefetch; NOTES.md
+// v12), up to MOELORA_GEMV_PREFETCH_MB (default kGemvL2BudgetBytes; 0: off) over the routed experts, at
+// evict_last priority unless MOELORA_GEMV_PREFETCH_EVICT_LAST=0.
+struct GemvL2Prefetch {
+  int64_t budget = 0;
+  bool evict_last = true;
+};
+GemvL2Prefetch gemv_l2_prefetch(int device) {
+  GemvL2Prefetch l2;
+  if (device_attribute(cudaDevAttrComputeCapabilityMajor, device) < 9) return l2;
+  l2.budget = int64_t{env_int("MOELORA_GEMV_PREFETCH_MB", static_cast<int>(mc::kGemvL2BudgetBytes >> 20))} << 20;
+  l2.evict_last = !env_zero("MOELORA_GEMV_PREFETCH_EVICT_LAST");
+  return l2;
+}
+
 // LoRA workspace: split-K partial sums (lora_gemm.cu) or the rounded shrink output (segment GEMM).
 struct LoraWorkspace {
   bool lora_kernels = false;  // use_lora_kernels(R), decided once per call
@@ -117,7 +132,9 @@ struct LoraWorkspace {
   int k_splits_fc1 = 1, k_splits_fc2 = 1;
 };
 
-LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions& act_options, int sm_count) {
+// `decode`: the GEMV launches run the LoRA (lora_in_gemv), whose shrink writes t unsplit, [pairs, R] fp32.
+LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions& act_options, int sm_count,
+                                  bool decode) {
   LoraWorkspace ws;
   const int pairs = static_cast<int>(d.T * d.k);
   const int active = static_cast<int>(d.E * d.S);
@@ -135,7 +152,9 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
                              : small_segments                  ? 2 * mc::kLoraFewRows
                                                                : mc::kLoraFewRows;
   ws.expand_few_rows_max = env_int("MOELORA_LORA_EXPAND_FEW_ROWS", expand_default);
-  if (ws.lora_kernels) {
+  if (ws.lora_kernels && decode) {
+    ws.buf = at::empty({pairs, d.R}, act_options.dtype(at::kFloat));
+  } else if (ws.lora_kernels) {
     // MOELORA_LORA_SHRINK_WAVES=N (default 2): the shrink's split-K target, for measuring (NOTES.md v9).
     const int waves = std::max(1, env_int("MOELORA_LORA_SHRINK_WAVES", mc::kLoraShrinkWaves));
     ws.k_splits_fc1 = mc::lora_k_splits(static_cast<int>(d.H), pairs, active, sm_count, waves);
@@ -366,7 +385,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   at::Tensor scalings;  // undefined: every slot scales by 1
   if (d.has_lora) {
     token_slots = token_lora_ids->contiguous();  // int32 (checked)
-    lora_ws = make_lora_workspace(d, x.options(), sm_count);  // reused by fc1 and fc2
+    lora_ws = make_lora_workspace(d, x.options(), sm_count, decode);  // reused by fc1 and fc2
     if (lora_scalings.has_value()) scalings = lora_scalings->contiguous();  // float32 (checked)
   }
   const float* scale_ptr = scalings.defined() ? scalings.data_ptr<float>() : nullptr;
@@ -395,8 +414,10 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   rp.lora_tile_capacity = static_cast<int>(lora_tile_capacity);
   rp.zero_ints = gemv_sync.numel() > 0 ? gemv_sync.data_ptr<int>() : nullptr;
   rp.zero_count = static_cast<int>(gemv_sync.numel());
-  // At decode the one-block routing kernel also does the permute stage (one launch less).
-  const bool gather_in_routing = decode && mc::routing_fits_one_block(pairs, nbuckets);
+  // MOELORA_ROUTING_FEW_PAIRS=0: the one-block kernel also for the fewest pairs (kept to compare, NOTES.md v12).
+  rp.few_pairs_max = env_zero("MOELORA_ROUTING_FEW_PAIRS") ? 0 : mc::kFewPairsMax;
+  // At decode a one-kernel routing also does the permute stage (one launch less).
+  const bool gather_in_routing = decode && mc::routing_fits_one_block(pairs, nbuckets, rp.few_pairs_max);
   if (gather_in_routing) {
     rp.gather_hidden = x.data_ptr(); rp.gather_permuted = permuted.data_ptr();
     rp.gather_pair_row = pair_row.data_ptr<int>(); rp.H = H;
@@ -447,7 +468,14 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
                    row_slot, gemv_sync.data_ptr<int>(), scale_ptr, d, 2 * I, H, gemv);
     gemv.X = permuted.data_ptr(); gemv.W = w13c.data_ptr(); gemv.D = h.data_ptr();
     gemv.N = 2 * I; gemv.K = H; gemv.gated = true;
+    const GemvL2Prefetch l2 = gemv_l2_prefetch(device);
+    if (l2.budget > 0) {  // fc1 warms L2 with fc2's weights; fc2 puts their priority back
+      gemv.next_W = w2c.data_ptr(); gemv.next_rows = H; gemv.next_K = I;
+      gemv.l2_budget = l2.budget; gemv.evict_last = l2.evict_last;
+    }
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
+    gemv.next_W = nullptr;
+    gemv.demote = l2.budget > 0 && l2.evict_last;
   } else {
     run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
     const GatedExpandOut gated{&h, act};

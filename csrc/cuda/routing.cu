@@ -1,8 +1,11 @@
 // Routing on the device: count the (token, expert) pairs per (expert, adapter-slot) bucket, then one
 // block turns the counts into offsets and tile prefixes. No host sync: every size the host needs is an
-// upper bound known from the shapes (T * k rows). Small problems (decode) run as a single one-block
-// kernel that counts in shared memory; larger ones as memset + count kernel + plan kernel.
+// upper bound known from the shapes (T * k rows). The fewest pairs (decode) run as one barrier-free kernel,
+// small problems as a single one-block kernel that counts in shared memory, larger ones as memset + count
+// kernel + plan kernel.
 #include <cub/block/block_scan.cuh>
+
+#include <climits>
 
 #include "cuda_utils.cuh"
 #include "pdl.cuh"
@@ -116,13 +119,101 @@ __global__ void __launch_bounds__(kPlanThreads) routing_one_block_kernel(Routing
   }
 }
 
+// Routing of at most kFewPairsMax pairs (decode: T <= 4 at top-k <= 8) without block barriers. Every warp
+// holds all the pairs' buckets, one per lane, so each table entry is a count over the pairs that a lane
+// computes on its own: bucket_offsets[b] = pairs in buckets below b, and (a bucket holds at most
+// kFewPairsMax < kTileRows rows, so one tile) the tile prefixes count the distinct experts / adapter buckets
+// below. The one-block kernel above spends its 6.7-9.5 µs on ~15 barriers over 1024 threads (NOTES.md v11).
+// A pair's rank in its bucket is the number of earlier pairs in it: deterministic, unlike the atomics.
+constexpr int kFewPairsThreads = 256;
+static_assert(kFewPairsMax <= 32 && kFewPairsMax <= kTileRows, "one pair per lane, one tile per bucket");
+
+__global__ void __launch_bounds__(kFewPairsThreads) routing_few_pairs_kernel(RoutingParams p) {
+  pdl_begin();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int pairs = p.T * p.k;
+  const int per_expert = p.S + 1, nbuckets = p.E * per_expert;
+  if (static_cast<int>(threadIdx.x) < p.zero_count) p.zero_ints[threadIdx.x] = 0;
+
+  // Lane j: pair j. Dropped pairs (and lanes past the pairs) get key INT_MAX, above every bucket.
+  const int bucket = lane < pairs ? pair_bucket(p.topk_ids, p.token_slots, lane, p.k, p.E, p.S) : -1;
+  const int key = bucket < 0 ? INT_MAX : bucket;
+  const int expert = bucket < 0 ? INT_MAX : bucket / per_expert;
+  const unsigned earlier = (1u << lane) - 1;
+  const unsigned same_bucket = __match_any_sync(0xffffffffu, key);
+  const unsigned same_expert = __match_any_sync(0xffffffffu, expert);
+  const bool first_of_expert = bucket >= 0 && (same_expert & earlier) == 0;
+  // The first pair of a bucket with an adapter stands for that bucket's LoRA tile.
+  const bool lora_tile = bucket >= 0 && (same_bucket & earlier) == 0 && bucket_slot(bucket, p.S) >= 0;
+
+  // Counts over the pairs: with key below `below_key`, and with expert below `below_expert`.
+  struct Counts { int rows, lora_tiles, expert_rows, expert_tiles; };
+  auto count_below = [&](int below_key, int below_expert) {
+    Counts c{0, 0, 0, 0};
+    for (int j = 0; j < pairs; ++j) {  // same trip count in every lane (the shuffles)
+      const int kj = __shfl_sync(0xffffffffu, key, j);
+      const int ej = __shfl_sync(0xffffffffu, expert, j);
+      const int fj = __shfl_sync(0xffffffffu, (lora_tile ? 1 : 0) | (first_of_expert ? 2 : 0), j);
+      if (kj < below_key) { ++c.rows; c.lora_tiles += fj & 1; }
+      if (ej < below_expert) { ++c.expert_rows; c.expert_tiles += fj >> 1; }
+    }
+    return c;
+  };
+
+  // This lane's pair: sorted row = rows of lower buckets + earlier pairs of its bucket.
+  const Counts mine = count_below(key, 0);
+  const int rank = __popc(same_bucket & earlier);
+  const int row = bucket < 0 ? -1 : mine.rows + rank;
+  if (warp == 0 && lane < pairs) {
+    p.pair_rank[lane] = bucket < 0 ? -1 : rank;
+    if (p.lora_tile_segment != nullptr && lora_tile && mine.lora_tiles < p.lora_tile_capacity)
+      p.lora_tile_segment[mine.lora_tiles] = bucket;
+  }
+
+  // The tables, one entry per thread: buckets [0, nbuckets] and experts [0, E].
+  for (int base = warp * 32; base <= nbuckets; base += kFewPairsThreads) {  // whole warps (the shuffles)
+    const int b = base + lane;
+    const Counts c = count_below(b, 0);
+    if (b > nbuckets) continue;
+    p.bucket_offsets[b] = c.rows;
+    if (p.lora_tile_prefix != nullptr) p.lora_tile_prefix[b] = c.lora_tiles;
+  }
+  for (int base = warp * 32; base <= p.E; base += kFewPairsThreads) {
+    const int e = base + lane;
+    const Counts c = count_below(INT_MIN, e), next = count_below(INT_MIN, e + 1);
+    if (e > p.E) continue;
+    p.expert_offsets[e] = c.expert_rows;
+    p.expert_tile_prefix[e] = c.expert_tiles;
+    if (e < p.E)
+      for (int i = 0; i < p.gemm_table_count; ++i)
+        write_expert_gemm_tables(p.gemm_tables[i], e, c.expert_rows, next.expert_rows - c.expert_rows);
+  }
+
+  if (p.gather_permuted == nullptr) return;
+  // The permute stage, one warp per pair (as routing_one_block_kernel).
+  for (int pair = warp; pair < pairs; pair += kFewPairsThreads / 32) {
+    const int prow = __shfl_sync(0xffffffffu, row, pair);
+    const int pbucket = __shfl_sync(0xffffffffu, bucket, pair);
+    if (lane == 0) {
+      p.gather_pair_row[pair] = prow;
+      if (p.gather_row_slot != nullptr && prow >= 0) p.gather_row_slot[prow] = bucket_slot(pbucket, p.S);
+    }
+    if (prow < 0) continue;
+    const int nvec = p.H / 8;  // 16-byte vectors of 2-byte elements (H % 8 == 0)
+    warp_copy_row(static_cast<const uint4*>(p.gather_hidden) + static_cast<int64_t>(pair / p.k) * nvec,
+                  static_cast<uint4*>(p.gather_permuted) + static_cast<int64_t>(prow) * nvec, nvec, lane);
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_routing(const RoutingParams& p, cudaStream_t stream) {
   const int pairs = p.T * p.k;
   const size_t nbuckets = static_cast<size_t>(p.E) * (p.S + 1);
   if (p.zero_count < 0 || p.zero_count > 32 || (p.zero_count > 0 && p.zero_ints == nullptr)) return cudaErrorInvalidValue;
-  if (routing_fits_one_block(pairs, static_cast<int64_t>(nbuckets)))
+  if (p.few_pairs_max < 0 || p.few_pairs_max > kFewPairsMax) return cudaErrorInvalidValue;
+  if (pairs <= p.few_pairs_max) return launch_kernel(routing_few_pairs_kernel, 1, kFewPairsThreads, 0, stream, p);
+  if (routing_fits_one_block(pairs, static_cast<int64_t>(nbuckets), p.few_pairs_max))
     return launch_kernel(routing_one_block_kernel, 1, kPlanThreads, 0, stream, p);
   if (p.gather_permuted != nullptr) return cudaErrorInvalidValue;  // only the one-block kernel gathers
   cudaError_t err = cudaMemsetAsync(p.bucket_counts, 0, nbuckets * sizeof(int), stream);
