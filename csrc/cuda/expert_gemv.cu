@@ -248,57 +248,6 @@ __device__ __forceinline__ void lora_delta(const ExpertGemvParams& p, const T* l
   }
 }
 
-// L2 hints (sm_90: bulk prefetch; applypriority from sm_80). Hints only: the results never depend on them.
-__device__ __forceinline__ void l2_prefetch(const void* ptr, uint32_t bytes, bool evict_last) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (evict_last) {
-    uint64_t policy;
-    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
-    asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(ptr), "r"(bytes), "l"(policy)
-                 : "memory");
-  } else {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
-  }
-#endif
-}
-__device__ __forceinline__ void l2_evict_normal(const void* line) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("applypriority.global.L2::evict_normal [%0], 128;" ::"l"(line) : "memory");
-#endif
-}
-
-// The next GEMV's weights of expert e (ExpertGemvParams::next_W): the first bytes of each row, rows spread
-// over the expert's first-tile CTAs (column block cb of col_blocks), one bulk prefetch per row.
-template <typename T>
-__device__ __forceinline__ void prefetch_next_weights(const ExpertGemvParams& p, int e, int cb, int col_blocks, int tiles) {
-  const int64_t row_bytes = static_cast<int64_t>(p.next_K) * sizeof(T);
-  const int64_t bytes = gemv_prefetch_row_bytes(p.l2_budget, tiles, p.next_rows, row_bytes);
-  if (bytes < 16) return;
-  const char* base = static_cast<const char*>(p.next_W) + static_cast<int64_t>(e) * p.next_rows * row_bytes;
-  const int per_cta = ceil_div(p.next_rows, col_blocks);
-  const int r1 = min(p.next_rows, (cb + 1) * per_cta);
-  for (int r = cb * per_cta + threadIdx.x; r < r1; r += kThreads)
-    l2_prefetch(base + r * row_bytes, static_cast<uint32_t>(bytes / 16 * 16), p.evict_last);
-}
-
-// After its stream, this CTA's weight rows' prefetched lines (as prefetch_next_weights covered them) back to
-// evict_normal (ExpertGemvParams::demote).
-template <typename T>
-__device__ __forceinline__ void demote_prefetched(const ExpertGemvParams& p, const T* W, const int (&wrow0)[2], const int (&wrows)[2],
-                                  int tiles) {
-  const int64_t row_bytes = static_cast<int64_t>(p.K) * sizeof(T);
-  const int64_t bytes = gemv_prefetch_row_bytes(p.l2_budget, tiles, p.N, row_bytes);
-  if (bytes < 16) return;
-  const int lines = static_cast<int>((bytes + 127) / 128) + 1;  // + 1: a row need not start on a line
-  for (int o = threadIdx.x; o < 32 * lines; o += kThreads) {
-    const int jj = o / lines, l = o % lines, j = jj % 16;
-    if (j >= (jj < 16 ? wrows[0] : wrows[1])) continue;
-    const uintptr_t start = reinterpret_cast<uintptr_t>(W + static_cast<int64_t>((jj < 16 ? wrow0[0] : wrow0[1]) + j) * p.K);
-    const uintptr_t line = (start & ~uintptr_t{127}) + 128 * static_cast<uintptr_t>(l);
-    if (line < start + bytes) l2_evict_normal(reinterpret_cast<const void*>(line));
-  }
-}
-
 // kLora: p.lora_A != nullptr. Its own instantiation, so that the plain GEMV's registers do not grow with the
 // shrink CTAs' code.
 template <typename T, bool kGated, ActivationKind kAct, bool kLora>
@@ -307,7 +256,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
   __shared__ float red[kWarps][2][16][kPassRows];          // per warp: two 16-row weight blocks x the pass's rows
   __shared__ float delta_s[kLora ? 2 : 1][16][kPassRows];  // LoRA: the pass rows' expand output, scaled
   __shared__ int slot_s[kPassRows];                         // LoRA: each row's adapter slot (-1: none)
-  __shared__ int tile_s[5];  // the tile's expert, first row, rows, whether it is the expert's first; routed tiles
+  __shared__ int tile_s[3];                                 // the tile's expert, first row and rows
 
   const int shrink_ctas = lora_shrink_ctas(p);
   int cta = blockIdx.x;
@@ -323,10 +272,8 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
   // would be log2(E) dependent loads before the first weight load (several µs at decode, NOTES.md v6).
   const int col_blocks = column_blocks<kGated>(p.N);
   const int tile = cta / col_blocks, cb = cta % col_blocks;
-  const bool l2_hints = p.next_W != nullptr || p.demote;
   if (threadIdx.x == 0) tile_s[0] = -1;
   __syncthreads();
-  if (l2_hints && threadIdx.x == kThreads - 1) tile_s[4] = p.expert_tile_prefix[p.E];
   for (int i = threadIdx.x; i < p.E; i += kThreads) {
     const int first = p.expert_tile_prefix[i];
     if (first <= tile && tile < p.expert_tile_prefix[i + 1]) {  // exactly one expert owns the tile
@@ -334,15 +281,12 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
       tile_s[0] = i;
       tile_s[1] = row0;
       tile_s[2] = min(kTileRows, p.expert_offsets[i + 1] - row0);
-      tile_s[3] = tile == first;
     }
   }
   __syncthreads();
   const int e = tile_s[0];
   if (e < 0) return;  // past the routed tiles (the grid is sized from shapes)
   const int tile_row0 = tile_s[1], tile_rows = tile_s[2];
-  // Fire-and-forget: the next GEMV's weights start moving into L2 while this launch streams its own.
-  if (p.next_W != nullptr && tile_s[3]) prefetch_next_weights<T>(p, e, cb, col_blocks, tile_s[4]);
 
   // The CTA's two 16-row weight blocks: first row and valid rows of each.
   const int half = p.N / 2;
@@ -414,9 +358,6 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
       }
     }
     __syncthreads();  // red, delta_s and slot_s are rewritten by the next pass
-  }
-  if constexpr (!kGated) {  // only fc2's launch reads prefetched weights
-    if (p.demote) demote_prefetched<T>(p, W, wrow0, wrows, tile_s[4]);
   }
 }
 

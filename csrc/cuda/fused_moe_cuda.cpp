@@ -108,21 +108,6 @@ bool use_decode_gemv(const FusedMoeDims& d) {
   return few_rows && (!d.has_lora || use_lora_kernels(d.R));
 }
 
-// Decode: fc1's GEMV prefetches fc2's weights into L2 while it streams its own (sm_90 bulk prefetch; NOTES.md
-// v12), up to MOELORA_GEMV_PREFETCH_MB (default kGemvL2BudgetBytes; 0: off) over the routed experts, at
-// evict_last priority unless MOELORA_GEMV_PREFETCH_EVICT_LAST=0.
-struct GemvL2Prefetch {
-  int64_t budget = 0;
-  bool evict_last = true;
-};
-GemvL2Prefetch gemv_l2_prefetch(int device) {
-  GemvL2Prefetch l2;
-  if (device_attribute(cudaDevAttrComputeCapabilityMajor, device) < 9) return l2;
-  l2.budget = int64_t{env_int("MOELORA_GEMV_PREFETCH_MB", static_cast<int>(mc::kGemvL2BudgetBytes >> 20))} << 20;
-  l2.evict_last = !env_zero("MOELORA_GEMV_PREFETCH_EVICT_LAST");
-  return l2;
-}
-
 // LoRA workspace: split-K partial sums (lora_gemm.cu) or the rounded shrink output (segment GEMM).
 struct LoraWorkspace {
   bool lora_kernels = false;  // use_lora_kernels(R), decided once per call
@@ -416,6 +401,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   rp.zero_count = static_cast<int>(gemv_sync.numel());
   // MOELORA_ROUTING_FEW_PAIRS=0: the one-block kernel also for the fewest pairs (kept to compare, NOTES.md v12).
   rp.few_pairs_max = env_zero("MOELORA_ROUTING_FEW_PAIRS") ? 0 : mc::kFewPairsMax;
+  rp.one_block_threads = env_int("MOELORA_ROUTING_BLOCK", 1024);
   // At decode a one-kernel routing also does the permute stage (one launch less).
   const bool gather_in_routing = decode && mc::routing_fits_one_block(pairs, nbuckets, rp.few_pairs_max);
   if (gather_in_routing) {
@@ -468,14 +454,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
                    row_slot, gemv_sync.data_ptr<int>(), scale_ptr, d, 2 * I, H, gemv);
     gemv.X = permuted.data_ptr(); gemv.W = w13c.data_ptr(); gemv.D = h.data_ptr();
     gemv.N = 2 * I; gemv.K = H; gemv.gated = true;
-    const GemvL2Prefetch l2 = gemv_l2_prefetch(device);
-    if (l2.budget > 0) {  // fc1 warms L2 with fc2's weights; fc2 puts their priority back
-      gemv.next_W = w2c.data_ptr(); gemv.next_rows = H; gemv.next_K = I;
-      gemv.l2_budget = l2.budget; gemv.evict_last = l2.evict_last;
-    }
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
-    gemv.next_W = nullptr;
-    gemv.demote = l2.budget > 0 && l2.evict_last;
   } else {
     run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
     const GatedExpandOut gated{&h, act};

@@ -28,19 +28,20 @@ __global__ void count_pairs_kernel(RoutingParams p) {
 
 constexpr int kPlanThreads = 1024;
 // cub's default (raking) scan: BLOCK_SCAN_WARP_SCANS made the routing kernels 1.2-2 µs slower (NOTES.md v10).
-using PlanScan = cub::BlockScan<int, kPlanThreads>;
+template <int kThreads>
+using PlanScan = cub::BlockScan<int, kThreads>;
 
 // Exclusive prefix sum of value(i) for i in [0, n) into out[0..n], by one block: each thread sums a
 // contiguous chunk, the block scans the chunk sums, then each thread writes its chunk.
-template <typename ValueOf>
-__device__ void block_prefix_sum(int n, ValueOf value, int* out, PlanScan::TempStorage& tmp) {
-  const int chunk = ceil_div(n, kPlanThreads);
+template <int kThreads, typename ValueOf>
+__device__ void block_prefix_sum(int n, ValueOf value, int* out, typename PlanScan<kThreads>::TempStorage& tmp) {
+  const int chunk = ceil_div(n, kThreads);
   const int begin = min(n, static_cast<int>(threadIdx.x) * chunk);
   const int end = min(n, begin + chunk);
   int local = 0;
   for (int i = begin; i < end; ++i) local += value(i);
   int running, total;
-  PlanScan(tmp).ExclusiveSum(local, running, total);
+  PlanScan<kThreads>(tmp).ExclusiveSum(local, running, total);
   for (int i = begin; i < end; ++i) {
     out[i] = running;
     running += value(i);
@@ -50,12 +51,13 @@ __device__ void block_prefix_sum(int n, ValueOf value, int* out, PlanScan::TempS
 }
 
 // Offsets and tile tables from the bucket counts (global or shared memory), by the whole block.
-__device__ void plan_from_counts(const RoutingParams& p, const int* counts, PlanScan::TempStorage& tmp) {
+template <int kThreads>
+__device__ void plan_from_counts(const RoutingParams& p, const int* counts, typename PlanScan<kThreads>::TempStorage& tmp) {
   const int per_expert = p.S + 1;
   const int nbuckets = p.E * per_expert;
 
   if (static_cast<int>(threadIdx.x) < p.zero_count) p.zero_ints[threadIdx.x] = 0;
-  block_prefix_sum(nbuckets, [&](int b) { return counts[b]; }, p.bucket_offsets, tmp);
+  block_prefix_sum<kThreads>(nbuckets, [&](int b) { return counts[b]; }, p.bucket_offsets, tmp);
   for (int e = threadIdx.x; e <= p.E; e += blockDim.x) p.expert_offsets[e] = p.bucket_offsets[e * per_expert];
   for (int i = 0; i < p.gemm_table_count; ++i)
     for (int e = threadIdx.x; e < p.E; e += blockDim.x) {
@@ -64,12 +66,12 @@ __device__ void plan_from_counts(const RoutingParams& p, const int* counts, Plan
     }
   __syncthreads();
   const int* expert_offsets = p.expert_offsets;
-  block_prefix_sum(
+  block_prefix_sum<kThreads>(
       p.E, [&](int e) { return ceil_div(expert_offsets[e + 1] - expert_offsets[e], kTileRows); },
       p.expert_tile_prefix, tmp);
   if (p.S > 0) {
     // Buckets of rows without an adapter (slot -1, the first of each expert) get no LoRA tiles.
-    block_prefix_sum(
+    block_prefix_sum<kThreads>(
         nbuckets, [&](int b) { return b % per_expert == 0 ? 0 : ceil_div(counts[b], kTileRows); },
         p.lora_tile_prefix, tmp);
     // The LoRA kernels look up an m-tile's bucket here instead of searching the prefix (one load, not
@@ -83,15 +85,16 @@ __device__ void plan_from_counts(const RoutingParams& p, const int* counts, Plan
 
 __global__ void __launch_bounds__(kPlanThreads) plan_kernel(RoutingParams p) {
   pdl_begin();
-  __shared__ PlanScan::TempStorage tmp;
-  plan_from_counts(p, p.bucket_counts, tmp);
+  __shared__ PlanScan<kPlanThreads>::TempStorage tmp;
+  plan_from_counts<kPlanThreads>(p, p.bucket_counts, tmp);
 }
 
 // Decode-sized routing in one launch: no memset, no count kernel. The pair ranks come from shared-memory
 // atomics (their order is arbitrary, as in count_pairs_kernel; it never changes the math).
-__global__ void __launch_bounds__(kPlanThreads) routing_one_block_kernel(RoutingParams p) {
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) routing_one_block_kernel(RoutingParams p) {
   pdl_begin();
-  __shared__ PlanScan::TempStorage tmp;
+  __shared__ typename PlanScan<kThreads>::TempStorage tmp;
   __shared__ int counts[kOneBlockMaxBuckets];
   const int nbuckets = p.E * (p.S + 1);
   for (int b = threadIdx.x; b < nbuckets; b += blockDim.x) counts[b] = 0;
@@ -101,11 +104,11 @@ __global__ void __launch_bounds__(kPlanThreads) routing_one_block_kernel(Routing
     p.pair_rank[pair] = bucket < 0 ? -1 : atomicAdd(&counts[bucket], 1);
   }
   __syncthreads();
-  plan_from_counts(p, counts, tmp);  // ends with a barrier: bucket_offsets and pair_rank are visible here
+  plan_from_counts<kThreads>(p, counts, tmp);  // ends with a barrier: bucket_offsets and pair_rank are visible here
   if (p.gather_permuted == nullptr) return;
   // The permute stage (permute.cu), one warp per pair: sorted row, then the token's hidden row copied there.
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int pair = warp; pair < p.T * p.k; pair += kPlanThreads / 32) {
+  for (int pair = warp; pair < p.T * p.k; pair += kThreads / 32) {
     const int bucket = pair_bucket(p.topk_ids, p.token_slots, pair, p.k, p.E, p.S);
     const int row = bucket < 0 ? -1 : p.bucket_offsets[bucket] + p.pair_rank[pair];
     if (lane == 0) {
@@ -134,6 +137,17 @@ __global__ void __launch_bounds__(kFewPairsThreads) routing_few_pairs_kernel(Rou
   const int pairs = p.T * p.k;
   const int per_expert = p.S + 1, nbuckets = p.E * per_expert;
   if (static_cast<int>(threadIdx.x) < p.zero_count) p.zero_ints[threadIdx.x] = 0;
+  // The gather's first piece of this warp's first row (pair `warp`), loaded before the routing: the source row
+  // is the pair's token, known without it, so this load overlaps the ids' round trip.
+  const bool gather = p.gather_permuted != nullptr;
+  const int nvec = p.H / 8;  // 16-byte vectors of 2-byte elements (H % 8 == 0)
+  uint4 first_piece[kCopyInFlight];
+  if (gather && warp < pairs) {
+    const uint4* src = static_cast<const uint4*>(p.gather_hidden) + static_cast<int64_t>(warp / p.k) * nvec;
+#pragma unroll
+    for (int u = 0; u < kCopyInFlight; ++u)
+      if (lane + 32 * u < nvec) first_piece[u] = src[lane + 32 * u];
+  }
 
   // Lane j: pair j. Dropped pairs (and lanes past the pairs) get key INT_MAX, above every bucket.
   const int bucket = lane < pairs ? pair_bucket(p.topk_ids, p.token_slots, lane, p.k, p.E, p.S) : -1;
@@ -146,50 +160,64 @@ __global__ void __launch_bounds__(kFewPairsThreads) routing_few_pairs_kernel(Rou
   // The first pair of a bucket with an adapter stands for that bucket's LoRA tile.
   const bool lora_tile = bucket >= 0 && (same_bucket & earlier) == 0 && bucket_slot(bucket, p.S) >= 0;
 
-  // Counts over the pairs: with key below `below_key`, and with expert below `below_expert`.
-  struct Counts { int rows, lora_tiles, expert_rows, expert_tiles; };
-  auto count_below = [&](int below_key, int below_expert) {
-    Counts c{0, 0, 0, 0};
-    for (int j = 0; j < pairs; ++j) {  // same trip count in every lane (the shuffles)
-      const int kj = __shfl_sync(0xffffffffu, key, j);
-      const int ej = __shfl_sync(0xffffffffu, expert, j);
-      const int fj = __shfl_sync(0xffffffffu, (lora_tile ? 1 : 0) | (first_of_expert ? 2 : 0), j);
-      if (kj < below_key) { ++c.rows; c.lora_tiles += fj & 1; }
-      if (ej < below_expert) { ++c.expert_rows; c.expert_tiles += fj >> 1; }
-    }
-    return c;
-  };
-
-  // This lane's pair: sorted row = rows of lower buckets + earlier pairs of its bucket.
-  const Counts mine = count_below(key, 0);
+  // This lane's pair: sorted row = pairs in lower buckets + earlier pairs of its bucket.
+  int lower = 0, lora_tiles_lower = 0;
+  for (int j = 0; j < pairs; ++j) {  // same trip count in every lane (the shuffles)
+    const int kj = __shfl_sync(0xffffffffu, key, j);
+    const bool tj = __shfl_sync(0xffffffffu, lora_tile, j);
+    lower += kj < key;
+    lora_tiles_lower += tj && kj < key;
+  }
   const int rank = __popc(same_bucket & earlier);
-  const int row = bucket < 0 ? -1 : mine.rows + rank;
+  const int row = bucket < 0 ? -1 : lower + rank;
   if (warp == 0 && lane < pairs) {
     p.pair_rank[lane] = bucket < 0 ? -1 : rank;
-    if (p.lora_tile_segment != nullptr && lora_tile && mine.lora_tiles < p.lora_tile_capacity)
-      p.lora_tile_segment[mine.lora_tiles] = bucket;
+    if (p.lora_tile_segment != nullptr && lora_tile && lora_tiles_lower < p.lora_tile_capacity)
+      p.lora_tile_segment[lora_tiles_lower] = bucket;
   }
 
-  // The tables, one entry per thread: buckets [0, nbuckets] and experts [0, E].
-  for (int base = warp * 32; base <= nbuckets; base += kFewPairsThreads) {  // whole warps (the shuffles)
-    const int b = base + lane;
-    const Counts c = count_below(b, 0);
-    if (b > nbuckets) continue;
-    p.bucket_offsets[b] = c.rows;
-    if (p.lora_tile_prefix != nullptr) p.lora_tile_prefix[b] = c.lora_tiles;
+  // The tables: kEntries entries per thread per pass (bucket b = base + u * kFewPairsThreads + lane), each a
+  // count over the pairs; the pairs are the outer loop, so each pair is shuffled once per pass.
+  constexpr int kEntries = 8;
+  for (int base = warp * 32; base <= nbuckets; base += kFewPairsThreads * kEntries) {  // whole warps
+    int rows[kEntries] = {}, tiles[kEntries] = {};
+    for (int j = 0; j < pairs; ++j) {
+      const int kj = __shfl_sync(0xffffffffu, key, j);
+      const int tj = __shfl_sync(0xffffffffu, lora_tile ? 1 : 0, j);
+#pragma unroll
+      for (int u = 0; u < kEntries; ++u) {
+        const bool below = kj < base + u * kFewPairsThreads + lane;
+        rows[u] += below;
+        tiles[u] += below ? tj : 0;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kEntries; ++u) {
+      const int b = base + u * kFewPairsThreads + lane;
+      if (b > nbuckets) break;
+      p.bucket_offsets[b] = rows[u];
+      if (p.lora_tile_prefix != nullptr) p.lora_tile_prefix[b] = tiles[u];
+    }
   }
-  for (int base = warp * 32; base <= p.E; base += kFewPairsThreads) {
-    const int e = base + lane;
-    const Counts c = count_below(INT_MIN, e), next = count_below(INT_MIN, e + 1);
-    if (e > p.E) continue;
-    p.expert_offsets[e] = c.expert_rows;
-    p.expert_tile_prefix[e] = c.expert_tiles;
-    if (e < p.E)
-      for (int i = 0; i < p.gemm_table_count; ++i)
-        write_expert_gemm_tables(p.gemm_tables[i], e, c.expert_rows, next.expert_rows - c.expert_rows);
+  // Per expert e: rows and (distinct experts = tiles) below e, and below e + 1 (the CUTLASS tables' row count).
+  for (int e0 = warp * 32; e0 <= p.E; e0 += kFewPairsThreads) {  // whole warps
+    const int me = e0 + lane;
+    int rows = 0, tiles = 0, rows_next = 0;
+    for (int j = 0; j < pairs; ++j) {
+      const int ej = __shfl_sync(0xffffffffu, expert, j);
+      const bool fj = __shfl_sync(0xffffffffu, first_of_expert, j);
+      rows += ej < me;
+      tiles += fj && ej < me;
+      rows_next += ej <= me;
+    }
+    if (me > p.E) continue;
+    p.expert_offsets[me] = rows;
+    p.expert_tile_prefix[me] = tiles;
+    if (me < p.E)
+      for (int i = 0; i < p.gemm_table_count; ++i) write_expert_gemm_tables(p.gemm_tables[i], me, rows, rows_next - rows);
   }
 
-  if (p.gather_permuted == nullptr) return;
+  if (!gather) return;
   // The permute stage, one warp per pair (as routing_one_block_kernel).
   for (int pair = warp; pair < pairs; pair += kFewPairsThreads / 32) {
     const int prow = __shfl_sync(0xffffffffu, row, pair);
@@ -199,9 +227,16 @@ __global__ void __launch_bounds__(kFewPairsThreads) routing_few_pairs_kernel(Rou
       if (p.gather_row_slot != nullptr && prow >= 0) p.gather_row_slot[prow] = bucket_slot(pbucket, p.S);
     }
     if (prow < 0) continue;
-    const int nvec = p.H / 8;  // 16-byte vectors of 2-byte elements (H % 8 == 0)
-    warp_copy_row(static_cast<const uint4*>(p.gather_hidden) + static_cast<int64_t>(pair / p.k) * nvec,
-                  static_cast<uint4*>(p.gather_permuted) + static_cast<int64_t>(prow) * nvec, nvec, lane);
+    const uint4* src = static_cast<const uint4*>(p.gather_hidden) + static_cast<int64_t>(pair / p.k) * nvec;
+    uint4* dst = static_cast<uint4*>(p.gather_permuted) + static_cast<int64_t>(prow) * nvec;
+    int done = 0;
+    if (pair == warp) {  // the first piece is in registers
+#pragma unroll
+      for (int u = 0; u < kCopyInFlight; ++u)
+        if (lane + 32 * u < nvec) dst[lane + 32 * u] = first_piece[u];
+      done = 32 * kCopyInFlight;
+    }
+    if (done < nvec) warp_copy_row(src + done, dst + done, nvec - done, lane);
   }
 }
 
@@ -213,8 +248,13 @@ cudaError_t launch_routing(const RoutingParams& p, cudaStream_t stream) {
   if (p.zero_count < 0 || p.zero_count > 32 || (p.zero_count > 0 && p.zero_ints == nullptr)) return cudaErrorInvalidValue;
   if (p.few_pairs_max < 0 || p.few_pairs_max > kFewPairsMax) return cudaErrorInvalidValue;
   if (pairs <= p.few_pairs_max) return launch_kernel(routing_few_pairs_kernel, 1, kFewPairsThreads, 0, stream, p);
-  if (routing_fits_one_block(pairs, static_cast<int64_t>(nbuckets), p.few_pairs_max))
-    return launch_kernel(routing_one_block_kernel, 1, kPlanThreads, 0, stream, p);
+  if (routing_fits_one_block(pairs, static_cast<int64_t>(nbuckets), p.few_pairs_max)) {
+    switch (p.one_block_threads) {
+      case 256: return launch_kernel(routing_one_block_kernel<256>, 1, 256, 0, stream, p);
+      case 512: return launch_kernel(routing_one_block_kernel<512>, 1, 512, 0, stream, p);
+      default: return launch_kernel(routing_one_block_kernel<kPlanThreads>, 1, kPlanThreads, 0, stream, p);
+    }
+  }
   if (p.gather_permuted != nullptr) return cudaErrorInvalidValue;  // only the one-block kernel gathers
   cudaError_t err = cudaMemsetAsync(p.bucket_counts, 0, nbuckets * sizeof(int), stream);
   if (err != cudaSuccess) return err;

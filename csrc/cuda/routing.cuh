@@ -28,15 +28,15 @@ __device__ __forceinline__ int bucket_slot(int bucket, int S) { return bucket % 
 
 // One warp copies nvec 16-byte vectors, 8 loads per lane in flight before their stores (a load -> store
 // loop would wait one memory round trip per 512 bytes).
+constexpr int kCopyInFlight = 8;
 __device__ __forceinline__ void warp_copy_row(const uint4* src, uint4* dst, int nvec, int lane) {
-  constexpr int kInFlight = 8;
-  for (int c0 = lane; c0 < nvec; c0 += 32 * kInFlight) {
-    uint4 v[kInFlight];
+  for (int c0 = lane; c0 < nvec; c0 += 32 * kCopyInFlight) {
+    uint4 v[kCopyInFlight];
 #pragma unroll
-    for (int u = 0; u < kInFlight; ++u)
+    for (int u = 0; u < kCopyInFlight; ++u)
       if (c0 + 32 * u < nvec) v[u] = src[c0 + 32 * u];
 #pragma unroll
-    for (int u = 0; u < kInFlight; ++u)
+    for (int u = 0; u < kCopyInFlight; ++u)
       if (c0 + 32 * u < nvec) dst[c0 + 32 * u] = v[u];
   }
 }

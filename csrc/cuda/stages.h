@@ -64,6 +64,7 @@ struct RoutingParams {
   int zero_count;  // <= 32
   // Up to this many pairs (<= kFewPairsMax; 0: never) the barrier-free few-pairs kernel does all of it.
   int few_pairs_max;
+  int one_block_threads;  // the one-block kernel's block: 256, 512, or anything else for 1024
 };
 // Sizes of the routing launches:
 //  * up to few_pairs_max (kFewPairsMax by default) pairs: one kernel without block barriers, one pair per lane
@@ -226,25 +227,7 @@ struct ExpertGemvParams {
   int lora_tile_capacity;
   const int* row_slot;         // [max_rows] each sorted row's adapter slot (routing / permute's row_slot)
   int* lora_sync;              // [1], zero before the launch (RoutingParams::zero_ints): shrink CTAs done
-  // L2 warm-up of the next GEMV's weights (fc1's launch for fc2's W2; NOTES.md v12): the CTAs of each routed
-  // expert's first tile prefetch next_W[e] = next_W + e * next_rows * next_K, the first
-  // gemv_prefetch_row_bytes(...) of each of its rows, while fc1 streams its own weights.
-  const void* next_W;          // [E, next_rows, next_K], or nullptr: no prefetch
-  int next_rows, next_K;
-  int64_t l2_budget;           // bytes prefetched at most, over all routed experts (also read by `demote`)
-  bool evict_last;             // prefetch at evict_last priority (else evict_normal)
-  // The launch whose weights were prefetched at evict_last: after streaming them it puts those L2 lines back
-  // to evict_normal, so they do not outlive the call (the next layer's lines, or anything else, can take them).
-  bool demote;
 };
-// Bytes at the start of each weight row (of `rows` rows of row_bytes) that the prefetch covers when the routed
-// experts hold `tiles` tiles: a share of the budget, whole 128-byte lines, at most the row.
-__host__ __device__ inline int64_t gemv_prefetch_row_bytes(int64_t budget, int tiles, int rows, int64_t row_bytes) {
-  if (tiles <= 0 || rows <= 0) return 0;
-  const int64_t share = budget / tiles / rows / 128 * 128;
-  return share < row_bytes ? share : row_bytes;
-}
-constexpr int64_t kGemvL2BudgetBytes = int64_t{24} << 20;  // MOELORA_GEMV_PREFETCH_MB overrides (0: off)
 cudaError_t launch_expert_gemv(const ExpertGemvParams& p, cudaStream_t stream);
 
 // ---- activation.cu: h[r, i] = act(gu[r, i]) * gu[r, I + i] for the routed rows ---------------------
