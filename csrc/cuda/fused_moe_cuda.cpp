@@ -401,7 +401,6 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   rp.zero_count = static_cast<int>(gemv_sync.numel());
   // MOELORA_ROUTING_FEW_PAIRS=0: the one-block kernel also for the fewest pairs (kept to compare, NOTES.md v12).
   rp.few_pairs_max = env_zero("MOELORA_ROUTING_FEW_PAIRS") ? 0 : mc::kFewPairsMax;
-  rp.one_block_threads = env_int("MOELORA_ROUTING_BLOCK", 1024);
   // At decode a one-kernel routing also does the permute stage (one launch less).
   const bool gather_in_routing = decode && mc::routing_fits_one_block(pairs, nbuckets, rp.few_pairs_max);
   if (gather_in_routing) {

@@ -28,20 +28,19 @@ __global__ void count_pairs_kernel(RoutingParams p) {
 
 constexpr int kPlanThreads = 1024;
 // cub's default (raking) scan: BLOCK_SCAN_WARP_SCANS made the routing kernels 1.2-2 µs slower (NOTES.md v10).
-template <int kThreads>
-using PlanScan = cub::BlockScan<int, kThreads>;
+using PlanScan = cub::BlockScan<int, kPlanThreads>;
 
 // Exclusive prefix sum of value(i) for i in [0, n) into out[0..n], by one block: each thread sums a
 // contiguous chunk, the block scans the chunk sums, then each thread writes its chunk.
-template <int kThreads, typename ValueOf>
-__device__ void block_prefix_sum(int n, ValueOf value, int* out, typename PlanScan<kThreads>::TempStorage& tmp) {
-  const int chunk = ceil_div(n, kThreads);
+template <typename ValueOf>
+__device__ void block_prefix_sum(int n, ValueOf value, int* out, PlanScan::TempStorage& tmp) {
+  const int chunk = ceil_div(n, kPlanThreads);
   const int begin = min(n, static_cast<int>(threadIdx.x) * chunk);
   const int end = min(n, begin + chunk);
   int local = 0;
   for (int i = begin; i < end; ++i) local += value(i);
   int running, total;
-  PlanScan<kThreads>(tmp).ExclusiveSum(local, running, total);
+  PlanScan(tmp).ExclusiveSum(local, running, total);
   for (int i = begin; i < end; ++i) {
     out[i] = running;
     running += value(i);
@@ -51,13 +50,12 @@ __device__ void block_prefix_sum(int n, ValueOf value, int* out, typename PlanSc
 }
 
 // Offsets and tile tables from the bucket counts (global or shared memory), by the whole block.
-template <int kThreads>
-__device__ void plan_from_counts(const RoutingParams& p, const int* counts, typename PlanScan<kThreads>::TempStorage& tmp) {
+__device__ void plan_from_counts(const RoutingParams& p, const int* counts, PlanScan::TempStorage& tmp) {
   const int per_expert = p.S + 1;
   const int nbuckets = p.E * per_expert;
 
   if (static_cast<int>(threadIdx.x) < p.zero_count) p.zero_ints[threadIdx.x] = 0;
-  block_prefix_sum<kThreads>(nbuckets, [&](int b) { return counts[b]; }, p.bucket_offsets, tmp);
+  block_prefix_sum(nbuckets, [&](int b) { return counts[b]; }, p.bucket_offsets, tmp);
   for (int e = threadIdx.x; e <= p.E; e += blockDim.x) p.expert_offsets[e] = p.bucket_offsets[e * per_expert];
   for (int i = 0; i < p.gemm_table_count; ++i)
     for (int e = threadIdx.x; e < p.E; e += blockDim.x) {
@@ -66,12 +64,12 @@ __device__ void plan_from_counts(const RoutingParams& p, const int* counts, type
     }
   __syncthreads();
   const int* expert_offsets = p.expert_offsets;
-  block_prefix_sum<kThreads>(
+  block_prefix_sum(
       p.E, [&](int e) { return ceil_div(expert_offsets[e + 1] - expert_offsets[e], kTileRows); },
       p.expert_tile_prefix, tmp);
   if (p.S > 0) {
     // Buckets of rows without an adapter (slot -1, the first of each expert) get no LoRA tiles.
-    block_prefix_sum<kThreads>(
+    block_prefix_sum(
         nbuckets, [&](int b) { return b % per_expert == 0 ? 0 : ceil_div(counts[b], kTileRows); },
         p.lora_tile_prefix, tmp);
     // The LoRA kernels look up an m-tile's bucket here instead of searching the prefix (one load, not
@@ -85,16 +83,15 @@ __device__ void plan_from_counts(const RoutingParams& p, const int* counts, type
 
 __global__ void __launch_bounds__(kPlanThreads) plan_kernel(RoutingParams p) {
   pdl_begin();
-  __shared__ PlanScan<kPlanThreads>::TempStorage tmp;
-  plan_from_counts<kPlanThreads>(p, p.bucket_counts, tmp);
+  __shared__ PlanScan::TempStorage tmp;
+  plan_from_counts(p, p.bucket_counts, tmp);
 }
 
 // Decode-sized routing in one launch: no memset, no count kernel. The pair ranks come from shared-memory
 // atomics (their order is arbitrary, as in count_pairs_kernel; it never changes the math).
-template <int kThreads>
-__global__ void __launch_bounds__(kThreads) routing_one_block_kernel(RoutingParams p) {
+__global__ void __launch_bounds__(kPlanThreads) routing_one_block_kernel(RoutingParams p) {
   pdl_begin();
-  __shared__ typename PlanScan<kThreads>::TempStorage tmp;
+  __shared__ PlanScan::TempStorage tmp;
   __shared__ int counts[kOneBlockMaxBuckets];
   const int nbuckets = p.E * (p.S + 1);
   for (int b = threadIdx.x; b < nbuckets; b += blockDim.x) counts[b] = 0;
@@ -104,11 +101,11 @@ __global__ void __launch_bounds__(kThreads) routing_one_block_kernel(RoutingPara
     p.pair_rank[pair] = bucket < 0 ? -1 : atomicAdd(&counts[bucket], 1);
   }
   __syncthreads();
-  plan_from_counts<kThreads>(p, counts, tmp);  // ends with a barrier: bucket_offsets and pair_rank are visible here
+  plan_from_counts(p, counts, tmp);  // ends with a barrier: bucket_offsets and pair_rank are visible here
   if (p.gather_permuted == nullptr) return;
   // The permute stage (permute.cu), one warp per pair: sorted row, then the token's hidden row copied there.
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int pair = warp; pair < p.T * p.k; pair += kThreads / 32) {
+  for (int pair = warp; pair < p.T * p.k; pair += kPlanThreads / 32) {
     const int bucket = pair_bucket(p.topk_ids, p.token_slots, pair, p.k, p.E, p.S);
     const int row = bucket < 0 ? -1 : p.bucket_offsets[bucket] + p.pair_rank[pair];
     if (lane == 0) {
@@ -248,13 +245,8 @@ cudaError_t launch_routing(const RoutingParams& p, cudaStream_t stream) {
   if (p.zero_count < 0 || p.zero_count > 32 || (p.zero_count > 0 && p.zero_ints == nullptr)) return cudaErrorInvalidValue;
   if (p.few_pairs_max < 0 || p.few_pairs_max > kFewPairsMax) return cudaErrorInvalidValue;
   if (pairs <= p.few_pairs_max) return launch_kernel(routing_few_pairs_kernel, 1, kFewPairsThreads, 0, stream, p);
-  if (routing_fits_one_block(pairs, static_cast<int64_t>(nbuckets), p.few_pairs_max)) {
-    switch (p.one_block_threads) {
-      case 256: return launch_kernel(routing_one_block_kernel<256>, 1, 256, 0, stream, p);
-      case 512: return launch_kernel(routing_one_block_kernel<512>, 1, 512, 0, stream, p);
-      default: return launch_kernel(routing_one_block_kernel<kPlanThreads>, 1, kPlanThreads, 0, stream, p);
-    }
-  }
+  if (routing_fits_one_block(pairs, static_cast<int64_t>(nbuckets), p.few_pairs_max))
+    return launch_kernel(routing_one_block_kernel, 1, kPlanThreads, 0, stream, p);
   if (p.gather_permuted != nullptr) return cudaErrorInvalidValue;  // only the one-block kernel gathers
   cudaError_t err = cudaMemsetAsync(p.bucket_counts, 0, nbuckets * sizeof(int), stream);
   if (err != cudaSuccess) return err;

@@ -64,7 +64,6 @@ struct RoutingParams {
   int zero_count;  // <= 32
   // Up to this many pairs (<= kFewPairsMax; 0: never) the barrier-free few-pairs kernel does all of it.
   int few_pairs_max;
-  int one_block_threads;  // the one-block kernel's block: 256, 512, or anything else for 1024
 };
 // Sizes of the routing launches:
 //  * up to few_pairs_max (kFewPairsMax by default) pairs: one kernel without block barriers, one pair per lane
