@@ -402,7 +402,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   // MOELORA_ROUTING_FEW_PAIRS=0: the one-block kernel also for the fewest pairs (kept to compare, NOTES.md v12).
   rp.few_pairs_max = env_zero("MOELORA_ROUTING_FEW_PAIRS") ? 0 : mc::kFewPairsMax;
   // At decode a one-kernel routing also does the permute stage (one launch less).
-  const bool gather_in_routing = decode && mc::routing_fits_one_block(pairs, nbuckets, rp.few_pairs_max);
+  const bool gather_in_routing = decode && mc::routing_in_one_kernel(pairs, nbuckets, rp.few_pairs_max);
   if (gather_in_routing) {
     rp.gather_hidden = x.data_ptr(); rp.gather_permuted = permuted.data_ptr();
     rp.gather_pair_row = pair_row.data_ptr<int>(); rp.H = H;

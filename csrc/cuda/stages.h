@@ -47,8 +47,8 @@ struct RoutingParams {
   int* lora_tile_prefix;    // [E*(S+1)+1] out (only when S > 0): same per bucket, 0 for slot -1 buckets
   int* lora_tile_segment;   // [lora_tile_capacity] out (only when S > 0): bucket of each LoRA m-tile
   int lora_tile_capacity;   // segment_tiles_upper_bound(T * k, E * S)
-  // Optional, decode: the permute stage folded into the one-block kernel (one launch less). When
-  // gather_permuted is set (only when routing_fits_one_block), it writes pair_row and the gathered rows
+  // Optional, decode: the permute stage folded into a one-kernel routing (one launch less). When
+  // gather_permuted is set (only when routing_in_one_kernel), it writes pair_row and the gathered rows
   // exactly as launch_permute would.
   const void* gather_hidden;  // [T, H]
   void* gather_permuted;      // [T*k, H]
@@ -75,7 +75,7 @@ struct RoutingParams {
 constexpr int kFewPairsMax = 32;
 constexpr int kOneBlockMaxPairs = 4096;
 constexpr int kOneBlockMaxBuckets = 8192;  // 32 KB of shared-memory counters
-inline bool routing_fits_one_block(int pairs, int64_t nbuckets, int few_pairs_max) {
+inline bool routing_in_one_kernel(int pairs, int64_t nbuckets, int few_pairs_max) {
   return pairs <= few_pairs_max || (pairs <= kOneBlockMaxPairs && nbuckets <= kOneBlockMaxBuckets);
 }
 cudaError_t launch_routing(const RoutingParams& p, cudaStream_t stream);
