@@ -26,6 +26,20 @@ __global__ void count_pairs_kernel(RoutingParams p) {
   p.pair_rank[pair] = bucket < 0 ? -1 : atomicAdd(&p.bucket_counts[bucket], 1);
 }
 
+// The permute stage folded into a one-kernel routing (RoutingParams::gather_permuted): where pair `pair`'s
+// hidden row comes from and sorted row `row` goes, in 16-byte vectors (H / 8 of them, H % 8 == 0), and the
+// pair's bookkeeping (by one lane).
+__device__ __forceinline__ const uint4* gather_source(const RoutingParams& p, int pair) {
+  return static_cast<const uint4*>(p.gather_hidden) + static_cast<int64_t>(pair / p.k) * (p.H / 8);
+}
+__device__ __forceinline__ uint4* gather_target(const RoutingParams& p, int row) {
+  return static_cast<uint4*>(p.gather_permuted) + static_cast<int64_t>(row) * (p.H / 8);
+}
+__device__ __forceinline__ void record_gathered_pair(const RoutingParams& p, int pair, int row, int bucket) {
+  p.gather_pair_row[pair] = row;
+  if (p.gather_row_slot != nullptr && row >= 0) p.gather_row_slot[row] = bucket_slot(bucket, p.S);
+}
+
 constexpr int kPlanThreads = 1024;
 // cub's default (raking) scan: BLOCK_SCAN_WARP_SCANS made the routing kernels 1.2-2 µs slower (NOTES.md v10).
 using PlanScan = cub::BlockScan<int, kPlanThreads>;
@@ -108,14 +122,8 @@ __global__ void __launch_bounds__(kPlanThreads) routing_one_block_kernel(Routing
   for (int pair = warp; pair < p.T * p.k; pair += kPlanThreads / 32) {
     const int bucket = pair_bucket(p.topk_ids, p.token_slots, pair, p.k, p.E, p.S);
     const int row = bucket < 0 ? -1 : p.bucket_offsets[bucket] + p.pair_rank[pair];
-    if (lane == 0) {
-      p.gather_pair_row[pair] = row;
-      if (p.gather_row_slot != nullptr && row >= 0) p.gather_row_slot[row] = bucket_slot(bucket, p.S);
-    }
-    if (row < 0) continue;
-    const int nvec = p.H / 8;  // 16-byte vectors of 2-byte elements (H % 8 == 0)
-    warp_copy_row(static_cast<const uint4*>(p.gather_hidden) + static_cast<int64_t>(pair / p.k) * nvec,
-                  static_cast<uint4*>(p.gather_permuted) + static_cast<int64_t>(row) * nvec, nvec, lane);
+    if (lane == 0) record_gathered_pair(p, pair, row, bucket);
+    if (row >= 0) warp_copy_row(gather_source(p, pair), gather_target(p, row), p.H / 8, lane);
   }
 }
 
@@ -138,10 +146,10 @@ __global__ void __launch_bounds__(kFewPairsThreads) routing_few_pairs_kernel(Rou
   // The gather's first piece of this warp's first row (pair `warp`), loaded before the routing: the source row
   // is the pair's token, known without it, so this load overlaps the ids' round trip.
   const bool gather = p.gather_permuted != nullptr;
-  const int nvec = p.H / 8;  // 16-byte vectors of 2-byte elements (H % 8 == 0)
+  const int nvec = p.H / 8;
   uint4 first_piece[kCopyInFlight];
   if (gather && warp < pairs) {
-    const uint4* src = static_cast<const uint4*>(p.gather_hidden) + static_cast<int64_t>(warp / p.k) * nvec;
+    const uint4* src = gather_source(p, warp);
 #pragma unroll
     for (int u = 0; u < kCopyInFlight; ++u)
       if (lane + 32 * u < nvec) first_piece[u] = src[lane + 32 * u];
@@ -220,13 +228,10 @@ __global__ void __launch_bounds__(kFewPairsThreads) routing_few_pairs_kernel(Rou
   for (int pair = warp; pair < pairs; pair += kFewPairsThreads / 32) {
     const int prow = __shfl_sync(0xffffffffu, row, pair);
     const int pbucket = __shfl_sync(0xffffffffu, bucket, pair);
-    if (lane == 0) {
-      p.gather_pair_row[pair] = prow;
-      if (p.gather_row_slot != nullptr && prow >= 0) p.gather_row_slot[prow] = bucket_slot(pbucket, p.S);
-    }
+    if (lane == 0) record_gathered_pair(p, pair, prow, pbucket);
     if (prow < 0) continue;
-    const uint4* src = static_cast<const uint4*>(p.gather_hidden) + static_cast<int64_t>(pair / p.k) * nvec;
-    uint4* dst = static_cast<uint4*>(p.gather_permuted) + static_cast<int64_t>(prow) * nvec;
+    const uint4* src = gather_source(p, pair);
+    uint4* dst = gather_target(p, prow);
     int done = 0;
     if (pair == warp) {  // the first piece is in registers
 #pragma unroll
