@@ -1,6 +1,7 @@
 // LoRA on the (expert, slot) segments of the sorted rows, in two kernels per projection:
 //
 //   shrink: partial[ks, r, :R] = X[r, K-chunk ks] @ A[slot, e][:, K-chunk ks]^T      (split-K, fp32)
+//           (X's row x_rows[r] with LoraShrinkParams::x_rows: fc1 reads the token's hidden row)
 //   expand: D[r, n-range]     += scale[slot] * bf16(sum_ks partial[ks, r]) @ B[slot, e][n-range]^T
 //
 // Why this shape (benchmarks/NOTES.md, v3): at decode and mid batch sizes a segment holds a handful of
@@ -78,12 +79,16 @@ struct ShrinkShape {
   static constexpr size_t kPipelineBytes = size_t(kStages) * kStageElems * 2;
   static constexpr int kLdc = RP + 4;
   static constexpr size_t kOutBytes = size_t(kTileRows) * kLdc * 4;
-  static constexpr size_t kSmemBytes = kPipelineBytes > kOutBytes ? kPipelineBytes : kOutBytes;  // dynamic
+  static constexpr size_t kTileBytes = kPipelineBytes > kOutBytes ? kPipelineBytes : kOutBytes;
+  // + the tile's X row indices (LoraShrinkParams::x_rows), which no other buffer aliases.
+  static constexpr size_t kSmemBytes = kTileBytes + kTileRows * sizeof(int);  // dynamic
+  static_assert(kTileBytes % 16 == 0, "the row table is 16-byte aligned");
   static_assert(kSmemBytes + 1024 <= 228 * 1024 / kBlocksPerSm, "kBlocksPerSm CTAs per SM");
   static_assert(kSmemBytes >= size_t(lora_few_rows::shrink_red_floats<RP, kWarps>()) * 4, "room for the few-rows path's reduction");
 };
 
-template <typename T, int RP, bool kLargeSegments>
+// kTokenRows: p.x_rows is set (fc1 reads the hidden states by token).
+template <typename T, int RP, bool kLargeSegments, bool kTokenRows>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(LoraShrinkParams p) {
   pdl_begin();
   using Shape = ShrinkShape<RP, kLargeSegments>;
@@ -91,6 +96,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
   extern __shared__ __align__(128) unsigned char smem_raw[];  // Shape::kSmemBytes
   T* stage_base = reinterpret_cast<T*>(smem_raw);
   float* ctile = reinterpret_cast<float*>(smem_raw);  // after the K loop
+  int* x_row_table = reinterpret_cast<int*>(smem_raw + Shape::kTileBytes);  // with p.x_rows
 
   const T* X = static_cast<const T*>(p.X);
   const T* Abase = static_cast<const T*>(p.A);
@@ -116,12 +122,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
     const T* x_src = X + static_cast<int64_t>(st.row0) * p.ldx;
     const T* a_src = Abase + st.expert * p.a_expert_stride + st.slot * p.a_slot_stride;  // [R, K]
     if (st.few_rows) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
-      lora_few_rows::shrink_tile<T, RP, kWarps>(X, p.ldx, a_src, p.K, p.R,
+      lora_few_rows::shrink_tile<T, RP, kWarps, kTokenRows>(X, p.ldx, p.x_rows, a_src, p.K, p.R,
                                             st.row0, st.rows, k_begin, k_end, vec,
                                             p.partial + static_cast<int64_t>(ks) * p.max_rows * p.R, ctile);
       continue;
     }
     const bool warp_active = warp * 16 < st.rows;
+    if constexpr (kTokenRows) {  // the tile's X rows (the previous item's last barrier ordered the table's reads)
+      for (int r = threadIdx.x; r < kTileRows; r += kThreads) x_row_table[r] = r < st.rows ? p.x_rows[st.row0 + r] : 0;
+      __syncthreads();
+    }
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[RP / 16];
 #pragma unroll
@@ -131,7 +141,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
     auto stage_a = [&](int s) { return stage_base + s * Shape::kStageElems + kTileRows * kLds; };
     auto load_stage = [&](int s, int kt) {
       const int k0 = k_begin + kt * kBK;
-      load_tile<T, kTileRows, kBK, kLds, kThreads>(stage_x(s), x_src, p.ldx, st.rows, k0, k_end, vec);
+      if constexpr (kTokenRows)
+        load_tile_rows<T, kTileRows, kBK, kLds, kThreads>(
+            stage_x(s), [&](int r) { return X + static_cast<int64_t>(x_row_table[r]) * p.ldx; }, st.rows, k0, k_end, vec);
+      else
+        load_tile<T, kTileRows, kBK, kLds, kThreads>(stage_x(s), x_src, p.ldx, st.rows, k0, k_end, vec);
       load_tile<T, RP, kBK, kLds, kThreads>(stage_a(s), a_src, p.K, p.R, k0, k_end, vec);
     };
 #pragma unroll
@@ -228,7 +242,8 @@ __device__ __forceinline__ uint32_t lds_pair(const T* p) {
 // partials summed in a fixed order) in shared memory, and a ring of kStages chunk stages, each holding the
 // chunk's B rows and the D values they update, copied with cp.async kStages - 1 chunks ahead. Per chunk each
 // warp multiplies its 16 rows of t with the chunk's B rows (mma.sync m16n8k16, fp32), and rounds
-// v = D + alpha * product back into the D values in shared memory; the write-out then reads v from there with
+// v = D + alpha * product (p.store: alpha * product, no D values staged) back into the stage's D values in
+// shared memory; the write-out then reads v from there with
 // 16-byte vectors: plain, each warp copies its own rows to D; gated (p.h set, fc1 with the activation fused),
 // after a block barrier every thread takes (row, 8 columns) items and writes h = round(act(v_gate) * v_up).
 // Measured on the H100 (NOTES.md v7, v8): v7's register-held D values (loaded at each chunk's start) left a
@@ -237,8 +252,10 @@ __device__ __forceinline__ uint32_t lds_pair(const T* p) {
 // every warp, not only those owning rows), the per-warp one for the plain path (no block barrier). Finishing
 // every output from the mma registers (4-byte stores) was faster only on qwen3's 28-row tiles and slower on
 // mixtral / gpt-oss; both write-outs in one kernel lost the gain to register pressure, so it was not kept.
-template <typename T, int RP, bool kGated>
+// kStore (plain only, p.store): D = alpha * product, D not read.
+template <typename T, int RP, bool kGated, bool kStore>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(LoraExpandParams p) {
+  static_assert(!(kGated && kStore), "the gated expand reads gu");
   pdl_begin();
   using Shape = ExpandShape<RP>;
   constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt, kLdd = Shape::kLdd, kStages = Shape::kStages;
@@ -254,6 +271,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
 
   const T* Bbase = static_cast<const T*>(p.B);
   const ExpandOut<T> out{static_cast<T*>(p.D), p.ldd, static_cast<T*>(p.h), p.ldh, p.up_col, p.activation};
+  constexpr bool read_d = !kStore;
   T* D = out.D;
   const bool vec_b = (p.R % 8 == 0) && (p.b_expert_stride % 8 == 0) && (p.b_slot_stride % 8 == 0) &&
                      (reinterpret_cast<uintptr_t>(Bbase) % 16 == 0);
@@ -276,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
     const int my_row0 = warp * 16;
 
     if (st.few_rows) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
-      lora_few_rows::expand_tile<T, RP, kWarps, kGated>(p.partial, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R,
+      lora_few_rows::expand_tile<T, RP, kWarps, kGated, kStore>(p.partial, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R,
                                                         b_src, p.R, vec_b, vec_out, out, alpha, st.row0, st.rows,
                                                         n_begin, n_end, reinterpret_cast<float*>(smem_raw));
       continue;
@@ -292,7 +310,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       for (int sd = 0; sd < kSides; ++sd)
         load_tile<T, kCols, RP, kLdt, kThreads>(bs + sd * kCols * kLdt, b_src + static_cast<int64_t>(n0 + sd * p.up_col) * p.R,
                                                 p.R, min(kCols, n_end - n0), 0, p.R, vec_b);
-      if (vec_out) {
+      if (vec_out && read_d) {
         for (int v = threadIdx.x; v < st.rows * kSides * kGroups; v += kThreads) {
           const int r = v / (kSides * kGroups), sc = v % (kSides * kGroups);
           const int sd = sc / kGroups, col = n0 + (sc % kGroups) * 8;
@@ -356,12 +374,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
           for (int hh = 0; hh < 2; ++hh) {
             const int r = my_row0 + g + 8 * hh, x = x0 + 8 * j + 2 * q;
             Pair<T>* v = reinterpret_cast<Pair<T>*>(ds + r * kLdd + x);  // x even: 4-byte aligned
-            float d0, d1;
-            if (vec_out) {
+            float d0 = 0.f, d1 = 0.f;  // store: v = round(alpha * product)
+            if (read_d && vec_out) {
               const Pair<T> d = *v;
               d0 = to_float(d.v[0]);
               d1 = to_float(d.v[1]);
-            } else {  // element loads from D (no D values were staged)
+            } else if (read_d) {  // element loads from D (no D values were staged)
               const int col = n0 + x % kCols, dcol = col + (x / kCols) * p.up_col;
               const T* src = D + static_cast<int64_t>(st.row0 + r) * p.ldd + dcol;
               const bool row_ok = r < st.rows;
@@ -448,11 +466,17 @@ cudaError_t launch_shrink_typed(const LoraShrinkParams& p, int sm_count, cudaStr
   const int64_t items_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * p.k_splits;
   const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid == 0) return cudaSuccess;
+  const bool token_rows = p.x_rows != nullptr;
   if constexpr (RP == 64) {  // the only rank whose shape depends on it (ShrinkShape)
-    if (lora_large_segments(p.max_rows, p.max_active_segments))
-      return launch_with_smem(lora_shrink_kernel<T, RP, true>, grid, ShrinkShape<RP, true>::kSmemBytes, stream, p);
+    if (lora_large_segments(p.max_rows, p.max_active_segments)) {
+      constexpr size_t smem = ShrinkShape<RP, true>::kSmemBytes;
+      return token_rows ? launch_with_smem(lora_shrink_kernel<T, RP, true, true>, grid, smem, stream, p)
+                        : launch_with_smem(lora_shrink_kernel<T, RP, true, false>, grid, smem, stream, p);
+    }
   }
-  return launch_with_smem(lora_shrink_kernel<T, RP, false>, grid, ShrinkShape<RP, false>::kSmemBytes, stream, p);
+  constexpr size_t smem = ShrinkShape<RP, false>::kSmemBytes;
+  return token_rows ? launch_with_smem(lora_shrink_kernel<T, RP, false, true>, grid, smem, stream, p)
+                    : launch_with_smem(lora_shrink_kernel<T, RP, false, false>, grid, smem, stream, p);
 }
 
 template <typename T, int RP>
@@ -463,8 +487,9 @@ cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStr
   const int grid = static_cast<int>(std::min<int64_t>(units_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid == 0) return cudaSuccess;
   constexpr size_t smem = ExpandShape<RP>::kSmemBytes;
-  return p.h != nullptr ? launch_with_smem(lora_expand_kernel<T, RP, true>, grid, smem, stream, p)
-                        : launch_with_smem(lora_expand_kernel<T, RP, false>, grid, smem, stream, p);
+  if (p.h != nullptr) return launch_with_smem(lora_expand_kernel<T, RP, true, false>, grid, smem, stream, p);
+  return p.store ? launch_with_smem(lora_expand_kernel<T, RP, false, true>, grid, smem, stream, p)
+                 : launch_with_smem(lora_expand_kernel<T, RP, false, false>, grid, smem, stream, p);
 }
 
 }  // namespace

@@ -23,9 +23,10 @@
 
 namespace moelora::cuda {
 
-// Where an expand's result goes. Plain: D[r, n] += delta (read-modify-write). Gated (h != nullptr; fc1 with
-// the activation fused): D is gu [rows, 2I], only read; h[r, n] = act(gu[r, n] + delta_n) * (gu[r, up_col + n]
-// + delta_{up_col + n}) with each sum rounded to T first, for n < I = up_col.
+// Where an expand's result goes. Plain: D[r, n] += delta (read-modify-write), or D[r, n] = delta (kStore: D not
+// read). Gated (h != nullptr; fc1 with the activation fused): D is gu [rows, 2I], only read;
+// h[r, n] = act(gu[r, n] + delta_n) * (gu[r, up_col + n] + delta_{up_col + n}) with each sum rounded to T
+// first, for n < I = up_col.
 template <typename T>
 struct ExpandOut {
   T* D;
@@ -53,7 +54,8 @@ template <int RP>
 constexpr bool kRowPairs = RP <= kLoraRowPairsMaxRank;
 
 // ---- shrink --------------------------------------------------------------------------------------------
-// partial[row0 + r, j] = sum over k in [k_begin, k_end) of X[row0 + r, k] * A[j, k] for r < rows (<= 8 NG),
+// partial[row0 + r, j] = sum over k in [k_begin, k_end) of X[row0 + r, k] * A[j, k] for r < rows (<= 8 NG)
+// (X's row x_rows[row0 + r] instead with kTokenRows, LoraShrinkParams::x_rows),
 // j < R. mma: M = 16 adapter rows j, N = 8 token rows, K = k. Warp w takes the 32-wide k blocks w, w + kWarps,
 // ...; the warps' sums meet in shared memory (`red`: shrink_red_floats) and are added in warp order.
 // red's rows are kRedLd = RP + 4 floats apart: a lane writes token rows 2q, 2q + 1 of column g, and with a
@@ -63,10 +65,10 @@ constexpr int kRedLd = RP + 4;
 template <int RP, int kWarps>
 constexpr int shrink_red_floats() { return kWarps * 2 * kRowGroup * kRedLd<RP>; }
 
-template <typename T, int RP, int kWarps, int NG>
-__device__ void shrink_pass(const T* __restrict__ X, int64_t ldx, const T* __restrict__ A, int64_t lda, int R,
-                            int row0, int rows, int k_begin, int k_end, bool vec, float* __restrict__ partial,
-                            float* red) {
+template <typename T, int RP, int kWarps, int NG, bool kTokenRows>
+__device__ void shrink_pass(const T* __restrict__ X, int64_t ldx, const int* __restrict__ x_rows,
+                            const T* __restrict__ A, int64_t lda, int R, int row0, int rows, int k_begin, int k_end,
+                            bool vec, float* __restrict__ partial, float* red) {
   constexpr int JB = RP / 16;                                   // 16-row blocks of A
   constexpr int U = JB >= 4 ? 1 : (JB == 2 ? 2 : 4);            // k blocks in flight per warp
   constexpr int kRedRows = 2 * kRowGroup;
@@ -75,7 +77,10 @@ __device__ void shrink_pass(const T* __restrict__ X, int64_t ldx, const T* __res
   const int nkb = ceil_div(k_end - k_begin, 32);
   const T* xrow[NG];
 #pragma unroll
-  for (int ng = 0; ng < NG; ++ng) xrow[ng] = X + static_cast<int64_t>(row0 + min(8 * ng + g, rows - 1)) * ldx;
+  for (int ng = 0; ng < NG; ++ng) {
+    const int r = row0 + min(8 * ng + g, rows - 1);
+    xrow[ng] = X + static_cast<int64_t>(kTokenRows ? x_rows[r] : r) * ldx;
+  }
   float c[JB][NG][4];
 #pragma unroll
   for (int jb = 0; jb < JB; ++jb)
@@ -133,21 +138,21 @@ __device__ void shrink_pass(const T* __restrict__ X, int64_t ldx, const T* __res
   __syncthreads();  // red is rewritten by the next pass / reused by the caller
 }
 
-template <typename T, int RP, int kWarps>
-__device__ void shrink_tile(const T* __restrict__ X, int64_t ldx, const T* __restrict__ A, int64_t lda, int R,
-                            int row0, int rows, int k_begin, int k_end, bool vec, float* __restrict__ partial,
-                            float* red) {
+template <typename T, int RP, int kWarps, bool kTokenRows>
+__device__ void shrink_tile(const T* __restrict__ X, int64_t ldx, const int* __restrict__ x_rows,
+                            const T* __restrict__ A, int64_t lda, int R, int row0, int rows, int k_begin, int k_end,
+                            bool vec, float* __restrict__ partial, float* red) {
   for (int g0 = 0; g0 < rows;) {
     const int left = rows - g0;
     if constexpr (kRowPairs<RP>) {
       if (left > kRowGroup) {
-        shrink_pass<T, RP, kWarps, 2>(X, ldx, A, lda, R, row0 + g0, min(left, 2 * kRowGroup), k_begin, k_end, vec,
+        shrink_pass<T, RP, kWarps, 2, kTokenRows>(X, ldx, x_rows, A, lda, R, row0 + g0, min(left, 2 * kRowGroup), k_begin, k_end, vec,
                                       partial, red);
         g0 += 2 * kRowGroup;
         continue;
       }
     }
-    shrink_pass<T, RP, kWarps, 1>(X, ldx, A, lda, R, row0 + g0, min(left, kRowGroup), k_begin, k_end, vec, partial,
+    shrink_pass<T, RP, kWarps, 1, kTokenRows>(X, ldx, x_rows, A, lda, R, row0 + g0, min(left, kRowGroup), k_begin, k_end, vec, partial,
                                   red);
     g0 += kRowGroup;
   }
@@ -196,7 +201,7 @@ constexpr int expand_smem_floats() {
   return 2 * kRowGroup * RP + kWarps * (ab > cd ? ab : cd);
 }
 
-template <typename T, int RP, int kWarps, int NG, bool kGated>
+template <typename T, int RP, int kWarps, int NG, bool kGated, bool kStore>
 __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int64_t split_stride,
                             const T* __restrict__ B, int R, bool vec_b, bool vec_out, const ExpandOut<T>& out,
                             float alpha, int row0, int rows, int n_begin, int n_end, float* smem) {
@@ -274,7 +279,8 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
     }
     // This lane's D vectors, copied into its own slots of the scratch with cp.async (in flight with the B
     // loads, holding no registers); with !vec_out the write-out loads elements instead.
-    if (vec_out) {
+    constexpr bool read_d = !kStore;
+    if (vec_out && read_d) {
 #pragma unroll
       for (int k = 0; k < Shape::kItemsPerLane; ++k) {
         const Item x = item(k);
@@ -317,12 +323,15 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
       const float* pu = pg + (kSides - 1) * kVecs * kVecStride;
       const int64_t drow = static_cast<int64_t>(row0 + r) * ldd;
       if (vec_out) {
-        const Vec8<T> dg = *reinterpret_cast<const Vec8<T>*>(dvec + it * kSides * 8);
-        const Vec8<T> du = *reinterpret_cast<const Vec8<T>*>(dvec + (it * kSides + kSides - 1) * 8);
+        Vec8<T> dg{}, du{};
+        if constexpr (!kStore) {
+          dg = *reinterpret_cast<const Vec8<T>*>(dvec + it * kSides * 8);
+          du = *reinterpret_cast<const Vec8<T>*>(dvec + (it * kSides + kSides - 1) * 8);
+        }
         Vec8<T> o;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-          const T v = from_float<T>(alpha * pg[i * kLdc] + to_float(dg.v[i]));
+          const T v = from_float<T>(alpha * pg[i * kLdc] + (kStore ? 0.f : to_float(dg.v[i])));
           if constexpr (kGated) {
             const T up = from_float<T>(alpha * pu[i * kLdc] + to_float(du.v[i]));
             o.v[i] = gated_value(v, up, out.act);
@@ -334,7 +343,7 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
         *reinterpret_cast<Vec8<T>*>(dst) = o;
       } else {  // unaligned or odd widths: element loads and stores
         for (int i = 0; i < 8 && col + i < n_end; ++i) {
-          const T v = from_float<T>(alpha * pg[i * kLdc] + to_float(D[drow + col + i]));
+          const T v = from_float<T>(alpha * pg[i * kLdc] + (kStore ? 0.f : to_float(D[drow + col + i])));
           if constexpr (kGated) {
             const T up = from_float<T>(alpha * pu[i * kLdc] + to_float(D[drow + col + i + out.up_col]));
             out.h[static_cast<int64_t>(row0 + r) * out.ldh + col + i] = gated_value(v, up, out.act);
@@ -349,7 +358,7 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
   __syncthreads();  // t_smem is rewritten by the next pass / reused by the caller
 }
 
-template <typename T, int RP, int kWarps, bool kGated>
+template <typename T, int RP, int kWarps, bool kGated, bool kStore>
 __device__ void expand_tile(const float* __restrict__ partial, int k_splits, int64_t split_stride,
                             const T* __restrict__ B, int R, bool vec_b, bool vec_out, const ExpandOut<T>& out,
                             float alpha, int row0, int rows, int n_begin, int n_end, float* smem) {
@@ -357,13 +366,13 @@ __device__ void expand_tile(const float* __restrict__ partial, int k_splits, int
     const int left = rows - g0;
     if constexpr (kRowPairs<RP>) {
       if (left > kRowGroup) {
-        expand_pass<T, RP, kWarps, 2, kGated>(partial, k_splits, split_stride, B, R, vec_b, vec_out, out, alpha,
+        expand_pass<T, RP, kWarps, 2, kGated, kStore>(partial, k_splits, split_stride, B, R, vec_b, vec_out, out, alpha,
                                               row0 + g0, min(left, 2 * kRowGroup), n_begin, n_end, smem);
         g0 += 2 * kRowGroup;
         continue;
       }
     }
-    expand_pass<T, RP, kWarps, 1, kGated>(partial, k_splits, split_stride, B, R, vec_b, vec_out, out, alpha,
+    expand_pass<T, RP, kWarps, 1, kGated, kStore>(partial, k_splits, split_stride, B, R, vec_b, vec_out, out, alpha,
                                           row0 + g0, min(left, kRowGroup), n_begin, n_end, smem);
     g0 += kRowGroup;
   }

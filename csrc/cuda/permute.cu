@@ -30,6 +30,7 @@ __global__ void permute_kernel(PermuteParams p) {
   if (lane == 0) {
     p.pair_row[pair] = row;
     if (p.row_slot != nullptr && row >= 0) p.row_slot[row] = bucket_slot(bucket, p.S);
+    if (p.row_token != nullptr && row >= 0) p.row_token[row] = pair / p.k;
   }
   if (row < 0) return;
   auto* dst = reinterpret_cast<Vec8<T>*>(static_cast<T*>(p.permuted) + static_cast<int64_t>(row) * p.H);

@@ -91,6 +91,7 @@ struct PermuteParams {
   int* pair_row;             // [T*k] out: sorted row of pair (t, j), -1 when dropped
   void* permuted;            // [T*k, H] out: permuted[pair_row[p]] = hidden[p / k]
   int* row_slot;             // [T*k] out, or nullptr: the adapter slot of each sorted row (-1: none)
+  int* row_token;            // [T*k] out, or nullptr: the token of each sorted row (LoraShrinkParams::x_rows)
   DType dtype;
 };
 cudaError_t launch_permute(const PermuteParams& p, cudaStream_t stream);
@@ -141,6 +142,9 @@ inline bool lora_large_segments(int64_t rows, int64_t active_segments) {
 }
 struct LoraShrinkParams {
   const void* X; int64_t ldx;               // sorted activations [rows, K]
+  // nullptr, or [rows]: sorted row r reads row x_rows[r] of X. fc1 passes the hidden states [T, H] and each
+  // row's token, so the shrink reads T rows that stay in L2 instead of T * k gathered copies from HBM.
+  const int* x_rows;
   const void* A;                            // per segment [R, K] row-major
   int64_t a_expert_stride, a_slot_stride;   // elements
   float* partial;                           // out: [k_splits, max_rows, R] fp32 partial sums
@@ -158,6 +162,10 @@ struct LoraExpandParams {
   const void* B;                            // per segment [N, R] row-major
   int64_t b_expert_stride, b_slot_stride;
   void* D; int64_t ldd;                     // D[r, :N] += slot_scale[slot] * t[r] @ B^T
+  // Plain expand only: D[r, :N] = slot_scale[slot] * t[r] @ B^T, D not read. fc2 with an sm90 base GEMM: the
+  // expand runs first and the GEMM adds its product to D (ExpertGemmParams::accumulate), which saves the
+  // expand's pass reading y.
+  bool store;
   const float* slot_scale;                  // [S] or nullptr for 1
   const int* row_offsets;
   const int* tile_prefix;
@@ -236,6 +244,11 @@ struct ActivationParams {
   const int* num_rows;       // device scalar: rows actually routed (expert_offsets[E])
   const int* row_slot;       // nullptr, or [rows]: rows with row_slot >= 0 are skipped (the LoRA expand with
                              // the activation fused wrote their h)
+  // nullptr, or [rows, zero_cols]: the rows this stage does (those without an adapter, with row_slot) are
+  // also zeroed here: fc2's expand stores only the rows with an adapter before fc2's GEMM adds onto them
+  // (LoraExpandParams::store).
+  void* zero_out;
+  int zero_cols;
   int max_rows, I;
   ActivationKind kind;
   DType dtype;
