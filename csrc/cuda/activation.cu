@@ -15,7 +15,7 @@ constexpr int kItemVecs = 32 * kInFlight;      // vectors of a row per work item
 
 // Work item = (row, kItemVecs vectors of it), one warp each, grid-stride: a row the fused LoRA expand
 // already did is skipped by a flag check, and the rows left (those without an adapter) still spread over
-// the whole grid. With zero_out, the item also zeroes its share of that row of zero_out.
+// the whole grid.
 template <typename T, ActivationKind kKind>
 __global__ void __launch_bounds__(kThreads) gated_activation_kernel(ActivationParams p) {
   pdl_begin();
@@ -47,15 +47,6 @@ __global__ void __launch_bounds__(kThreads) gated_activation_kernel(ActivationPa
         for (int e = 0; e < 8; ++e) o.v[e] = gated_value<kKind>(g[i].v[e], u[i].v[e]);
         h[c0 + 32 * i] = o;
       }
-    if (p.zero_out != nullptr) {  // this item's share of the row's zero_cols / 8 vectors
-      const int zvecs = p.zero_cols / 8, share = ceil_div(zvecs, items_per_row);
-      const int z0 = static_cast<int>(item % items_per_row) * share, z1 = min(zvecs, z0 + share);
-      auto* z = reinterpret_cast<Vec8<T>*>(static_cast<T*>(p.zero_out) + row * p.zero_cols);
-      Vec8<T> zero;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) zero.v[e] = from_float<T>(0.f);
-      for (int c = z0 + lane; c < z1; c += 32) z[c] = zero;
-    }
   }
 }
 
@@ -73,7 +64,6 @@ cudaError_t launch_typed(const ActivationParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_activation(const ActivationParams& p, cudaStream_t stream) {
-  if (p.zero_out != nullptr && (p.zero_cols <= 0 || p.zero_cols % 8 != 0)) return cudaErrorInvalidValue;
   return p.dtype == DType::BF16 ? launch_typed<__nv_bfloat16>(p, stream) : launch_typed<__half>(p, stream);
 }
 

@@ -65,8 +65,6 @@ size_t expert_gemm_sm90_workspace_bytes(int num_experts, int sm_count) {
   for (auto tile : {detail::ExpertGemmTile::SmallM, detail::ExpertGemmTile::LargeM}) {
     bytes = std::max(bytes, detail::expert_gemm_sm90_bf16_workspace(tile, num_experts, sm_count));
     bytes = std::max(bytes, detail::expert_gemm_sm90_fp16_workspace(tile, num_experts, sm_count));
-    bytes = std::max(bytes, detail::expert_gemm_sm90_bf16_acc_workspace(tile, num_experts, sm_count));
-    bytes = std::max(bytes, detail::expert_gemm_sm90_fp16_acc_workspace(tile, num_experts, sm_count));
   }
   return bytes;
 }
@@ -113,11 +111,9 @@ cudaError_t expert_gemm_sm90_run(const ExpertGemmParams& p, void* workspace, siz
   const detail::ExpertGemmTile tile = pick_tile(p);
   switch (p.dtype) {
     case DType::BF16:
-      return p.accumulate ? detail::expert_gemm_sm90_bf16_acc_run(tile, p, workspace, workspace_bytes, sm_count, stream)
-                          : detail::expert_gemm_sm90_bf16_run(tile, p, workspace, workspace_bytes, sm_count, stream);
+      return detail::expert_gemm_sm90_bf16_run(tile, p, workspace, workspace_bytes, sm_count, stream);
     case DType::FP16:
-      return p.accumulate ? detail::expert_gemm_sm90_fp16_acc_run(tile, p, workspace, workspace_bytes, sm_count, stream)
-                          : detail::expert_gemm_sm90_fp16_run(tile, p, workspace, workspace_bytes, sm_count, stream);
+      return detail::expert_gemm_sm90_fp16_run(tile, p, workspace, workspace_bytes, sm_count, stream);
   }
   return cudaErrorInvalidValue;
 }

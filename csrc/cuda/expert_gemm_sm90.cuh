@@ -31,17 +31,12 @@ namespace moelora::cuda::detail {
 enum class ExpertGemmTile { SmallM, LargeM };
 
 // Per dtype: workspace size, where the group tables live and what goes in them (host only), and the GEMM itself.
-// The accumulating instantiations (ExpertGemmParams::accumulate, suffix _acc) live in TUs of their own
-// (expert_gemm_sm90_{bf16,fp16}_acc.cu) so that all four compile in parallel; they share the group tables.
 #define MOELORA_EXPERT_GEMM_DECLARE(NAME)                                                                      \
   size_t expert_gemm_sm90_##NAME##_workspace(ExpertGemmTile tile, int num_experts, int sm_count);              \
   ExpertGemmTables expert_gemm_sm90_##NAME##_tables(ExpertGemmTile tile, const ExpertGemmParams& p,            \
                                                     void* workspace);                                          \
   cudaError_t expert_gemm_sm90_##NAME##_run(ExpertGemmTile tile, const ExpertGemmParams& p, void* workspace,  \
-                                            size_t workspace_bytes, int sm_count, cudaStream_t stream);       \
-  size_t expert_gemm_sm90_##NAME##_acc_workspace(ExpertGemmTile tile, int num_experts, int sm_count);          \
-  cudaError_t expert_gemm_sm90_##NAME##_acc_run(ExpertGemmTile tile, const ExpertGemmParams& p, void* workspace, \
-                                                size_t workspace_bytes, int sm_count, cudaStream_t stream);
+                                            size_t workspace_bytes, int sm_count, cudaStream_t stream);
 MOELORA_EXPERT_GEMM_DECLARE(bf16)
 MOELORA_EXPERT_GEMM_DECLARE(fp16)
 #undef MOELORA_EXPERT_GEMM_DECLARE
@@ -112,7 +107,7 @@ struct PdlWaitKernel : Base {
   }
 };
 
-template <class Element, class Tile, bool kAccumulate = false>
+template <class Element, class Tile>
 struct ExpertGemmKernel {
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // per group <M, N, K>
   using ElementAcc = float;
@@ -121,14 +116,11 @@ struct ExpertGemmKernel {
   using LayoutD = cutlass::layout::RowMajor;     // D [rows, N]
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16 B (TMA)
 
-  static constexpr bool kAccumulates = kAccumulate;
-  // Plain: no C operand (void), D = acc, nothing loaded in the epilogue. Accumulating: C is D itself
-  // (D = acc + D, beta = 1): the epilogue's TMA loads each D subtile before it stores the same subtile.
-  using ElementSource = cute::conditional_t<kAccumulate, Element, void>;
+  // No C operand (void): D = acc, beta = 0, nothing loaded in the epilogue.
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Tile::TileShape,
       typename Tile::ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementAcc,
-      ElementSource, LayoutD*, kAlign, Element, LayoutD*, kAlign, typename Tile::EpilogueSchedule,
+      void, LayoutD*, kAlign, Element, LayoutD*, kAlign, typename Tile::EpilogueSchedule,
       cutlass::epilogue::fusion::LinearCombination<Element, ElementAcc>>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
@@ -147,10 +139,9 @@ struct ExpertGemmKernel {
   using StrideB = typename Kernel::InternalStrideB;
   using StrideD = typename Kernel::InternalStrideD;
   using StrideC = typename Kernel::InternalStrideC;
-  using ElementC = typename Gemm::ElementC;  // void unless accumulating
+  using ElementC = typename Gemm::ElementC;  // void
   using ElementD = typename Gemm::EpilogueOutputOp::ElementOutput;
   static_assert(cute::is_same_v<ElementD, Element>, "D has the input element type");
-  static_assert(!kAccumulate || cute::is_same_v<StrideC, StrideD>, "C reads D's stride table");
 };
 
 // Our per-group tables in the workspace, followed by CUTLASS's own workspace (TMA descriptor copies).
@@ -233,17 +224,11 @@ typename K::Gemm::Arguments make_arguments(const GroupTableLayout& l, char* ws, 
                    reinterpret_cast<const ElementB**>(ws + l.ptr_b),
                    reinterpret_cast<typename K::StrideB*>(ws + l.stride_b)};
   args.epilogue.thread.alpha = 1.0f;
+  args.epilogue.thread.beta = 0.0f;
+  args.epilogue.ptr_C = nullptr;
+  args.epilogue.dC = nullptr;
   args.epilogue.ptr_D = reinterpret_cast<typename K::ElementD**>(ws + l.ptr_d);
   args.epilogue.dD = reinterpret_cast<typename K::StrideD*>(ws + l.stride_d);
-  if constexpr (K::kAccumulates) {  // C = D: the same pointer and stride tables
-    args.epilogue.thread.beta = 1.0f;
-    args.epilogue.ptr_C = reinterpret_cast<const typename K::ElementC**>(ws + l.ptr_d);
-    args.epilogue.dC = reinterpret_cast<typename K::StrideC*>(ws + l.stride_d);
-  } else {
-    args.epilogue.thread.beta = 0.0f;
-    args.epilogue.ptr_C = nullptr;
-    args.epilogue.dC = nullptr;
-  }
   args.hw_info = hw;
   // Along M: consecutive tiles are the M tiles of one N column of one expert, so CTAs running at the
   // same time share the weight tile through L2 when an expert has several M tiles.
@@ -251,9 +236,9 @@ typename K::Gemm::Arguments make_arguments(const GroupTableLayout& l, char* ws, 
   return args;
 }
 
-template <class Element, class Tile, bool kAccumulate = false>
+template <class Element, class Tile>
 size_t expert_gemm_workspace_bytes(int num_experts, int sm_count) {
-  using K = ExpertGemmKernel<Element, Tile, kAccumulate>;
+  using K = ExpertGemmKernel<Element, Tile>;
   if (num_experts <= 0 || sm_count <= 0) return 0;
   const GroupTableLayout l = GroupTableLayout::make<K>(num_experts);
   // CUTLASS's workspace here depends only on sm_count (per-SM TMA descriptor copies), not on the routing;
@@ -262,34 +247,25 @@ size_t expert_gemm_workspace_bytes(int num_experts, int sm_count) {
   return l.end + GroupTableLayout::up(K::Gemm::get_workspace_size(args)) + GroupTableLayout::kAlign;
 }
 
-template <class Element, class Tile, bool kAccumulate>
+template <class Element, class Tile>
 cudaError_t check_params(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count) {
-  using K = ExpertGemmKernel<Element, Tile, kAccumulate>;
-  if (p.accumulate != kAccumulate) return cudaErrorInvalidValue;
+  using K = ExpertGemmKernel<Element, Tile>;
   if (p.num_experts <= 0 || sm_count <= 0 || p.N <= 0 || p.K <= 0) return cudaErrorInvalidValue;
   // TMA: 16-byte aligned rows and base pointers.
   if (p.N % K::kAlign != 0 || p.K % K::kAlign != 0) return cudaErrorInvalidValue;
   if ((reinterpret_cast<uintptr_t>(p.A) | reinterpret_cast<uintptr_t>(p.W) | reinterpret_cast<uintptr_t>(p.D)) % 16)
     return cudaErrorInvalidValue;
-  if (workspace == nullptr ||
-      workspace_bytes < expert_gemm_workspace_bytes<Element, Tile, kAccumulate>(p.num_experts, sm_count))
+  if (workspace == nullptr || workspace_bytes < expert_gemm_workspace_bytes<Element, Tile>(p.num_experts, sm_count))
     return cudaErrorInvalidValue;
   return cudaSuccess;
 }
 
 // The grouped GEMM over tables written on this stream (write_expert_gemm_tables).
-template <class Element, class Tile, bool kAccumulate = false>
+template <class Element, class Tile>
 cudaError_t expert_gemm_run(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
                             cudaStream_t stream) {
-  using K = ExpertGemmKernel<Element, Tile, kAccumulate>;
-  using Plain = ExpertGemmKernel<Element, Tile, false>;  // whose types make_tables laid out
-  static_assert(cute::is_same_v<typename K::Shape3, typename Plain::Shape3> &&
-                    cute::is_same_v<typename K::StrideA, typename Plain::StrideA> &&
-                    cute::is_same_v<typename K::StrideB, typename Plain::StrideB> &&
-                    cute::is_same_v<typename K::StrideD, typename Plain::StrideD>,
-                "both instantiations read the same group tables");
-  if (cudaError_t err = check_params<Element, Tile, kAccumulate>(p, workspace, workspace_bytes, sm_count);
-      err != cudaSuccess)
+  using K = ExpertGemmKernel<Element, Tile>;
+  if (cudaError_t err = check_params<Element, Tile>(p, workspace, workspace_bytes, sm_count); err != cudaSuccess)
     return err;
   char* ws = aligned_workspace(workspace);
   const GroupTableLayout l = GroupTableLayout::make<K>(p.num_experts);
@@ -321,20 +297,6 @@ cudaError_t expert_gemm_run(const ExpertGemmParams& p, void* workspace, size_t w
     return tile == ExpertGemmTile::SmallM                                                                      \
                ? expert_gemm_run<ELEMENT, SmallMTile>(p, workspace, workspace_bytes, sm_count, stream)       \
                : expert_gemm_run<ELEMENT, LargeMTile>(p, workspace, workspace_bytes, sm_count, stream);      \
-  }
-
-// The accumulating pair (D = A @ W^T + D), defined by expert_gemm_sm90_{bf16,fp16}_acc.cu.
-#define MOELORA_EXPERT_GEMM_DEFINE_ACC(NAME, ELEMENT)                                                          \
-  size_t expert_gemm_sm90_##NAME##_acc_workspace(ExpertGemmTile tile, int num_experts, int sm_count) {         \
-    return tile == ExpertGemmTile::SmallM                                                                      \
-               ? expert_gemm_workspace_bytes<ELEMENT, SmallMTile, true>(num_experts, sm_count)                 \
-               : expert_gemm_workspace_bytes<ELEMENT, LargeMTile, true>(num_experts, sm_count);                \
-  }                                                                                                            \
-  cudaError_t expert_gemm_sm90_##NAME##_acc_run(ExpertGemmTile tile, const ExpertGemmParams& p, void* workspace, \
-                                                size_t workspace_bytes, int sm_count, cudaStream_t stream) {  \
-    return tile == ExpertGemmTile::SmallM                                                                      \
-               ? expert_gemm_run<ELEMENT, SmallMTile, true>(p, workspace, workspace_bytes, sm_count, stream)  \
-               : expert_gemm_run<ELEMENT, LargeMTile, true>(p, workspace, workspace_bytes, sm_count, stream); \
   }
 
 }  // namespace moelora::cuda::detail

@@ -21,9 +21,6 @@ struct ExpertGemmParams {
   int num_experts, N, K;
   DType dtype;
   int rows_hint;               // host upper bound of the rows (T*k); only picks the tile configuration
-  // D = A @ W[e]^T + D: the epilogue reads D's old values as its source (beta = 1; a kernel instantiation of
-  // its own). fused_moe's fc2 with LoRA: the expand stores its delta into D first (LoraExpandParams::store).
-  bool accumulate;
 };
 
 bool expert_gemm_sm90_compiled();                                   // false when built without sm90a CUTLASS

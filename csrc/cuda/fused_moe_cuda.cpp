@@ -160,14 +160,6 @@ bool use_fused_lora_activation() { return !env_zero("MOELORA_LORA_FUSED_ACT"); }
 // values in the same order: same bits.
 bool use_token_rows_shrink() { return !env_zero("MOELORA_LORA_TOKEN_ROWS"); }
 
-// fc2 with LoRA on the sm90 GEMMs: the expand stores its delta into y and fc2's GEMM adds its product to it
-// (ExpertGemmParams::accumulate), instead of the expand's read-modify-write of y after the GEMM: y is read
-// once less, inside a GEMM epilogue that overlaps its main loop. The activation stage zeroes the y rows
-// without an adapter. Needs the fused activation (whose row_slot marks those rows). MOELORA_LORA_FC2_ACCUMULATE=0
-// keeps the read-modify-write (to compare). The sum is rounded once less: round(acc + round(delta)) instead of
-// round(round(acc) + delta).
-bool use_fc2_gemm_adds_lora() { return !env_zero("MOELORA_LORA_FC2_ACCUMULATE"); }
-
 // Where fc1's expand puts its result when the activation is fused into it (LoraExpandParams::h).
 struct GatedExpandOut {
   at::Tensor* h;  // [rows, I]
@@ -206,11 +198,9 @@ struct ShrinkRows {
 
 // out += scale[slot] * B @ (A @ input) per (expert, slot) segment, on the base GEMM's output (`scalings`
 // nullptr: 1). With `gated` (fc1, lora_gemm.cu kernels) out is gu, left as the base GEMM wrote it, and the
-// expand writes h of the rows with an adapter. With `store` (plain, lora_gemm.cu kernels) the expand writes
-// out = scale[slot] * B @ (A @ input) for the rows with an adapter instead, before the base GEMM adds its
-// product (fc2_gemm_adds_lora).
+// expand writes h of the rows with an adapter.
 void run_lora(const LoraSide& side, const at::Tensor& input, const ShrinkRows& shrink_rows, LoraWorkspace& ws,
-              int k_splits, const GatedExpandOut* gated, bool store, at::Tensor& out,
+              int k_splits, const GatedExpandOut* gated, at::Tensor& out,
               const at::Tensor& bucket_offsets, const at::Tensor& lora_tile_prefix,
               const at::Tensor& lora_tile_segment, const float* scalings,
               const FusedMoeDims& d, int N, int K, int sm_count, cudaStream_t stream) {
@@ -241,7 +231,6 @@ void run_lora(const LoraSide& side, const at::Tensor& input, const ShrinkRows& s
     e.B = side.b.data_ptr();
     e.b_expert_stride = sb.expert; e.b_slot_stride = sb.slot;
     e.D = out.data_ptr(); e.ldd = N;
-    e.store = store && gated == nullptr;
     e.slot_scale = scalings;
     e.row_offsets = s.row_offsets; e.tile_prefix = s.tile_prefix; e.tile_segment = s.tile_segment;
     e.nseg = nseg; e.seg_per_expert = s.seg_per_expert; e.slot_base = -1;
@@ -449,8 +438,6 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     base.fc2 = expert_gemm_params(h, w2c, y, expert_offsets, d, H, I);
     prepare_base_gemms(base, x.options(), sm_count, rp);
   }
-  const bool fc2_gemm_adds_lora = fused_act && base.sm90 && use_fc2_gemm_adds_lora();
-  base.fc2.accumulate = fc2_gemm_adds_lora;
   C10_CUDA_CHECK(mc::launch_routing(rp, stream));
 
   // Decode: the GEMVs (their LoRA fields are set by lora_in_gemv).
@@ -493,15 +480,11 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     ShrinkRows fc1_rows;
     if (token_rows_shrink) fc1_rows = {x.data_ptr(), H, row_token.data_ptr<int>()};
     if (d.has_lora)
-      run_lora(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, fused_act ? &gated : nullptr,
-               /*store=*/false, gu, bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H,
-               sm_count, stream);
+      run_lora(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, fused_act ? &gated : nullptr, gu,
+               bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, stream);
     mc::ActivationParams ap{};
     ap.gu = gu.data_ptr(); ap.h = h.data_ptr(); ap.num_rows = expert_offsets.data_ptr<int>() + E;
     ap.row_slot = fused_act ? row_slot.data_ptr<int>() : nullptr;
-    // y (the gathered input's buffer, dead once fc1's LoRA shrink has run) of the rows without an adapter.
-    ap.zero_out = fc2_gemm_adds_lora ? y.data_ptr() : nullptr;
-    ap.zero_cols = H;
     ap.max_rows = pairs; ap.I = I;
     ap.kind = act;
     ap.dtype = to_dtype(dtype);
@@ -516,15 +499,11 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     gemv.X = h.data_ptr(); gemv.W = w2c.data_ptr(); gemv.D = y.data_ptr();
     gemv.N = H; gemv.K = I; gemv.gated = false;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
-  } else if (fc2_gemm_adds_lora) {  // y = delta (rows with an adapter; the activation zeroed the others), then += h @ W2^T
-    run_lora(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, nullptr, /*store=*/true, y, bucket_offsets,
-             lora_tile_prefix, lora_tile_segment, scale_ptr, d, H, I, sm_count, stream);
-    run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
   } else {
     run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
     if (d.has_lora)
-      run_lora(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, nullptr, /*store=*/false, y, bucket_offsets,
-               lora_tile_prefix, lora_tile_segment, scale_ptr, d, H, I, sm_count, stream);
+      run_lora(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, nullptr, y, bucket_offsets, lora_tile_prefix,
+               lora_tile_segment, scale_ptr, d, H, I, sm_count, stream);
   }
   mc::FinalizeParams fp{};
   fp.y = y.data_ptr(); fp.pair_row = pp.pair_row;

@@ -242,8 +242,7 @@ __device__ __forceinline__ uint32_t lds_pair(const T* p) {
 // partials summed in a fixed order) in shared memory, and a ring of kStages chunk stages, each holding the
 // chunk's B rows and the D values they update, copied with cp.async kStages - 1 chunks ahead. Per chunk each
 // warp multiplies its 16 rows of t with the chunk's B rows (mma.sync m16n8k16, fp32), and rounds
-// v = D + alpha * product (p.store: alpha * product, no D values staged) back into the stage's D values in
-// shared memory; the write-out then reads v from there with
+// v = D + alpha * product back into the D values in shared memory; the write-out then reads v from there with
 // 16-byte vectors: plain, each warp copies its own rows to D; gated (p.h set, fc1 with the activation fused),
 // after a block barrier every thread takes (row, 8 columns) items and writes h = round(act(v_gate) * v_up).
 // Measured on the H100 (NOTES.md v7, v8): v7's register-held D values (loaded at each chunk's start) left a
@@ -252,10 +251,8 @@ __device__ __forceinline__ uint32_t lds_pair(const T* p) {
 // every warp, not only those owning rows), the per-warp one for the plain path (no block barrier). Finishing
 // every output from the mma registers (4-byte stores) was faster only on qwen3's 28-row tiles and slower on
 // mixtral / gpt-oss; both write-outs in one kernel lost the gain to register pressure, so it was not kept.
-// kStore (plain only, p.store): D = alpha * product, D not read.
-template <typename T, int RP, bool kGated, bool kStore>
+template <typename T, int RP, bool kGated>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(LoraExpandParams p) {
-  static_assert(!(kGated && kStore), "the gated expand reads gu");
   pdl_begin();
   using Shape = ExpandShape<RP>;
   constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt, kLdd = Shape::kLdd, kStages = Shape::kStages;
@@ -271,7 +268,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
 
   const T* Bbase = static_cast<const T*>(p.B);
   const ExpandOut<T> out{static_cast<T*>(p.D), p.ldd, static_cast<T*>(p.h), p.ldh, p.up_col, p.activation};
-  constexpr bool read_d = !kStore;
   T* D = out.D;
   const bool vec_b = (p.R % 8 == 0) && (p.b_expert_stride % 8 == 0) && (p.b_slot_stride % 8 == 0) &&
                      (reinterpret_cast<uintptr_t>(Bbase) % 16 == 0);
@@ -294,7 +290,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
     const int my_row0 = warp * 16;
 
     if (st.few_rows) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
-      lora_few_rows::expand_tile<T, RP, kWarps, kGated, kStore>(p.partial, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R,
+      lora_few_rows::expand_tile<T, RP, kWarps, kGated>(p.partial, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R,
                                                         b_src, p.R, vec_b, vec_out, out, alpha, st.row0, st.rows,
                                                         n_begin, n_end, reinterpret_cast<float*>(smem_raw));
       continue;
@@ -310,7 +306,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       for (int sd = 0; sd < kSides; ++sd)
         load_tile<T, kCols, RP, kLdt, kThreads>(bs + sd * kCols * kLdt, b_src + static_cast<int64_t>(n0 + sd * p.up_col) * p.R,
                                                 p.R, min(kCols, n_end - n0), 0, p.R, vec_b);
-      if (vec_out && read_d) {
+      if (vec_out) {
         for (int v = threadIdx.x; v < st.rows * kSides * kGroups; v += kThreads) {
           const int r = v / (kSides * kGroups), sc = v % (kSides * kGroups);
           const int sd = sc / kGroups, col = n0 + (sc % kGroups) * 8;
@@ -374,12 +370,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
           for (int hh = 0; hh < 2; ++hh) {
             const int r = my_row0 + g + 8 * hh, x = x0 + 8 * j + 2 * q;
             Pair<T>* v = reinterpret_cast<Pair<T>*>(ds + r * kLdd + x);  // x even: 4-byte aligned
-            float d0 = 0.f, d1 = 0.f;  // store: v = round(alpha * product)
-            if (read_d && vec_out) {
+            float d0, d1;
+            if (vec_out) {
               const Pair<T> d = *v;
               d0 = to_float(d.v[0]);
               d1 = to_float(d.v[1]);
-            } else if (read_d) {  // element loads from D (no D values were staged)
+            } else {  // element loads from D (no D values were staged)
               const int col = n0 + x % kCols, dcol = col + (x / kCols) * p.up_col;
               const T* src = D + static_cast<int64_t>(st.row0 + r) * p.ldd + dcol;
               const bool row_ok = r < st.rows;
@@ -487,9 +483,8 @@ cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStr
   const int grid = static_cast<int>(std::min<int64_t>(units_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid == 0) return cudaSuccess;
   constexpr size_t smem = ExpandShape<RP>::kSmemBytes;
-  if (p.h != nullptr) return launch_with_smem(lora_expand_kernel<T, RP, true, false>, grid, smem, stream, p);
-  return p.store ? launch_with_smem(lora_expand_kernel<T, RP, false, true>, grid, smem, stream, p)
-                 : launch_with_smem(lora_expand_kernel<T, RP, false, false>, grid, smem, stream, p);
+  return p.h != nullptr ? launch_with_smem(lora_expand_kernel<T, RP, true>, grid, smem, stream, p)
+                        : launch_with_smem(lora_expand_kernel<T, RP, false>, grid, smem, stream, p);
 }
 
 }  // namespace

@@ -23,10 +23,9 @@
 
 namespace moelora::cuda {
 
-// Where an expand's result goes. Plain: D[r, n] += delta (read-modify-write), or D[r, n] = delta (kStore: D not
-// read). Gated (h != nullptr; fc1 with the activation fused): D is gu [rows, 2I], only read;
-// h[r, n] = act(gu[r, n] + delta_n) * (gu[r, up_col + n] + delta_{up_col + n}) with each sum rounded to T
-// first, for n < I = up_col.
+// Where an expand's result goes. Plain: D[r, n] += delta (read-modify-write). Gated (h != nullptr; fc1 with
+// the activation fused): D is gu [rows, 2I], only read; h[r, n] = act(gu[r, n] + delta_n) * (gu[r, up_col + n]
+// + delta_{up_col + n}) with each sum rounded to T first, for n < I = up_col.
 template <typename T>
 struct ExpandOut {
   T* D;
@@ -201,7 +200,7 @@ constexpr int expand_smem_floats() {
   return 2 * kRowGroup * RP + kWarps * (ab > cd ? ab : cd);
 }
 
-template <typename T, int RP, int kWarps, int NG, bool kGated, bool kStore>
+template <typename T, int RP, int kWarps, int NG, bool kGated>
 __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int64_t split_stride,
                             const T* __restrict__ B, int R, bool vec_b, bool vec_out, const ExpandOut<T>& out,
                             float alpha, int row0, int rows, int n_begin, int n_end, float* smem) {
@@ -279,8 +278,7 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
     }
     // This lane's D vectors, copied into its own slots of the scratch with cp.async (in flight with the B
     // loads, holding no registers); with !vec_out the write-out loads elements instead.
-    constexpr bool read_d = !kStore;
-    if (vec_out && read_d) {
+    if (vec_out) {
 #pragma unroll
       for (int k = 0; k < Shape::kItemsPerLane; ++k) {
         const Item x = item(k);
@@ -323,15 +321,12 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
       const float* pu = pg + (kSides - 1) * kVecs * kVecStride;
       const int64_t drow = static_cast<int64_t>(row0 + r) * ldd;
       if (vec_out) {
-        Vec8<T> dg{}, du{};
-        if constexpr (!kStore) {
-          dg = *reinterpret_cast<const Vec8<T>*>(dvec + it * kSides * 8);
-          du = *reinterpret_cast<const Vec8<T>*>(dvec + (it * kSides + kSides - 1) * 8);
-        }
+        const Vec8<T> dg = *reinterpret_cast<const Vec8<T>*>(dvec + it * kSides * 8);
+        const Vec8<T> du = *reinterpret_cast<const Vec8<T>*>(dvec + (it * kSides + kSides - 1) * 8);
         Vec8<T> o;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-          const T v = from_float<T>(alpha * pg[i * kLdc] + (kStore ? 0.f : to_float(dg.v[i])));
+          const T v = from_float<T>(alpha * pg[i * kLdc] + to_float(dg.v[i]));
           if constexpr (kGated) {
             const T up = from_float<T>(alpha * pu[i * kLdc] + to_float(du.v[i]));
             o.v[i] = gated_value(v, up, out.act);
@@ -343,7 +338,7 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
         *reinterpret_cast<Vec8<T>*>(dst) = o;
       } else {  // unaligned or odd widths: element loads and stores
         for (int i = 0; i < 8 && col + i < n_end; ++i) {
-          const T v = from_float<T>(alpha * pg[i * kLdc] + (kStore ? 0.f : to_float(D[drow + col + i])));
+          const T v = from_float<T>(alpha * pg[i * kLdc] + to_float(D[drow + col + i]));
           if constexpr (kGated) {
             const T up = from_float<T>(alpha * pu[i * kLdc] + to_float(D[drow + col + i + out.up_col]));
             out.h[static_cast<int64_t>(row0 + r) * out.ldh + col + i] = gated_value(v, up, out.act);
@@ -358,7 +353,7 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
   __syncthreads();  // t_smem is rewritten by the next pass / reused by the caller
 }
 
-template <typename T, int RP, int kWarps, bool kGated, bool kStore>
+template <typename T, int RP, int kWarps, bool kGated>
 __device__ void expand_tile(const float* __restrict__ partial, int k_splits, int64_t split_stride,
                             const T* __restrict__ B, int R, bool vec_b, bool vec_out, const ExpandOut<T>& out,
                             float alpha, int row0, int rows, int n_begin, int n_end, float* smem) {
@@ -366,13 +361,13 @@ __device__ void expand_tile(const float* __restrict__ partial, int k_splits, int
     const int left = rows - g0;
     if constexpr (kRowPairs<RP>) {
       if (left > kRowGroup) {
-        expand_pass<T, RP, kWarps, 2, kGated, kStore>(partial, k_splits, split_stride, B, R, vec_b, vec_out, out, alpha,
+        expand_pass<T, RP, kWarps, 2, kGated>(partial, k_splits, split_stride, B, R, vec_b, vec_out, out, alpha,
                                               row0 + g0, min(left, 2 * kRowGroup), n_begin, n_end, smem);
         g0 += 2 * kRowGroup;
         continue;
       }
     }
-    expand_pass<T, RP, kWarps, 1, kGated, kStore>(partial, k_splits, split_stride, B, R, vec_b, vec_out, out, alpha,
+    expand_pass<T, RP, kWarps, 1, kGated>(partial, k_splits, split_stride, B, R, vec_b, vec_out, out, alpha,
                                           row0 + g0, min(left, kRowGroup), n_begin, n_end, smem);
     g0 += kRowGroup;
   }

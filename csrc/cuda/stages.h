@@ -162,10 +162,6 @@ struct LoraExpandParams {
   const void* B;                            // per segment [N, R] row-major
   int64_t b_expert_stride, b_slot_stride;
   void* D; int64_t ldd;                     // D[r, :N] += slot_scale[slot] * t[r] @ B^T
-  // Plain expand only: D[r, :N] = slot_scale[slot] * t[r] @ B^T, D not read. fc2 with an sm90 base GEMM: the
-  // expand runs first and the GEMM adds its product to D (ExpertGemmParams::accumulate), which saves the
-  // expand's pass reading y.
-  bool store;
   const float* slot_scale;                  // [S] or nullptr for 1
   const int* row_offsets;
   const int* tile_prefix;
@@ -244,11 +240,6 @@ struct ActivationParams {
   const int* num_rows;       // device scalar: rows actually routed (expert_offsets[E])
   const int* row_slot;       // nullptr, or [rows]: rows with row_slot >= 0 are skipped (the LoRA expand with
                              // the activation fused wrote their h)
-  // nullptr, or [rows, zero_cols]: the rows this stage does (those without an adapter, with row_slot) are
-  // also zeroed here: fc2's expand stores only the rows with an adapter before fc2's GEMM adds onto them
-  // (LoraExpandParams::store).
-  void* zero_out;
-  int zero_cols;
   int max_rows, I;
   ActivationKind kind;
   DType dtype;
