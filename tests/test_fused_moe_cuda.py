@@ -404,51 +404,6 @@ def test_few_pairs_routing_bit_identical(shape, int64_ids, gemm_path, monkeypatc
     assert torch.equal(moelora_ext.fused_moe(**args), few)
 
 
-DECODE_FINALIZE_SHAPES = [
-    # T,   H,    I,   E,   k, S,  R
-    (1, 2048, 768, 128, 8, 8, 16),   # qwen3 decode
-    (4, 2880, 2880, 32, 4, 8, 16),   # gpt-oss, T = kDecodeMaxTokens
-    (2, 4096, 1024, 8, 2, 2, 16),    # mixtral-like: 128 column blocks
-    (3, 136, 64, 8, 2, 3, 8),        # H = 136: the last column block has 8 of 32 columns
-    (4, 512, 256, 64, 8, 0, 0),      # no LoRA
-    (1, 256, 128, 4, 4, 2, 16),      # every expert hit
-]
-
-
-@pytest.mark.parametrize("weights_dtype", ["fp32", "act"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", DECODE_FINALIZE_SHAPES, ids=lambda s: "T{}_H{}_E{}_k{}_S{}".format(s[0], s[1], s[3], s[4], s[5]))
-def test_decode_finalize_in_gemv_bit_identical(shape, dtype, weights_dtype, monkeypatch):
-    """At decode fc2's GEMV does the finalize (the last CTA of each column block sums every token's rows,
-    finalize.cuh's order): the same bits as the finalize kernel (MOELORA_DECODE_FINALIZE_IN_GEMV=0), with
-    dropped expert ids and tokens without adapter, topk_weights in fp32 or the activation dtype, eagerly and
-    replayed from a CUDA graph with new inputs, and every pair dropped (exact zeros)."""
-    T, H, I, E, k, S, R = shape
-    args = make_case(T, H, I, E, min(k, E), S, R, dtype=dtype, seed=53)
-    if weights_dtype == "act":
-        args["topk_weights"] = args["topk_weights"].to(dtype)
-    monkeypatch.delenv("MOELORA_DECODE_FINALIZE_IN_GEMV", raising=False)
-    fused = check(args, dtype)
-    graph, static_out = capture_graph(args)
-    monkeypatch.setenv("MOELORA_DECODE_FINALIZE_IN_GEMV", "0")
-    poison_allocator()
-    assert torch.equal(fused, moelora_ext.fused_moe(**args))
-    # New routing and inputs into the captured buffers, then a replay.
-    fresh = make_case(T, H, I, E, min(k, E), S, R, dtype=dtype, seed=59)
-    for name in ["hidden_states", "topk_ids", "token_lora_ids"]:
-        if name in fresh:
-            args[name].copy_(fresh[name])
-    static_out.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_out, moelora_ext.fused_moe(**args)), "graph replay differs from the finalize kernel"
-    args["topk_ids"].fill_(-1)  # every expert elsewhere: no routed tile, the output is exactly zero
-    monkeypatch.delenv("MOELORA_DECODE_FINALIZE_IN_GEMV", raising=False)
-    poison_allocator()
-    out = moelora_ext.fused_moe(**args)
-    assert torch.equal(out, torch.zeros_like(out))
-
-
 @pytest.mark.parametrize("flags", [(True, True, True, True), (False, True, False, True)])
 def test_decode_gemv_shared_outer_bit_identical(flags, gemm_path):
     """The GEMV's fused expand skips the expert offset of a shared B exactly as the expand kernel does."""

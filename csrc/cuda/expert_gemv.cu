@@ -19,7 +19,6 @@
 // costs each CTA a round trip before its first weight load.)
 #include "activation.cuh"
 #include "cuda_utils.cuh"
-#include "finalize.cuh"
 #include "mma_operands.cuh"
 #include "pdl.cuh"
 #include "stages.h"
@@ -249,36 +248,6 @@ __device__ __forceinline__ void lora_delta(const ExpertGemvParams& p, const T* l
   }
 }
 
-// The finalize folded into fc2's GEMV (ExpertGemvParams::finalize_done): called by every CTA of a routed tile
-// after its D stores; the last of column block cb's CTAs (one per routed tile) writes out[t, cb's columns] for
-// every token. Release / acquire through the counter: each CTA's stores, a fence, then its increment; the last
-// one fences again and reads D from L2.
-template <typename T>
-__device__ void finalize_column_block(const ExpertGemvParams& p, int cb) {
-  constexpr int kVecs = kColsPerCta<false> / 8;  // 8-column vectors of a column block
-  const FinalizeParams& f = p.finalize;
-  const int c0 = cb * kVecs, vecs = min(kVecs, p.N / 8 - c0);
-  for (int i = threadIdx.x; i < f.T * vecs; i += kThreads) {
-    const int t = i / vecs, c = c0 + i % vecs;
-    reinterpret_cast<Vec8<T>*>(static_cast<T*>(f.out) + static_cast<int64_t>(t) * f.H)[c] =
-        finalize_vector<T, /*kFromL2=*/true>(f, t, c);
-  }
-}
-
-template <typename T>
-__device__ void finalize_if_last(const ExpertGemvParams& p, int cb) {
-  __shared__ bool last_s;
-  __threadfence();  // this thread's D stores, before the CTA counts itself done
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const int tiles = p.expert_tile_prefix[p.E];
-    last_s = atomicAdd(&p.finalize_done[cb], 1) == tiles - 1;
-    if (last_s) __threadfence();  // the others' D stores, before this CTA reads them
-  }
-  __syncthreads();
-  if (last_s) finalize_column_block<T>(p, cb);
-}
-
 // kLora: p.lora_A != nullptr. Its own instantiation, so that the plain GEMV's registers do not grow with the
 // shrink CTAs' code.
 template <typename T, bool kGated, ActivationKind kAct, bool kLora>
@@ -316,13 +285,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
   }
   __syncthreads();
   const int e = tile_s[0];
-  if (e < 0) {  // past the routed tiles (the grid is sized from shapes)
-    // With no routed tile at all (every pair dropped), tile 0's CTAs write the finalize's zeros themselves.
-    if constexpr (!kGated) {
-      if (p.finalize_done != nullptr && tile == 0) finalize_column_block<T>(p, cb);
-    }
-    return;
-  }
+  if (e < 0) return;  // past the routed tiles (the grid is sized from shapes)
   const int tile_row0 = tile_s[1], tile_rows = tile_s[2];
 
   // The CTA's two 16-row weight blocks: first row and valid rows of each.
@@ -396,9 +359,6 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
     }
     __syncthreads();  // red, delta_s and slot_s are rewritten by the next pass
   }
-  if constexpr (!kGated) {
-    if (p.finalize_done != nullptr) finalize_if_last<T>(p, cb);
-  }
 }
 
 template <typename T, bool kGated, bool kLora>
@@ -423,14 +383,9 @@ cudaError_t launch_typed(const ExpertGemvParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-int expert_gemv_column_blocks(int N, bool gated) { return gated ? column_blocks<true>(N) : column_blocks<false>(N); }
-
 cudaError_t launch_expert_gemv(const ExpertGemvParams& p, cudaStream_t stream) {
   if (p.max_rows == 0 || p.N == 0) return cudaSuccess;
   if (p.gated && p.N % 2 != 0) return cudaErrorInvalidValue;
-  if (p.finalize_done != nullptr && (p.gated || p.N % 8 != 0 || p.finalize.y != p.D || p.finalize.H != p.N ||
-                                     p.finalize.pair_row == nullptr || p.finalize.out == nullptr))
-    return cudaErrorInvalidValue;
   if (p.lora_A != nullptr && (p.R <= 0 || p.R > kLoraMaxRank || p.lora_B == nullptr || p.lora_t == nullptr ||
                               p.lora_sync == nullptr || p.row_slot == nullptr || p.lora_tile_prefix == nullptr ||
                               p.lora_tile_segment == nullptr || p.lora_tile_capacity < 0))

@@ -1,29 +1,58 @@
 // Finalize: un-permute and reduce. Each token sums its k expert outputs weighted by topk_weights, in
-// j order, in fp32 (finalize.cuh): no atomics, so the result is the same on every run. At decode the fc2 GEMV
-// does this itself (ExpertGemvParams::finalize_done).
+// j order, in fp32: no atomics, so the result is the same on every run.
 #include "cuda_utils.cuh"
-#include "finalize.cuh"
 #include "pdl.cuh"
 #include "stages.h"
 
 namespace moelora::cuda {
 namespace {
 
-constexpr int kMaxThreads = 256;
+constexpr int kInFlight = 8;  // experts of a token whose rows are loaded before they are summed
 
 template <typename T>
 __global__ void finalize_kernel(FinalizeParams p) {
   pdl_begin();
   const int t = blockIdx.x;
+  const auto* y = static_cast<const T*>(p.y);
   auto* out = reinterpret_cast<Vec8<T>*>(static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.H);
-  for (int c = threadIdx.x; c < p.H / 8; c += blockDim.x) out[c] = finalize_vector<T>(p, t, c);
+  for (int c = threadIdx.x; c < p.H / 8; c += blockDim.x) {
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    // kInFlight experts at a time: their row ids, then their y slices, are loaded together (two round
+    // trips per group instead of two per expert); the sum still runs in j order.
+    for (int j0 = 0; j0 < p.k; j0 += kInFlight) {
+      int row[kInFlight];
+      float w[kInFlight];
+      Vec8<T> v[kInFlight];
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        const bool in = j0 + u < p.k;
+        row[u] = in ? p.pair_row[t * p.k + j0 + u] : -1;
+        w[u] = !in ? 0.f
+               : p.topk_weights_fp32 ? static_cast<const float*>(p.topk_weights)[t * p.k + j0 + u]
+                                     : to_float(static_cast<const T*>(p.topk_weights)[t * p.k + j0 + u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u)  // row < 0: expert not on this GPU / out of range, contributes nothing
+        if (row[u] >= 0) v[u] = reinterpret_cast<const Vec8<T>*>(y + static_cast<int64_t>(row[u]) * p.H)[c];
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        if (row[u] < 0) continue;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] += w[u] * to_float(v[u].v[i]);
+      }
+    }
+    Vec8<T> o;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o.v[i] = from_float<T>(acc[i]);
+    out[c] = o;
+  }
 }
 
 }  // namespace
 
 cudaError_t launch_finalize(const FinalizeParams& p, cudaStream_t stream) {
   if (p.T == 0) return cudaSuccess;
-  const int threads = std::min(kMaxThreads, std::max(32, ceil_div(p.H / 8, 32) * 32));
+  const int threads = std::min(256, std::max(32, ceil_div(p.H / 8, 32) * 32));
   if (p.dtype == DType::BF16) return launch_kernel(finalize_kernel<__nv_bfloat16>, p.T, threads, 0, stream, p);
   return launch_kernel(finalize_kernel<__half>, p.T, threads, 0, stream, p);
 }

@@ -240,7 +240,6 @@ void run_lora(const LoraSide& side, const at::Tensor& input, const ShrinkRows& s
       e.N = N / 2;
     }
     e.max_rows = pairs; e.max_active_segments = active; e.few_rows_max = ws.expand_few_rows_max;
-    e.deep_ring = env_flag("MOELORA_LORA_EXPAND_DEEP");
     e.dtype = s.dtype;
     C10_CUDA_CHECK(mc::launch_lora_expand(e, sm_count, stream));
     return;
@@ -273,17 +272,6 @@ void run_lora(const LoraSide& side, const at::Tensor& input, const ShrinkRows& s
   p.slot_scale = scalings; p.accumulate = true;
   p.N = N; p.K = static_cast<int>(R);
   C10_CUDA_CHECK(mc::launch_segment_gemm(p, mc::SegmentGemmShape::Wide, sm_count, stream));
-}
-
-// The finalize: out[t] = sum_j weights[t, j] * y[pair_row[t, j]].
-mc::FinalizeParams finalize_params(const at::Tensor& y, const at::Tensor& pair_row, const at::Tensor& weights,
-                                   at::Tensor& out, const FusedMoeDims& d) {
-  mc::FinalizeParams fp{};
-  fp.y = y.data_ptr(); fp.pair_row = pair_row.data_ptr<int>();
-  fp.topk_weights = weights.data_ptr(); fp.topk_weights_fp32 = weights.scalar_type() == at::kFloat;
-  fp.out = out.data_ptr(); fp.T = static_cast<int>(d.T); fp.k = static_cast<int>(d.k); fp.H = static_cast<int>(d.H);
-  fp.dtype = to_dtype(y.scalar_type());
-  return fp;
 }
 
 // Base expert GEMM: out[rows of e] = input[rows of e] @ W[e]^T, W [E, N, K].
@@ -412,15 +400,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   // Each sorted row's token, recorded by the permute, for fc1's LoRA shrink (ShrinkRows).
   const bool token_rows_shrink = d.has_lora && !decode && lora_ws.lora_kernels && use_token_rows_shrink();
   at::Tensor row_token = at::empty({token_rows_shrink ? pairs : 0}, iopt);
-  // Decode: fc2's GEMV does the finalize (ExpertGemvParams::finalize_done) unless
-  // MOELORA_DECODE_FINALIZE_IN_GEMV=0 (kept to compare), not where the GEMV runs above decode sizes
-  // (MOELORA_GEMV_AVG_ROWS: its last CTAs would each sum many tokens).
-  const int fc2_column_blocks = mc::expert_gemv_column_blocks(H, /*gated=*/false);
-  const int lora_sync_ints = decode && d.has_lora ? 2 : 0;
-  const bool finalize_in_gemv = decode && d.T <= mc::kDecodeMaxTokens && !env_zero("MOELORA_DECODE_FINALIZE_IN_GEMV") &&
-                                lora_sync_ints + fc2_column_blocks <= mc::kRoutingMaxZeroInts;
-  // The GEMV launches' counters, zeroed by the routing: the two lora_sync (LoRA), then fc2's finalize_done.
-  at::Tensor gemv_sync = at::empty({lora_sync_ints + (finalize_in_gemv ? fc2_column_blocks : 0)}, iopt);
+  // Decode with LoRA: the two GEMV launches' counters (ExpertGemvParams::lora_sync), zeroed by the routing.
+  at::Tensor gemv_sync = at::empty({decode && d.has_lora ? 2 : 0}, iopt);
 
   // ---- 1. routing ---------------------------------------------------------------------------------
   mc::RoutingParams rp{};
@@ -517,10 +498,6 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
                    row_slot, gemv_sync.data_ptr<int>() + 1, scale_ptr, d, H, I, gemv);
     gemv.X = h.data_ptr(); gemv.W = w2c.data_ptr(); gemv.D = y.data_ptr();
     gemv.N = H; gemv.K = I; gemv.gated = false;
-    if (finalize_in_gemv) {
-      gemv.finalize_done = gemv_sync.data_ptr<int>() + lora_sync_ints;
-      gemv.finalize = finalize_params(y, pair_row, weights, out, d);
-    }
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
   } else {
     run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
@@ -528,7 +505,11 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
       run_lora(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, nullptr, y, bucket_offsets, lora_tile_prefix,
                lora_tile_segment, scale_ptr, d, H, I, sm_count, stream);
   }
-  if (!finalize_in_gemv) C10_CUDA_CHECK(mc::launch_finalize(finalize_params(y, pair_row, weights, out, d), stream));
+  mc::FinalizeParams fp{};
+  fp.y = y.data_ptr(); fp.pair_row = pp.pair_row;
+  fp.topk_weights = weights.data_ptr(); fp.topk_weights_fp32 = weights.scalar_type() == at::kFloat;
+  fp.out = out.data_ptr(); fp.T = rp.T; fp.k = rp.k; fp.H = H; fp.dtype = to_dtype(dtype);
+  C10_CUDA_CHECK(mc::launch_finalize(fp, stream));
   return out;
 }
 

@@ -195,9 +195,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
 }
 
 // ---- expand ----------------------------------------------------------------------------------------
-// kDeep (rank 16 only, LoraExpandParams::deep_ring): a third stage, two chunks in flight per CTA, at three CTAs
-// per SM instead of four (73.5 KB).
-template <int RP, bool kDeep = false>
+template <int RP>
 struct ExpandShape {
   // B rows = D columns per chunk (gated: half gate, half up). 128 where four CTAs per SM still fit two
   // stages of them (rank 16): the gated expand then reads gu and writes h in 128-byte row pieces, not 64
@@ -208,14 +206,14 @@ struct ExpandShape {
   static constexpr int cols(bool gated) { return gated ? kBN / 2 : kBN; }
   // Ring of chunk stages (B rows and the D values they update); kStages - 1 chunks in flight per CTA. Three
   // for rank 32, two where three would leave fewer than four CTAs per SM.
-  static constexpr int kStages = RP == 32 || kDeep ? 3 : 2;
+  static constexpr int kStages = RP == 32 ? 3 : 2;
   static constexpr int kLdt = RP + kPad;   // t tile and B rows, row stride (elements)
   static constexpr int kLdd = kBN + kPad;  // D values, row stride (elements; gated: gate | up columns)
   static constexpr size_t kTBytes = size_t(kTileRows) * kLdt * 2;
   static constexpr size_t kStageBBytes = size_t(kBN) * kLdt * 2;
   static constexpr size_t kStageBytes = kStageBBytes + size_t(kTileRows) * kLdd * 2;
   static constexpr size_t kSmemBytes = kTBytes + kStages * kStageBytes;  // dynamic shared memory
-  static_assert(kSmemBytes + 1024 <= 228 * 1024 / (kDeep ? 3 : kBlocksPerSm), "kBlocksPerSm CTAs per SM (deep: 3)");
+  static_assert(kSmemBytes + 1024 <= 228 * 1024 / kBlocksPerSm, "kBlocksPerSm CTAs per SM");
   static_assert(kSmemBytes >= size_t(lora_few_rows::expand_smem_floats<RP, kWarps>()) * 4,
                 "room for the few-rows path's t tile and write-out scratch");
   static_assert(kTBytes % 16 == 0 && kStageBBytes % 16 == 0 && kStageBytes % 16 == 0, "16-byte aligned regions");
@@ -253,10 +251,10 @@ __device__ __forceinline__ uint32_t lds_pair(const T* p) {
 // every warp, not only those owning rows), the per-warp one for the plain path (no block barrier). Finishing
 // every output from the mma registers (4-byte stores) was faster only on qwen3's 28-row tiles and slower on
 // mixtral / gpt-oss; both write-outs in one kernel lost the gain to register pressure, so it was not kept.
-template <typename T, int RP, bool kGated, bool kDeep = false>
+template <typename T, int RP, bool kGated>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(LoraExpandParams p) {
   pdl_begin();
-  using Shape = ExpandShape<RP, kDeep>;
+  using Shape = ExpandShape<RP>;
   constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt, kLdd = Shape::kLdd, kStages = Shape::kStages;
   constexpr int kSides = kGated ? 2 : 1;
   constexpr int kCols = Shape::cols(kGated);
@@ -482,16 +480,8 @@ cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStr
   // One CTA per resident slot; the kernel splits the (m-tile, chunk) units evenly over them.
   const int cols = ExpandShape<RP>::cols(p.h != nullptr);
   const int64_t units_ub = segment_tiles_upper_bound(p.max_rows, p.max_active_segments) * ceil_div(p.N, cols);
-  const int resident = RP == 16 && p.deep_ring ? 3 : kBlocksPerSm;  // CTAs per SM (ExpandShape)
-  const int grid = static_cast<int>(std::min<int64_t>(units_ub, int64_t(sm_count) * resident));
+  const int grid = static_cast<int>(std::min<int64_t>(units_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid == 0) return cudaSuccess;
-  if constexpr (RP == 16) {
-    if (p.deep_ring) {
-      constexpr size_t deep = ExpandShape<RP, true>::kSmemBytes;
-      return p.h != nullptr ? launch_with_smem(lora_expand_kernel<T, RP, true, true>, grid, deep, stream, p)
-                            : launch_with_smem(lora_expand_kernel<T, RP, false, true>, grid, deep, stream, p);
-    }
-  }
   constexpr size_t smem = ExpandShape<RP>::kSmemBytes;
   return p.h != nullptr ? launch_with_smem(lora_expand_kernel<T, RP, true>, grid, smem, stream, p)
                         : launch_with_smem(lora_expand_kernel<T, RP, false>, grid, smem, stream, p);

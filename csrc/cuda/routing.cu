@@ -68,7 +68,7 @@ __device__ void plan_from_counts(const RoutingParams& p, const int* counts, Plan
   const int per_expert = p.S + 1;
   const int nbuckets = p.E * per_expert;
 
-  for (int i = threadIdx.x; i < p.zero_count; i += blockDim.x) p.zero_ints[i] = 0;
+  if (static_cast<int>(threadIdx.x) < p.zero_count) p.zero_ints[threadIdx.x] = 0;
   block_prefix_sum(nbuckets, [&](int b) { return counts[b]; }, p.bucket_offsets, tmp);
   for (int e = threadIdx.x; e <= p.E; e += blockDim.x) p.expert_offsets[e] = p.bucket_offsets[e * per_expert];
   for (int i = 0; i < p.gemm_table_count; ++i)
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kFewPairsThreads) routing_few_pairs_kernel(Rou
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int pairs = p.T * p.k;
   const int per_expert = p.S + 1, nbuckets = p.E * per_expert;
-  for (int i = threadIdx.x; i < p.zero_count; i += blockDim.x) p.zero_ints[i] = 0;
+  if (static_cast<int>(threadIdx.x) < p.zero_count) p.zero_ints[threadIdx.x] = 0;
   // The gather's first piece of this warp's first row (pair `warp`), loaded before the routing: the source row
   // is the pair's token, known without it, so this load overlaps the ids' round trip.
   const bool gather = p.gather_permuted != nullptr;
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kFewPairsThreads) routing_few_pairs_kernel(Rou
 cudaError_t launch_routing(const RoutingParams& p, cudaStream_t stream) {
   const int pairs = p.T * p.k;
   const size_t nbuckets = static_cast<size_t>(p.E) * (p.S + 1);
-  if (p.zero_count < 0 || p.zero_count > kRoutingMaxZeroInts || (p.zero_count > 0 && p.zero_ints == nullptr)) return cudaErrorInvalidValue;
+  if (p.zero_count < 0 || p.zero_count > 32 || (p.zero_count > 0 && p.zero_ints == nullptr)) return cudaErrorInvalidValue;
   if (p.few_pairs_max < 0 || p.few_pairs_max > kFewPairsMax) return cudaErrorInvalidValue;
   if (pairs <= p.few_pairs_max) return launch_kernel(routing_few_pairs_kernel, 1, kFewPairsThreads, 0, stream, p);
   if (routing_in_one_kernel(pairs, static_cast<int64_t>(nbuckets), p.few_pairs_max))

@@ -59,10 +59,9 @@ struct RoutingParams {
   // plan (one launch less than expert_gemm_sm90_prepare). Their expert count is E.
   ExpertGemmTables gemm_tables[2];
   int gemm_table_count;
-  // Optional: counters the plan sets to zero (expert_gemv.cu's ExpertGemvParams::lora_sync of both GEMVs and
-  // finalize_done of fc2's).
+  // Optional: counters the plan sets to zero (expert_gemv.cu's ExpertGemvParams::lora_sync of both GEMVs).
   int* zero_ints;
-  int zero_count;  // <= kRoutingMaxZeroInts
+  int zero_count;  // <= 32
   // Up to this many pairs (<= kFewPairsMax; 0: never) the barrier-free few-pairs kernel does all of it.
   int few_pairs_max;
 };
@@ -74,7 +73,6 @@ struct RoutingParams {
 //  * larger: memset + count kernel + plan kernel.
 // The single-kernel sizes leave bucket_counts unused and can do the permute stage (gather_permuted).
 constexpr int kFewPairsMax = 32;
-constexpr int kRoutingMaxZeroInts = 4096;
 constexpr int kOneBlockMaxPairs = 4096;
 constexpr int kOneBlockMaxBuckets = 8192;  // 32 KB of shared-memory counters
 inline bool routing_in_one_kernel(int pairs, int64_t nbuckets, int few_pairs_max) {
@@ -172,7 +170,6 @@ struct LoraExpandParams {
   int R, N;                                 // N: output columns (gated: h columns)
   int max_rows, max_active_segments;
   int few_rows_max;                        // as for the shrink
-  bool deep_ring;                           // rank 16: three chunk stages at three CTAs per SM (to measure)
   // fc1 with the gated activation fused (h != nullptr): D is the base output gu [rows, 2I], only read; N = I
   // and h[r, n] = round(act(round(v[n])) * round(v[up_col + n])) with v = D[r] + scale * delta, for the rows
   // with an adapter (the activation stage does the others: PermuteParams::row_slot). Saves gu's
@@ -188,18 +185,6 @@ int lora_k_splits(int K, int max_rows, int max_active_segments, int sm_count, in
 int lora_k_chunk(int K, int k_splits);
 cudaError_t launch_lora_shrink(const LoraShrinkParams& p, int sm_count, cudaStream_t stream);
 cudaError_t launch_lora_expand(const LoraExpandParams& p, int sm_count, cudaStream_t stream);
-
-// ---- finalize.cu: out[t] = sum_j topk_weights[t, j] * y[pair_row[t, j]], in j order ----------------
-struct FinalizeParams {
-  const void* y;             // [rows, H]
-  const int* pair_row;       // [T*k]
-  const void* topk_weights;  // [T*k], float32 or the activation dtype (read as given)
-  bool topk_weights_fp32;
-  void* out;                 // [T, H]
-  int T, k, H;
-  DType dtype;
-};
-cudaError_t launch_finalize(const FinalizeParams& p, cudaStream_t stream);
 
 // ---- expert_gemv.cu: the base GEMMs when experts get few rows -----------------------------------------
 // With few routed rows per expert (decode: T <= kDecodeMaxTokens; or T * k <= kGemvMaxAvgRows * E) the base
@@ -245,15 +230,7 @@ struct ExpertGemvParams {
   int lora_tile_capacity;
   const int* row_slot;         // [max_rows] each sorted row's adapter slot (routing / permute's row_slot)
   int* lora_sync;              // [1], zero before the launch (RoutingParams::zero_ints): shrink CTAs done
-  // Optional (plain GEMV, fc2 at decode): the finalize stage in the same launch, one launch less. finalize.y
-  // is D. Per output column block, the last of the routed tiles' CTAs to finish (finalize_done[block], zero
-  // before the launch: RoutingParams::zero_ints) writes out[t, block's columns] for every token, with
-  // finalize.cu's sums in the same order (same bits).
-  int* finalize_done;          // [expert_gemv_column_blocks(N, false)] or nullptr: finalize separately
-  FinalizeParams finalize;
 };
-// Output column blocks of a GEMV launch (the CTAs of one routed tile).
-int expert_gemv_column_blocks(int N, bool gated);
 cudaError_t launch_expert_gemv(const ExpertGemvParams& p, cudaStream_t stream);
 
 // ---- activation.cu: h[r, i] = act(gu[r, i]) * gu[r, I + i] for the routed rows ---------------------
@@ -269,5 +246,16 @@ struct ActivationParams {
 };
 cudaError_t launch_activation(const ActivationParams& p, cudaStream_t stream);
 
+// ---- finalize.cu: out[t] = sum_j topk_weights[t, j] * y[pair_row[t, j]], in j order ----------------
+struct FinalizeParams {
+  const void* y;             // [rows, H]
+  const int* pair_row;       // [T*k]
+  const void* topk_weights;  // [T*k], float32 or the activation dtype (read as given)
+  bool topk_weights_fp32;
+  void* out;                 // [T, H]
+  int T, k, H;
+  DType dtype;
+};
+cudaError_t launch_finalize(const FinalizeParams& p, cudaStream_t stream);
 
 }  // namespace moelora::cuda
