@@ -255,9 +255,10 @@ def test_lora_expand_with_fused_activation_bit_identical(shape, dtype, activatio
 @pytest.mark.parametrize("shape", ROW_PATH_SHAPES + [(4096, 512, 256, 16, 8, 4, 16)],
                          ids=lambda s: "T{}_H{}_E{}_S{}_R{}".format(s[0], s[1], s[3], s[5], s[6]))
 def test_lora_token_rows_shrink_bit_identical(shape, dtype, monkeypatch):
-    """fc1's LoRA shrink reading each row's token from the hidden states (the default) gives the same bits as
-    reading the gathered copy (MOELORA_LORA_TOKEN_ROWS=0), on both m-tile paths (few rows: =EVERY_SEGMENT,
-    64-row tiles: =0, and the default mix), and matches the reference."""
+    """fc1's LoRA shrink reading each row's token from the hidden states (MOELORA_LORA_TOKEN_ROWS=1; by default
+    only when the gathered copy exceeds half the L2) gives the same bits as reading the gathered copy (=0), on
+    both m-tile paths (few rows: =EVERY_SEGMENT, 64-row tiles: =0, and the default mix), and matches the
+    reference."""
     T, H, I, E, k, S, R = shape
     args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=43)
     for rows in ["0", EVERY_SEGMENT, None]:
@@ -265,12 +266,14 @@ def test_lora_token_rows_shrink_bit_identical(shape, dtype, monkeypatch):
             monkeypatch.delenv("MOELORA_LORA_FEW_ROWS", raising=False)
         else:
             monkeypatch.setenv("MOELORA_LORA_FEW_ROWS", rows)
-        monkeypatch.delenv("MOELORA_LORA_TOKEN_ROWS", raising=False)
+        monkeypatch.setenv("MOELORA_LORA_TOKEN_ROWS", "1")
         by_token = check(args, dtype)
         monkeypatch.setenv("MOELORA_LORA_TOKEN_ROWS", "0")
         poison_allocator()
         gathered = moelora_ext.fused_moe(**args)
         assert torch.equal(by_token, gathered), f"MOELORA_LORA_FEW_ROWS={rows}: token rows changed the bits"
+        monkeypatch.delenv("MOELORA_LORA_TOKEN_ROWS", raising=False)  # the size rule picks either
+        assert torch.equal(moelora_ext.fused_moe(**args), gathered)
 
 
 @pytest.mark.parametrize("T", [2, 100])  # decode (routing gathers the rows) / grouped GEMM

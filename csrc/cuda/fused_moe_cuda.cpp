@@ -155,10 +155,16 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
 // fc1's LoRA expand writes h itself (activation fused) unless MOELORA_LORA_FUSED_ACT=0 (kept to compare).
 bool use_fused_lora_activation() { return !env_zero("MOELORA_LORA_FUSED_ACT"); }
 
-// fc1's LoRA shrink reads each sorted row's token from the hidden states (T rows, which stay in L2) instead of
-// its gathered copy (T * k rows from HBM; 134 MB at qwen3 T=4096), unless MOELORA_LORA_TOKEN_ROWS=0. Same
-// values in the same order: same bits.
-bool use_token_rows_shrink() { return !env_zero("MOELORA_LORA_TOKEN_ROWS"); }
+// fc1's LoRA shrink reads each sorted row's token from the hidden states (T rows, k times fewer bytes, which the
+// L2 keeps) instead of its gathered copy, when that copy is more than half the L2 (so it is read from HBM; 67-134
+// MB at T=4096). Measured (benchmarks/NOTES.md v13): fc1's shrink 4-9 µs faster at T=4096, but 2-5 µs slower
+// where the copy fits the L2 anyway (mixtral / gpt-oss T=1024, 17-24 MB) and the row index is one more load.
+// MOELORA_LORA_TOKEN_ROWS=0 / =1 turns it off / on whatever the size. Same values in the same order: same bits.
+bool use_token_rows_shrink(int64_t gathered_bytes, int device) {
+  const char* v = std::getenv("MOELORA_LORA_TOKEN_ROWS");
+  if (v != nullptr && v[0] != '\0') return std::strcmp(v, "0") != 0;
+  return gathered_bytes > device_attribute(cudaDevAttrL2CacheSize, device) / 2;
+}
 
 // Where fc1's expand puts its result when the activation is fused into it (LoraExpandParams::h).
 struct GatedExpandOut {
@@ -398,7 +404,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const bool need_row_slot = fused_act || (decode && d.has_lora);
   at::Tensor row_slot = at::empty({need_row_slot ? pairs : 0}, iopt);
   // Each sorted row's token, recorded by the permute, for fc1's LoRA shrink (ShrinkRows).
-  const bool token_rows_shrink = d.has_lora && !decode && lora_ws.lora_kernels && use_token_rows_shrink();
+  const bool token_rows_shrink = d.has_lora && !decode && lora_ws.lora_kernels &&
+                                 use_token_rows_shrink(static_cast<int64_t>(pairs) * H * x.element_size(), device);
   at::Tensor row_token = at::empty({token_rows_shrink ? pairs : 0}, iopt);
   // Decode with LoRA: the two GEMV launches' counters (ExpertGemvParams::lora_sync), zeroed by the routing.
   at::Tensor gemv_sync = at::empty({decode && d.has_lora ? 2 : 0}, iopt);
