@@ -122,14 +122,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
     const T* x_src = X + static_cast<int64_t>(st.row0) * p.ldx;
     const T* a_src = Abase + st.expert * p.a_expert_stride + st.slot * p.a_slot_stride;  // [R, K]
     if (st.few_rows) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
-      lora_few_rows::shrink_tile<T, RP, kWarps, kTokenRows>(X, p.ldx, p.x_rows, a_src, p.K, p.R,
-                                            st.row0, st.rows, k_begin, k_end, vec,
-                                            p.partial + static_cast<int64_t>(ks) * p.max_rows * p.R, ctile);
+      lora_few_rows::shrink_tile<T, RP, kWarps, kTokenRows>(X, p.ldx, p.x_rows, a_src, p.K, p.R, st.row0, st.rows,
+                                                            k_begin, k_end, vec,
+                                                            p.partial + static_cast<int64_t>(ks) * p.max_rows * p.R,
+                                                            ctile);
       continue;
     }
     const bool warp_active = warp * 16 < st.rows;
     if constexpr (kTokenRows) {  // the tile's X rows (the previous item's last barrier ordered the table's reads)
-      for (int r = threadIdx.x; r < kTileRows; r += kThreads) x_row_table[r] = r < st.rows ? p.x_rows[st.row0 + r] : 0;
+      for (int r = threadIdx.x; r < kTileRows; r += kThreads)
+        x_row_table[r] = r < st.rows ? p.x_rows[st.row0 + r] : 0;
       __syncthreads();
     }
 
@@ -143,7 +145,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
       const int k0 = k_begin + kt * kBK;
       if constexpr (kTokenRows)
         load_tile_rows<T, kTileRows, kBK, kLds, kThreads>(
-            stage_x(s), [&](int r) { return X + static_cast<int64_t>(x_row_table[r]) * p.ldx; }, st.rows, k0, k_end, vec);
+            stage_x(s), [&](int r) { return X + static_cast<int64_t>(x_row_table[r]) * p.ldx; }, st.rows, k0, k_end,
+            vec);
       else
         load_tile<T, kTileRows, kBK, kLds, kThreads>(stage_x(s), x_src, p.ldx, st.rows, k0, k_end, vec);
       load_tile<T, RP, kBK, kLds, kThreads>(stage_a(s), a_src, p.K, p.R, k0, k_end, vec);

@@ -145,14 +145,14 @@ __device__ void shrink_tile(const T* __restrict__ X, int64_t ldx, const int* __r
     const int left = rows - g0;
     if constexpr (kRowPairs<RP>) {
       if (left > kRowGroup) {
-        shrink_pass<T, RP, kWarps, 2, kTokenRows>(X, ldx, x_rows, A, lda, R, row0 + g0, min(left, 2 * kRowGroup), k_begin, k_end, vec,
-                                      partial, red);
+        shrink_pass<T, RP, kWarps, 2, kTokenRows>(X, ldx, x_rows, A, lda, R, row0 + g0, min(left, 2 * kRowGroup),
+                                                  k_begin, k_end, vec, partial, red);
         g0 += 2 * kRowGroup;
         continue;
       }
     }
-    shrink_pass<T, RP, kWarps, 1, kTokenRows>(X, ldx, x_rows, A, lda, R, row0 + g0, min(left, kRowGroup), k_begin, k_end, vec, partial,
-                                  red);
+    shrink_pass<T, RP, kWarps, 1, kTokenRows>(X, ldx, x_rows, A, lda, R, row0 + g0, min(left, kRowGroup), k_begin,
+                                              k_end, vec, partial, red);
     g0 += kRowGroup;
   }
 }

@@ -143,7 +143,7 @@ inline bool lora_large_segments(int64_t rows, int64_t active_segments) {
 struct LoraShrinkParams {
   const void* X; int64_t ldx;               // sorted activations [rows, K]
   // nullptr, or [rows]: sorted row r reads row x_rows[r] of X. fc1 passes the hidden states [T, H] and each
-  // row's token, so the shrink reads T rows that stay in L2 instead of T * k gathered copies from HBM.
+  // row's token where the T * k gathered rows exceed half the L2: T rows, which stay in L2 (fused_moe_cuda.cpp).
   const int* x_rows;
   const void* A;                            // per segment [R, K] row-major
   int64_t a_expert_stride, a_slot_stride;   // elements
