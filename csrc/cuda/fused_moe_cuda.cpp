@@ -396,12 +396,12 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     if (lora_scalings.has_value()) scalings = lora_scalings->contiguous();  // float32 (checked)
   }
   const float* scale_ptr = scalings.defined() ? scalings.data_ptr<float>() : nullptr;
-  // fc1's LoRA expand with the activation fused (not at decode: the GEMV fuses both itself). The permute
-  // records each sorted row's slot so that the activation stage skips the rows the expand did.
+  // fc1's LoRA expand with the activation fused (not at decode: the GEMV fuses both itself); the activation
+  // stage then does only the rows without an adapter (each expert's first bucket).
   const bool fused_act = d.has_lora && !decode && lora_ws.lora_kernels && use_fused_lora_activation();
-  // Each sorted row's slot, recorded by the permute (or the routing's gather): the activation skips the rows
-  // fc1's expand did, and the decode GEMVs' LoRA epilogue reads a row's slot there.
-  const bool need_row_slot = fused_act || (decode && d.has_lora);
+  // Each sorted row's slot, recorded by the routing's gather (or the permute): the decode GEMVs' LoRA epilogue
+  // reads a row's slot there.
+  const bool need_row_slot = decode && d.has_lora;
   at::Tensor row_slot = at::empty({need_row_slot ? pairs : 0}, iopt);
   // Each sorted row's token, recorded by the permute, for fc1's LoRA shrink (ShrinkRows).
   const bool token_rows_shrink = d.has_lora && !decode && lora_ws.lora_kernels &&
@@ -491,7 +491,10 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
                bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, stream);
     mc::ActivationParams ap{};
     ap.gu = gu.data_ptr(); ap.h = h.data_ptr(); ap.num_rows = expert_offsets.data_ptr<int>() + E;
-    ap.row_slot = fused_act ? row_slot.data_ptr<int>() : nullptr;
+    if (fused_act) {  // the rows without an adapter only: each expert's first bucket
+      ap.bucket_offsets = bucket_offsets.data_ptr<int>(); ap.num_experts = E; ap.per_expert = S + 1;
+      ap.sm_count = sm_count;
+    }
     ap.max_rows = pairs; ap.I = I;
     ap.kind = act;
     ap.dtype = to_dtype(dtype);

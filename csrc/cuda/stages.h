@@ -172,7 +172,7 @@ struct LoraExpandParams {
   int few_rows_max;                        // as for the shrink
   // fc1 with the gated activation fused (h != nullptr): D is the base output gu [rows, 2I], only read; N = I
   // and h[r, n] = round(act(round(v[n])) * round(v[up_col + n])) with v = D[r] + scale * delta, for the rows
-  // with an adapter (the activation stage does the others: PermuteParams::row_slot). Saves gu's
+  // with an adapter (the activation stage does the others: ActivationParams::bucket_offsets). Saves gu's
   // read-modify-write and the activation's pass over those rows (benchmarks/NOTES.md, v7).
   void* h; int64_t ldh; int up_col;
   ActivationKind activation;
@@ -238,8 +238,11 @@ struct ActivationParams {
   const void* gu;            // [rows, 2I]
   void* h;                   // [rows, I]
   const int* num_rows;       // device scalar: rows actually routed (expert_offsets[E])
-  const int* row_slot;       // nullptr, or [rows]: rows with row_slot >= 0 are skipped (the LoRA expand with
-                             // the activation fused wrote their h)
+  // nullptr, or the routing's bucket offsets [E * per_expert + 1]: only the rows without an adapter (each
+  // expert's first bucket) are done; fc1's LoRA expand with the activation fused wrote the others' h.
+  const int* bucket_offsets;
+  int num_experts, per_expert;
+  int sm_count;              // sizes the bucket_offsets launch
   int max_rows, I;
   ActivationKind kind;
   DType dtype;
