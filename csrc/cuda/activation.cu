@@ -71,7 +71,6 @@ __global__ void __launch_bounds__(kThreads) gated_activation_buckets_kernel(Acti
 
 template <typename T>
 cudaError_t launch_typed(const ActivationParams& p, cudaStream_t stream) {
-  // A warp per item, up to 4096 blocks (the grid-stride loop covers the rest).
   if (p.bucket_offsets != nullptr) {
     // (expert, chunk) blocks, about four per SM over all experts (the buckets' sizes are device values).
     if (p.num_experts <= 0 || p.per_expert <= 0 || p.sm_count <= 0) return cudaErrorInvalidValue;
@@ -83,6 +82,7 @@ cudaError_t launch_typed(const ActivationParams& p, cudaStream_t stream) {
     return launch_kernel(gated_activation_buckets_kernel<T, ActivationKind::Gelu>, blocks, kThreads, 0, stream, p,
                          chunks);
   }
+  // A warp per item, up to 4096 blocks (the grid-stride loop covers the rest).
   const int64_t items = static_cast<int64_t>(p.max_rows) * ceil_div(p.I / 8, kItemVecs);
   const int blocks = static_cast<int>(std::min<int64_t>((items + kWarpsPerBlock - 1) / kWarpsPerBlock, 4096));
   if (blocks == 0) return cudaSuccess;
