@@ -153,6 +153,16 @@ def test_lora_kernels_agree_with_segment_gemm(shape, monkeypatch):
 
 EVERY_SEGMENT = "1000000"  # MOELORA_LORA_FEW_ROWS that sends every segment to the few-rows path
 
+
+def set_lora_few_rows(monkeypatch, rows):
+    """MOELORA_LORA_FEW_ROWS = rows ("0": 64-row tiles only, EVERY_SEGMENT: few-rows only), or unset for None
+    (the default mix)."""
+    if rows is None:
+        monkeypatch.delenv("MOELORA_LORA_FEW_ROWS", raising=False)
+    else:
+        monkeypatch.setenv("MOELORA_LORA_FEW_ROWS", rows)
+
+
 ROW_PATH_SHAPES = [
     (1, 256, 128, 8, 2, 4, 16),
     (300, 256, 192, 32, 4, 8, 8),
@@ -177,10 +187,7 @@ def test_lora_row_paths_agree(shape, dtype, monkeypatch):
     args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=21)
     outs = {}
     for rows in ["0", EVERY_SEGMENT, None]:
-        if rows is None:
-            monkeypatch.delenv("MOELORA_LORA_FEW_ROWS", raising=False)
-        else:
-            monkeypatch.setenv("MOELORA_LORA_FEW_ROWS", rows)
+        set_lora_few_rows(monkeypatch, rows)
         outs[rows] = check(args, dtype)
     assert rel_err(outs[EVERY_SEGMENT], outs["0"]) < TOL[dtype] / 2
     assert rel_err(outs[None], outs["0"]) < TOL[dtype] / 2
@@ -239,10 +246,7 @@ def test_lora_expand_with_fused_activation_bit_identical(shape, dtype, activatio
     T, H, I, E, k, S, R = shape
     args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=41)
     for rows in ["0", EVERY_SEGMENT, None]:
-        if rows is None:
-            monkeypatch.delenv("MOELORA_LORA_FEW_ROWS", raising=False)
-        else:
-            monkeypatch.setenv("MOELORA_LORA_FEW_ROWS", rows)
+        set_lora_few_rows(monkeypatch, rows)
         monkeypatch.delenv("MOELORA_LORA_FUSED_ACT", raising=False)
         fused = check(args, dtype, activation=activation)
         monkeypatch.setenv("MOELORA_LORA_FUSED_ACT", "0")
@@ -262,10 +266,7 @@ def test_lora_token_rows_shrink_bit_identical(shape, dtype, monkeypatch):
     T, H, I, E, k, S, R = shape
     args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=43)
     for rows in ["0", EVERY_SEGMENT, None]:
-        if rows is None:
-            monkeypatch.delenv("MOELORA_LORA_FEW_ROWS", raising=False)
-        else:
-            monkeypatch.setenv("MOELORA_LORA_FEW_ROWS", rows)
+        set_lora_few_rows(monkeypatch, rows)
         monkeypatch.setenv("MOELORA_LORA_TOKEN_ROWS", "1")
         by_token = check(args, dtype)
         monkeypatch.setenv("MOELORA_LORA_TOKEN_ROWS", "0")
