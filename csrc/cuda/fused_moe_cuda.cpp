@@ -161,8 +161,8 @@ bool use_fused_lora_activation() { return !env_zero("MOELORA_LORA_FUSED_ACT"); }
 // where the copy fits the L2 anyway (mixtral / gpt-oss T=1024, 17-24 MB) and the row index is one more load.
 // MOELORA_LORA_TOKEN_ROWS=0 / =1 turns it off / on whatever the size. Same values in the same order: same bits.
 bool use_token_rows_shrink(int64_t gathered_bytes, int device) {
-  const char* v = std::getenv("MOELORA_LORA_TOKEN_ROWS");
-  if (v != nullptr && v[0] != '\0') return std::strcmp(v, "0") != 0;
+  if (env_zero("MOELORA_LORA_TOKEN_ROWS")) return false;
+  if (env_flag("MOELORA_LORA_TOKEN_ROWS")) return true;
   return gathered_bytes > device_attribute(cudaDevAttrL2CacheSize, device) / 2;
 }
 
