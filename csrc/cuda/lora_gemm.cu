@@ -243,17 +243,17 @@ __device__ __forceinline__ uint32_t lds_pair(const T* p) {
 //
 // An item of a large segment (more than few_rows_max rows) is a 64-row tile: t (its rank-R inputs, the split-K
 // partials summed in a fixed order) in shared memory, and a ring of kStages chunk stages, each holding the
-// chunk's B rows and the D values they update, copied with cp.async kStages - 1 chunks ahead. Per chunk each
-// warp multiplies its 16 rows of t with the chunk's B rows (mma.sync m16n8k16, fp32), and rounds
-// v = D + alpha * product back into the D values in shared memory; the write-out then reads v from there with
-// 16-byte vectors: plain, each warp copies its own rows to D; gated (p.h set, fc1 with the activation fused),
-// after a block barrier every thread takes (row, 8 columns) items and writes h = round(act(v_gate) * v_up).
-// Measured on the H100 (NOTES.md v7, v8): v7's register-held D values (loaded at each chunk's start) left a
-// round trip per chunk exposed and the gated kernel spilled in its chunk loop; the ring made the gated expand
-// 13-23% faster at T=4096. The whole-block write-out is faster for the gated path (its arithmetic spread over
-// every warp, not only those owning rows), the per-warp one for the plain path (no block barrier). Finishing
-// every output from the mma registers (4-byte stores) was faster only on qwen3's 28-row tiles and slower on
-// mixtral / gpt-oss; both write-outs in one kernel lost the gain to register pressure, so it was not kept.
+// chunk's B rows and the D values they update, copied with cp.async kStages - 1 chunks ahead. A chunk is cut
+// into (16-row band, column block) items over the warps; per item a warp multiplies its band of t with the
+// block's B rows (mma.sync m16n8k16, fp32) and finishes each output from the registers: v = round(D + alpha *
+// product) with D read from the stage; plain, v goes back over its D value; gated (p.h set, fc1 with the
+// activation fused), a block holds gate and up columns alike, so a lane has both and writes h = round(act(v_gate)
+// * v_up) over the gate value. The warp then copies its item to global memory with 16-byte vectors.
+// Measured on the H100 (NOTES.md v7, v8, v14): v7's register-held D values (loaded at each chunk's start) left a
+// round trip per chunk exposed; the ring made the gated expand 13-23% faster at T=4096. v8-v13 rounded v into
+// shared memory and finished the gated outputs in a second pass over the whole block (~50 instructions per h
+// value, an issue every 1.9 cycles per scheduler at 25% occupancy); v14 finishes them in the mma epilogue.
+// v8's 4-byte global stores straight from the registers were slower on mixtral / gpt-oss.
 template <typename T, int RP, bool kGated>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(LoraExpandParams p) {
   pdl_begin();
@@ -261,7 +261,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
   constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt, kLdd = Shape::kLdd, kStages = Shape::kStages;
   constexpr int kSides = kGated ? 2 : 1;
   constexpr int kCols = Shape::cols(kGated);
-  constexpr int kGroups = kCols / 8;   // 8-column write-out vectors per row and chunk
+  constexpr int kGroups = kCols / 8;   // 8-column vectors per row and chunk (the D staging)
+  // Output columns per (band, column block) item: the products of one item fill 32 accumulator registers.
+  constexpr int kXCols = kGated ? (kCols < 32 ? kCols : 32) : (kCols < 64 ? kCols : 64);
+  constexpr int kXBlocks = kCols / kXCols;
   extern __shared__ __align__(128) unsigned char smem_raw[];  // Shape::kSmemBytes
   T* t_tile = reinterpret_cast<T*>(smem_raw);
   auto stage_b = [&](int s) { return reinterpret_cast<T*>(smem_raw + Shape::kTBytes + s * Shape::kStageBytes); };
@@ -290,7 +293,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
     const int n_end = min(p.N, n_begin + chunks * kCols);
     const T* b_src = Bbase + st.expert * p.b_expert_stride + st.slot * p.b_slot_stride;  // [N, R]
     const float alpha = p.slot_scale != nullptr ? p.slot_scale[st.slot] : 1.f;
-    const int my_row0 = warp * 16;
 
     if (st.few_rows) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
       lora_few_rows::expand_tile<T, RP, kWarps, kGated>(p.partial, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R,
@@ -346,83 +348,91 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       const T* bs = stage_b(c % kStages);
       T* ds = stage_d(c % kStages);
 
-      // In blocks of up to 64 stage columns (the accumulators of one block in registers).
-      constexpr int kBlockCols = kBN < 64 ? kBN : 64;
+      // The chunk's (16-row band, column block) items, spread over the warps so that every warp has work
+      // when the tile holds more than one band (qwen3's ~28-row tiles used to leave two warps idle). A block
+      // is kXCols output columns: plain, D columns; gated, h columns with their gate and up stage columns, so
+      // that each lane's products hold a gate value and its up value side by side.
+      const int bands = ceil_div(st.rows, 16);
 #pragma unroll 1
-      for (int x0 = 0; x0 < kBN && my_row0 < st.rows; x0 += kBlockCols) {
-        // products[16 rows][kBlockCols] of this warp: acc[j] is the 16 x 8 block of B rows x0 + 8j .. + 7.
-        float acc[kBlockCols / 8][4];
+      for (int it = warp; it < bands * kXBlocks; it += kWarps) {
+        const int r0 = (it % bands) * 16, xc = (it / bands) * kXCols;  // band's first row, block's first column
+        // acc[sd][j]: the 16 x 8 products of stage columns sd * kCols + xc + 8j .. + 7 (gated: sd 0 gate, 1 up).
+        float acc[kSides][kXCols / 8][4];
 #pragma unroll
-        for (int j = 0; j < kBlockCols / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+        for (int sd = 0; sd < kSides; ++sd)
+#pragma unroll
+          for (int j = 0; j < kXCols / 8; ++j) acc[sd][j][0] = acc[sd][j][1] = acc[sd][j][2] = acc[sd][j][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < RP; kk += 16) {
-          const T* ta = t_tile + (my_row0 + g) * kLdt + kk + 2 * q;
+          const T* ta = t_tile + (r0 + g) * kLdt + kk + 2 * q;
           const uint32_t a0 = lds_pair(ta), a1 = lds_pair(ta + 8 * kLdt), a2 = lds_pair(ta + 8),
                          a3 = lds_pair(ta + 8 * kLdt + 8);
 #pragma unroll
-          for (int j = 0; j < kBlockCols / 8; ++j) {
-            const T* tb = bs + (x0 + 8 * j + g) * kLdt + kk + 2 * q;
-            mma_operands::mma_16816<T>(acc[j], a0, a1, a2, a3, lds_pair(tb), lds_pair(tb + 8));
-          }
-        }
-        // v = round(D + alpha * product), in place over the D values: acc[j] = {(r, x), (r, x + 1), (r + 8, x),
-        // (r + 8, x + 1)} with r = my_row0 + g, x = x0 + 8j + 2q (a stage column: gated, gate columns then up).
+          for (int sd = 0; sd < kSides; ++sd)
 #pragma unroll
-        for (int j = 0; j < kBlockCols / 8; ++j)
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            const int r = my_row0 + g + 8 * hh, x = x0 + 8 * j + 2 * q;
-            Pair<T>* v = reinterpret_cast<Pair<T>*>(ds + r * kLdd + x);  // x even: 4-byte aligned
-            float d0, d1;
-            if (vec_out) {
-              const Pair<T> d = *v;
-              d0 = to_float(d.v[0]);
-              d1 = to_float(d.v[1]);
-            } else {  // element loads from D (no D values were staged)
-              const int col = n0 + x % kCols, dcol = col + (x / kCols) * p.up_col;
-              const T* src = D + static_cast<int64_t>(st.row0 + r) * p.ldd + dcol;
-              const bool row_ok = r < st.rows;
-              d0 = row_ok && col < n_end ? to_float(src[0]) : 0.f;
-              d1 = row_ok && col + 1 < n_end ? to_float(src[1]) : 0.f;
+            for (int j = 0; j < kXCols / 8; ++j) {
+              const T* tb = bs + (sd * kCols + xc + 8 * j + g) * kLdt + kk + 2 * q;
+              mma_operands::mma_16816<T>(acc[sd][j], a0, a1, a2, a3, lds_pair(tb), lds_pair(tb + 8));
             }
-            *v = Pair<T>{{from_float<T>(alpha * acc[j][2 * hh] + d0), from_float<T>(alpha * acc[j][2 * hh + 1] + d1)}};
-          }
-      }
-
-      // Write-out of rows [r_begin, r_end), vectors handed out as (row, 8 columns) to `nthreads` threads.
-      auto write_out = [&](int r_begin, int r_end, int tid, int nthreads) {
-        for (int e = tid; e < (r_end - r_begin) * kGroups; e += nthreads) {
-          const int r = r_begin + e / kGroups, x = (e % kGroups) * 8, col = n0 + x;
+        }
+        // Finished from the registers: acc[sd][j] = {(r, x), (r, x + 1), (r + 8, x), (r + 8, x + 1)} with
+        // r = r0 + g, x = xc + 8j + 2q. v = round(D + alpha * product) per side; plain, v goes back over its
+        // D values; gated, h = round(act(v_gate) * v_up) goes over the gate values. The write-out below copies
+        // them with 16-byte vectors.
+        auto finish = [&](auto act) {
+#pragma unroll
+          for (int j = 0; j < kXCols / 8; ++j)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+              const int r = r0 + g + 8 * hh, x = xc + 8 * j + 2 * q;
+              T v[kSides][2];
+#pragma unroll
+              for (int sd = 0; sd < kSides; ++sd) {
+                float d0, d1;
+                if (vec_out) {
+                  const Pair<T> d = *reinterpret_cast<const Pair<T>*>(ds + r * kLdd + sd * kCols + x);
+                  d0 = to_float(d.v[0]);
+                  d1 = to_float(d.v[1]);
+                } else {  // element loads from D (no D values were staged)
+                  const int col = n0 + x;
+                  const T* src = D + static_cast<int64_t>(st.row0 + r) * p.ldd + col + sd * p.up_col;
+                  const bool row_ok = r < st.rows;
+                  d0 = row_ok && col < n_end ? to_float(src[0]) : 0.f;
+                  d1 = row_ok && col + 1 < n_end ? to_float(src[1]) : 0.f;
+                }
+                v[sd][0] = from_float<T>(alpha * acc[sd][j][2 * hh] + d0);
+                v[sd][1] = from_float<T>(alpha * acc[sd][j][2 * hh + 1] + d1);
+              }
+              Pair<T> o;
+              if constexpr (kGated) {
+                o.v[0] = gated_value<decltype(act)::value>(v[0][0], v[1][0]);
+                o.v[1] = gated_value<decltype(act)::value>(v[0][1], v[1][1]);
+              } else {
+                o.v[0] = v[0][0];
+                o.v[1] = v[0][1];
+              }
+              *reinterpret_cast<Pair<T>*>(ds + r * kLdd + x) = o;  // x even: 4-byte aligned
+            }
+        };
+        if (!kGated || p.activation == ActivationKind::Silu)
+          finish(std::integral_constant<ActivationKind, ActivationKind::Silu>{});
+        else
+          finish(std::integral_constant<ActivationKind, ActivationKind::Gelu>{});
+        __syncwarp();
+        // Write-out of the band's rows, (row, 8 columns) vectors by lane.
+        const int band_rows = min(16, st.rows - r0);
+        for (int e = lane; e < band_rows * (kXCols / 8); e += 32) {
+          const int r = r0 + e / (kXCols / 8), x = xc + (e % (kXCols / 8)) * 8, col = n0 + x;
           if (col >= n_end) continue;
           const T* v = ds + r * kLdd + x;
-          if constexpr (kGated) {
-            T* dst = out.h + static_cast<int64_t>(st.row0 + r) * p.ldh + col;
-            if (vec_out) {
-              const Vec8<T> gate = *reinterpret_cast<const Vec8<T>*>(v);
-              const Vec8<T> up = *reinterpret_cast<const Vec8<T>*>(v + kCols);
-              Vec8<T> o;
-#pragma unroll
-              for (int i = 0; i < 8; ++i) o.v[i] = gated_value(gate.v[i], up.v[i], p.activation);
-              *reinterpret_cast<Vec8<T>*>(dst) = o;
-            } else {
-              for (int i = 0; i < 8 && col + i < n_end; ++i) dst[i] = gated_value(v[i], v[kCols + i], p.activation);
-            }
+          T* dst = kGated ? out.h + static_cast<int64_t>(st.row0 + r) * p.ldh + col
+                          : D + static_cast<int64_t>(st.row0 + r) * p.ldd + col;
+          if (vec_out) {
+            *reinterpret_cast<Vec8<T>*>(dst) = *reinterpret_cast<const Vec8<T>*>(v);
           } else {
-            T* dst = D + static_cast<int64_t>(st.row0 + r) * p.ldd + col;
-            if (vec_out) {
-              *reinterpret_cast<Vec8<T>*>(dst) = *reinterpret_cast<const Vec8<T>*>(v);
-            } else {
-              for (int i = 0; i < 8 && col + i < n_end; ++i) dst[i] = v[i];
-            }
+            for (int i = 0; i < 8 && col + i < n_end; ++i) dst[i] = v[i];
           }
         }
-      };
-      if constexpr (kGated) {
-        __syncthreads();
-        write_out(0, st.rows, threadIdx.x, kThreads);
-      } else {
-        __syncwarp();
-        write_out(min(my_row0, st.rows), min(my_row0 + 16, st.rows), lane, 32);
       }
       __syncthreads();  // the stage is refilled by the next chunk's prefetch
     }
