@@ -7,11 +7,26 @@
 
 namespace moelora::cuda {
 
+// 2^x and 1/x on the special function unit, denormals flushed (one instruction each; the non-flushing forms
+// behind __expf / __fdividef add range checks around them: ~3 instructions per value, NOTES.md v14).
+__device__ __forceinline__ float ex2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float rcp_ftz(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 template <ActivationKind kKind>
 __device__ __forceinline__ float gate_activation(float g) {
-  // __fdividef: two instructions instead of the IEEE division's ~10 (2 ulp; g -> -inf gives -0, not NaN),
-  // which matters where the LoRA expand applies the activation in its epilogue.
-  if constexpr (kKind == ActivationKind::Silu) return __fdividef(g, 1.f + __expf(-g));
+  // SiLU as g * 1 / (1 + 2^(-g log2 e)) (2 ulp): flushing changes nothing here, since a denormal 2^x adds nothing
+  // to 1, and 1 / d is denormal only for d > 2^126, where g * it is 0 with or without flushing (g = -inf gives
+  // NaN, as torch's silu does). An IEEE division would be ~10 instructions, which matters where the LoRA
+  // expand applies the activation in its epilogue.
+  if constexpr (kKind == ActivationKind::Silu) return g * rcp_ftz(1.f + ex2_ftz(g * -1.4426950408889634f));
   else return 0.5f * g * (1.f + erff(g * 0.70710678118654752f));
 }
 

@@ -17,6 +17,29 @@ template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
 
+// Two floats rounded to the 16-bit type and packed into one register, the first in the low half, in one
+// instruction (F2FP) instead of two conversions and a permute; the same rounding (to nearest even).
+template <typename T> __device__ __forceinline__ uint32_t round_pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t round_pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t round_pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+// The low / high 16-bit element of a packed register, as float.
+template <typename T> __device__ __forceinline__ float low_float(uint32_t w);
+template <typename T> __device__ __forceinline__ float high_float(uint32_t w);
+template <> __device__ __forceinline__ float low_float<__nv_bfloat16>(uint32_t w) { return __uint_as_float(w << 16); }
+template <> __device__ __forceinline__ float high_float<__nv_bfloat16>(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+template <> __device__ __forceinline__ float low_float<__half>(uint32_t w) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+}
+template <> __device__ __forceinline__ float high_float<__half>(uint32_t w) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+}
+
 // sum over i < n of src[i * stride], in i order (the split-K partials' fixed reduction order), with the
 // loads of up to 8 terms in flight at once instead of one dependent round trip per term.
 __device__ __forceinline__ float sum_splits(const float* src, int n, int64_t stride) {

@@ -265,12 +265,18 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
   // Output columns per (band, column block) item: the products of one item fill 32 accumulator registers.
   constexpr int kXCols = kGated ? (kCols < 32 ? kCols : 32) : (kCols < 64 ? kCols : 64);
   constexpr int kXBlocks = kCols / kXCols;
+  static_assert(kXBlocks <= 2, "an item's column block is it / bands, at most 1");
+  // An item's write-out: 16-byte vectors per band row, and the rows apart of a lane's successive vectors.
+  constexpr int kItemRowVecs = kXCols / 8;
+  constexpr int kWriteRowStep = 32 / kItemRowVecs;
+  static_assert(32 % kItemRowVecs == 0 && 16 % kWriteRowStep == 0, "whole rows per warp pass");
   extern __shared__ __align__(128) unsigned char smem_raw[];  // Shape::kSmemBytes
   T* t_tile = reinterpret_cast<T*>(smem_raw);
   auto stage_b = [&](int s) { return reinterpret_cast<T*>(smem_raw + Shape::kTBytes + s * Shape::kStageBytes); };
   auto stage_d = [&](int s) { return stage_b(s) + kBN * kLdt; };
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, q = lane % 4;  // mma fragment coordinates
+  const int wr = lane / kItemRowVecs, wx = lane % kItemRowVecs * 8;  // write-out: first row, column of a lane
 
   const T* Bbase = static_cast<const T*>(p.B);
   const ExpandOut<T> out{static_cast<T*>(p.D), p.ldd, static_cast<T*>(p.h), p.ldh, p.up_col, p.activation};
@@ -280,6 +286,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
   bool vec_out = (p.N % 8 == 0) && (p.ldd % 8 == 0) && (reinterpret_cast<uintptr_t>(D) % 16 == 0);
   if constexpr (kGated)
     vec_out = vec_out && p.ldh % 8 == 0 && p.up_col % 8 == 0 && reinterpret_cast<uintptr_t>(out.h) % 16 == 0;
+
+  // D staging: 16-byte vectors per row and chunk, and this thread's vector column (side vsd, columns vx..+7).
+  constexpr int kRowVecs = kSides * kGroups;
+  constexpr int kVecRowStep = kThreads / kRowVecs;
+  static_assert(kThreads % kRowVecs == 0 && kTileRows % kVecRowStep == 0, "whole rows of vectors per pass");
+  const int vr = threadIdx.x / kRowVecs, vsd = threadIdx.x % kRowVecs / kGroups, vx = threadIdx.x % kGroups * 8;
 
   const int chunks_per_tile = ceil_div(p.N, kCols);
   const int64_t units = static_cast<int64_t>(p.tile_prefix[p.nseg]) * chunks_per_tile;
@@ -303,6 +315,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
 
     // Chunk c's B rows (gated: kCols gate rows, then the matching up rows) and, when 16-byte copies are
     // possible (vec_out), its D values for rows [0, rows): D columns [n0, n0 + kCols) (+ up_col, gated).
+    // A thread copies the same (side, 8 columns) of every kVecRowStep-th row, from a pointer set once per tile:
+    // the index arithmetic per 16-byte copy was ~33 instructions (a fifth of the gated kernel's, NOTES.md v14).
+    const T* d_vec = D + static_cast<int64_t>(st.row0 + vr) * p.ldd + vx + vsd * p.up_col;
+    const int64_t d_vec_step = static_cast<int64_t>(kVecRowStep) * p.ldd;
     auto load_stage = [&](int s, int c) {
       const int n0 = n_begin + c * kCols;
       T* bs = stage_b(s);
@@ -311,14 +327,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       for (int sd = 0; sd < kSides; ++sd)
         load_tile<T, kCols, RP, kLdt, kThreads>(bs + sd * kCols * kLdt, b_src + static_cast<int64_t>(n0 + sd * p.up_col) * p.R,
                                                 p.R, min(kCols, n_end - n0), 0, p.R, vec_b);
-      if (vec_out) {
-        for (int v = threadIdx.x; v < st.rows * kSides * kGroups; v += kThreads) {
-          const int r = v / (kSides * kGroups), sc = v % (kSides * kGroups);
-          const int sd = sc / kGroups, col = n0 + (sc % kGroups) * 8;
-          const bool ok = col < n_end;
-          const T* src = D + static_cast<int64_t>(st.row0 + r) * p.ldd + col + sd * p.up_col;
-          cp_async_16(ds + r * kLdd + sd * kCols + (col - n0), ok ? src : D, ok);
-        }
+      if (vec_out) {  // this thread's vectors: rows vr, vr + kVecRowStep, ... of its (side, 8 columns)
+        const bool ok = n0 + vx < n_end;
+        const T* src = d_vec + n0;
+        T* dst = ds + vr * kLdd + vsd * kCols + vx;
+#pragma unroll
+        for (int i = 0; i < kTileRows / kVecRowStep; ++i)
+          if (vr + i * kVecRowStep < st.rows)
+            cp_async_16(dst + i * kVecRowStep * kLdd, ok ? src + i * d_vec_step : D, ok);
       }
     };
 #pragma unroll
@@ -338,6 +354,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       t_tile[r * kLdt + col] = from_float<T>(v);
     }
 
+    const int bands = ceil_div(st.rows, 16);  // 16-row bands of the tile
     for (int c = 0; c < chunks; ++c) {
       const int prefetch = c + kStages - 1;
       if (prefetch < chunks) load_stage(prefetch % kStages, prefetch);
@@ -352,10 +369,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       // when the tile holds more than one band (qwen3's ~28-row tiles used to leave two warps idle). A block
       // is kXCols output columns: plain, D columns; gated, h columns with their gate and up stage columns, so
       // that each lane's products hold a gate value and its up value side by side.
-      const int bands = ceil_div(st.rows, 16);
 #pragma unroll 1
       for (int it = warp; it < bands * kXBlocks; it += kWarps) {
-        const int r0 = (it % bands) * 16, xc = (it / bands) * kXCols;  // band's first row, block's first column
+        const int xb = it >= bands ? 1 : 0;  // it < 2 bands (kXBlocks <= 2): no division
+        const int r0 = (it - xb * bands) * 16, xc = xb * kXCols;  // band's first row, block's first column
         // acc[sd][j]: the 16 x 8 products of stage columns sd * kCols + xc + 8j .. + 7 (gated: sd 0 gate, 1 up).
         float acc[kSides][kXCols / 8][4];
 #pragma unroll
@@ -376,23 +393,23 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
             }
         }
         // Finished from the registers: acc[sd][j] = {(r, x), (r, x + 1), (r + 8, x), (r + 8, x + 1)} with
-        // r = r0 + g, x = xc + 8j + 2q. v = round(D + alpha * product) per side; plain, v goes back over its
-        // D values; gated, h = round(act(v_gate) * v_up) goes over the gate values. The write-out below copies
-        // them with 16-byte vectors.
+        // r = r0 + g, x = xc + 8j + 2q. v = round(D + alpha * product) per side, two columns per register;
+        // plain, v goes back over its D values; gated, h = round(act(v_gate) * v_up) goes over the gate values.
+        // The write-out below copies them with 16-byte vectors.
         auto finish = [&](auto act) {
 #pragma unroll
           for (int j = 0; j < kXCols / 8; ++j)
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
               const int r = r0 + g + 8 * hh, x = xc + 8 * j + 2 * q;
-              T v[kSides][2];
+              uint32_t v[kSides];
 #pragma unroll
               for (int sd = 0; sd < kSides; ++sd) {
                 float d0, d1;
                 if (vec_out) {
-                  const Pair<T> d = *reinterpret_cast<const Pair<T>*>(ds + r * kLdd + sd * kCols + x);
-                  d0 = to_float(d.v[0]);
-                  d1 = to_float(d.v[1]);
+                  const uint32_t d = lds_pair(ds + r * kLdd + sd * kCols + x);
+                  d0 = low_float<T>(d);
+                  d1 = high_float<T>(d);
                 } else {  // element loads from D (no D values were staged)
                   const int col = n0 + x;
                   const T* src = D + static_cast<int64_t>(st.row0 + r) * p.ldd + col + sd * p.up_col;
@@ -400,18 +417,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
                   d0 = row_ok && col < n_end ? to_float(src[0]) : 0.f;
                   d1 = row_ok && col + 1 < n_end ? to_float(src[1]) : 0.f;
                 }
-                v[sd][0] = from_float<T>(alpha * acc[sd][j][2 * hh] + d0);
-                v[sd][1] = from_float<T>(alpha * acc[sd][j][2 * hh + 1] + d1);
+                v[sd] = round_pack2<T>(alpha * acc[sd][j][2 * hh] + d0, alpha * acc[sd][j][2 * hh + 1] + d1);
               }
-              Pair<T> o;
+              uint32_t o = v[0];
               if constexpr (kGated) {
-                o.v[0] = gated_value<decltype(act)::value>(v[0][0], v[1][0]);
-                o.v[1] = gated_value<decltype(act)::value>(v[0][1], v[1][1]);
-              } else {
-                o.v[0] = v[0][0];
-                o.v[1] = v[0][1];
+                constexpr ActivationKind kAct = decltype(act)::value;
+                o = round_pack2<T>(gate_activation<kAct>(low_float<T>(v[0])) * low_float<T>(v[1]),
+                                   gate_activation<kAct>(high_float<T>(v[0])) * high_float<T>(v[1]));
               }
-              *reinterpret_cast<Pair<T>*>(ds + r * kLdd + x) = o;  // x even: 4-byte aligned
+              *reinterpret_cast<uint32_t*>(ds + r * kLdd + x) = o;  // x even: 4-byte aligned
             }
         };
         if (!kGated || p.activation == ActivationKind::Silu)
@@ -419,18 +433,18 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
         else
           finish(std::integral_constant<ActivationKind, ActivationKind::Gelu>{});
         __syncwarp();
-        // Write-out of the band's rows, (row, 8 columns) vectors by lane.
-        const int band_rows = min(16, st.rows - r0);
-        for (int e = lane; e < band_rows * (kXCols / 8); e += 32) {
-          const int r = r0 + e / (kXCols / 8), x = xc + (e % (kXCols / 8)) * 8, col = n0 + x;
-          if (col >= n_end) continue;
+        // Write-out of the band's rows: lane -> (row wr + i * kWriteRowStep, 8 columns at wx).
+#pragma unroll
+        for (int i = 0; i < 16 / kWriteRowStep; ++i) {
+          const int r = r0 + wr + i * kWriteRowStep, x = xc + wx, col = n0 + x;
+          if (r >= st.rows || col >= n_end) continue;
           const T* v = ds + r * kLdd + x;
           T* dst = kGated ? out.h + static_cast<int64_t>(st.row0 + r) * p.ldh + col
                           : D + static_cast<int64_t>(st.row0 + r) * p.ldd + col;
           if (vec_out) {
             *reinterpret_cast<Vec8<T>*>(dst) = *reinterpret_cast<const Vec8<T>*>(v);
           } else {
-            for (int i = 0; i < 8 && col + i < n_end; ++i) dst[i] = v[i];
+            for (int e = 0; e < 8 && col + e < n_end; ++e) dst[e] = v[e];
           }
         }
       }
