@@ -79,10 +79,7 @@ struct ShrinkShape {
   static constexpr size_t kPipelineBytes = size_t(kStages) * kStageElems * 2;
   static constexpr int kLdc = RP + 4;
   static constexpr size_t kOutBytes = size_t(kTileRows) * kLdc * 4;
-  static constexpr size_t kTileBytes = kPipelineBytes > kOutBytes ? kPipelineBytes : kOutBytes;
-  // + the tile's X row indices (LoraShrinkParams::x_rows), which no other buffer aliases.
-  static constexpr size_t kSmemBytes = kTileBytes + kTileRows * sizeof(int);  // dynamic
-  static_assert(kTileBytes % 16 == 0, "the row table is 16-byte aligned");
+  static constexpr size_t kSmemBytes = kPipelineBytes > kOutBytes ? kPipelineBytes : kOutBytes;  // dynamic
   static_assert(kSmemBytes + 1024 <= 228 * 1024 / kBlocksPerSm, "kBlocksPerSm CTAs per SM");
   static_assert(kSmemBytes >= size_t(lora_few_rows::shrink_red_floats<RP, kWarps>()) * 4, "room for the few-rows path's reduction");
 };
@@ -96,7 +93,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
   extern __shared__ __align__(128) unsigned char smem_raw[];  // Shape::kSmemBytes
   T* stage_base = reinterpret_cast<T*>(smem_raw);
   float* ctile = reinterpret_cast<float*>(smem_raw);  // after the K loop
-  int* x_row_table = reinterpret_cast<int*>(smem_raw + Shape::kTileBytes);  // with p.x_rows
 
   const T* X = static_cast<const T*>(p.X);
   const T* Abase = static_cast<const T*>(p.A);
@@ -119,7 +115,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
     const int k_begin = ks * p.k_chunk;
     const int k_end = min(p.K, k_begin + p.k_chunk);
     const int k_tiles = ceil_div(k_end - k_begin, kBK);
-    const T* x_src = X + static_cast<int64_t>(st.row0) * p.ldx;
     const T* a_src = Abase + st.expert * p.a_expert_stride + st.slot * p.a_slot_stride;  // [R, K]
     if (st.few_rows) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
       lora_few_rows::shrink_tile<T, RP, kWarps, kTokenRows>(X, p.ldx, p.x_rows, a_src, p.K, p.R, st.row0, st.rows,
@@ -129,11 +124,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
       continue;
     }
     const bool warp_active = warp * 16 < st.rows;
-    if constexpr (kTokenRows) {  // the tile's X rows (the previous item's last barrier ordered the table's reads)
-      for (int r = threadIdx.x; r < kTileRows; r += kThreads)
-        x_row_table[r] = r < st.rows ? p.x_rows[st.row0 + r] : 0;
-      __syncthreads();
-    }
+    // X row r of the tile (kTokenRows: the token's hidden row), for r < rows.
+    auto x_row = [&](int r) {
+      return X + static_cast<int64_t>(kTokenRows ? p.x_rows[st.row0 + r] : st.row0 + r) * p.ldx;
+    };
+    // The 16-byte copies of this thread, set up once per tile (TileCopy16): X rows past the tile's are not
+    // copied, and neither are A rows past R; their products are never written.
+    const TileCopy16<T, kTileRows, kBK, kLds, kThreads> x_copy([&](int r) { return r < st.rows ? x_row(r) : X; });
+    const TileCopy16<T, RP, kBK, kLds, kThreads> a_copy([&](int r) { return a_src + static_cast<int64_t>(r) * p.K; });
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[RP / 16];
 #pragma unroll
@@ -143,13 +141,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
     auto stage_a = [&](int s) { return stage_base + s * Shape::kStageElems + kTileRows * kLds; };
     auto load_stage = [&](int s, int kt) {
       const int k0 = k_begin + kt * kBK;
-      if constexpr (kTokenRows)
-        load_tile_rows<T, kTileRows, kBK, kLds, kThreads>(
-            stage_x(s), [&](int r) { return X + static_cast<int64_t>(x_row_table[r]) * p.ldx; }, st.rows, k0, k_end,
-            vec);
-      else
-        load_tile<T, kTileRows, kBK, kLds, kThreads>(stage_x(s), x_src, p.ldx, st.rows, k0, k_end, vec);
-      load_tile<T, RP, kBK, kLds, kThreads>(stage_a(s), a_src, p.K, p.R, k0, k_end, vec);
+      if (vec) {
+        x_copy.issue(stage_x(s), k0, k0, k_end, st.rows);
+        a_copy.issue(stage_a(s), k0, k0, k_end, p.R);
+      } else {  // element copies, zero-filled (unaligned rows)
+        load_tile_rows<T, kTileRows, kBK, kLds, kThreads>(stage_x(s), x_row, st.rows, k0, k_end, false);
+        load_tile<T, RP, kBK, kLds, kThreads>(stage_a(s), a_src, p.K, p.R, k0, k_end, false);
+      }
     };
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
@@ -317,16 +315,24 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
     // possible (vec_out), its D values for rows [0, rows): D columns [n0, n0 + kCols) (+ up_col, gated).
     // A thread copies the same (side, 8 columns) of every kVecRowStep-th row, from a pointer set once per tile:
     // the index arithmetic per 16-byte copy was ~33 instructions (a fifth of the gated kernel's, NOTES.md v14).
+    // B stage row r: column n0 + r % kCols of side r / kCols; rows past n_end are not copied (TileCopy16).
+    const TileCopy16<T, kBN, RP, kLdt, kThreads, kCols> b_copy(
+        [&](int r) { return b_src + static_cast<int64_t>(r % kCols + r / kCols * p.up_col) * p.R; });
     const T* d_vec = D + static_cast<int64_t>(st.row0 + vr) * p.ldd + vx + vsd * p.up_col;
     const int64_t d_vec_step = static_cast<int64_t>(kVecRowStep) * p.ldd;
     auto load_stage = [&](int s, int c) {
       const int n0 = n_begin + c * kCols;
       T* bs = stage_b(s);
       T* ds = stage_d(s);
+      if (vec_b) {
+        b_copy.issue(bs, static_cast<int64_t>(n0) * p.R, 0, p.R, n_end - n0);
+      } else {
 #pragma unroll
-      for (int sd = 0; sd < kSides; ++sd)
-        load_tile<T, kCols, RP, kLdt, kThreads>(bs + sd * kCols * kLdt, b_src + static_cast<int64_t>(n0 + sd * p.up_col) * p.R,
-                                                p.R, min(kCols, n_end - n0), 0, p.R, vec_b);
+        for (int sd = 0; sd < kSides; ++sd)
+          load_tile<T, kCols, RP, kLdt, kThreads>(bs + sd * kCols * kLdt,
+                                                  b_src + static_cast<int64_t>(n0 + sd * p.up_col) * p.R, p.R,
+                                                  min(kCols, n_end - n0), 0, p.R, false);
+      }
       if (vec_out) {  // this thread's vectors: rows vr, vr + kVecRowStep, ... of its (side, 8 columns)
         const bool ok = n0 + vx < n_end;
         const T* src = d_vec + n0;
