@@ -220,12 +220,6 @@ struct ExpandShape {
   static_assert(kTBytes % 16 == 0 && kStageBBytes % 16 == 0 && kStageBytes % 16 == 0, "16-byte aligned regions");
 };
 
-// Two consecutive 16-bit elements moved as one 32-bit shared-memory access.
-template <typename T>
-struct alignas(4) Pair {
-  T v[2];
-};
-
 // 32-bit shared-memory load of two consecutive 16-bit elements (an mma fragment register).
 template <typename T>
 __device__ __forceinline__ uint32_t lds_pair(const T* p) {
