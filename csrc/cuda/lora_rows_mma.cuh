@@ -169,8 +169,10 @@ __device__ void shrink_tile(const T* __restrict__ X, int64_t ldx, const int* __r
 // Write-out through the warp's shared-memory scratch (NOTES.md v9): the mma leaves each lane the products
 // of 2 columns x 2 token rows, so with 1-2 rows per segment (decode-like batches) three in four lanes held
 // nothing to write, yet every lane ran the whole epilogue (two-byte D loads, the activation, two-byte
-// stores). The products now go to shared memory as [column][row] and the warp finishes them as (row,
-// 8-column) items, one per lane, with 16-byte D loads and stores.
+// stores). The products now go to shared memory and the warp finishes them as (row, 8-column) items, one per
+// lane, with 16-byte D loads and stores. They are stored [row][column] (v14; [column][row] before), so an
+// item reads its 8 products with two 16-byte loads instead of eight 4-byte ones, and rounds two columns per
+// instruction (round_pack2).
 template <int RP, int NG, bool kGated>
 struct ExpandPassShape {
   static constexpr int kSides = kGated ? 2 : 1;  // gate and up
@@ -180,13 +182,12 @@ struct ExpandPassShape {
   static constexpr int U1 = RP >= 64 ? 2 : RP == 32 ? (NG == 2 ? 2 : 4) : (NG == 2 ? 4 : 8);
   static constexpr int U = U1 / kSides > 0 ? U1 / kSides : 1;
   static constexpr int kRows = kRowGroup * NG;        // token rows of a pass (padded)
-  // Floats per column of products: kRows, padded for two row groups so that the float2 stores of lanes g
-  // and g + 2 do not meet in one bank (4-way -> 2-way conflicts).
-  static constexpr int kLdc = NG == 1 ? kRows : kRows + 8;
   static constexpr int kVecs = 2 * U;                 // 8-column vectors per row, side and iteration
-  static constexpr int kVecStride = 8 * kLdc + 8;     // floats per vector's products ([8 columns][kLdc] + pad)
+  // Floats per product row of a vector: 8, padded to 12 so that a store's lanes (row 2q, column g) hit 32
+  // different banks (24q + g), and rows stay 16-byte aligned for the item's two 16-byte loads.
+  static constexpr int kLdr = 12;
   static constexpr int kItemsPerLane = (kRows * kVecs + 31) / 32;
-  static constexpr int kProducts = kSides * kVecs * kVecStride;          // floats: the products
+  static constexpr int kProducts = kSides * kVecs * kRows * kLdr;        // floats: [side][vector][row][kLdr]
   static constexpr int kScratch = kProducts + kItemsPerLane * 32 * kSides * 4;  // + the D vectors (16 B each)
 };
 
@@ -206,7 +207,7 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
                             float alpha, int row0, int rows, int n_begin, int n_end, float* smem) {
   using Shape = ExpandPassShape<RP, NG, kGated>;
   constexpr int V = Shape::V, NL = Shape::NL, kSides = Shape::kSides, U = Shape::U;
-  constexpr int kRows = Shape::kRows, kLdc = Shape::kLdc, kVecs = Shape::kVecs, kVecStride = Shape::kVecStride;
+  constexpr int kRows = Shape::kRows, kLdr = Shape::kLdr, kVecs = Shape::kVecs;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, q = lane % 4;
   const int nblocks = ceil_div(n_end - n_begin, 16);
@@ -292,7 +293,7 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
       cp_async_commit();
     }
     // Products to the scratch: c = {(n, r), (n, r + 1), (n + 8, r), (n + 8, r + 1)} with n = g, r = 8 ng + 2q
-    // (block-local); column n of block u is column n % 8 of vector 2u + n / 8, stored at [column][row].
+    // (block-local); column n of block u is column n % 8 of vector 2u + n / 8, stored at [row][column].
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
@@ -306,48 +307,73 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
             for (int s = 0; s < V / 4; ++s)
               mma_16816<T>(c, bp[u][sd][l][0].w[2 * s], bp[u][sd][l][1].w[2 * s], bp[u][sd][l][0].w[2 * s + 1],
                            bp[u][sd][l][1].w[2 * s + 1], tb[ng][l][2 * s], tb[ng][l][2 * s + 1]);
-          float* dst = vs + (sd * kVecs + 2 * u) * kVecStride + g * kLdc + 8 * ng + 2 * q;
-          *reinterpret_cast<float2*>(dst) = make_float2(c[0], c[1]);
-          *reinterpret_cast<float2*>(dst + kVecStride) = make_float2(c[2], c[3]);
+          // c[0..1]: vector 2u, rows 8 ng + 2q and + 1, column g; c[2..3]: the same of vector 2u + 1.
+          float* dst = vs + ((sd * kVecs + 2 * u) * kRows + 8 * ng + 2 * q) * kLdr + g;
+          dst[0] = c[0];
+          dst[kLdr] = c[1];
+          dst[kRows * kLdr] = c[2];
+          dst[kRows * kLdr + kLdr] = c[3];
         }
     cp_async_wait<0>();  // this lane's D vectors (a lane reads back only its own copies)
     __syncwarp();
+    // Finish the items: v = round(alpha * product + D) per side, two columns per rounding; gated, h =
+    // round(act(v_gate) * v_up), with the activation's kind a compile-time constant.
+    auto finish = [&](auto act) {
 #pragma unroll
-    for (int k = 0; k < Shape::kItemsPerLane; ++k) {
-      const Item x = item(k);
-      if (!x.ok) continue;
-      const int it = x.it, r = x.r, cv = x.cv, col = x.col;
-      const float* pg = vs + cv * kVecStride + r;  // product of column i: pg[i * kLdc]; up side: + kVecs vectors
-      const float* pu = pg + (kSides - 1) * kVecs * kVecStride;
-      const int64_t drow = static_cast<int64_t>(row0 + r) * ldd;
-      if (vec_out) {
-        const Vec8<T> dg = *reinterpret_cast<const Vec8<T>*>(dvec + it * kSides * 8);
-        const Vec8<T> du = *reinterpret_cast<const Vec8<T>*>(dvec + (it * kSides + kSides - 1) * 8);
-        Vec8<T> o;
+      for (int k = 0; k < Shape::kItemsPerLane; ++k) {
+        const Item x = item(k);
+        if (!x.ok) continue;
+        const int it = x.it, r = x.r, cv = x.cv, col = x.col;
+        // products of the item's 8 columns, per side (the up side kVecs vectors further)
+        const float* pg = vs + (cv * kRows + r) * kLdr;
+        float pr[kSides][8];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const T v = from_float<T>(alpha * pg[i * kLdc] + to_float(dg.v[i]));
-          if constexpr (kGated) {
-            const T up = from_float<T>(alpha * pu[i * kLdc] + to_float(du.v[i]));
-            o.v[i] = gated_value(v, up, out.act);
-          } else {
-            o.v[i] = v;
-          }
+        for (int sd = 0; sd < kSides; ++sd) {
+          const float4 lo = *reinterpret_cast<const float4*>(pg + sd * kVecs * kRows * kLdr);
+          const float4 hi = *reinterpret_cast<const float4*>(pg + sd * kVecs * kRows * kLdr + 4);
+          pr[sd][0] = lo.x; pr[sd][1] = lo.y; pr[sd][2] = lo.z; pr[sd][3] = lo.w;
+          pr[sd][4] = hi.x; pr[sd][5] = hi.y; pr[sd][6] = hi.z; pr[sd][7] = hi.w;
         }
-        T* dst = kGated ? out.h + static_cast<int64_t>(row0 + r) * out.ldh + col : D + drow + col;
-        *reinterpret_cast<Vec8<T>*>(dst) = o;
-      } else {  // unaligned or odd widths: element loads and stores
-        for (int i = 0; i < 8 && col + i < n_end; ++i) {
-          const T v = from_float<T>(alpha * pg[i * kLdc] + to_float(D[drow + col + i]));
-          if constexpr (kGated) {
-            const T up = from_float<T>(alpha * pu[i * kLdc] + to_float(D[drow + col + i + out.up_col]));
-            out.h[static_cast<int64_t>(row0 + r) * out.ldh + col + i] = gated_value(v, up, out.act);
-          } else {
-            D[drow + col + i] = v;
+        const int64_t drow = static_cast<int64_t>(row0 + r) * ldd;
+        if (vec_out) {
+          uint4 dw[kSides];
+#pragma unroll
+          for (int sd = 0; sd < kSides; ++sd) dw[sd] = *reinterpret_cast<const uint4*>(dvec + (it * kSides + sd) * 8);
+          uint32_t o[4];
+#pragma unroll
+          for (int w = 0; w < 4; ++w) {
+            uint32_t v[kSides];
+#pragma unroll
+            for (int sd = 0; sd < kSides; ++sd) {
+              const uint32_t d = (&dw[sd].x)[w];
+              v[sd] = round_pack2<T>(alpha * pr[sd][2 * w] + low_float<T>(d), alpha * pr[sd][2 * w + 1] + high_float<T>(d));
+            }
+            o[w] = v[0];
+            if constexpr (kGated) {
+              constexpr ActivationKind kAct = decltype(act)::value;
+              o[w] = round_pack2<T>(gate_activation<kAct>(low_float<T>(v[0])) * low_float<T>(v[1]),
+                                    gate_activation<kAct>(high_float<T>(v[0])) * high_float<T>(v[1]));
+            }
+          }
+          T* dst = kGated ? out.h + static_cast<int64_t>(row0 + r) * out.ldh + col : D + drow + col;
+          *reinterpret_cast<uint4*>(dst) = make_uint4(o[0], o[1], o[2], o[3]);
+        } else {  // unaligned or odd widths: element loads and stores
+          for (int i = 0; i < 8 && col + i < n_end; ++i) {
+            const T v = from_float<T>(alpha * pr[0][i] + to_float(D[drow + col + i]));
+            if constexpr (kGated) {
+              const T up = from_float<T>(alpha * pr[kSides - 1][i] + to_float(D[drow + col + i + out.up_col]));
+              out.h[static_cast<int64_t>(row0 + r) * out.ldh + col + i] = gated_value<decltype(act)::value>(v, up);
+            } else {
+              D[drow + col + i] = v;
+            }
           }
         }
       }
-    }
+    };
+    if (!kGated || out.act == ActivationKind::Silu)
+      finish(std::integral_constant<ActivationKind, ActivationKind::Silu>{});
+    else
+      finish(std::integral_constant<ActivationKind, ActivationKind::Gelu>{});
     __syncwarp();  // the scratch is rewritten by the next iteration
   }
   __syncthreads();  // t_smem is rewritten by the next pass / reused by the caller
