@@ -48,8 +48,8 @@ __device__ __forceinline__ void load_tile(T* smem, const T* src, int64_t ld, int
 // One thread's part of copying a ROWS x BK tile into padded shared memory (row stride LDS) with 16-byte
 // cp.async, set up once per tile and issued per step. A thread always copies the same 8 columns of rows
 // first, first + kRowStep, ..., from row pointers it computed once, so a copy costs a pointer add instead of
-// load_tile's index arithmetic (~30 instructions per copy, the larger part of the shrink's and the expand's
-// instructions; NOTES.md v14). A step copies the rows whose key (row % kKeyPeriod) is below its row limit
+// load_tile's index arithmetic (~30 instructions per copy in the expand's SASS, about a fifth of the gated
+// expand's instructions; the shrink issues five such copies per thread and K step; NOTES.md v14). A step copies the rows whose key (row % kKeyPeriod) is below its row limit
 // and leaves the other rows' shared memory as it was: callers discard what those rows produce. Columns at or
 // past K are zero-filled. Needs 16-byte aligned rows and columns (the callers' `vec`).
 template <typename T, int ROWS, int BK, int LDS, int THREADS, int kKeyPeriod = ROWS>
