@@ -2,6 +2,8 @@
 // one formula every stage that writes h uses (activation.cu, the decode GEMV's epilogue, the LoRA expand
 // with the activation fused), so all paths round the same way.
 #pragma once
+#include <type_traits>
+
 #include "cuda_utils.cuh"
 #include "stages.h"
 
@@ -34,6 +36,18 @@ __device__ __forceinline__ float gate_activation(float g) {
 template <ActivationKind kKind, typename T>
 __device__ __forceinline__ T gated_value(T gate, T up) {
   return from_float<T>(gate_activation<kKind>(to_float(gate)) * to_float(up));
+}
+// The same for two columns at once: gate and up each two values packed in a register (round_pack2's layout).
+template <ActivationKind kKind, typename T>
+__device__ __forceinline__ uint32_t gated_pair(uint32_t gate, uint32_t up) {
+  return round_pack2<T>(gate_activation<kKind>(low_float<T>(gate)) * low_float<T>(up),
+                        gate_activation<kKind>(high_float<T>(gate)) * high_float<T>(up));
+}
+// f(std::integral_constant<ActivationKind, kind>{}): the activation's kind as a compile-time constant inside f.
+template <class F>
+__device__ __forceinline__ void with_activation(ActivationKind kind, F&& f) {
+  if (kind == ActivationKind::Silu) f(std::integral_constant<ActivationKind, ActivationKind::Silu>{});
+  else f(std::integral_constant<ActivationKind, ActivationKind::Gelu>{});
 }
 template <typename T>
 __device__ __forceinline__ T gated_value(T gate, T up, ActivationKind kind) {

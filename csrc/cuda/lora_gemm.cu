@@ -420,18 +420,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
                 v[sd] = round_pack2<T>(alpha * acc[sd][j][2 * hh] + d0, alpha * acc[sd][j][2 * hh + 1] + d1);
               }
               uint32_t o = v[0];
-              if constexpr (kGated) {
-                constexpr ActivationKind kAct = decltype(act)::value;
-                o = round_pack2<T>(gate_activation<kAct>(low_float<T>(v[0])) * low_float<T>(v[1]),
-                                   gate_activation<kAct>(high_float<T>(v[0])) * high_float<T>(v[1]));
-              }
+              if constexpr (kGated) o = gated_pair<decltype(act)::value, T>(v[0], v[kSides - 1]);
               *reinterpret_cast<uint32_t*>(ds + r * kLdd + x) = o;  // x even: 4-byte aligned
             }
         };
-        if (!kGated || p.activation == ActivationKind::Silu)
-          finish(std::integral_constant<ActivationKind, ActivationKind::Silu>{});
-        else
-          finish(std::integral_constant<ActivationKind, ActivationKind::Gelu>{});
+        with_activation(kGated ? p.activation : ActivationKind::Silu, finish);
         __syncwarp();
         // Write-out of the band's rows: lane -> (row wr + i * kWriteRowStep, 8 columns at wx).
 #pragma unroll

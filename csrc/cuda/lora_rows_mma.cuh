@@ -353,11 +353,7 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
               v[sd] = round_pack2<T>(alpha * pr[sd][2 * w] + low_float<T>(d), alpha * pr[sd][2 * w + 1] + high_float<T>(d));
             }
             o[w] = v[0];
-            if constexpr (kGated) {
-              constexpr ActivationKind kAct = decltype(act)::value;
-              o[w] = round_pack2<T>(gate_activation<kAct>(low_float<T>(v[0])) * low_float<T>(v[1]),
-                                    gate_activation<kAct>(high_float<T>(v[0])) * high_float<T>(v[1]));
-            }
+            if constexpr (kGated) o[w] = gated_pair<decltype(act)::value, T>(v[0], v[kSides - 1]);
           }
           T* dst = kGated ? out.h + static_cast<int64_t>(row0 + r) * out.ldh + col : D + drow + col;
           *reinterpret_cast<uint4*>(dst) = make_uint4(o[0], o[1], o[2], o[3]);
@@ -374,10 +370,7 @@ __device__ void expand_pass(const float* __restrict__ partial, int k_splits, int
         }
       }
     };
-    if (!kGated || out.act == ActivationKind::Silu)
-      finish(std::integral_constant<ActivationKind, ActivationKind::Silu>{});
-    else
-      finish(std::integral_constant<ActivationKind, ActivationKind::Gelu>{});
+    with_activation(kGated ? out.act : ActivationKind::Silu, finish);
     __syncwarp();  // the scratch is rewritten by the next iteration
   }
   __syncthreads();  // t_smem is rewritten by the next pass / reused by the caller
