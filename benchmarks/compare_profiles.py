@@ -22,7 +22,7 @@ def short(name: str) -> str:
         m2 = re.search(r"(\w+_kernel)", name)
         return m2.group(1) if m2 else name[:40]
     args = re.sub(r"__nv_bfloat16|moelora::cuda::|ActivationKind|\(|\)|\bint\b|\bbool\b", "", m.group(2))
-    args = args.replace(" ", "")
+    args = args.replace(" ", "").strip(",")  # the element type is dropped: "<,16,true>" -> "<16,true>"
     return f"{m.group(1)}<{args}>" if args else m.group(1)
 
 
