@@ -277,6 +277,67 @@ def test_lora_token_rows_shrink_bit_identical(shape, dtype, monkeypatch):
         assert torch.equal(moelora_ext.fused_moe(**args), gathered)
 
 
+@pytest.mark.parametrize("shape", [(300, 256, 192, 32, 4, 8, 8), (4096, 512, 256, 16, 8, 4, 16), (64, 2880, 2880, 4, 2, 2, 16)],
+                         ids=lambda s: "T{}_H{}_E{}".format(s[0], s[1], s[3]))
+def test_lora_shrink_first_bit_identical(shape, monkeypatch):
+    """MOELORA_LORA_SHRINK_FIRST=1 launches each LoRA shrink before its base GEMM instead of after it: the same
+    kernels on the same inputs, so the same bits."""
+    T, H, I, E, k, S, R = shape
+    args = make_case(T, H, I, E, k, S, R, seed=61)
+    monkeypatch.delenv("MOELORA_LORA_SHRINK_FIRST", raising=False)
+    after = check(args, torch.bfloat16)
+    monkeypatch.setenv("MOELORA_LORA_SHRINK_FIRST", "1")
+    poison_allocator()
+    assert torch.equal(moelora_ext.fused_moe(**args), after)
+
+
+GEMM_TILES = ["small", "large", "swap32", "swap64", "swap32,large", "large,swap64"]
+# The wgmma atom each configuration's kernel is built on (its name carries it): rows on M in 64- / 128-row tiles
+# (N 128 / 256), or swapped, with the rows on N (32 / 64).
+GEMM_TILE_ATOMS = {"small": "MMA_64x128x16", "large": "MMA_64x256x16", "swap32": "MMA_64x32x16", "swap64": "MMA_64x64x16"}
+GEMM_TILE_SHAPES = [
+    # T,    H,    I,    E,   k, S,  R
+    (1, 256, 128, 8, 2, 4, 16),          # one row in two experts (the GEMV turned off)
+    (0, 256, 128, 8, 2, 4, 16),          # no rows
+    (96, 512, 320, 16, 4, 4, 16),        # 2I = 640, H = 512: partial 128-row weight tiles when swapped
+    (300, 256, 192, 32, 4, 8, 8),        # skewed: experts from 0 to > 64 rows (several row tiles each)
+    (2000, 2880, 2880, 4, 2, 2, 16),     # gpt-oss sizes (N = 5760 / 2880), ~1000 rows per expert
+]
+
+
+def _gemm_atoms(args):
+    """The wgmma atoms named by the CUTLASS kernels one call launches, in launch order."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        moelora_ext.fused_moe(**args)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [atom for n in names if "cutlass" in n for atom in GEMM_TILE_ATOMS.values() if atom in n]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tiles", GEMM_TILES)
+@pytest.mark.parametrize("shape", GEMM_TILE_SHAPES, ids=lambda s: "T{}_H{}_I{}_E{}_k{}".format(*s[:5]))
+def test_gemm_tile_configs(shape, tiles, dtype, monkeypatch):
+    """Every tile configuration of the sm90 grouped GEMM (MOELORA_GEMM_TILE=<fc1>[,<fc2>], forced past the size
+    rule), the swapped-operand ones (D^T = W[e] @ rows^T, column-major D) included, matches the reference with
+    and without adapters: one-row and empty experts, rows spread over several tiles, weight rows that do not
+    fill the last tile. The grouped-GEMM path at T = 1 is reached with the decode GEMV off; the profiler shows
+    that the forced configurations ran."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the tile configurations are the sm90 CUTLASS GEMM's")
+    monkeypatch.setenv("MOELORA_GEMM_TILE", tiles)
+    monkeypatch.setenv("MOELORA_DECODE_GEMV", "0")
+    monkeypatch.delenv("MOELORA_PORTABLE", raising=False)
+    T, H, I, E, k, S, R = shape
+    args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=T + E)
+    check(args, dtype)
+    base = {n: v for n, v in args.items() if "lora" not in n and "shared" not in n}
+    check(base, dtype)
+    if T > 0:
+        fc1, fc2 = (tiles.split(",") * 2)[:2]
+        assert _gemm_atoms(base) == [GEMM_TILE_ATOMS[fc1], GEMM_TILE_ATOMS[fc2]]
+
+
 @pytest.mark.parametrize("T", [2, 100])  # decode (routing gathers the rows) / grouped GEMM
 def test_ids_and_weights_read_as_given(T, gemm_path):
     """topk_ids in int64 (ids beyond int32 dropped, not wrapped), topk_weights in the activation dtype and

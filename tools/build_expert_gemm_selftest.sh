@@ -11,12 +11,12 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 OBJ=$(mktemp -d "${TMPDIR:-/tmp}/expert_gemm_selftest.XXXXXX")
 
-FLAGS=(-std=c++17 -O3 --expt-relaxed-constexpr --expt-extended-lambda -DMOELORA_WITH_CUDA
+FLAGS=(-std=c++20 -O3 --expt-relaxed-constexpr --expt-extended-lambda -DMOELORA_WITH_CUDA
        -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a
        -I"$CUTLASS_DIR/include" -I"$CUTLASS_DIR/tools/util/include")
 
-SRCS=(csrc/cuda/expert_gemm_sm90_bf16.cu csrc/cuda/expert_gemm_sm90_fp16.cu csrc/cuda/expert_gemm_sm90.cu
-      tools/expert_gemm_sm90_selftest.cu)
+SRCS=(csrc/cuda/expert_gemm_sm90_bf16.cu csrc/cuda/expert_gemm_sm90_fp16.cu csrc/cuda/expert_gemm_sm90_bf16_swap.cu
+      csrc/cuda/expert_gemm_sm90_fp16_swap.cu csrc/cuda/expert_gemm_sm90.cu tools/expert_gemm_sm90_selftest.cu)
 pids=()
 for src in "${SRCS[@]}"; do
   obj="$OBJ/$(basename "${src%.cu}").o"

@@ -1,8 +1,8 @@
 // Standalone (torch-free) check of the sm_90a expert grouped GEMM (csrc/cuda/expert_gemm_sm90*.cu).
 // Build: bash tools/build_expert_gemm_selftest.sh OUT_BINARY   (needs an H100/H200 to run)
 //
-// For bf16 and fp16, every case runs twice, once with a rows_hint that selects the small-M (decode) tile
-// config and once with one that selects the large-M (prefill) config, against a fp32 GPU reference:
+// For bf16 and fp16, every case runs with each tile configuration (ExpertGemmParams::config: small-M, large-M
+// and the two swapped-operand ones), against a fp32 GPU reference:
 // relative Frobenius error ||D - ref|| / ||ref||, plus a guard region after D that must stay untouched
 // (TMA stores must clip at each expert's last row). One case is captured in a CUDA graph and replayed
 // after rewriting expert_offsets in place (new routing, no re-capture). Exit code 0 only if all pass.
@@ -27,6 +27,11 @@
 #include "../csrc/cuda/expert_gemm_sm90.h"
 
 namespace mc = moelora::cuda;
+
+constexpr int kNumConfigs = 4;
+constexpr mc::ExpertGemmConfig kConfigs[kNumConfigs] = {mc::ExpertGemmConfig::SmallM, mc::ExpertGemmConfig::LargeM,
+                                                        mc::ExpertGemmConfig::SwapAB32, mc::ExpertGemmConfig::SwapAB64};
+constexpr const char* kConfigNames[kNumConfigs] = {"smallM", "largeM", "swap32", "swap64"};
 
 #define CK(x)                                                                                   \
   do {                                                                                          \
@@ -189,11 +194,9 @@ static bool run_case(const Case& c, mc::DType dt, int sm_count, cudaStream_t s, 
   p.num_experts = c.E; p.N = c.N; p.K = c.K; p.dtype = dt;
 
   bool ok_all = true;
-  // Both tile configs on every case: rows_hint 0 -> small-M, huge -> large-M (hint only picks the config).
-  const int hints[2] = {0, 1 << 30};
-  const char* hint_names[2] = {"smallM", "largeM"};
-  for (int h = 0; h < 2; ++h) {
-    p.rows_hint = hints[h];
+  // Every tile config on every case.
+  for (int h = 0; h < kNumConfigs; ++h) {
+    p.config = kConfigs[h];
     CK(cudaMemsetAsync(b.D, 0xFF, (size_t)(rows + kGuardRows) * c.N * 2, s));
     cudaError_t err = mc::expert_gemm_sm90(p, b.ws, b.ws_bytes, sm_count, s);
     if (err == cudaSuccess) err = cudaStreamSynchronize(s);
@@ -204,15 +207,15 @@ static bool run_case(const Case& c, mc::DType dt, int sm_count, cudaStream_t s, 
     const bool ok = err == cudaSuccess && rel <= tol;
     ok_all &= ok;
     std::printf("%-4s %-34s E=%-3d rows=%-6d N=%-5d K=%-5d %-6s rel_err=%.3e %s %s\n", dname, c.name.c_str(), c.E,
-                rows, c.N, c.K, hint_names[h], rel, ok ? "PASS" : "FAIL", why.c_str());
+                rows, c.N, c.K, kConfigNames[h], rel, ok ? "PASS" : "FAIL", why.c_str());
     if (err != cudaSuccess && err != cudaErrorInvalidValue && err != cudaErrorNotSupported) std::exit(1);
   }
 
   if (graph_replay) {
     // Capture once with the current routing, then rewrite expert_offsets in place with a different
     // routing of the same total row count and replay: the device-built group table must follow.
-    for (int h = 0; h < 2; ++h) {
-      p.rows_hint = hints[h];
+    for (int h = 0; h < kNumConfigs; ++h) {
+      p.config = kConfigs[h];
       cudaGraph_t g;
       cudaGraphExec_t ge;
       CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
@@ -238,7 +241,7 @@ static bool run_case(const Case& c, mc::DType dt, int sm_count, cudaStream_t s, 
       CK(cudaGraphDestroy(g));
       ok_all &= ok;
       std::printf("%-4s %-34s E=%-3d rows=%-6d N=%-5d K=%-5d %-6s rel_err=%.3e %s %s\n", dname,
-                  (c.name + " [graph replay, new routing]").c_str(), c.E, rows, c.N, c.K, hint_names[h], rel,
+                  (c.name + " [graph replay, new routing]").c_str(), c.E, rows, c.N, c.K, kConfigNames[h], rel,
                   ok ? "PASS" : "FAIL", why.c_str());
     }
   }
@@ -247,8 +250,8 @@ static bool run_case(const Case& c, mc::DType dt, int sm_count, cudaStream_t s, 
   return ok_all;
 }
 
-// Times one shape with each tile config forced through rows_hint (0 -> small-M, 2^30 -> large-M); the
-// config that the op's rows_hint = rows picks is marked with '*', so the threshold can be checked.
+// Times one shape with each tile config forced; the config that Auto picks for rows_hint = rows is marked
+// with '*', so the size rule can be checked.
 template <class T>
 static void time_case(const char* name, int E, int N, int K, int rows, int sm_count, cudaStream_t s, std::mt19937& rng) {
   // Uniform random routing, like top-k routing of random tokens.
@@ -273,9 +276,10 @@ static void time_case(const char* name, int E, int N, int K, int rows, int sm_co
   p.dtype = std::is_same<T, __nv_bfloat16>::value ? mc::DType::BF16 : mc::DType::FP16;
   cudaEvent_t e0, e1;
   CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
-  const bool auto_large = rows >= 64 * E;  // mirrors pick_tile in expert_gemm_sm90.cu
-  for (int cfg = 0; cfg < 2; ++cfg) {
-    p.rows_hint = cfg == 0 ? 0 : (1 << 30);
+  p.rows_hint = rows;
+  const mc::ExpertGemmConfig auto_config = mc::expert_gemm_sm90_auto_config(p);
+  for (int cfg = 0; cfg < kNumConfigs; ++cfg) {
+    p.config = kConfigs[cfg];
     for (int i = 0; i < 3; ++i) CK(mc::expert_gemm_sm90(p, ws, wsb, sm_count, s));
     CK(cudaStreamSynchronize(s));
     const int iters = 20;
@@ -307,7 +311,7 @@ static void time_case(const char* name, int E, int N, int K, int rows, int sm_co
     const double flops = 2.0 * rows * N * K;
     const double bytes = 2.0 * ((double)active * N * K + (double)rows * K + (double)rows * N);
     std::printf("time %-26s E=%-3d N=%-5d K=%-5d rows=%-6d active=%-3d %s%c graph %9.2f us (eager %9.2f us)  %7.1f TFLOP/s  %5.2f TB/s\n",
-                name, E, N, K, rows, active, cfg ? "largeM" : "smallM", (cfg == 1) == auto_large ? '*' : ' ', t * 1e6,
+                name, E, N, K, rows, active, kConfigNames[cfg], kConfigs[cfg] == auto_config ? '*' : ' ', t * 1e6,
                 ms_eager * 1e3 / iters, flops / t / 1e12, bytes / t / 1e12);
   }
   CK(cudaEventDestroy(e0)); CK(cudaEventDestroy(e1));

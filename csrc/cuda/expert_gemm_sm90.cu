@@ -38,10 +38,15 @@ constexpr bool built_for_sm90() {
 // qwen3 fc1 T=1 25.6 vs 37.4 us, T=64 276 vs 289 us; at m = 64 qwen3 fc1 T=1024 306 vs 324 us but
 // mixtral fc1 T=256 800 vs 694 us (a wash on average, skewed routing favours large); m >= 128 large wins
 // by 20-40% (qwen3 fc1 T=4096 603 vs 431 us, gpt-oss fc2 T=1024 285 vs 233 us).
-detail::ExpertGemmTile pick_tile(const ExpertGemmParams& p) {
+// p.config other than Auto (a caller's choice, e.g. to measure) is taken as is.
+ExpertGemmConfig pick_tile(const ExpertGemmParams& p) {
+  if (p.config != ExpertGemmConfig::Auto) return p.config;
   const long long rows = p.rows_hint > 0 ? p.rows_hint : 0;
-  return rows >= 64LL * p.num_experts ? detail::ExpertGemmTile::LargeM : detail::ExpertGemmTile::SmallM;
+  return rows >= 64LL * p.num_experts ? ExpertGemmConfig::LargeM : ExpertGemmConfig::SmallM;
 }
+
+constexpr ExpertGemmConfig kConfigs[] = {ExpertGemmConfig::SmallM, ExpertGemmConfig::LargeM, ExpertGemmConfig::SwapAB32,
+                                         ExpertGemmConfig::SwapAB64};
 
 // One thread per expert, blockIdx.y picks the GEMM: prepare's launch of the group tables.
 __global__ void build_expert_groups_kernel(ExpertGemmTables t0, ExpertGemmTables t1, const int* offsets0,
@@ -59,10 +64,12 @@ __global__ void build_expert_groups_kernel(ExpertGemmTables t0, ExpertGemmTables
 
 bool expert_gemm_sm90_compiled() { return built_for_sm90(); }
 
+ExpertGemmConfig expert_gemm_sm90_auto_config(const ExpertGemmParams& p) { return pick_tile(p); }
+
 size_t expert_gemm_sm90_workspace_bytes(int num_experts, int sm_count) {
   // The dtype is not an argument, so cover every instantiation (they differ by a few hundred bytes).
   size_t bytes = 0;
-  for (auto tile : {detail::ExpertGemmTile::SmallM, detail::ExpertGemmTile::LargeM}) {
+  for (auto tile : kConfigs) {
     bytes = std::max(bytes, detail::expert_gemm_sm90_bf16_workspace(tile, num_experts, sm_count));
     bytes = std::max(bytes, detail::expert_gemm_sm90_fp16_workspace(tile, num_experts, sm_count));
   }
@@ -75,7 +82,7 @@ cudaError_t expert_gemm_sm90_tables(const ExpertGemmParams& p, void* workspace, 
   if (tables == nullptr || p.num_experts <= 0 || sm_count <= 0 || workspace == nullptr ||
       workspace_bytes < expert_gemm_sm90_workspace_bytes(p.num_experts, sm_count))
     return cudaErrorInvalidValue;
-  const detail::ExpertGemmTile tile = pick_tile(p);
+  const ExpertGemmConfig tile = pick_tile(p);
   *tables = p.dtype == DType::BF16 ? detail::expert_gemm_sm90_bf16_tables(tile, p, workspace)
                                    : detail::expert_gemm_sm90_fp16_tables(tile, p, workspace);
   return cudaSuccess;
@@ -108,7 +115,7 @@ cudaError_t expert_gemm_sm90_prepare(const ExpertGemmParams* gemms, void* const*
 cudaError_t expert_gemm_sm90_run(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
                                  cudaStream_t stream) {
   if (!built_for_sm90()) return cudaErrorNotSupported;
-  const detail::ExpertGemmTile tile = pick_tile(p);
+  const ExpertGemmConfig tile = pick_tile(p);
   switch (p.dtype) {
     case DType::BF16:
       return detail::expert_gemm_sm90_bf16_run(tile, p, workspace, workspace_bytes, sm_count, stream);
@@ -129,6 +136,7 @@ cudaError_t expert_gemm_sm90(const ExpertGemmParams& p, void* workspace, size_t 
 #else  // built without CUDA CUTLASS support
 
 bool expert_gemm_sm90_compiled() { return false; }
+ExpertGemmConfig expert_gemm_sm90_auto_config(const ExpertGemmParams& p) { return p.config; }
 size_t expert_gemm_sm90_workspace_bytes(int, int) { return 0; }
 cudaError_t expert_gemm_sm90_prepare(const ExpertGemmParams*, void* const*, int, size_t, int, cudaStream_t) {
   return cudaErrorNotSupported;

@@ -27,15 +27,13 @@
 
 namespace moelora::cuda::detail {
 
-// Tile configurations (see expert_gemm_sm90.cu for how rows_hint picks one).
-enum class ExpertGemmTile { SmallM, LargeM };
-
-// Per dtype: workspace size, where the group tables live and what goes in them (host only), and the GEMM itself.
+// Per dtype: workspace size, where the group tables live and what goes in them (host only), and the GEMM itself,
+// for a tile configuration that is not Auto (expert_gemm_sm90.cu resolves Auto first).
 #define MOELORA_EXPERT_GEMM_DECLARE(NAME)                                                                      \
-  size_t expert_gemm_sm90_##NAME##_workspace(ExpertGemmTile tile, int num_experts, int sm_count);              \
-  ExpertGemmTables expert_gemm_sm90_##NAME##_tables(ExpertGemmTile tile, const ExpertGemmParams& p,            \
+  size_t expert_gemm_sm90_##NAME##_workspace(ExpertGemmConfig tile, int num_experts, int sm_count);            \
+  ExpertGemmTables expert_gemm_sm90_##NAME##_tables(ExpertGemmConfig tile, const ExpertGemmParams& p,          \
                                                     void* workspace);                                          \
-  cudaError_t expert_gemm_sm90_##NAME##_run(ExpertGemmTile tile, const ExpertGemmParams& p, void* workspace,  \
+  cudaError_t expert_gemm_sm90_##NAME##_run(ExpertGemmConfig tile, const ExpertGemmParams& p, void* workspace,\
                                             size_t workspace_bytes, int sm_count, cudaStream_t stream);
 MOELORA_EXPERT_GEMM_DECLARE(bf16)
 MOELORA_EXPERT_GEMM_DECLARE(fp16)
@@ -83,6 +81,7 @@ struct SmallMTile {
   using ClusterShape = Shape<_1, _1, _1>;
   using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+  static constexpr bool kSwapAB = false;
 };
 
 // Prefill / many rows per expert: compute bound. The usual best Hopper bf16 tile: 128x256x64 with two
@@ -93,6 +92,22 @@ struct LargeMTile {
   using ClusterShape = Shape<_1, _1, _1>;
   using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+  static constexpr bool kSwapAB = false;
+};
+
+// Few rows per expert, operands swapped: D^T[e] = W[e] @ A[rows of e]^T. The weight's rows fill the MMA's
+// 128-row M side and the expert's rows its N side (kRows, 32 or 64), so no MMA work and no shared memory go
+// to the zero-filled rows of a 64-row M tile: a stage is 32 KB of W and 8 / 16 KB of rows (SmallM: 32 + 16),
+// which leaves room for five / four stages of W in flight. D is written column-major (= D row-major).
+// Cooperative: both consumer warpgroups share one tile (64 weight rows each); the producer warp keeps
+// loading the next tile's stages during the epilogue.
+template <int kRows>
+struct SwapABTile {
+  using TileShape = Shape<_128, Int<kRows>, _128>;
+  using ClusterShape = Shape<_1, _1, _1>;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+  static constexpr bool kSwapAB = true;
 };
 
 // The CUTLASS kernel, entered through pdl_begin(): this CUTLASS version's sm90 ptr-array kernels have no
@@ -111,9 +126,12 @@ template <class Element, class Tile>
 struct ExpertGemmKernel {
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // per group <M, N, K>
   using ElementAcc = float;
-  using LayoutA = cutlass::layout::RowMajor;     // A [rows, K]
-  using LayoutB = cutlass::layout::ColumnMajor;  // W[e] [N, K] row-major == K x N column-major (TN)
-  using LayoutD = cutlass::layout::RowMajor;     // D [rows, N]
+  // Both operands K-major (TN). Plain: A = the rows [rows, K], B = W[e] [N, K] row-major == K x N column-major,
+  // D [rows, N] row-major. Swapped: A = W[e] [N, K], B = the rows (K x rows column-major), D^T [N, rows]
+  // column-major, which is D [rows, N] row-major.
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = cutlass::layout::ColumnMajor;
+  using LayoutD = cute::conditional_t<Tile::kSwapAB, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16 B (TMA)
 
   // No C operand (void): D = acc, beta = 0, nothing loaded in the epilogue.
@@ -179,10 +197,12 @@ inline char* aligned_workspace(void* workspace) {
 template <class Element, class Tile>
 ExpertGemmTables make_tables(const ExpertGemmParams& p, void* workspace) {
   using K = ExpertGemmKernel<Element, Tile>;
-  using PackedStride = cute::Stride<int64_t, cute::Int<1>, cute::Int<0>>;  // one dynamic stride: mode 0
+  using RowMajorStride = cute::Stride<int64_t, cute::Int<1>, cute::Int<0>>;  // one dynamic stride: mode 0
+  using ColMajorStride = cute::Stride<cute::Int<1>, int64_t, cute::Int<0>>;  // one dynamic stride: mode 1
   static_assert(sizeof(typename K::Shape3) == 3 * sizeof(int), "group shape = {M, N, K} ints");
-  static_assert(cute::is_same_v<typename K::StrideA, PackedStride> && cute::is_same_v<typename K::StrideB, PackedStride> &&
-                    cute::is_same_v<typename K::StrideD, PackedStride> && sizeof(PackedStride) == sizeof(int64_t),
+  static_assert(cute::is_same_v<typename K::StrideA, RowMajorStride> && cute::is_same_v<typename K::StrideB, RowMajorStride> &&
+                    cute::is_same_v<typename K::StrideD, cute::conditional_t<Tile::kSwapAB, ColMajorStride, RowMajorStride>> &&
+                    sizeof(RowMajorStride) == sizeof(int64_t) && sizeof(ColMajorStride) == sizeof(int64_t),
                 "packed strides are one int64 each");
   char* ws = aligned_workspace(workspace);
   const GroupTableLayout l = GroupTableLayout::make<K>(p.num_experts);
@@ -194,20 +214,25 @@ ExpertGemmTables make_tables(const ExpertGemmParams& p, void* workspace) {
   t.strides[0] = reinterpret_cast<int64_t*>(ws + l.stride_a);
   t.strides[1] = reinterpret_cast<int64_t*>(ws + l.stride_b);
   t.strides[2] = reinterpret_cast<int64_t*>(ws + l.stride_d);
-  // Packed strides do not depend on M (a leading dimension only).
+  // Packed strides are leading dimensions only: K for both operands (rows and W[e] alike), N for D (its row
+  // stride; swapped, the column stride of D^T), whatever the rows per expert.
   t.stride_values[0] = cute::get<0>(cutlass::make_cute_packed_stride(typename K::StrideA{}, cute::make_shape(1, p.K, 1)));
-  t.stride_values[1] = cute::get<0>(cutlass::make_cute_packed_stride(typename K::StrideB{}, cute::make_shape(p.N, p.K, 1)));
-  t.stride_values[2] = cute::get<0>(cutlass::make_cute_packed_stride(typename K::StrideD{}, cute::make_shape(1, p.N, 1)));
+  t.stride_values[1] = cute::get<0>(cutlass::make_cute_packed_stride(typename K::StrideB{}, cute::make_shape(1, p.K, 1)));
+  if constexpr (Tile::kSwapAB)
+    t.stride_values[2] = cute::get<1>(cutlass::make_cute_packed_stride(typename K::StrideD{}, cute::make_shape(p.N, 1, 1)));
+  else
+    t.stride_values[2] = cute::get<0>(cutlass::make_cute_packed_stride(typename K::StrideD{}, cute::make_shape(1, p.N, 1)));
   t.A = static_cast<const char*>(p.A);
   t.W = static_cast<const char*>(p.W);
   t.D = static_cast<char*>(p.D);
   t.N = p.N;
   t.K = p.K;
   t.element_bytes = sizeof(Element);
+  t.swap_ab = Tile::kSwapAB;
   return t;
 }
 
-template <class K>
+template <class K, bool kSwapAB>
 typename K::Gemm::Arguments make_arguments(const GroupTableLayout& l, char* ws, int E, int sm_count) {
   using ElementA = typename K::Gemm::ElementA;
   using ElementB = typename K::Gemm::ElementB;
@@ -230,9 +255,10 @@ typename K::Gemm::Arguments make_arguments(const GroupTableLayout& l, char* ws, 
   args.epilogue.ptr_D = reinterpret_cast<typename K::ElementD**>(ws + l.ptr_d);
   args.epilogue.dD = reinterpret_cast<typename K::StrideD*>(ws + l.stride_d);
   args.hw_info = hw;
-  // Along M: consecutive tiles are the M tiles of one N column of one expert, so CTAs running at the
-  // same time share the weight tile through L2 when an expert has several M tiles.
-  args.scheduler.raster_order = cutlass::gemm::kernel::detail::RasterOrderOptions::AlongM;
+  // Consecutive tiles share the weight tile, so CTAs running at the same time read it through L2 once when an
+  // expert has several tiles of rows: along M (the rows' side) for the plain tiles, along N when swapped.
+  args.scheduler.raster_order = kSwapAB ? cutlass::gemm::kernel::detail::RasterOrderOptions::AlongN
+                                        : cutlass::gemm::kernel::detail::RasterOrderOptions::AlongM;
   return args;
 }
 
@@ -243,7 +269,7 @@ size_t expert_gemm_workspace_bytes(int num_experts, int sm_count) {
   const GroupTableLayout l = GroupTableLayout::make<K>(num_experts);
   // CUTLASS's workspace here depends only on sm_count (per-SM TMA descriptor copies), not on the routing;
   // the arguments only need a valid group count and sm_count.
-  auto args = make_arguments<K>(l, nullptr, num_experts, sm_count);
+  auto args = make_arguments<K, Tile::kSwapAB>(l, nullptr, num_experts, sm_count);
   return l.end + GroupTableLayout::up(K::Gemm::get_workspace_size(args)) + GroupTableLayout::kAlign;
 }
 
@@ -269,7 +295,7 @@ cudaError_t expert_gemm_run(const ExpertGemmParams& p, void* workspace, size_t w
     return err;
   char* ws = aligned_workspace(workspace);
   const GroupTableLayout l = GroupTableLayout::make<K>(p.num_experts);
-  auto args = make_arguments<K>(l, ws, p.num_experts, sm_count);
+  auto args = make_arguments<K, Tile::kSwapAB>(l, ws, p.num_experts, sm_count);
   typename K::Gemm gemm;
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
   if (gemm.initialize(args, ws + l.cutlass_ws, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
@@ -281,22 +307,43 @@ cudaError_t expert_gemm_run(const ExpertGemmParams& p, void* workspace, size_t w
   return cudaSuccess;
 }
 
-// Per-dtype entry points (expert_gemm_sm90_{bf16,fp16}.cu instantiate them for their element type).
+// f.template operator()<Tile>() for the tile struct of a configuration (never Auto).
+template <class F>
+auto with_tile(ExpertGemmConfig tile, F&& f) {
+  switch (tile) {
+    case ExpertGemmConfig::SmallM:
+      return f.template operator()<SmallMTile>();
+    case ExpertGemmConfig::SwapAB32:
+      return f.template operator()<SwapABTile<32>>();
+    case ExpertGemmConfig::SwapAB64:
+      return f.template operator()<SwapABTile<64>>();
+    default:
+      return f.template operator()<LargeMTile>();
+  }
+}
+
+// Explicit instantiation of one (element, tile) GEMM: EXTERN empty defines it in this TU, `extern` declares it
+// defined in another (the swapped tiles compile in TUs of their own, in parallel: expert_gemm_sm90_*_swap.cu).
+#define MOELORA_EXPERT_GEMM_INSTANTIATE(EXTERN, ELEMENT, TILE)                                                 \
+  EXTERN template size_t expert_gemm_workspace_bytes<ELEMENT, TILE>(int, int);                                 \
+  EXTERN template ExpertGemmTables make_tables<ELEMENT, TILE>(const ExpertGemmParams&, void*);                 \
+  EXTERN template cudaError_t expert_gemm_run<ELEMENT, TILE>(const ExpertGemmParams&, void*, size_t, int,      \
+                                                             cudaStream_t);
+
+// Per-dtype entry points (expert_gemm_sm90_{bf16,fp16}.cu define them for their element type).
 #define MOELORA_EXPERT_GEMM_DEFINE(NAME, ELEMENT)                                                              \
-  size_t expert_gemm_sm90_##NAME##_workspace(ExpertGemmTile tile, int num_experts, int sm_count) {             \
-    return tile == ExpertGemmTile::SmallM ? expert_gemm_workspace_bytes<ELEMENT, SmallMTile>(num_experts, sm_count) \
-                                          : expert_gemm_workspace_bytes<ELEMENT, LargeMTile>(num_experts, sm_count); \
+  size_t expert_gemm_sm90_##NAME##_workspace(ExpertGemmConfig tile, int num_experts, int sm_count) {           \
+    return with_tile(tile, [&]<class Tile>() { return expert_gemm_workspace_bytes<ELEMENT, Tile>(num_experts, sm_count); }); \
   }                                                                                                            \
-  ExpertGemmTables expert_gemm_sm90_##NAME##_tables(ExpertGemmTile tile, const ExpertGemmParams& p,            \
+  ExpertGemmTables expert_gemm_sm90_##NAME##_tables(ExpertGemmConfig tile, const ExpertGemmParams& p,          \
                                                     void* workspace) {                                         \
-    return tile == ExpertGemmTile::SmallM ? make_tables<ELEMENT, SmallMTile>(p, workspace)                     \
-                                          : make_tables<ELEMENT, LargeMTile>(p, workspace);                    \
+    return with_tile(tile, [&]<class Tile>() { return make_tables<ELEMENT, Tile>(p, workspace); });           \
   }                                                                                                            \
-  cudaError_t expert_gemm_sm90_##NAME##_run(ExpertGemmTile tile, const ExpertGemmParams& p, void* workspace,  \
+  cudaError_t expert_gemm_sm90_##NAME##_run(ExpertGemmConfig tile, const ExpertGemmParams& p, void* workspace,\
                                             size_t workspace_bytes, int sm_count, cudaStream_t stream) {      \
-    return tile == ExpertGemmTile::SmallM                                                                      \
-               ? expert_gemm_run<ELEMENT, SmallMTile>(p, workspace, workspace_bytes, sm_count, stream)       \
-               : expert_gemm_run<ELEMENT, LargeMTile>(p, workspace, workspace_bytes, sm_count, stream);      \
+    return with_tile(tile, [&]<class Tile>() {                                                                 \
+      return expert_gemm_run<ELEMENT, Tile>(p, workspace, workspace_bytes, sm_count, stream);                  \
+    });                                                                                                        \
   }
 
 }  // namespace moelora::cuda::detail

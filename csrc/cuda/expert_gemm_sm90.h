@@ -13,6 +13,12 @@ namespace moelora::cuda {
 
 enum class DType { BF16, FP16 };
 
+// Tile configuration of the grouped GEMM (expert_gemm_sm90.cu: what each is for, and the rule Auto applies).
+//  * SmallM / LargeM: D = A @ W[e]^T with the rows on the MMA's M side (64- / 128-row tiles);
+//  * SwapAB32 / SwapAB64: operands swapped, D^T = W[e] @ A^T, so W's rows fill the 128-row M side and the
+//    expert's rows are the N side of 32 / 64 (few rows per expert).
+enum class ExpertGemmConfig { Auto, SmallM, LargeM, SwapAB32, SwapAB64 };
+
 struct ExpertGemmParams {
   const void* A;               // [rows, K] row-major, rows sorted by expert
   const void* W;               // [E, N, K] row-major (weight of expert e = W + e*N*K)
@@ -21,9 +27,12 @@ struct ExpertGemmParams {
   int num_experts, N, K;
   DType dtype;
   int rows_hint;               // host upper bound of the rows (T*k); only picks the tile configuration
+  ExpertGemmConfig config = ExpertGemmConfig::Auto;  // Auto: chosen from rows_hint / num_experts
 };
 
 bool expert_gemm_sm90_compiled();                                   // false when built without sm90a CUTLASS
+// The configuration a call with p runs: p.config, or for Auto the size rule's choice (host only).
+ExpertGemmConfig expert_gemm_sm90_auto_config(const ExpertGemmParams& p);
 // Bytes of workspace for one GEMM with this many experts and this SM count (any dtype and config).
 size_t expert_gemm_sm90_workspace_bytes(int num_experts, int sm_count);
 
@@ -47,6 +56,8 @@ cudaError_t expert_gemm_sm90(const ExpertGemmParams& p, void* workspace, size_t 
 // a kernel that computes the expert offsets anyway (the routing) writes them instead of prepare's launch.
 // Entry e, for the expert's rows [begin, begin + m): shape {m, N, K}; pointers A + begin * K, W + e * N * K
 // and D + begin * N (elements); three strides (A, B, D), each one 64-bit value, the same for every expert.
+// With swap_ab (the SwapAB configs) the GEMM's A operand is the weight and its B the rows: shape {N, m, K},
+// pointers W + e * N * K, A + begin * K, D + begin * N (D written column-major, i.e. D^T).
 struct ExpertGemmTables {
   int* shapes;  // [E][3]
   const void** ptr_a;
@@ -58,6 +69,7 @@ struct ExpertGemmTables {
   const char* W;
   char* D;
   int N, K, element_bytes;
+  bool swap_ab;
 };
 // Host only (no launch): the tables of p's configuration in `workspace`. Same errors as prepare; after the
 // entries are written on `stream` (write_expert_gemm_tables, every e < num_experts), run may follow.
@@ -66,11 +78,13 @@ cudaError_t expert_gemm_sm90_tables(const ExpertGemmParams& p, void* workspace, 
 
 #if defined(__CUDACC__)
 __device__ __forceinline__ void write_expert_gemm_tables(const ExpertGemmTables& t, int e, int begin, int m) {
-  t.shapes[3 * e] = m;
-  t.shapes[3 * e + 1] = t.N;
+  const char* rows = t.A + static_cast<int64_t>(begin) * t.K * t.element_bytes;
+  const char* weight = t.W + static_cast<int64_t>(e) * t.N * t.K * t.element_bytes;
+  t.shapes[3 * e] = t.swap_ab ? t.N : m;
+  t.shapes[3 * e + 1] = t.swap_ab ? m : t.N;
   t.shapes[3 * e + 2] = t.K;
-  t.ptr_a[e] = t.A + static_cast<int64_t>(begin) * t.K * t.element_bytes;
-  t.ptr_b[e] = t.W + static_cast<int64_t>(e) * t.N * t.K * t.element_bytes;
+  t.ptr_a[e] = t.swap_ab ? weight : rows;
+  t.ptr_b[e] = t.swap_ab ? rows : weight;
   t.ptr_d[e] = t.D + static_cast<int64_t>(begin) * t.N * t.element_bytes;
 #pragma unroll
   for (int i = 0; i < 3; ++i) t.strides[i][e] = t.stride_values[i];

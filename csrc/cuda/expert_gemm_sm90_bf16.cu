@@ -11,11 +11,14 @@
 namespace moelora::cuda::detail {
 
 #if defined(MOELORA_WITH_CUDA) && !defined(MOELORA_NO_CUTLASS)
+// The swapped tiles are instantiated in expert_gemm_sm90_bf16_swap.cu.
+MOELORA_EXPERT_GEMM_INSTANTIATE(extern, cutlass::bfloat16_t, SwapABTile<32>)
+MOELORA_EXPERT_GEMM_INSTANTIATE(extern, cutlass::bfloat16_t, SwapABTile<64>)
 MOELORA_EXPERT_GEMM_DEFINE(bf16, cutlass::bfloat16_t)
 #else
-size_t expert_gemm_sm90_bf16_workspace(ExpertGemmTile, int, int) { return 0; }
-ExpertGemmTables expert_gemm_sm90_bf16_tables(ExpertGemmTile, const ExpertGemmParams&, void*) { return {}; }
-cudaError_t expert_gemm_sm90_bf16_run(ExpertGemmTile, const ExpertGemmParams&, void*, size_t, int, cudaStream_t) {
+size_t expert_gemm_sm90_bf16_workspace(ExpertGemmConfig, int, int) { return 0; }
+ExpertGemmTables expert_gemm_sm90_bf16_tables(ExpertGemmConfig, const ExpertGemmParams&, void*) { return {}; }
+cudaError_t expert_gemm_sm90_bf16_run(ExpertGemmConfig, const ExpertGemmParams&, void*, size_t, int, cudaStream_t) {
   return cudaErrorNotSupported;
 }
 #endif

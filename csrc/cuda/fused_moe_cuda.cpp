@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <string>
 
 #include "../check_message.h"
 #include "../fused_moe_args.h"
@@ -205,11 +206,15 @@ struct ShrinkRows {
 // out += scale[slot] * B @ (A @ input) per (expert, slot) segment, on the base GEMM's output (`scalings`
 // nullptr: 1). With `gated` (fc1, lora_gemm.cu kernels) out is gu, left as the base GEMM wrote it, and the
 // expand writes h of the rows with an adapter.
+// `phase`: both kernels, or (lora_gemm.cu kernels only) the shrink alone, which needs only `input` and may run
+// before the base GEMM, then the expand alone after it. The segment-GEMM path runs both at Expand.
+enum class LoraPhase { Both, Shrink, Expand };
 void run_lora(const LoraSide& side, const at::Tensor& input, const ShrinkRows& shrink_rows, LoraWorkspace& ws,
               int k_splits, const GatedExpandOut* gated, at::Tensor& out,
               const at::Tensor& bucket_offsets, const at::Tensor& lora_tile_prefix,
               const at::Tensor& lora_tile_segment, const float* scalings,
-              const FusedMoeDims& d, int N, int K, int sm_count, cudaStream_t stream) {
+              const FusedMoeDims& d, int N, int K, int sm_count, cudaStream_t stream, LoraPhase phase = LoraPhase::Both) {
+  if (phase == LoraPhase::Shrink && !ws.lora_kernels) return;
   const int64_t R = d.R;
   const int pairs = static_cast<int>(d.T * d.k);
   const int nseg = static_cast<int>(d.E * (d.S + 1));
@@ -230,7 +235,8 @@ void run_lora(const LoraSide& side, const at::Tensor& input, const ShrinkRows& s
     s.R = static_cast<int>(R); s.K = K; s.k_splits = k_splits; s.k_chunk = mc::lora_k_chunk(K, k_splits);
     s.max_rows = pairs; s.max_active_segments = active; s.few_rows_max = ws.few_rows_max;
     s.dtype = to_dtype(input.scalar_type());
-    C10_CUDA_CHECK(mc::launch_lora_shrink(s, sm_count, stream));
+    if (phase != LoraPhase::Expand) C10_CUDA_CHECK(mc::launch_lora_shrink(s, sm_count, stream));
+    if (phase == LoraPhase::Shrink) return;
 
     mc::LoraExpandParams e{};
     e.partial = s.partial; e.k_splits = k_splits;
@@ -280,14 +286,31 @@ void run_lora(const LoraSide& side, const at::Tensor& input, const ShrinkRows& s
   C10_CUDA_CHECK(mc::launch_segment_gemm(p, mc::SegmentGemmShape::Wide, sm_count, stream));
 }
 
-// Base expert GEMM: out[rows of e] = input[rows of e] @ W[e]^T, W [E, N, K].
+// MOELORA_GEMM_TILE=<fc1>[,<fc2>] (small, large, swap32, swap64; one name for both) forces the sm90 GEMMs' tile
+// configuration, to measure them against the size rule of expert_gemm_sm90.cu (benchmarks/NOTES.md v15).
+mc::ExpertGemmConfig env_gemm_config(int which) {
+  const char* v = std::getenv("MOELORA_GEMM_TILE");
+  if (v == nullptr) return mc::ExpertGemmConfig::Auto;
+  std::string names(v);
+  const size_t comma = names.find(',');
+  const std::string name = comma == std::string::npos ? names : which == 0 ? names.substr(0, comma) : names.substr(comma + 1);
+  if (name == "small") return mc::ExpertGemmConfig::SmallM;
+  if (name == "large") return mc::ExpertGemmConfig::LargeM;
+  if (name == "swap32") return mc::ExpertGemmConfig::SwapAB32;
+  if (name == "swap64") return mc::ExpertGemmConfig::SwapAB64;
+  return mc::ExpertGemmConfig::Auto;
+}
+
+// Base expert GEMM `which` (0: fc1, 1: fc2): out[rows of e] = input[rows of e] @ W[e]^T, W [E, N, K].
 mc::ExpertGemmParams expert_gemm_params(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out,
-                                        const at::Tensor& expert_offsets, const FusedMoeDims& d, int N, int K) {
+                                        const at::Tensor& expert_offsets, const FusedMoeDims& d, int N, int K,
+                                        int which) {
   mc::ExpertGemmParams g{};
   g.A = input.data_ptr(); g.W = weight.data_ptr(); g.D = out.data_ptr();
   g.expert_offsets = expert_offsets.data_ptr<int>();
   g.num_experts = static_cast<int>(d.E); g.N = N; g.K = K;
   g.rows_hint = static_cast<int>(d.T * d.k);
+  g.config = env_gemm_config(which);
   g.dtype = to_dtype(input.scalar_type());
   return g;
 }
@@ -441,8 +464,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   BaseGemms base;
   if (!decode) {
     base.sm90 = use_sm90(device);
-    base.fc1 = expert_gemm_params(permuted, w13c, gu, expert_offsets, d, 2 * I, H);
-    base.fc2 = expert_gemm_params(h, w2c, y, expert_offsets, d, H, I);
+    base.fc1 = expert_gemm_params(permuted, w13c, gu, expert_offsets, d, 2 * I, H, 0);
+    base.fc2 = expert_gemm_params(h, w2c, y, expert_offsets, d, H, I, 1);
     prepare_base_gemms(base, x.options(), sm_count, rp);
   }
   C10_CUDA_CHECK(mc::launch_routing(rp, stream));
@@ -468,6 +491,10 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   if (!gather_in_routing) C10_CUDA_CHECK(mc::launch_permute(pp, stream));
 
   // ---- 3-5. fc1 + LoRA, activation -----------------------------------------------------------------
+  // MOELORA_LORA_SHRINK_FIRST=1: each LoRA shrink runs before its base GEMM, while its input (the hidden
+  // states; h, just written) may still be in L2, instead of after the GEMM has streamed the weights through it
+  // (benchmarks/NOTES.md v15).
+  const bool shrink_first = env_flag("MOELORA_LORA_SHRINK_FIRST");
   at::Tensor a13, b13, a2, b2;
   if (d.has_lora) {
     a13 = w13_lora_a->contiguous(); b13 = w13_lora_b->contiguous();
@@ -482,13 +509,16 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     gemv.N = 2 * I; gemv.K = H; gemv.gated = true;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
   } else {
-    run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
     const GatedExpandOut gated{&h, act};
     ShrinkRows fc1_rows;
     if (token_rows_shrink) fc1_rows = {x.data_ptr(), H, row_token.data_ptr<int>()};
-    if (d.has_lora)
+    auto lora_fc1 = [&](LoraPhase phase) {
       run_lora(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, fused_act ? &gated : nullptr, gu,
-               bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, stream);
+               bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, stream, phase);
+    };
+    if (d.has_lora && shrink_first) lora_fc1(LoraPhase::Shrink);
+    run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
+    if (d.has_lora) lora_fc1(shrink_first ? LoraPhase::Expand : LoraPhase::Both);
     mc::ActivationParams ap{};
     ap.gu = gu.data_ptr(); ap.h = h.data_ptr(); ap.num_rows = expert_offsets.data_ptr<int>() + E;
     if (fused_act) {  // the rows without an adapter only: each expert's first bucket
@@ -510,10 +540,13 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     gemv.N = H; gemv.K = I; gemv.gated = false;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
   } else {
-    run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
-    if (d.has_lora)
+    auto lora_fc2 = [&](LoraPhase phase) {
       run_lora(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, nullptr, y, bucket_offsets, lora_tile_prefix,
-               lora_tile_segment, scale_ptr, d, H, I, sm_count, stream);
+               lora_tile_segment, scale_ptr, d, H, I, sm_count, stream, phase);
+    };
+    if (d.has_lora && shrink_first) lora_fc2(LoraPhase::Shrink);
+    run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
+    if (d.has_lora) lora_fc2(shrink_first ? LoraPhase::Expand : LoraPhase::Both);
   }
   mc::FinalizeParams fp{};
   fp.y = y.data_ptr(); fp.pair_row = pp.pair_row;
