@@ -277,24 +277,14 @@ def test_lora_token_rows_shrink_bit_identical(shape, dtype, monkeypatch):
         assert torch.equal(moelora_ext.fused_moe(**args), gathered)
 
 
-@pytest.mark.parametrize("shape", [(300, 256, 192, 32, 4, 8, 8), (4096, 512, 256, 16, 8, 4, 16), (64, 2880, 2880, 4, 2, 2, 16)],
-                         ids=lambda s: "T{}_H{}_E{}".format(s[0], s[1], s[3]))
-def test_lora_shrink_first_bit_identical(shape, monkeypatch):
-    """MOELORA_LORA_SHRINK_FIRST=1 launches each LoRA shrink before its base GEMM instead of after it: the same
-    kernels on the same inputs, so the same bits."""
-    T, H, I, E, k, S, R = shape
-    args = make_case(T, H, I, E, k, S, R, seed=61)
-    monkeypatch.delenv("MOELORA_LORA_SHRINK_FIRST", raising=False)
-    after = check(args, torch.bfloat16)
-    monkeypatch.setenv("MOELORA_LORA_SHRINK_FIRST", "1")
-    poison_allocator()
-    assert torch.equal(moelora_ext.fused_moe(**args), after)
-
-
-GEMM_TILES = ["small", "large", "swap32", "swap64", "swap32,large", "large,swap64"]
-# The wgmma atom each configuration's kernel is built on (its name carries it): rows on M in 64- / 128-row tiles
-# (N 128 / 256), or swapped, with the rows on N (32 / 64).
-GEMM_TILE_ATOMS = {"small": "MMA_64x128x16", "large": "MMA_64x256x16", "swap32": "MMA_64x32x16", "swap64": "MMA_64x64x16"}
+GEMM_TILES = ["small", "large", "swap32", "swap64", "large_pp", "large_c2", "swap32,large", "large_c2,swap64"]
+# What each configuration's kernel name shows: its wgmma atom (rows on M in 64- / 128-row tiles with N 128 /
+# 256, or swapped with the rows on N, 32 / 64), its schedule, and its cluster's M extent.
+GEMM_TILE_KERNELS = {
+    "small": ("MMA_64x128x16", "Pingpong", 1), "large": ("MMA_64x256x16", "Cooperative", 1),
+    "swap32": ("MMA_64x32x16", "Cooperative", 1), "swap64": ("MMA_64x64x16", "Cooperative", 1),
+    "large_pp": ("MMA_64x256x16", "Pingpong", 1), "large_c2": ("MMA_64x256x16", "Cooperative", 2),
+}
 GEMM_TILE_SHAPES = [
     # T,    H,    I,    E,   k, S,  R
     (1, 256, 128, 8, 2, 4, 16),          # one row in two experts (the GEMV turned off)
@@ -305,13 +295,20 @@ GEMM_TILE_SHAPES = [
 ]
 
 
-def _gemm_atoms(args):
-    """The wgmma atoms named by the CUTLASS kernels one call launches, in launch order."""
+def _gemm_kernels(args):
+    """(atom, schedule, cluster M) of each CUTLASS kernel one call launches, in launch order, from its name
+    (mangled or not)."""
+    import re
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         moelora_ext.fused_moe(**args)
         torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return [atom for n in names if "cutlass" in n for atom in GEMM_TILE_ATOMS.values() if atom in n]
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "cutlass" in e.name]
+    found = []
+    for n in names:
+        atom = re.search(r"MMA_64x\d+x16", n).group(0)
+        cluster = int(re.search(r"MainloopSm90ArrayTmaGmmaWarpSpecialized.{0,40}?C(?:ILi|<)(\d)", n).group(1))
+        found.append((atom, "Pingpong" if "Pingpong" in n else "Cooperative", cluster))
+    return found
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -335,7 +332,7 @@ def test_gemm_tile_configs(shape, tiles, dtype, monkeypatch):
     check(base, dtype)
     if T > 0:
         fc1, fc2 = (tiles.split(",") * 2)[:2]
-        assert _gemm_atoms(base) == [GEMM_TILE_ATOMS[fc1], GEMM_TILE_ATOMS[fc2]]
+        assert _gemm_kernels(base) == [GEMM_TILE_KERNELS[fc1], GEMM_TILE_KERNELS[fc2]]
 
 
 @pytest.mark.parametrize("T", [2, 100])  # decode (routing gathers the rows) / grouped GEMM

@@ -29,9 +29,14 @@ constexpr bool built_for_sm90() {
 
 // Config choice from the host-known row count (T*k), never from device values.
 // Average rows per expert m = rows_hint / E (routing skew aside):
-//  * m < 64: decode / small batches. Each active expert's W[e] (N*K) must be streamed from HBM once and
-//    there are few rows to amortize it over, so the GEMM is memory bound (H100 ridge ~300 FLOP/B).
-//    SmallM (64x128x128 pingpong) gives the most weight-streaming CTAs and the least padded MMA work.
+//  * m <= 16: decode-like batches. Each active expert's W[e] (N*K) is streamed from HBM once with few rows to
+//    amortize it over, so the GEMM is memory bound (H100 ridge ~300 FLOP/B). SwapAB32 puts W's rows on the
+//    MMA's M side (128) and the expert's rows on N (32): no MMA work or shared memory for zero-filled rows,
+//    five stages of W in flight. Measured against SmallM (NOTES.md v15, both GEMMs, graph replays): mixtral
+//    T=16 / 64 928 / 980 -> 904 / 960 us, gpt-oss 502 / 571 -> 494 / 563, qwen3 290 / 432 -> 283 / 426; at
+//    m = 32 it lost (gpt-oss T=256 587 -> 611: narrow wgmma tiles reread W from shared memory per 32 rows).
+//  * 16 < m < 64: SmallM (64x128x128 pingpong), the most weight-streaming CTAs and the least padded MMA work
+//    with the rows on M.
 //  * m >= 64: 128x256x64 cooperative. Once many experts hold more than 64 rows, SmallM needs two M tiles
 //    per N column (W streamed twice through L2, twice the tile overhead) and loses.
 // Measured on H100 (bf16, tools/expert_gemm_sm90_selftest.cu, uniform random routing), small vs large:
@@ -42,11 +47,13 @@ constexpr bool built_for_sm90() {
 ExpertGemmConfig pick_tile(const ExpertGemmParams& p) {
   if (p.config != ExpertGemmConfig::Auto) return p.config;
   const long long rows = p.rows_hint > 0 ? p.rows_hint : 0;
+  if (rows <= 16LL * p.num_experts) return ExpertGemmConfig::SwapAB32;
   return rows >= 64LL * p.num_experts ? ExpertGemmConfig::LargeM : ExpertGemmConfig::SmallM;
 }
 
-constexpr ExpertGemmConfig kConfigs[] = {ExpertGemmConfig::SmallM, ExpertGemmConfig::LargeM, ExpertGemmConfig::SwapAB32,
-                                         ExpertGemmConfig::SwapAB64};
+constexpr ExpertGemmConfig kConfigs[] = {ExpertGemmConfig::SmallM,   ExpertGemmConfig::LargeM,
+                                         ExpertGemmConfig::SwapAB32, ExpertGemmConfig::SwapAB64,
+                                         ExpertGemmConfig::LargeMPingpong, ExpertGemmConfig::LargeMCluster2};
 
 // One thread per expert, blockIdx.y picks the GEMM: prepare's launch of the group tables.
 __global__ void build_expert_groups_kernel(ExpertGemmTables t0, ExpertGemmTables t1, const int* offsets0,

@@ -16,8 +16,10 @@ enum class DType { BF16, FP16 };
 // Tile configuration of the grouped GEMM (expert_gemm_sm90.cu: what each is for, and the rule Auto applies).
 //  * SmallM / LargeM: D = A @ W[e]^T with the rows on the MMA's M side (64- / 128-row tiles);
 //  * SwapAB32 / SwapAB64: operands swapped, D^T = W[e] @ A^T, so W's rows fill the 128-row M side and the
-//    expert's rows are the N side of 32 / 64 (few rows per expert).
-enum class ExpertGemmConfig { Auto, SmallM, LargeM, SwapAB32, SwapAB64 };
+//    expert's rows are the N side of 32 / 64 (few rows per expert);
+//  * LargeMPingpong / LargeMCluster2: LargeM's alternatives (pingpong 64x256 tiles; a 2-CTA cluster with the
+//    weight tile multicast).
+enum class ExpertGemmConfig { Auto, SmallM, LargeM, SwapAB32, SwapAB64, LargeMPingpong, LargeMCluster2 };
 
 struct ExpertGemmParams {
   const void* A;               // [rows, K] row-major, rows sorted by expert

@@ -206,15 +206,11 @@ struct ShrinkRows {
 // out += scale[slot] * B @ (A @ input) per (expert, slot) segment, on the base GEMM's output (`scalings`
 // nullptr: 1). With `gated` (fc1, lora_gemm.cu kernels) out is gu, left as the base GEMM wrote it, and the
 // expand writes h of the rows with an adapter.
-// `phase`: both kernels, or (lora_gemm.cu kernels only) the shrink alone, which needs only `input` and may run
-// before the base GEMM, then the expand alone after it. The segment-GEMM path runs both at Expand.
-enum class LoraPhase { Both, Shrink, Expand };
 void run_lora(const LoraSide& side, const at::Tensor& input, const ShrinkRows& shrink_rows, LoraWorkspace& ws,
               int k_splits, const GatedExpandOut* gated, at::Tensor& out,
               const at::Tensor& bucket_offsets, const at::Tensor& lora_tile_prefix,
               const at::Tensor& lora_tile_segment, const float* scalings,
-              const FusedMoeDims& d, int N, int K, int sm_count, cudaStream_t stream, LoraPhase phase = LoraPhase::Both) {
-  if (phase == LoraPhase::Shrink && !ws.lora_kernels) return;
+              const FusedMoeDims& d, int N, int K, int sm_count, cudaStream_t stream) {
   const int64_t R = d.R;
   const int pairs = static_cast<int>(d.T * d.k);
   const int nseg = static_cast<int>(d.E * (d.S + 1));
@@ -235,8 +231,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, const ShrinkRows& s
     s.R = static_cast<int>(R); s.K = K; s.k_splits = k_splits; s.k_chunk = mc::lora_k_chunk(K, k_splits);
     s.max_rows = pairs; s.max_active_segments = active; s.few_rows_max = ws.few_rows_max;
     s.dtype = to_dtype(input.scalar_type());
-    if (phase != LoraPhase::Expand) C10_CUDA_CHECK(mc::launch_lora_shrink(s, sm_count, stream));
-    if (phase == LoraPhase::Shrink) return;
+    C10_CUDA_CHECK(mc::launch_lora_shrink(s, sm_count, stream));
 
     mc::LoraExpandParams e{};
     e.partial = s.partial; e.k_splits = k_splits;
@@ -286,8 +281,8 @@ void run_lora(const LoraSide& side, const at::Tensor& input, const ShrinkRows& s
   C10_CUDA_CHECK(mc::launch_segment_gemm(p, mc::SegmentGemmShape::Wide, sm_count, stream));
 }
 
-// MOELORA_GEMM_TILE=<fc1>[,<fc2>] (small, large, swap32, swap64; one name for both) forces the sm90 GEMMs' tile
-// configuration, to measure them against the size rule of expert_gemm_sm90.cu (benchmarks/NOTES.md v15).
+// MOELORA_GEMM_TILE=<fc1>[,<fc2>] (small, large, swap32, swap64, large_pp, large_c2; one name for both) forces the
+// sm90 GEMMs' tile configuration, to measure them against the size rule of expert_gemm_sm90.cu (NOTES.md v15).
 mc::ExpertGemmConfig env_gemm_config(int which) {
   const char* v = std::getenv("MOELORA_GEMM_TILE");
   if (v == nullptr) return mc::ExpertGemmConfig::Auto;
@@ -298,7 +293,10 @@ mc::ExpertGemmConfig env_gemm_config(int which) {
   if (name == "large") return mc::ExpertGemmConfig::LargeM;
   if (name == "swap32") return mc::ExpertGemmConfig::SwapAB32;
   if (name == "swap64") return mc::ExpertGemmConfig::SwapAB64;
-  return mc::ExpertGemmConfig::Auto;
+  if (name == "large_pp") return mc::ExpertGemmConfig::LargeMPingpong;
+  if (name == "large_c2") return mc::ExpertGemmConfig::LargeMCluster2;
+  TORCH_CHECK(false, "MOELORA_GEMM_TILE: unknown tile configuration '", name,
+              "' (expected small, large, swap32, swap64, large_pp or large_c2, or <fc1>,<fc2>)");
 }
 
 // Base expert GEMM `which` (0: fc1, 1: fc2): out[rows of e] = input[rows of e] @ W[e]^T, W [E, N, K].
@@ -491,10 +489,6 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   if (!gather_in_routing) C10_CUDA_CHECK(mc::launch_permute(pp, stream));
 
   // ---- 3-5. fc1 + LoRA, activation -----------------------------------------------------------------
-  // MOELORA_LORA_SHRINK_FIRST=1: each LoRA shrink runs before its base GEMM, while its input (the hidden
-  // states; h, just written) may still be in L2, instead of after the GEMM has streamed the weights through it
-  // (benchmarks/NOTES.md v15).
-  const bool shrink_first = env_flag("MOELORA_LORA_SHRINK_FIRST");
   at::Tensor a13, b13, a2, b2;
   if (d.has_lora) {
     a13 = w13_lora_a->contiguous(); b13 = w13_lora_b->contiguous();
@@ -509,16 +503,13 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     gemv.N = 2 * I; gemv.K = H; gemv.gated = true;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
   } else {
+    run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
     const GatedExpandOut gated{&h, act};
     ShrinkRows fc1_rows;
     if (token_rows_shrink) fc1_rows = {x.data_ptr(), H, row_token.data_ptr<int>()};
-    auto lora_fc1 = [&](LoraPhase phase) {
+    if (d.has_lora)
       run_lora(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, fused_act ? &gated : nullptr, gu,
-               bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, stream, phase);
-    };
-    if (d.has_lora && shrink_first) lora_fc1(LoraPhase::Shrink);
-    run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
-    if (d.has_lora) lora_fc1(shrink_first ? LoraPhase::Expand : LoraPhase::Both);
+               bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, stream);
     mc::ActivationParams ap{};
     ap.gu = gu.data_ptr(); ap.h = h.data_ptr(); ap.num_rows = expert_offsets.data_ptr<int>() + E;
     if (fused_act) {  // the rows without an adapter only: each expert's first bucket
@@ -540,13 +531,10 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     gemv.N = H; gemv.K = I; gemv.gated = false;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
   } else {
-    auto lora_fc2 = [&](LoraPhase phase) {
-      run_lora(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, nullptr, y, bucket_offsets, lora_tile_prefix,
-               lora_tile_segment, scale_ptr, d, H, I, sm_count, stream, phase);
-    };
-    if (d.has_lora && shrink_first) lora_fc2(LoraPhase::Shrink);
     run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
-    if (d.has_lora) lora_fc2(shrink_first ? LoraPhase::Expand : LoraPhase::Both);
+    if (d.has_lora)
+      run_lora(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, nullptr, y, bucket_offsets, lora_tile_prefix,
+               lora_tile_segment, scale_ptr, d, H, I, sm_count, stream);
   }
   mc::FinalizeParams fp{};
   fp.y = y.data_ptr(); fp.pair_row = pp.pair_row;
