@@ -277,7 +277,7 @@ def test_lora_token_rows_shrink_bit_identical(shape, dtype, monkeypatch):
         assert torch.equal(moelora_ext.fused_moe(**args), gathered)
 
 
-GEMM_TILES = ["small", "large", "swap32", "swap64", "large_pp", "large_c2", "swap32,large", "large_c2,swap64"]
+GEMM_TILES = ["small", "large", "swap32", "swap64", "large_pp", "large_c2", "swap32/large", "large_c2/swap64"]
 # What each configuration's kernel name shows: its wgmma atom (rows on M in 64- / 128-row tiles with N 128 /
 # 256, or swapped with the rows on N, 32 / 64), its schedule, and its cluster's M extent.
 GEMM_TILE_KERNELS = {
@@ -315,7 +315,7 @@ def _gemm_kernels(args):
 @pytest.mark.parametrize("tiles", GEMM_TILES)
 @pytest.mark.parametrize("shape", GEMM_TILE_SHAPES, ids=lambda s: "T{}_H{}_I{}_E{}_k{}".format(*s[:5]))
 def test_gemm_tile_configs(shape, tiles, dtype, monkeypatch):
-    """Every tile configuration of the sm90 grouped GEMM (MOELORA_GEMM_TILE=<fc1>[,<fc2>], forced past the size
+    """Every tile configuration of the sm90 grouped GEMM (MOELORA_GEMM_TILE=<fc1>[/<fc2>], forced past the size
     rule), the swapped-operand ones (D^T = W[e] @ rows^T, column-major D) included, matches the reference with
     and without adapters: one-row and empty experts, rows spread over several tiles, weight rows that do not
     fill the last tile. The grouped-GEMM path at T = 1 is reached with the decode GEMV off; the profiler shows
@@ -331,7 +331,7 @@ def test_gemm_tile_configs(shape, tiles, dtype, monkeypatch):
     base = {n: v for n, v in args.items() if "lora" not in n and "shared" not in n}
     check(base, dtype)
     if T > 0:
-        fc1, fc2 = (tiles.split(",") * 2)[:2]
+        fc1, fc2 = (tiles.split("/") * 2)[:2]
         assert _gemm_kernels(base) == [GEMM_TILE_KERNELS[fc1], GEMM_TILE_KERNELS[fc2]]
 
 
