@@ -16,8 +16,8 @@ FLAGS=(-std=c++20 -O3 --expt-relaxed-constexpr --expt-extended-lambda -DMOELORA_
        -I"$CUTLASS_DIR/include" -I"$CUTLASS_DIR/tools/util/include")
 
 SRCS=(csrc/cuda/expert_gemm_sm90_bf16.cu csrc/cuda/expert_gemm_sm90_fp16.cu csrc/cuda/expert_gemm_sm90_bf16_swap.cu
-      csrc/cuda/expert_gemm_sm90_fp16_swap.cu csrc/cuda/expert_gemm_sm90_bf16_prefill.cu
-      csrc/cuda/expert_gemm_sm90_fp16_prefill.cu csrc/cuda/expert_gemm_sm90.cu tools/expert_gemm_sm90_selftest.cu)
+      csrc/cuda/expert_gemm_sm90_fp16_swap.cu csrc/cuda/expert_gemm_sm90_bf16_pingpong.cu
+      csrc/cuda/expert_gemm_sm90_fp16_pingpong.cu csrc/cuda/expert_gemm_sm90.cu tools/expert_gemm_sm90_selftest.cu)
 pids=()
 for src in "${SRCS[@]}"; do
   obj="$OBJ/$(basename "${src%.cu}").o"

@@ -2,7 +2,7 @@
 // Build: bash tools/build_expert_gemm_selftest.sh OUT_BINARY   (needs an H100/H200 to run)
 //
 // For bf16 and fp16, every case runs with each tile configuration (ExpertGemmParams::config: small-M, large-M,
-// the two swapped-operand ones and large-M's pingpong and 2-CTA-cluster variants), against a fp32 GPU reference:
+// large-M pingpong and the swapped-operand one), against a fp32 GPU reference:
 // relative Frobenius error ||D - ref|| / ||ref||, plus a guard region after D that must stay untouched
 // (TMA stores must clip at each expert's last row). One case is captured in a CUDA graph and replayed
 // after rewriting expert_offsets in place (new routing, no re-capture). Exit code 0 only if all pass.
@@ -28,12 +28,11 @@
 
 namespace mc = moelora::cuda;
 
-constexpr int kNumConfigs = 6;
-constexpr mc::ExpertGemmConfig kConfigs[kNumConfigs] = {mc::ExpertGemmConfig::SmallM,   mc::ExpertGemmConfig::LargeM,
-                                                        mc::ExpertGemmConfig::SwapAB32, mc::ExpertGemmConfig::SwapAB64,
+constexpr int kNumConfigs = 4;
+constexpr mc::ExpertGemmConfig kConfigs[kNumConfigs] = {mc::ExpertGemmConfig::SmallM, mc::ExpertGemmConfig::LargeM,
                                                         mc::ExpertGemmConfig::LargeMPingpong,
-                                                        mc::ExpertGemmConfig::LargeMCluster2};
-constexpr const char* kConfigNames[kNumConfigs] = {"smallM", "largeM", "swap32", "swap64", "largePP", "largeC2"};
+                                                        mc::ExpertGemmConfig::SwapAB32};
+constexpr const char* kConfigNames[kNumConfigs] = {"smallM", "largeM", "largePP", "swap32"};
 
 #define CK(x)                                                                                   \
   do {                                                                                          \

@@ -27,33 +27,33 @@ constexpr bool built_for_sm90() {
 #endif
 }
 
-// Config choice from the host-known row count (T*k), never from device values.
-// Average rows per expert m = rows_hint / E (routing skew aside):
-//  * m <= 16: decode-like batches. Each active expert's W[e] (N*K) is streamed from HBM once with few rows to
-//    amortize it over, so the GEMM is memory bound (H100 ridge ~300 FLOP/B). SwapAB32 puts W's rows on the
-//    MMA's M side (128) and the expert's rows on N (32): no MMA work or shared memory for zero-filled rows,
-//    five stages of W in flight. Measured against SmallM (NOTES.md v15, both GEMMs, graph replays): mixtral
-//    T=16 / 64 928 / 980 -> 904 / 960 us, gpt-oss 502 / 571 -> 494 / 563, qwen3 290 / 432 -> 283 / 426; at
-//    m = 32 it lost (gpt-oss T=256 587 -> 611: narrow wgmma tiles reread W from shared memory per 32 rows).
-//  * 16 < m < 64: SmallM (64x128x128 pingpong), the most weight-streaming CTAs and the least padded MMA work
-//    with the rows on M.
-//  * m >= 64: 128x256x64 cooperative. Once many experts hold more than 64 rows, SmallM needs two M tiles
-//    per N column (W streamed twice through L2, twice the tile overhead) and loses.
-// Measured on H100 (bf16, tools/expert_gemm_sm90_selftest.cu, uniform random routing), small vs large:
-// qwen3 fc1 T=1 25.6 vs 37.4 us, T=64 276 vs 289 us; at m = 64 qwen3 fc1 T=1024 306 vs 324 us but
-// mixtral fc1 T=256 800 vs 694 us (a wash on average, skewed routing favours large); m >= 128 large wins
-// by 20-40% (qwen3 fc1 T=4096 603 vs 431 us, gpt-oss fc2 T=1024 285 vs 233 us).
+// Config choice from the host-known row count (T*k), never from device values: average rows per expert
+// m = rows_hint / E (routing skew aside). Below ~300 rows an expert's GEMM is bound by streaming W[e] from
+// HBM (H100 ridge ~300 FLOP/B = m); above, by the tensor cores. Measured on the H100 (bf16, uniform random
+// routing, profile_stages, per GEMM; benchmarks/NOTES.md v15), each against the next one:
+//  * m <= 16, SwapAB32 (W's rows on the MMA's M side, the expert's rows on N = 32): no MMA work or shared
+//    memory spent on zero-filled rows, five stages of W in flight. Both GEMMs against SmallM: mixtral T=16 /
+//    64 928 / 980 -> 904 / 960 us, gpt-oss 502 / 571 -> 494 / 563, qwen3 290 / 432 -> 283 / 426. At m = 32 it
+//    loses (gpt-oss T=256 587 -> 611): 32-wide wgmma tiles reread W from shared memory per 32 rows.
+//  * m <= 64, SmallM (64x128x128 pingpong). Against LargeM at m = 64: qwen3 T=1024 498 -> 476 us, mixtral
+//    T=256 1058 -> 1051, gpt-oss T=512 631 -> 634 (a tie).
+//  * m <= 128, LargeMPingpong (64x256x64 per warpgroup, pingpong). Against LargeM at m = 128: mixtral T=512
+//    1187 -> 1096 us, gpt-oss T=1024 691 -> 658, qwen3 T=2048 545 -> 521; at m = 256 it loses by 1-2% (qwen3
+//    T=4096, mixtral T=1024), at m >= 512 by 25-40%.
+//  * above, LargeM (128x256x64 cooperative). A 2-CTA cluster with the weight tile multicast was slower
+//    (+1..+9%) except at gpt-oss T=16384 (-3%).
 // p.config other than Auto (a caller's choice, e.g. to measure) is taken as is.
 ExpertGemmConfig pick_tile(const ExpertGemmParams& p) {
   if (p.config != ExpertGemmConfig::Auto) return p.config;
-  const long long rows = p.rows_hint > 0 ? p.rows_hint : 0;
-  if (rows <= 16LL * p.num_experts) return ExpertGemmConfig::SwapAB32;
-  return rows >= 64LL * p.num_experts ? ExpertGemmConfig::LargeM : ExpertGemmConfig::SmallM;
+  const long long rows = p.rows_hint > 0 ? p.rows_hint : 0, E = p.num_experts;
+  if (rows <= 16 * E) return ExpertGemmConfig::SwapAB32;
+  if (rows <= 64 * E) return ExpertGemmConfig::SmallM;
+  if (rows <= 128 * E) return ExpertGemmConfig::LargeMPingpong;
+  return ExpertGemmConfig::LargeM;
 }
 
-constexpr ExpertGemmConfig kConfigs[] = {ExpertGemmConfig::SmallM,   ExpertGemmConfig::LargeM,
-                                         ExpertGemmConfig::SwapAB32, ExpertGemmConfig::SwapAB64,
-                                         ExpertGemmConfig::LargeMPingpong, ExpertGemmConfig::LargeMCluster2};
+constexpr ExpertGemmConfig kConfigs[] = {ExpertGemmConfig::SmallM, ExpertGemmConfig::LargeM,
+                                         ExpertGemmConfig::LargeMPingpong, ExpertGemmConfig::SwapAB32};
 
 // One thread per expert, blockIdx.y picks the GEMM: prepare's launch of the group tables.
 __global__ void build_expert_groups_kernel(ExpertGemmTables t0, ExpertGemmTables t1, const int* offsets0,

@@ -95,12 +95,9 @@ struct LargeMTile {
   static constexpr bool kSwapAB = false;
 };
 
-// Prefill alternatives to LargeMTile, measured against it (benchmarks/NOTES.md v15):
-//  * pingpong, 64x256 per consumer warpgroup: one warpgroup's epilogue overlaps the other's main loop, which
-//    matters when the K loop is short (qwen3 fc2: K = 768, 12 steps of 64);
-//  * a 2-CTA cluster along M: the cluster's CTAs take two M tiles of the same expert and N column, and each
-//    weight tile is multicast to both (half the L2 -> SM traffic for W; an expert's M tiles are rounded up
-//    to an even count).
+// Between the two (64 < rows per expert <= 128; expert_gemm_sm90.cu): 64x256 per consumer warpgroup, pingpong.
+// One warpgroup's epilogue overlaps the other's main loop, and the 64-row tile pads less of an expert's last
+// rows than LargeM's 128; at more rows the cooperative 128x256 tile's larger MMA per loaded byte wins.
 struct LargeMPingpongTile {
   using TileShape = Shape<_64, _256, _64>;
   using ClusterShape = Shape<_1, _1, _1>;
@@ -108,18 +105,11 @@ struct LargeMPingpongTile {
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
   static constexpr bool kSwapAB = false;
 };
-struct LargeMCluster2Tile {
-  using TileShape = Shape<_128, _256, _64>;
-  using ClusterShape = Shape<_2, _1, _1>;
-  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
-  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-  static constexpr bool kSwapAB = false;
-};
 
 // Few rows per expert, operands swapped: D^T[e] = W[e] @ A[rows of e]^T. The weight's rows fill the MMA's
-// 128-row M side and the expert's rows its N side (kRows, 32 or 64), so no MMA work and no shared memory go
-// to the zero-filled rows of a 64-row M tile: a stage is 32 KB of W and 8 / 16 KB of rows (SmallM: 32 + 16),
-// which leaves room for five / four stages of W in flight. D is written column-major (= D row-major).
+// 128-row M side and the expert's rows its N side (kRows = 32), so no MMA work and no shared memory go to
+// the zero-filled rows of a 64-row M tile: a stage is 32 KB of W and 8 KB of rows (SmallM: 32 + 16), which
+// leaves room for five stages of W in flight. D is written column-major (= D row-major).
 // Cooperative: both consumer warpgroups share one tile (64 weight rows each); the producer warp keeps
 // loading the next tile's stages during the epilogue.
 template <int kRows>
@@ -336,20 +326,16 @@ auto with_tile(ExpertGemmConfig tile, F&& f) {
       return f.template operator()<SmallMTile>();
     case ExpertGemmConfig::SwapAB32:
       return f.template operator()<SwapABTile<32>>();
-    case ExpertGemmConfig::SwapAB64:
-      return f.template operator()<SwapABTile<64>>();
     case ExpertGemmConfig::LargeMPingpong:
       return f.template operator()<LargeMPingpongTile>();
-    case ExpertGemmConfig::LargeMCluster2:
-      return f.template operator()<LargeMCluster2Tile>();
     default:
       return f.template operator()<LargeMTile>();
   }
 }
 
 // Explicit instantiation of one (element, tile) GEMM: EXTERN empty defines it in this TU, `extern` declares it
-// defined in another (the swapped and the alternative prefill tiles compile in TUs of their own, in parallel:
-// expert_gemm_sm90_*_swap.cu, expert_gemm_sm90_*_prefill.cu).
+// defined in another (SwapAB32 and LargeMPingpong compile in TUs of their own, in parallel:
+// expert_gemm_sm90_*_swap.cu, expert_gemm_sm90_*_pingpong.cu).
 #define MOELORA_EXPERT_GEMM_INSTANTIATE(EXTERN, ELEMENT, TILE)                                                 \
   EXTERN template size_t expert_gemm_workspace_bytes<ELEMENT, TILE>(int, int);                                 \
   EXTERN template ExpertGemmTables make_tables<ELEMENT, TILE>(const ExpertGemmParams&, void*);                 \

@@ -13,13 +13,12 @@ namespace moelora::cuda {
 
 enum class DType { BF16, FP16 };
 
-// Tile configuration of the grouped GEMM (expert_gemm_sm90.cu: what each is for, and the rule Auto applies).
-//  * SmallM / LargeM: D = A @ W[e]^T with the rows on the MMA's M side (64- / 128-row tiles);
-//  * SwapAB32 / SwapAB64: operands swapped, D^T = W[e] @ A^T, so W's rows fill the 128-row M side and the
-//    expert's rows are the N side of 32 / 64 (few rows per expert);
-//  * LargeMPingpong / LargeMCluster2: LargeM's alternatives (pingpong 64x256 tiles; a 2-CTA cluster with the
-//    weight tile multicast).
-enum class ExpertGemmConfig { Auto, SmallM, LargeM, SwapAB32, SwapAB64, LargeMPingpong, LargeMCluster2 };
+// Tile configuration of the grouped GEMM (expert_gemm_sm90.cu: what each is for, and the rule Auto applies):
+//  * SmallM / LargeM / LargeMPingpong: D = A @ W[e]^T with the rows on the MMA's M side (64-row pingpong,
+//    128-row cooperative, 64-row-per-warpgroup pingpong tiles);
+//  * SwapAB32: operands swapped, D^T = W[e] @ A^T, W's rows on the 128-row M side and the expert's rows on
+//    N (32): few rows per expert.
+enum class ExpertGemmConfig { Auto, SmallM, LargeM, LargeMPingpong, SwapAB32 };
 
 struct ExpertGemmParams {
   const void* A;               // [rows, K] row-major, rows sorted by expert
@@ -58,7 +57,7 @@ cudaError_t expert_gemm_sm90(const ExpertGemmParams& p, void* workspace, size_t 
 // a kernel that computes the expert offsets anyway (the routing) writes them instead of prepare's launch.
 // Entry e, for the expert's rows [begin, begin + m): shape {m, N, K}; pointers A + begin * K, W + e * N * K
 // and D + begin * N (elements); three strides (A, B, D), each one 64-bit value, the same for every expert.
-// With swap_ab (the SwapAB configs) the GEMM's A operand is the weight and its B the rows: shape {N, m, K},
+// With swap_ab (SwapAB32) the GEMM's A operand is the weight and its B the rows: shape {N, m, K},
 // pointers W + e * N * K, A + begin * K, D + begin * N (D written column-major, i.e. D^T).
 struct ExpertGemmTables {
   int* shapes;  // [E][3]

@@ -11,11 +11,9 @@
 namespace moelora::cuda::detail {
 
 #if defined(MOELORA_WITH_CUDA) && !defined(MOELORA_NO_CUTLASS)
-// The other tiles are instantiated in expert_gemm_sm90_bf16_swap.cu and expert_gemm_sm90_bf16_prefill.cu.
+// The other tiles are instantiated in expert_gemm_sm90_bf16_swap.cu and expert_gemm_sm90_bf16_pingpong.cu.
 MOELORA_EXPERT_GEMM_INSTANTIATE(extern, cutlass::bfloat16_t, SwapABTile<32>)
-MOELORA_EXPERT_GEMM_INSTANTIATE(extern, cutlass::bfloat16_t, SwapABTile<64>)
 MOELORA_EXPERT_GEMM_INSTANTIATE(extern, cutlass::bfloat16_t, LargeMPingpongTile)
-MOELORA_EXPERT_GEMM_INSTANTIATE(extern, cutlass::bfloat16_t, LargeMCluster2Tile)
 MOELORA_EXPERT_GEMM_DEFINE(bf16, cutlass::bfloat16_t)
 #else
 size_t expert_gemm_sm90_bf16_workspace(ExpertGemmConfig, int, int) { return 0; }

@@ -11,11 +11,9 @@
 namespace moelora::cuda::detail {
 
 #if defined(MOELORA_WITH_CUDA) && !defined(MOELORA_NO_CUTLASS)
-// The other tiles are instantiated in expert_gemm_sm90_fp16_swap.cu and expert_gemm_sm90_fp16_prefill.cu.
+// The other tiles are instantiated in expert_gemm_sm90_fp16_swap.cu and expert_gemm_sm90_fp16_pingpong.cu.
 MOELORA_EXPERT_GEMM_INSTANTIATE(extern, cutlass::half_t, SwapABTile<32>)
-MOELORA_EXPERT_GEMM_INSTANTIATE(extern, cutlass::half_t, SwapABTile<64>)
 MOELORA_EXPERT_GEMM_INSTANTIATE(extern, cutlass::half_t, LargeMPingpongTile)
-MOELORA_EXPERT_GEMM_INSTANTIATE(extern, cutlass::half_t, LargeMCluster2Tile)
 MOELORA_EXPERT_GEMM_DEFINE(fp16, cutlass::half_t)
 #else
 size_t expert_gemm_sm90_fp16_workspace(ExpertGemmConfig, int, int) { return 0; }

@@ -1,6 +1,6 @@
-// fp16 instantiations of the swapped-operand tiles of the sm_90a expert grouped GEMM (SwapABTile in
-// expert_gemm_sm90.cuh), in a TU of their own so they compile in parallel with expert_gemm_sm90_fp16.cu,
-// whose dispatch declares them extern. NDEBUG: see expert_gemm_sm90_fp16.cu.
+// fp16 instantiation of the swapped-operand tile of the sm_90a expert grouped GEMM (SwapABTile<32> in
+// expert_gemm_sm90.cuh), in a TU of its own so it compiles in parallel with expert_gemm_sm90_fp16.cu,
+// whose dispatch declares it extern. NDEBUG: see expert_gemm_sm90_fp16.cu.
 #ifndef NDEBUG
 #define NDEBUG
 #endif
@@ -11,7 +11,6 @@ namespace moelora::cuda::detail {
 
 #if defined(MOELORA_WITH_CUDA) && !defined(MOELORA_NO_CUTLASS)
 MOELORA_EXPERT_GEMM_INSTANTIATE(, cutlass::half_t, SwapABTile<32>)
-MOELORA_EXPERT_GEMM_INSTANTIATE(, cutlass::half_t, SwapABTile<64>)
 #endif
 
 }  // namespace moelora::cuda::detail

@@ -281,8 +281,8 @@ void run_lora(const LoraSide& side, const at::Tensor& input, const ShrinkRows& s
   C10_CUDA_CHECK(mc::launch_segment_gemm(p, mc::SegmentGemmShape::Wide, sm_count, stream));
 }
 
-// MOELORA_GEMM_TILE=<fc1>[/<fc2>] (small, large, swap32, swap64, large_pp, large_c2; one name for both) forces the
-// sm90 GEMMs' tile configuration, to measure them against the size rule of expert_gemm_sm90.cu (NOTES.md v15).
+// MOELORA_GEMM_TILE=<fc1>[/<fc2>] (small, large, large_pp, swap32; one name for both) forces the sm90 GEMMs' tile
+// configuration, to measure them against the size rule of expert_gemm_sm90.cu (NOTES.md v15).
 mc::ExpertGemmConfig env_gemm_config(int which) {
   const char* v = std::getenv("MOELORA_GEMM_TILE");
   if (v == nullptr) return mc::ExpertGemmConfig::Auto;
@@ -291,12 +291,10 @@ mc::ExpertGemmConfig env_gemm_config(int which) {
   const std::string name = slash == std::string::npos ? names : which == 0 ? names.substr(0, slash) : names.substr(slash + 1);
   if (name == "small") return mc::ExpertGemmConfig::SmallM;
   if (name == "large") return mc::ExpertGemmConfig::LargeM;
-  if (name == "swap32") return mc::ExpertGemmConfig::SwapAB32;
-  if (name == "swap64") return mc::ExpertGemmConfig::SwapAB64;
   if (name == "large_pp") return mc::ExpertGemmConfig::LargeMPingpong;
-  if (name == "large_c2") return mc::ExpertGemmConfig::LargeMCluster2;
+  if (name == "swap32") return mc::ExpertGemmConfig::SwapAB32;
   TORCH_CHECK(false, "MOELORA_GEMM_TILE: unknown tile configuration '", name,
-              "' (expected small, large, swap32, swap64, large_pp or large_c2, or <fc1>/<fc2>)");
+              "' (expected small, large, large_pp or swap32, or <fc1>/<fc2>)");
 }
 
 // Base expert GEMM `which` (0: fc1, 1: fc2): out[rows of e] = input[rows of e] @ W[e]^T, W [E, N, K].
