@@ -564,14 +564,18 @@ def test_routing_paths_match_reference(pairs_side, gemm_path):
     check(make_case(T, 128, 64, 16, 4, 6, 16, seed=30), torch.bfloat16)
 
 
-@pytest.mark.parametrize("T", [4, 40])  # decode GEMV path / grouped-GEMM path
+@pytest.mark.parametrize("T", [1, 4, 40])  # decode GEMV path (PDL by default at T = 1) / grouped-GEMM path
 @pytest.mark.parametrize("lora", [False, True])
 def test_pdl_on_and_off_identical(lora, T, gemm_path, monkeypatch):
     """Programmatic dependent launch changes when kernels start, never what they compute: MOELORA_PDL=0
-    (plain launches) and MOELORA_PDL=1 give the same bits, eagerly and from a captured graph."""
+    (plain launches), MOELORA_PDL=1 and the default (PDL for one-token calls) give the same bits, eagerly and
+    from a captured graph."""
     args = make_case(T, 256, 128, 16, 4, 4 if lora else 0, 16 if lora else 0, seed=31)
     monkeypatch.setenv("MOELORA_PDL", "0")
     plain = moelora_ext.fused_moe(**args)
+    monkeypatch.delenv("MOELORA_PDL")
+    poison_allocator()
+    assert torch.equal(moelora_ext.fused_moe(**args), plain)
     monkeypatch.setenv("MOELORA_PDL", "1")
     poison_allocator()
     assert torch.equal(moelora_ext.fused_moe(**args), plain)

@@ -51,12 +51,16 @@ bool use_sm90(int device) {
          !env_flag("MOELORA_PORTABLE");
 }
 
-// Programmatic dependent launch between our kernels (launch_policy.h), Hopper and later, with
-// MOELORA_PDL=1. Off by default: measured on the H100 (benchmarks/NOTES.md, v5) it saved ~2 µs on decode
-// without LoRA, was neutral to +7 µs with LoRA, and slowed prefill by up to 24% (mixtral T=4096).
-bool use_pdl(int device) {
+// Programmatic dependent launch between our kernels (launch_policy.h), Hopper and later: MOELORA_PDL=1 always,
+// MOELORA_PDL=0 never, by default for one-token calls (the decode GEMV path at T = 1). Measured on the H100
+// (benchmarks/NOTES.md v5, v12, v15), graph replays, PDL against plain launches: at T = 1 the base call is 1.5-3
+// µs faster on every shape and the call with LoRA 0-6 µs (mixtral 305 -> 299), in three runs; at T = 2-4 it was
+// mixed (mixtral base +9 µs in v12); from 64 rows per expert on it is slower (mixtral T=256 +15%, T=1024 +23%,
+// qwen3 T=256 with LoRA +4%), up to +24% at prefill (v5).
+bool use_pdl(int device, const FusedMoeDims& d, bool decode) {
   const char* v = std::getenv("MOELORA_PDL");
-  return v != nullptr && std::strcmp(v, "1") == 0 && device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9;
+  const bool on = v != nullptr && v[0] != '\0' ? std::strcmp(v, "0") != 0 : decode && d.T == 1;
+  return on && device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9;
 }
 
 // Contiguous and 16-byte aligned: the permute stage and the CUTLASS (TMA) GEMMs move 16-byte vectors. A view
@@ -378,7 +382,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const int device = hidden_states.get_device();
   const int sm_count = device_attribute(cudaDevAttrMultiProcessorCount, device);
   const bool decode = use_decode_gemv(d);
-  const mc::ScopedLaunchPolicy launch_policy(use_pdl(device));
+  const mc::ScopedLaunchPolicy launch_policy(use_pdl(device, d, decode));
   const mc::ActivationKind act = d.activation == Activation::Silu ? mc::ActivationKind::Silu : mc::ActivationKind::Gelu;
 
   const at::Tensor x = aligned_contiguous(hidden_states);
