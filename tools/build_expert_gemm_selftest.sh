@@ -15,9 +15,8 @@ FLAGS=(-std=c++20 -O3 --expt-relaxed-constexpr --expt-extended-lambda -DMOELORA_
        -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a
        -I"$CUTLASS_DIR/include" -I"$CUTLASS_DIR/tools/util/include")
 
-SRCS=(csrc/cuda/expert_gemm_sm90_bf16.cu csrc/cuda/expert_gemm_sm90_fp16.cu csrc/cuda/expert_gemm_sm90_bf16_swap.cu
-      csrc/cuda/expert_gemm_sm90_fp16_swap.cu csrc/cuda/expert_gemm_sm90_bf16_pingpong.cu
-      csrc/cuda/expert_gemm_sm90_fp16_pingpong.cu csrc/cuda/expert_gemm_sm90.cu tools/expert_gemm_sm90_selftest.cu)
+SRCS=(csrc/cuda/expert_gemm_sm90_bf16.cu csrc/cuda/expert_gemm_sm90_fp16.cu csrc/cuda/expert_gemm_sm90_swap.cu
+      csrc/cuda/expert_gemm_sm90_pingpong.cu csrc/cuda/expert_gemm_sm90.cu tools/expert_gemm_sm90_selftest.cu)
 pids=()
 for src in "${SRCS[@]}"; do
   obj="$OBJ/$(basename "${src%.cu}").o"

@@ -38,10 +38,10 @@ constexpr bool built_for_sm90() {
 //  * m <= 64, SmallM (64x128x128 pingpong). Against LargeM at m = 64: qwen3 T=1024 498 -> 476 us, mixtral
 //    T=256 1058 -> 1051, gpt-oss T=512 631 -> 634 (a tie).
 //  * m <= 128, LargeMPingpong (64x256x64 per warpgroup, pingpong). Against LargeM at m = 128: mixtral T=512
-//    1187 -> 1096 us, gpt-oss T=1024 691 -> 658, qwen3 T=2048 545 -> 521; at m = 256 it loses by 1-2% (qwen3
+//    1187 -> 1096 us, gpt-oss T=1024 691 -> 658, qwen3 T=2048 545 -> 521; at m = 256 it loses by 0.7-1.7% (qwen3
 //    T=4096, mixtral T=1024), at m >= 512 by 25-40%.
 //  * above, LargeM (128x256x64 cooperative). A 2-CTA cluster with the weight tile multicast was slower
-//    (+1..+9%) except at gpt-oss T=16384 (-3%).
+//    (+1..+10%) except at gpt-oss T=16384 (-3%).
 // p.config other than Auto (a caller's choice, e.g. to measure) is taken as is.
 ExpertGemmConfig pick_tile(const ExpertGemmParams& p) {
   if (p.config != ExpertGemmConfig::Auto) return p.config;

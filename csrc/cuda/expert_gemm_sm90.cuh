@@ -3,7 +3,8 @@
 // Two parts:
 //  * declarations (always visible): the per-dtype entry points that expert_gemm_sm90_{bf16,fp16}.cu
 //    define and expert_gemm_sm90.cu dispatches to, so the dispatcher stays free of CUTLASS headers;
-//  * the CUTLASS template (only with MOELORA_EXPERT_GEMM_SM90_IMPL, i.e. in the per-dtype TUs).
+//  * the CUTLASS template (only with MOELORA_EXPERT_GEMM_SM90_IMPL, i.e. in the TUs that include
+//    expert_gemm_sm90_impl.cuh).
 //
 // Design (why it is graph-capturable):
 //  * CUTLASS 3.x ptr-array grouped GEMM, one group per expert, GroupProblemShape with host shapes = nullptr.
@@ -335,7 +336,7 @@ auto with_tile(ExpertGemmConfig tile, F&& f) {
 
 // Explicit instantiation of one (element, tile) GEMM: EXTERN empty defines it in this TU, `extern` declares it
 // defined in another (SwapAB32 and LargeMPingpong compile in TUs of their own, in parallel:
-// expert_gemm_sm90_*_swap.cu, expert_gemm_sm90_*_pingpong.cu).
+// expert_gemm_sm90_swap.cu, expert_gemm_sm90_pingpong.cu).
 #define MOELORA_EXPERT_GEMM_INSTANTIATE(EXTERN, ELEMENT, TILE)                                                 \
   EXTERN template size_t expert_gemm_workspace_bytes<ELEMENT, TILE>(int, int);                                 \
   EXTERN template ExpertGemmTables make_tables<ELEMENT, TILE>(const ExpertGemmParams&, void*);                 \

@@ -1,17 +1,11 @@
-// bf16 instantiations of the sm_90a expert grouped GEMM (one TU per dtype so they compile in parallel).
-// Release device code whatever the build flags: CuTe's debug asserts (e.g. in the epilogue's smem swizzle)
-// put an __assertfail call inside the kernel, and ptxas then serializes every wgmma of the mainloop
-// ("wgmma pipeline crossing function boundary", warning C7510). Must precede every include.
-#ifndef NDEBUG
-#define NDEBUG
-#endif
-#define MOELORA_EXPERT_GEMM_SM90_IMPL
-#include "expert_gemm_sm90.cuh"
+// bf16 instantiations of the sm_90a expert grouped GEMM: SmallM and LargeM, and the bf16 entry points that
+// dispatch to every tile (one TU per dtype so they compile in parallel).
+#include "expert_gemm_sm90_impl.cuh"
 
 namespace moelora::cuda::detail {
 
 #if defined(MOELORA_WITH_CUDA) && !defined(MOELORA_NO_CUTLASS)
-// The other tiles are instantiated in expert_gemm_sm90_bf16_swap.cu and expert_gemm_sm90_bf16_pingpong.cu.
+// The other tiles are instantiated in expert_gemm_sm90_swap.cu and expert_gemm_sm90_pingpong.cu.
 MOELORA_EXPERT_GEMM_INSTANTIATE(extern, cutlass::bfloat16_t, SwapABTile<32>)
 MOELORA_EXPERT_GEMM_INSTANTIATE(extern, cutlass::bfloat16_t, LargeMPingpongTile)
 MOELORA_EXPERT_GEMM_DEFINE(bf16, cutlass::bfloat16_t)
