@@ -72,55 +72,44 @@ namespace moelora::cuda::detail {
 
 using namespace cute;
 
+// A tile configuration: the CTA tile (M x N x K as CUTLASS sees the GEMM), pingpong (two consumer warpgroups on
+// tiles of their own, one's epilogue under the other's main loop) or cooperative (both on one tile), and
+// whether the operands are swapped. Cluster 1x1: a 2-CTA cluster rounds every expert's tile count up to the
+// cluster size and measured slower (benchmarks/NOTES.md v15).
+template <class CtaTile, bool kPingpong, bool kSwap = false>
+struct TileConfig {
+  using TileShape = CtaTile;
+  using ClusterShape = Shape<_1, _1, _1>;
+  using KernelSchedule = cute::conditional_t<kPingpong, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong,
+                                             cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>;
+  using EpilogueSchedule = cute::conditional_t<kPingpong, cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong,
+                                               cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
+  static constexpr bool kSwapAB = kSwap;
+};
+
 // Decode / small rows per expert: memory bound on streaming W. Pingpong with 64-row tiles wastes the
 // least MMA work on mostly-empty M tiles, keeps two consumer warpgroups alternating so the producer
 // streams weight tiles continuously, and a 128-deep K tile with 4+ stages keeps ~190 KB of W in flight
 // per SM. N=128 (not 256) doubles the number of tiles so more SMs stream weights when only a few experts
 // are active (e.g. T=1, k=8: 8 experts x N/128 tiles).
-struct SmallMTile {
-  using TileShape = Shape<_64, _128, _128>;
-  using ClusterShape = Shape<_1, _1, _1>;
-  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
-  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
-  static constexpr bool kSwapAB = false;
-};
+using SmallMTile = TileConfig<Shape<_64, _128, _128>, true>;
 
 // Prefill / many rows per expert: compute bound. The usual best Hopper bf16 tile: 128x256x64 with two
-// cooperative consumer warpgroups (64x256 each). Cluster 1x1: a 2-CTA cluster would round every
-// expert's tile count up to the cluster size (idle CTAs on small experts) and needs max_active_clusters.
-struct LargeMTile {
-  using TileShape = Shape<_128, _256, _64>;
-  using ClusterShape = Shape<_1, _1, _1>;
-  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
-  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-  static constexpr bool kSwapAB = false;
-};
+// cooperative consumer warpgroups (64x256 each).
+using LargeMTile = TileConfig<Shape<_128, _256, _64>, false>;
 
 // Between the two (64 < rows per expert <= 128; expert_gemm_sm90.cu): 64x256 per consumer warpgroup, pingpong.
 // One warpgroup's epilogue overlaps the other's main loop, and the 64-row tile pads less of an expert's last
 // rows than LargeM's 128; at more rows the cooperative 128x256 tile's larger MMA per loaded byte wins.
-struct LargeMPingpongTile {
-  using TileShape = Shape<_64, _256, _64>;
-  using ClusterShape = Shape<_1, _1, _1>;
-  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
-  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
-  static constexpr bool kSwapAB = false;
-};
+using LargeMPingpongTile = TileConfig<Shape<_64, _256, _64>, true>;
 
 // Few rows per expert, operands swapped: D^T[e] = W[e] @ A[rows of e]^T. The weight's rows fill the MMA's
-// 128-row M side and the expert's rows its N side (kRows = 32), so no MMA work and no shared memory go to
-// the zero-filled rows of a 64-row M tile: a stage is 32 KB of W and 8 KB of rows (SmallM: 32 + 16), which
+// 128-row M side and the expert's rows its N side (32), so no MMA work and no shared memory go to the
+// zero-filled rows of a 64-row M tile: a stage is 32 KB of W and 8 KB of rows (SmallM: 32 + 16), which
 // leaves room for five stages of W in flight. D is written column-major (= D row-major).
 // Cooperative: both consumer warpgroups share one tile (64 weight rows each); the producer warp keeps
 // loading the next tile's stages during the epilogue.
-template <int kRows>
-struct SwapABTile {
-  using TileShape = Shape<_128, Int<kRows>, _128>;
-  using ClusterShape = Shape<_1, _1, _1>;
-  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
-  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-  static constexpr bool kSwapAB = true;
-};
+using SwapAB32Tile = TileConfig<Shape<_128, _32, _128>, false, true>;
 
 // The CUTLASS kernel, entered through pdl_begin(): this CUTLASS version's sm90 ptr-array kernels have no
 // grid-dependency control of their own, and a kernel launched with the PDL attribute (pdl.cuh) must wait
@@ -326,7 +315,7 @@ auto with_tile(ExpertGemmConfig tile, F&& f) {
     case ExpertGemmConfig::SmallM:
       return f.template operator()<SmallMTile>();
     case ExpertGemmConfig::SwapAB32:
-      return f.template operator()<SwapABTile<32>>();
+      return f.template operator()<SwapAB32Tile>();
     case ExpertGemmConfig::LargeMPingpong:
       return f.template operator()<LargeMPingpongTile>();
     default:

@@ -6,7 +6,7 @@ namespace moelora::cuda::detail {
 
 #if defined(MOELORA_WITH_CUDA) && !defined(MOELORA_NO_CUTLASS)
 // The other tiles are instantiated in expert_gemm_sm90_swap.cu and expert_gemm_sm90_pingpong.cu.
-MOELORA_EXPERT_GEMM_INSTANTIATE(extern, cutlass::half_t, SwapABTile<32>)
+MOELORA_EXPERT_GEMM_INSTANTIATE(extern, cutlass::half_t, SwapAB32Tile)
 MOELORA_EXPERT_GEMM_INSTANTIATE(extern, cutlass::half_t, LargeMPingpongTile)
 MOELORA_EXPERT_GEMM_DEFINE(fp16, cutlass::half_t)
 #else
