@@ -332,6 +332,18 @@ def test_gemm_tile_configs(shape, tiles, dtype, monkeypatch):
         assert _gemm_kernels(base) == [GEMM_TILE_KERNELS[fc1], GEMM_TILE_KERNELS[fc2]]
 
 
+def test_gemm_tile_unknown_name_rejected(monkeypatch):
+    """A misspelt MOELORA_GEMM_TILE is an error naming the variable and the choices, not a silent fallback to
+    the size rule (a measurement would report the wrong configuration)."""
+    monkeypatch.setenv("MOELORA_GEMM_TILE", "swap16")
+    args = make_case(100, 256, 128, 8, 2, seed=5)
+    with pytest.raises(RuntimeError, match="MOELORA_GEMM_TILE: unknown tile configuration 'swap16'"):
+        moelora_ext.fused_moe(**args)
+    monkeypatch.setenv("MOELORA_GEMM_TILE", "large/")
+    with pytest.raises(RuntimeError, match="unknown tile configuration ''"):
+        moelora_ext.fused_moe(**args)
+
+
 @pytest.mark.parametrize("T", [2, 100])  # decode (routing gathers the rows) / grouped GEMM
 def test_ids_and_weights_read_as_given(T, gemm_path):
     """topk_ids in int64 (ids beyond int32 dropped, not wrapped), topk_weights in the activation dtype and
