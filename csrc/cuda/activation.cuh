@@ -49,10 +49,5 @@ __device__ __forceinline__ void with_activation(ActivationKind kind, F&& f) {
   if (kind == ActivationKind::Silu) f(std::integral_constant<ActivationKind, ActivationKind::Silu>{});
   else f(std::integral_constant<ActivationKind, ActivationKind::Gelu>{});
 }
-template <typename T>
-__device__ __forceinline__ T gated_value(T gate, T up, ActivationKind kind) {
-  return kind == ActivationKind::Silu ? gated_value<ActivationKind::Silu>(gate, up)
-                                      : gated_value<ActivationKind::Gelu>(gate, up);
-}
 
 }  // namespace moelora::cuda
