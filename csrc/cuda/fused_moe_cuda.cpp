@@ -36,6 +36,10 @@ bool env_zero(const char* name) {
   return v != nullptr && std::strcmp(v, "0") == 0;
 }
 
+// A switch with a computed default: `name` set to "0" turns it off, to anything else non-empty on; unset or
+// empty, `fallback` decides.
+bool env_switch(const char* name, bool fallback) { return !env_zero(name) && (env_flag(name) || fallback); }
+
 mc::DType to_dtype(at::ScalarType t) { return t == at::kBFloat16 ? mc::DType::BF16 : mc::DType::FP16; }
 
 int device_attribute(cudaDeviceAttr attr, int device) {
@@ -58,9 +62,8 @@ bool use_sm90(int device) {
 // mixed (mixtral base +9 µs in v12); from 64 rows per expert on it is slower (mixtral T=256 +15%, T=1024 +23%,
 // qwen3 T=256 with LoRA +4%), up to +24% at prefill (v5).
 bool use_pdl(int device, const FusedMoeDims& d, bool decode) {
-  const char* v = std::getenv("MOELORA_PDL");
-  const bool on = v != nullptr && v[0] != '\0' ? std::strcmp(v, "0") != 0 : decode && d.T == 1;
-  return on && device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9;
+  return env_switch("MOELORA_PDL", decode && d.T == 1) &&
+         device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9;
 }
 
 // Contiguous and 16-byte aligned: the permute stage and the CUTLASS (TMA) GEMMs move 16-byte vectors. A view
@@ -166,9 +169,8 @@ bool use_fused_lora_activation() { return !env_zero("MOELORA_LORA_FUSED_ACT"); }
 // where the copy fits the L2 anyway (mixtral / gpt-oss T=1024, 17-24 MB) and the row index is one more load.
 // MOELORA_LORA_TOKEN_ROWS=0 / =1 turns it off / on whatever the size. Same values in the same order: same bits.
 bool use_token_rows_shrink(int64_t gathered_bytes, int device) {
-  if (env_zero("MOELORA_LORA_TOKEN_ROWS")) return false;
-  if (env_flag("MOELORA_LORA_TOKEN_ROWS")) return true;
-  return gathered_bytes > device_attribute(cudaDevAttrL2CacheSize, device) / 2;
+  return env_switch("MOELORA_LORA_TOKEN_ROWS",
+                    gathered_bytes > device_attribute(cudaDevAttrL2CacheSize, device) / 2);
 }
 
 // Where fc1's expand puts its result when the activation is fused into it (LoraExpandParams::h).
