@@ -133,6 +133,7 @@ struct ExpertGemmKernel {
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutB = cutlass::layout::ColumnMajor;
   using LayoutD = cute::conditional_t<Tile::kSwapAB, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+  static constexpr bool kSwapAB = Tile::kSwapAB;
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16 B (TMA)
 
   // No C operand (void): D = acc, beta = 0, nothing loaded in the epilogue.
@@ -233,7 +234,7 @@ ExpertGemmTables make_tables(const ExpertGemmParams& p, void* workspace) {
   return t;
 }
 
-template <class K, bool kSwapAB>
+template <class K>
 typename K::Gemm::Arguments make_arguments(const GroupTableLayout& l, char* ws, int E, int sm_count) {
   using ElementA = typename K::Gemm::ElementA;
   using ElementB = typename K::Gemm::ElementB;
@@ -258,7 +259,7 @@ typename K::Gemm::Arguments make_arguments(const GroupTableLayout& l, char* ws, 
   args.hw_info = hw;
   // Consecutive tiles share the weight tile, so CTAs running at the same time read it through L2 once when an
   // expert has several tiles of rows: along M (the rows' side) for the plain tiles, along N when swapped.
-  args.scheduler.raster_order = kSwapAB ? cutlass::gemm::kernel::detail::RasterOrderOptions::AlongN
+  args.scheduler.raster_order = K::kSwapAB ? cutlass::gemm::kernel::detail::RasterOrderOptions::AlongN
                                         : cutlass::gemm::kernel::detail::RasterOrderOptions::AlongM;
   return args;
 }
@@ -270,7 +271,7 @@ size_t expert_gemm_workspace_bytes(int num_experts, int sm_count) {
   const GroupTableLayout l = GroupTableLayout::make<K>(num_experts);
   // CUTLASS's workspace here depends only on sm_count (per-SM TMA descriptor copies), not on the routing;
   // the arguments only need a valid group count and sm_count.
-  auto args = make_arguments<K, Tile::kSwapAB>(l, nullptr, num_experts, sm_count);
+  auto args = make_arguments<K>(l, nullptr, num_experts, sm_count);
   return l.end + GroupTableLayout::up(K::Gemm::get_workspace_size(args)) + GroupTableLayout::kAlign;
 }
 
@@ -296,7 +297,7 @@ cudaError_t expert_gemm_run(const ExpertGemmParams& p, void* workspace, size_t w
     return err;
   char* ws = aligned_workspace(workspace);
   const GroupTableLayout l = GroupTableLayout::make<K>(p.num_experts);
-  auto args = make_arguments<K, Tile::kSwapAB>(l, ws, p.num_experts, sm_count);
+  auto args = make_arguments<K>(l, ws, p.num_experts, sm_count);
   typename K::Gemm gemm;
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
   if (gemm.initialize(args, ws + l.cutlass_ws, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
