@@ -295,16 +295,22 @@ GEMM_TILE_SHAPES = [
 ]
 
 
+def launched_kernels(args):
+    """One call of the op under the profiler: its output and the names of the CUDA kernels it launched, in
+    launch order."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = moelora_ext.fused_moe(**args)
+        torch.cuda.synchronize()
+    return out, [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 def _gemm_kernels(args):
     """(wgmma atom, schedule) of each CUTLASS kernel one call launches, in launch order, from its name."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        moelora_ext.fused_moe(**args)
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "cutlass" in e.name]
     found = []
-    for n in names:
-        atom = re.search(r"MMA_64x\d+x16", n).group(0)
-        found.append((atom, "Pingpong" if "Pingpong" in n else "Cooperative"))
+    for n in launched_kernels(args)[1]:
+        if "cutlass" in n:
+            atom = re.search(r"MMA_64x\d+x16", n).group(0)
+            found.append((atom, "Pingpong" if "Pingpong" in n else "Cooperative"))
     return found
 
 
@@ -436,10 +442,7 @@ def test_decode_lora_runs_inside_the_gemv_launches():
     call is routing, two GEMVs and the finalize."""
     args = make_case(1, 2048, 768, 128, 8, 8, 16, seed=47)
     moelora_ext.fused_moe(**args)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out = moelora_ext.fused_moe(**args)
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    out, names = launched_kernels(args)
     assert sum("expert_gemv_kernel" in n for n in names) == 2, names
     assert not any("lora_shrink" in n or "lora_expand" in n for n in names), names
     assert rel_err(out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
