@@ -1,5 +1,6 @@
 // Finalize: un-permute and reduce. Each token sums its k expert outputs weighted by topk_weights, in
-// j order, in fp32: no atomics, so the result is the same on every run.
+// j order, in fp32: no atomics, so the result is the same on every run. With y_delta (fc2's LoRA delta, written
+// beside the base GEMM when the LoRA is overlapped) each row is y + y_delta, summed in fp32.
 #include "cuda_utils.cuh"
 #include "pdl.cuh"
 #include "stages.h"
@@ -9,11 +10,12 @@ namespace {
 
 constexpr int kInFlight = 8;  // experts of a token whose rows are loaded before they are summed
 
-template <typename T>
+template <typename T, bool kDelta>
 __global__ void finalize_kernel(FinalizeParams p) {
   pdl_begin();
   const int t = blockIdx.x;
   const auto* y = static_cast<const T*>(p.y);
+  const auto* y_delta = static_cast<const T*>(p.y_delta);
   auto* out = reinterpret_cast<Vec8<T>*>(static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.H);
   for (int c = threadIdx.x; c < p.H / 8; c += blockDim.x) {
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -22,7 +24,7 @@ __global__ void finalize_kernel(FinalizeParams p) {
     for (int j0 = 0; j0 < p.k; j0 += kInFlight) {
       int row[kInFlight];
       float w[kInFlight];
-      Vec8<T> v[kInFlight];
+      Vec8<T> v[kInFlight], dv[kInFlight];
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u) {
         const bool in = j0 + u < p.k;
@@ -33,12 +35,19 @@ __global__ void finalize_kernel(FinalizeParams p) {
       }
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u)  // row < 0: expert not on this GPU / out of range, contributes nothing
-        if (row[u] >= 0) v[u] = reinterpret_cast<const Vec8<T>*>(y + static_cast<int64_t>(row[u]) * p.H)[c];
+        if (row[u] >= 0) {
+          v[u] = reinterpret_cast<const Vec8<T>*>(y + static_cast<int64_t>(row[u]) * p.H)[c];
+          if constexpr (kDelta) dv[u] = reinterpret_cast<const Vec8<T>*>(y_delta + static_cast<int64_t>(row[u]) * p.H)[c];
+        }
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u) {
         if (row[u] < 0) continue;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] += w[u] * to_float(v[u].v[i]);
+        for (int i = 0; i < 8; ++i) {
+          float x = to_float(v[u].v[i]);
+          if constexpr (kDelta) x += to_float(dv[u].v[i]);
+          acc[i] += w[u] * x;
+        }
       }
     }
     Vec8<T> o;
@@ -53,8 +62,12 @@ __global__ void finalize_kernel(FinalizeParams p) {
 cudaError_t launch_finalize(const FinalizeParams& p, cudaStream_t stream) {
   if (p.T == 0) return cudaSuccess;
   const int threads = std::min(256, std::max(32, ceil_div(p.H / 8, 32) * 32));
-  if (p.dtype == DType::BF16) return launch_kernel(finalize_kernel<__nv_bfloat16>, p.T, threads, 0, stream, p);
-  return launch_kernel(finalize_kernel<__half>, p.T, threads, 0, stream, p);
+  const bool delta = p.y_delta != nullptr;
+  if (p.dtype == DType::BF16)
+    return launch_kernel(delta ? finalize_kernel<__nv_bfloat16, true> : finalize_kernel<__nv_bfloat16, false>, p.T,
+                         threads, 0, stream, p);
+  return launch_kernel(delta ? finalize_kernel<__half, true> : finalize_kernel<__half, false>, p.T, threads, 0,
+                       stream, p);
 }
 
 }  // namespace moelora::cuda

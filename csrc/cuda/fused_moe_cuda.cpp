@@ -1,6 +1,8 @@
 // CUDA entry of moelora::fused_moe: checks the arguments, takes the workspace from PyTorch's caching
-// allocator on the current stream, and launches the stages in order (see stages.h). No host sync and
-// no host decision that depends on tensor values, so the op can be captured in a CUDA graph.
+// allocator on the current stream, and launches the stages in order (see stages.h); with few rows per expert the
+// LoRA stages run on a second stream beside the base GEMMs, forked from and joined back into the current one
+// (use_lora_overlap). No host sync and no host decision that depends on tensor values, so the op can be
+// captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -172,6 +174,41 @@ bool use_token_rows_shrink(int64_t gathered_bytes, int device) {
   return env_switch("MOELORA_LORA_TOKEN_ROWS",
                     gathered_bytes > device_attribute(cudaDevAttrL2CacheSize, device) / 2);
 }
+
+// LoRA overlapped with the base GEMMs (benchmarks/NOTES.md v16). With few rows per expert the base GEMMs stream
+// the expert weights for hundreds of µs and keep enough bytes in flight on fewer SMs, while the LoRA kernels are
+// short and latency-bound. So each LoRA pair runs on a second stream beside its base GEMM, which gets
+// sm_count - lora_overlap_sms SMs and is queued first so that it takes them; the expand adds into a zeroed
+// delta buffer instead of onto the GEMM's output, and the activation (fc1) and the finalize (fc2) add the
+// deltas. Measured on the H100 (R16, 8 adapters, graph replays, serial -> overlapped): qwen3 T=16 / 64 339 / 500
+// -> 318 / 483 µs, gpt-oss T=16 / 64 550 / 637 -> 530 / 623, mixtral T=16 957 -> 946; at 16 rows per expert
+// and more it loses (mixtral T=64 +2..+5%, every shape at T=256 and 1024). MOELORA_LORA_OVERLAP=0 / 1 forces it.
+bool use_lora_overlap(const FusedMoeDims& d, bool decode, bool lora_kernels, bool sm90) {
+  if (!d.has_lora || decode || !lora_kernels || !sm90) return false;
+  return env_switch("MOELORA_LORA_OVERLAP", d.T * d.k <= int64_t{8} * d.E);
+}
+
+// SMs left to the overlapped LoRA kernels, more when there are more (expert, slot) segments to do: 8 of 132
+// suited mixtral T=16 (~30 segments; 16: +12 µs, 36: +44), 16 qwen3 T=16 / 64 (128 / 512 segments; 8: +5 µs).
+int lora_overlap_sms(const FusedMoeDims& d) {
+  const int64_t segments = std::min(d.T * d.k, d.E * d.S);
+  return env_int("MOELORA_LORA_OVERLAP_SMS", static_cast<int>(std::clamp<int64_t>(segments / 8, 8, 16)));
+}
+
+// One fork or join between the op's stream and the second stream: an event without timing, recorded on one
+// stream and waited for on the other (graph capture turns the pair into a dependency edge).
+class StreamEvent {
+ public:
+  StreamEvent() { C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming)); }
+  ~StreamEvent() { cudaEventDestroy(event_); }
+  StreamEvent(const StreamEvent&) = delete;
+  StreamEvent& operator=(const StreamEvent&) = delete;
+  void record(cudaStream_t s) { C10_CUDA_CHECK(cudaEventRecord(event_, s)); }
+  void block(cudaStream_t s) { C10_CUDA_CHECK(cudaStreamWaitEvent(s, event_, 0)); }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
 
 // Where fc1's expand puts its result when the activation is fused into it (LoraExpandParams::h).
 struct GatedExpandOut {
@@ -423,7 +460,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const float* scale_ptr = scalings.defined() ? scalings.data_ptr<float>() : nullptr;
   // fc1's LoRA expand with the activation fused (not at decode: the GEMV fuses both itself); the activation
   // stage then does only the rows without an adapter (each expert's first bucket).
-  const bool fused_act = d.has_lora && !decode && lora_ws.lora_kernels && use_fused_lora_activation();
+  const bool overlap = use_lora_overlap(d, decode, lora_ws.lora_kernels, !decode && use_sm90(device));
+  const bool fused_act = d.has_lora && !decode && lora_ws.lora_kernels && !overlap && use_fused_lora_activation();
   // Each sorted row's slot, recorded by the routing's gather (or the permute): the decode GEMVs' LoRA epilogue
   // reads a row's slot there.
   const bool need_row_slot = decode && d.has_lora;
@@ -434,6 +472,11 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   at::Tensor row_token = at::empty({token_rows_shrink ? pairs : 0}, iopt);
   // Decode with LoRA: the two GEMV launches' counters (ExpertGemvParams::lora_sync), zeroed by the routing.
   at::Tensor gemv_sync = at::empty({decode && d.has_lora ? 2 : 0}, iopt);
+  // Overlapped LoRA: the deltas, the second stream, and the SMs the base GEMMs leave to it.
+  at::Tensor gu_delta = at::empty({overlap ? pairs : 0, 2 * I}, x.options());
+  at::Tensor y_delta = at::empty({overlap ? pairs : 0, H}, x.options());
+  const cudaStream_t lora_stream = overlap ? c10::cuda::getStreamFromPool(false, device).stream() : stream;
+  const int gemm_sms = overlap ? std::max(1, sm_count - lora_overlap_sms(d)) : sm_count;
 
   // ---- 1. routing ---------------------------------------------------------------------------------
   mc::RoutingParams rp{};
@@ -506,6 +549,26 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     gemv.X = permuted.data_ptr(); gemv.W = w13c.data_ptr(); gemv.D = h.data_ptr();
     gemv.N = 2 * I; gemv.K = H; gemv.gated = true;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
+  } else if (overlap) {
+    // Fork: the second stream waits for the permute; the base GEMM is queued first so that it takes its SMs.
+    ShrinkRows fc1_rows;
+    if (token_rows_shrink) fc1_rows = {x.data_ptr(), H, row_token.data_ptr<int>()};
+    StreamEvent forked, joined;
+    forked.record(stream);
+    run_base_gemm(base, 0, expert_tile_prefix, d, gemm_sms, stream);
+    forked.block(lora_stream);
+    C10_CUDA_CHECK(cudaMemsetAsync(gu_delta.data_ptr(), 0, gu_delta.nbytes(), lora_stream));
+    run_lora(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, nullptr, gu_delta, bucket_offsets,
+             lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, lora_stream);
+    joined.record(lora_stream);
+    joined.block(stream);
+    mc::ActivationParams ap{};
+    ap.gu = gu.data_ptr(); ap.gu_delta = gu_delta.data_ptr(); ap.h = h.data_ptr();
+    ap.num_rows = expert_offsets.data_ptr<int>() + E;
+    ap.max_rows = pairs; ap.I = I;
+    ap.kind = act;
+    ap.dtype = to_dtype(dtype);
+    C10_CUDA_CHECK(mc::launch_activation(ap, stream));
   } else {
     run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
     const GatedExpandOut gated{&h, act};
@@ -534,6 +597,16 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     gemv.X = h.data_ptr(); gemv.W = w2c.data_ptr(); gemv.D = y.data_ptr();
     gemv.N = H; gemv.K = I; gemv.gated = false;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
+  } else if (overlap) {
+    StreamEvent forked, joined;
+    forked.record(stream);
+    run_base_gemm(base, 1, expert_tile_prefix, d, gemm_sms, stream);
+    forked.block(lora_stream);
+    C10_CUDA_CHECK(cudaMemsetAsync(y_delta.data_ptr(), 0, y_delta.nbytes(), lora_stream));
+    run_lora(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, nullptr, y_delta, bucket_offsets, lora_tile_prefix,
+             lora_tile_segment, scale_ptr, d, H, I, sm_count, lora_stream);
+    joined.record(lora_stream);
+    joined.block(stream);
   } else {
     run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
     if (d.has_lora)
@@ -542,6 +615,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   }
   mc::FinalizeParams fp{};
   fp.y = y.data_ptr(); fp.pair_row = pp.pair_row;
+  fp.y_delta = overlap ? y_delta.data_ptr() : nullptr;
   fp.topk_weights = weights.data_ptr(); fp.topk_weights_fp32 = weights.scalar_type() == at::kFloat;
   fp.out = out.data_ptr(); fp.T = rp.T; fp.k = rp.k; fp.H = H; fp.dtype = to_dtype(dtype);
   C10_CUDA_CHECK(mc::launch_finalize(fp, stream));

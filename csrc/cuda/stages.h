@@ -236,6 +236,9 @@ cudaError_t launch_expert_gemv(const ExpertGemvParams& p, cudaStream_t stream);
 // ---- activation.cu: h[r, i] = act(gu[r, i]) * gu[r, I + i] for the routed rows ---------------------
 struct ActivationParams {
   const void* gu;            // [rows, 2I]
+  // nullptr, or [rows, 2I] added to gu before the activation, in fp32: the LoRA delta that fc1's expand wrote
+  // into a zeroed buffer while the base GEMM ran (LoRA overlapped, fused_moe_cuda.cpp).
+  const void* gu_delta;
   void* h;                   // [rows, I]
   const int* num_rows;       // device scalar: rows actually routed (expert_offsets[E])
   // nullptr, or the routing's bucket offsets [E * per_expert + 1]: only the rows without an adapter (each
@@ -249,9 +252,10 @@ struct ActivationParams {
 };
 cudaError_t launch_activation(const ActivationParams& p, cudaStream_t stream);
 
-// ---- finalize.cu: out[t] = sum_j topk_weights[t, j] * y[pair_row[t, j]], in j order ----------------
+// ---- finalize.cu: out[t] = sum_j topk_weights[t, j] * (y + y_delta)[pair_row[t, j]], in j order -----
 struct FinalizeParams {
   const void* y;             // [rows, H]
+  const void* y_delta;       // nullptr, or [rows, H] added to y (fc2's LoRA delta when overlapped)
   const int* pair_row;       // [T*k]
   const void* topk_weights;  // [T*k], float32 or the activation dtype (read as given)
   bool topk_weights_fp32;
