@@ -246,6 +246,7 @@ def test_lora_expand_with_fused_activation_bit_identical(shape, dtype, activatio
     =EVERY_SEGMENT, 64-row tiles: =0, and the default mix), and matches the reference."""
     T, H, I, E, k, S, R = shape
     args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=41)
+    monkeypatch.setenv("MOELORA_LORA_OVERLAP", "0")  # the overlapped LoRA has no gated expand (its own test)
     for rows in ["0", EVERY_SEGMENT, None]:
         set_lora_few_rows(monkeypatch, rows)
         monkeypatch.delenv("MOELORA_LORA_FUSED_ACT", raising=False)
@@ -266,6 +267,7 @@ def test_lora_token_rows_shrink_bit_identical(shape, dtype, monkeypatch):
     reference."""
     T, H, I, E, k, S, R = shape
     args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=43)
+    monkeypatch.setenv("MOELORA_LORA_OVERLAP", "0")  # the serial LoRA path (the overlapped one: its own test)
     for rows in ["0", EVERY_SEGMENT, None]:
         set_lora_few_rows(monkeypatch, rows)
         monkeypatch.setenv("MOELORA_LORA_TOKEN_ROWS", "1")
@@ -276,6 +278,51 @@ def test_lora_token_rows_shrink_bit_identical(shape, dtype, monkeypatch):
         assert torch.equal(by_token, gathered), f"MOELORA_LORA_FEW_ROWS={rows}: token rows changed the bits"
         monkeypatch.delenv("MOELORA_LORA_TOKEN_ROWS", raising=False)  # the size rule picks either
         assert torch.equal(moelora_ext.fused_moe(**args), gathered)
+
+
+OVERLAP_SHAPES = [
+    # T,   H,    I,    E,  k, S, R
+    (5, 128, 64, 8, 2, 2, 16),           # smallest T above the decode GEMV
+    (24, 256, 128, 32, 4, 8, 8),         # skewed routing: unused experts, tokens without adapter
+    (12, 2880, 2880, 4, 2, 2, 16),       # gpt-oss sizes: split-K shrinks over K = 2880
+    (40, 512, 256, 64, 8, 8, 64),        # rank 64
+    (20, 128, 64, 4, 2, 2, 5),           # rank 5: element-wise adapter loads
+    (300, 256, 192, 32, 4, 8, 8),        # above the default's rows: segments on the 64-row LoRA tiles too
+    (100, 256, 136, 8, 2, 3, 128),       # rank 128, I = 136
+]
+
+
+def _overlap_kernels(names):
+    """(activation with the fc1 delta added, gated LoRA expand) launched, from the kernel names."""
+    return (any(re.search(r"gated_activation_kernel<.*, true>", n) for n in names),
+            any(re.search(r"lora_expand_kernel<.*, true>", n) for n in names))
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", OVERLAP_SHAPES, ids=lambda s: "T{}_H{}_I{}_E{}_S{}_R{}".format(*s[:4], *s[5:]))
+def test_lora_overlap_matches_reference(shape, dtype, activation, monkeypatch):
+    """The LoRA overlapped with the base GEMMs (MOELORA_LORA_OVERLAP=1; by default when T * k <= 8 E): each LoRA
+    pair on a second stream beside its GEMM, the expands adding into zeroed delta buffers that the activation
+    (fc1) and the finalize (fc2) add. Matches the reference and the serial path (=0) to the rounding of the delta,
+    and the profiler shows the delta-adding activation ran and the gated expand did not."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the overlap runs beside the sm90 CUTLASS GEMMs only")
+    T, H, I, E, k, S, R = shape
+    args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=47)
+    monkeypatch.delenv("MOELORA_PORTABLE", raising=False)
+    monkeypatch.setenv("MOELORA_LORA_OVERLAP", "1")
+    overlapped = check(args, dtype, activation=activation)
+    assert _overlap_kernels(launched_kernels(dict(args, activation=activation))[1]) == (True, False)
+    for _ in range(3):  # the same bits on every run (no atomics, fixed summation orders)
+        assert torch.equal(moelora_ext.fused_moe(**args, activation=activation), overlapped)
+    monkeypatch.setenv("MOELORA_LORA_OVERLAP", "0")
+    serial = check(args, dtype, activation=activation)
+    assert rel_err(overlapped, serial) < TOL[dtype] / 2
+    assert _overlap_kernels(launched_kernels(dict(args, activation=activation))[1])[0] is False
+    monkeypatch.delenv("MOELORA_LORA_OVERLAP")
+    default = moelora_ext.fused_moe(**args, activation=activation)
+    assert torch.equal(default, overlapped if T * k <= 8 * E else serial)
 
 
 GEMM_TILES = ["small", "large", "large_pp", "swap32", "swap32/large", "large_pp/swap32"]
@@ -612,7 +659,9 @@ def _rewrite_inputs(args, seed):
         args[name].copy_(fresh[name])
 
 
-@pytest.mark.parametrize("T", [3, 333])  # decode GEMV (its launch-local LoRA counters) / grouped GEMM
+# decode GEMV (its launch-local LoRA counters) / grouped GEMM with the LoRA overlapped (default at T * k <= 8 E) /
+# grouped GEMM with the LoRA after it
+@pytest.mark.parametrize("T", [3, 20, 333])
 def test_cuda_graph_replay_with_new_inputs(T, gemm_path):
     args = make_case(T, 256, 128, 16, 4, 8, 16, seed=8)
     graph, static_out = capture_graph(args)
@@ -634,8 +683,12 @@ class _MoE(torch.nn.Module):
         return moelora_ext.fused_moe(x, topk_ids=ids, topk_weights=weights, token_lora_ids=slots, **self.args)
 
 
-def test_compile_reduce_overhead_matches_eager(gemm_path):
-    args = make_case(64, 256, 128, 8, 2, 4, 16, seed=14)
+@pytest.mark.parametrize("T", [16, 64])  # the LoRA overlapped (T * k <= 8 E) / after the base GEMMs
+def test_compile_reduce_overhead_matches_eager(T, gemm_path):
+    # A fresh compile: the MOELORA_* paths are read when the op runs, so a CUDA graph recorded by cudagraph trees
+    # for another parametrization (same shapes, other GEMM or LoRA path) must not be the one replayed here.
+    torch._dynamo.reset()
+    args = make_case(T, 256, 128, 8, 2, 4, 16, seed=14)
     module = _MoE(args)
     compiled = torch.compile(module, mode="reduce-overhead", fullgraph=True)
     for seed in range(15, 19):
@@ -645,8 +698,9 @@ def test_compile_reduce_overhead_matches_eager(gemm_path):
         assert torch.equal(got, module(*inputs))
 
 
-def test_non_default_stream(gemm_path):
-    args = make_case(257, 256, 128, 8, 2, 4, 16, seed=20)
+@pytest.mark.parametrize("T", [20, 257])  # the LoRA overlapped on a second stream (T * k <= 8 E) / not
+def test_non_default_stream(T, gemm_path):
+    args = make_case(T, 256, 128, 8, 2, 4, 16, seed=20)
     expected = moelora_ext.fused_moe(**args)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
