@@ -557,9 +557,13 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     forked.record(stream);
     run_base_gemm(base, 0, expert_tile_prefix, d, gemm_sms, stream);
     forked.block(lora_stream);
-    C10_CUDA_CHECK(cudaMemsetAsync(gu_delta.data_ptr(), 0, gu_delta.nbytes(), lora_stream));
-    run_lora(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, nullptr, gu_delta, bucket_offsets,
-             lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, lora_stream);
+    {
+      // Plain launches on the second stream: its first kernel follows the fork's event wait, not a kernel.
+      const mc::ScopedLaunchPolicy plain(false);
+      C10_CUDA_CHECK(cudaMemsetAsync(gu_delta.data_ptr(), 0, gu_delta.nbytes(), lora_stream));
+      run_lora(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, nullptr, gu_delta, bucket_offsets,
+               lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, lora_stream);
+    }
     joined.record(lora_stream);
     joined.block(stream);
     mc::ActivationParams ap{};
@@ -602,9 +606,12 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     forked.record(stream);
     run_base_gemm(base, 1, expert_tile_prefix, d, gemm_sms, stream);
     forked.block(lora_stream);
-    C10_CUDA_CHECK(cudaMemsetAsync(y_delta.data_ptr(), 0, y_delta.nbytes(), lora_stream));
-    run_lora(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, nullptr, y_delta, bucket_offsets, lora_tile_prefix,
-             lora_tile_segment, scale_ptr, d, H, I, sm_count, lora_stream);
+    {
+      const mc::ScopedLaunchPolicy plain(false);
+      C10_CUDA_CHECK(cudaMemsetAsync(y_delta.data_ptr(), 0, y_delta.nbytes(), lora_stream));
+      run_lora(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, nullptr, y_delta, bucket_offsets,
+               lora_tile_prefix, lora_tile_segment, scale_ptr, d, H, I, sm_count, lora_stream);
+    }
     joined.record(lora_stream);
     joined.block(stream);
   } else {
