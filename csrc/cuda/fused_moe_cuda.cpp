@@ -535,6 +535,22 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   pp.row_token = token_rows_shrink ? row_token.data_ptr<int>() : nullptr;
   if (!gather_in_routing) C10_CUDA_CHECK(mc::launch_permute(pp, stream));
 
+  // The base GEMM `which` on its SMs, and lora_work() beside it on the LoRA stream: forked after what this
+  // stream has queued, joined before what follows. The GEMM is queued first so that its CTAs take their SMs.
+  auto gemm_beside = [&](int which, auto&& lora_work) {
+    StreamEvent forked, joined;
+    forked.record(stream);
+    run_base_gemm(base, which, expert_tile_prefix, d, gemm_sms, stream);
+    forked.block(lora_stream);
+    {
+      // Plain launches on the LoRA stream: its first kernel follows the fork's event wait, not a kernel.
+      const mc::ScopedLaunchPolicy plain(false);
+      lora_work();
+    }
+    joined.record(lora_stream);
+    joined.block(stream);
+  };
+
   // ---- 3-5. fc1 + LoRA, activation -----------------------------------------------------------------
   at::Tensor a13, b13, a2, b2;
   if (d.has_lora) {
@@ -549,40 +565,25 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     gemv.X = permuted.data_ptr(); gemv.W = w13c.data_ptr(); gemv.D = h.data_ptr();
     gemv.N = 2 * I; gemv.K = H; gemv.gated = true;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
-  } else if (overlap) {
-    // Fork: the second stream waits for the permute; the base GEMM is queued first so that it takes its SMs.
-    ShrinkRows fc1_rows;
-    if (token_rows_shrink) fc1_rows = {x.data_ptr(), H, row_token.data_ptr<int>()};
-    StreamEvent forked, joined;
-    forked.record(stream);
-    run_base_gemm(base, 0, expert_tile_prefix, d, gemm_sms, stream);
-    forked.block(lora_stream);
-    {
-      // Plain launches on the second stream: its first kernel follows the fork's event wait, not a kernel.
-      const mc::ScopedLaunchPolicy plain(false);
-      C10_CUDA_CHECK(cudaMemsetAsync(gu_delta.data_ptr(), 0, gu_delta.nbytes(), lora_stream));
-      run_lora(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, nullptr, gu_delta, bucket_offsets,
-               lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, lora_stream);
-    }
-    joined.record(lora_stream);
-    joined.block(stream);
-    mc::ActivationParams ap{};
-    ap.gu = gu.data_ptr(); ap.gu_delta = gu_delta.data_ptr(); ap.h = h.data_ptr();
-    ap.num_rows = expert_offsets.data_ptr<int>() + E;
-    ap.max_rows = pairs; ap.I = I;
-    ap.kind = act;
-    ap.dtype = to_dtype(dtype);
-    C10_CUDA_CHECK(mc::launch_activation(ap, stream));
   } else {
-    run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
-    const GatedExpandOut gated{&h, act};
     ShrinkRows fc1_rows;
     if (token_rows_shrink) fc1_rows = {x.data_ptr(), H, row_token.data_ptr<int>()};
-    if (d.has_lora)
-      run_lora(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, fused_act ? &gated : nullptr, gu,
-               bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, stream);
+    const GatedExpandOut gated{&h, act};
+    if (overlap) {
+      gemm_beside(0, [&] {
+        C10_CUDA_CHECK(cudaMemsetAsync(gu_delta.data_ptr(), 0, gu_delta.nbytes(), lora_stream));
+        run_lora(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, nullptr, gu_delta,
+                 bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, lora_stream);
+      });
+    } else {
+      run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
+      if (d.has_lora)
+        run_lora(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, fused_act ? &gated : nullptr, gu,
+                 bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, stream);
+    }
     mc::ActivationParams ap{};
     ap.gu = gu.data_ptr(); ap.h = h.data_ptr(); ap.num_rows = expert_offsets.data_ptr<int>() + E;
+    if (overlap) ap.gu_delta = gu_delta.data_ptr();
     if (fused_act) {  // the rows without an adapter only: each expert's first bucket
       ap.bucket_offsets = bucket_offsets.data_ptr<int>(); ap.num_experts = E; ap.per_expert = S + 1;
       ap.sm_count = sm_count;
@@ -602,23 +603,16 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     gemv.N = H; gemv.K = I; gemv.gated = false;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
   } else if (overlap) {
-    StreamEvent forked, joined;
-    forked.record(stream);
-    run_base_gemm(base, 1, expert_tile_prefix, d, gemm_sms, stream);
-    forked.block(lora_stream);
-    {
-      const mc::ScopedLaunchPolicy plain(false);
+    gemm_beside(1, [&] {
       C10_CUDA_CHECK(cudaMemsetAsync(y_delta.data_ptr(), 0, y_delta.nbytes(), lora_stream));
       run_lora(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, nullptr, y_delta, bucket_offsets,
                lora_tile_prefix, lora_tile_segment, scale_ptr, d, H, I, sm_count, lora_stream);
-    }
-    joined.record(lora_stream);
-    joined.block(stream);
+    });
   } else {
     run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
     if (d.has_lora)
-      run_lora(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, nullptr, y, bucket_offsets, lora_tile_prefix,
-               lora_tile_segment, scale_ptr, d, H, I, sm_count, stream);
+      run_lora(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, nullptr, y, bucket_offsets,
+               lora_tile_prefix, lora_tile_segment, scale_ptr, d, H, I, sm_count, stream);
   }
   mc::FinalizeParams fp{};
   fp.y = y.data_ptr(); fp.pair_row = pp.pair_row;
