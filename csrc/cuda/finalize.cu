@@ -37,7 +37,8 @@ __global__ void finalize_kernel(FinalizeParams p) {
       for (int u = 0; u < kInFlight; ++u)  // row < 0: expert not on this GPU / out of range, contributes nothing
         if (row[u] >= 0) {
           v[u] = reinterpret_cast<const Vec8<T>*>(y + static_cast<int64_t>(row[u]) * p.H)[c];
-          if constexpr (kDelta) dv[u] = reinterpret_cast<const Vec8<T>*>(y_delta + static_cast<int64_t>(row[u]) * p.H)[c];
+          if constexpr (kDelta)
+            dv[u] = reinterpret_cast<const Vec8<T>*>(y_delta + static_cast<int64_t>(row[u]) * p.H)[c];
         }
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u) {
