@@ -24,15 +24,15 @@ __device__ __forceinline__ void activation_item(const ActivationParams& p, int64
   const auto* up = gate + vecs_per_row;
   auto* h = reinterpret_cast<Vec8<T>*>(static_cast<T*>(p.h) + row * p.I);
   Vec8<T> g[kInFlight], u[kInFlight], dg[kInFlight], du[kInFlight];
-  const auto* delta_gate = reinterpret_cast<const Vec8<T>*>(static_cast<const T*>(p.gu_delta) + row * 2 * p.I);
 #pragma unroll
   for (int i = 0; i < kInFlight; ++i)
     if (c0 + 32 * i < vecs_per_row) {
       g[i] = gate[c0 + 32 * i];
       u[i] = up[c0 + 32 * i];
-      if constexpr (kDelta) {
-        dg[i] = delta_gate[c0 + 32 * i];
-        du[i] = delta_gate[vecs_per_row + c0 + 32 * i];
+      if constexpr (kDelta) {  // the delta's row has gu's layout: gate columns, then up columns
+        const auto* delta = reinterpret_cast<const Vec8<T>*>(static_cast<const T*>(p.gu_delta) + row * 2 * p.I);
+        dg[i] = delta[c0 + 32 * i];
+        du[i] = delta[vecs_per_row + c0 + 32 * i];
       }
     }
 #pragma unroll
