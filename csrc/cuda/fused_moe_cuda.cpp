@@ -183,8 +183,9 @@ bool use_token_rows_shrink(int64_t gathered_bytes, int device) {
 // deltas. Measured on the H100 (R16, 8 adapters, graph replays, serial -> overlapped): qwen3 T=16 / 64 339 / 500
 // -> 318 / 483 µs, gpt-oss T=16 / 64 550 / 637 -> 530 / 623, mixtral T=16 957 -> 946; at 16 rows per expert
 // and more it loses (mixtral T=64 +2..+5%, every shape at T=256 and 1024). MOELORA_LORA_OVERLAP=0 / 1 forces it.
-bool use_lora_overlap(const FusedMoeDims& d, bool decode, bool lora_kernels, bool sm90) {
-  if (!d.has_lora || decode || !lora_kernels || !sm90) return false;
+// sm90_gemms: the base GEMMs run on the sm90 CUTLASS kernels (so not at decode, whose GEMVs hold the LoRA).
+bool use_lora_overlap(const FusedMoeDims& d, bool lora_kernels, bool sm90_gemms) {
+  if (!d.has_lora || !lora_kernels || !sm90_gemms) return false;
   return env_switch("MOELORA_LORA_OVERLAP", d.T * d.k <= int64_t{8} * d.E);
 }
 
@@ -460,7 +461,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const float* scale_ptr = scalings.defined() ? scalings.data_ptr<float>() : nullptr;
   // fc1's LoRA expand with the activation fused (not at decode: the GEMV fuses both itself); the activation
   // stage then does only the rows without an adapter (each expert's first bucket).
-  const bool overlap = use_lora_overlap(d, decode, lora_ws.lora_kernels, !decode && use_sm90(device));
+  const bool sm90_gemms = !decode && use_sm90(device);  // the base GEMMs on CUTLASS (BaseGemms::sm90)
+  const bool overlap = use_lora_overlap(d, lora_ws.lora_kernels, sm90_gemms);
   const bool fused_act = d.has_lora && !decode && lora_ws.lora_kernels && !overlap && use_fused_lora_activation();
   // Each sorted row's slot, recorded by the routing's gather (or the permute): the decode GEMVs' LoRA epilogue
   // reads a row's slot there.
@@ -508,7 +510,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   at::Tensor& y = permuted;
   BaseGemms base;
   if (!decode) {
-    base.sm90 = use_sm90(device);
+    base.sm90 = sm90_gemms;
     base.fc1 = expert_gemm_params(permuted, w13c, gu, expert_offsets, d, 2 * I, H, 0);
     base.fc2 = expert_gemm_params(h, w2c, y, expert_offsets, d, H, I, 1);
     prepare_base_gemms(base, x.options(), sm_count, rp);
@@ -611,8 +613,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   } else {
     run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
     if (d.has_lora)
-      run_lora(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, nullptr, y, bucket_offsets,
-               lora_tile_prefix, lora_tile_segment, scale_ptr, d, H, I, sm_count, stream);
+      run_lora(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, nullptr, y, bucket_offsets, lora_tile_prefix,
+               lora_tile_segment, scale_ptr, d, H, I, sm_count, stream);
   }
   mc::FinalizeParams fp{};
   fp.y = y.data_ptr(); fp.pair_row = pp.pair_row;
