@@ -42,8 +42,8 @@ __device__ __forceinline__ void activation_item(const ActivationParams& p, int64
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         if constexpr (kDelta)
-          o.v[e] = from_float<T>(gate_activation<kKind>(to_float(g[i].v[e]) + to_float(dg[i].v[e])) *
-                                 (to_float(u[i].v[e]) + to_float(du[i].v[e])));
+          o.v[e] = from_float<T>(gated_value_fp32<kKind>(to_float(g[i].v[e]) + to_float(dg[i].v[e]),
+                                                         to_float(u[i].v[e]) + to_float(du[i].v[e])));
         else
           o.v[e] = gated_value<kKind>(g[i].v[e], u[i].v[e]);
       }

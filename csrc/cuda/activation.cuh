@@ -32,6 +32,13 @@ __device__ __forceinline__ float gate_activation(float g) {
   else return 0.5f * g * (1.f + erff(g * 0.70710678118654752f));
 }
 
+// act(gate) * up in fp32 from unrounded gate and up: activation.cu's delta path (fc1's output plus the
+// overlapped LoRA's delta); the caller rounds. gated_value / gated_pair below are the same product on values
+// read from gu, written out so that their call sites keep their measured instruction order.
+template <ActivationKind kKind>
+__device__ __forceinline__ float gated_value_fp32(float gate, float up) {
+  return gate_activation<kKind>(gate) * up;
+}
 // h = round(act(gate) * up) from gate and up already rounded to the activation dtype (as stored in gu).
 template <ActivationKind kKind, typename T>
 __device__ __forceinline__ T gated_value(T gate, T up) {
