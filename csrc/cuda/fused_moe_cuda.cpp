@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -139,10 +140,10 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
   // those of up to twice that also take the few-rows path (two passes of 16 rows, B read twice) -- cheaper
   // than 64-row tiles next to few-rows ones, whose work items cost unevenly (qwen3 / gpt-oss T=1024:
   // -5..-25% per expand); with larger segments the 64-row tiles stay (qwen3 T=4096: +35% otherwise). Only
-  // for ranks with 16-row passes: above kLoraRowPairsMaxRank a pass holds 8 rows and B would be read 4
-  // times (gpt-oss T=1024 rank 64: +4% end to end).
+  // up to kLoraExpandPairsMaxRank: at rank 64 the 64-row tiles stay faster (gpt-oss T=1024 +3% end to end
+  // otherwise, NOTES.md v17; +4% in v9, when its passes held 8 rows).
   const char* both = std::getenv("MOELORA_LORA_FEW_ROWS");
-  const bool small_segments = d.R <= mc::kLoraRowPairsMaxRank && !mc::lora_large_segments(pairs, active);
+  const bool small_segments = d.R <= mc::kLoraExpandPairsMaxRank && !mc::lora_large_segments(pairs, active);
   const int expand_default = both != nullptr && both[0] != '\0' ? ws.few_rows_max
                              : small_segments                  ? 2 * mc::kLoraFewRows
                                                                : mc::kLoraFewRows;
@@ -189,11 +190,25 @@ bool use_lora_overlap(const FusedMoeDims& d, bool lora_kernels, bool sm90_gemms)
   return env_switch("MOELORA_LORA_OVERLAP", d.T * d.k <= int64_t{8} * d.E);
 }
 
-// SMs left to the overlapped LoRA kernels, more when there are more (expert, slot) segments to do: 8 of 132
-// suited mixtral T=16 (~30 segments; 16: +12 µs, 36: +44), 16 qwen3 T=16 / 64 (128 / 512 segments; 8: +5 µs).
-int lora_overlap_sms(const FusedMoeDims& d) {
-  const int64_t segments = std::min(d.T * d.k, d.E * d.S);
-  return env_int("MOELORA_LORA_OVERLAP_SMS", static_cast<int>(std::clamp<int64_t>(segments / 8, 8, 16)));
+// SMs left to the overlapped LoRA kernels beside base GEMM `which` (0: fc1, 1: fc2), NOTES.md v16-v17:
+// - a latency floor, more when there are more (expert, slot) segments: 8 of 132 suited mixtral T=16 (~30
+//   segments), 16 qwen3 T=16 / 64 (128 / 512 segments) at rank 16;
+// - the LoRA's share of the bytes the two streams read, which grows with the rank: the expected adapter bytes of
+//   the touched segments over the expected weight bytes of the touched experts (balls into bins, from the
+//   shapes only; a shared side is read once per slot). Rank 64 at qwen3 T=64 wanted 32 SMs (16: 580 µs, 24:
+//   563, 32: 559), at gpt-oss T=64 24-32 (704 -> 696).
+// Capped at 32, a quarter of the GPU. MOELORA_LORA_OVERLAP_SMS=N sets both GEMMs' count.
+int lora_overlap_sms(const FusedMoeDims& d, const LoraSide& side, int which, int sm_count) {
+  const double pairs = static_cast<double>(d.T * d.k), E = static_cast<double>(d.E), S = static_cast<double>(d.S);
+  const double segments = std::min(pairs, E * S);
+  const double floor = std::clamp(segments / 8, 8.0, 16.0);
+  const double experts = E * -std::expm1(-pairs / E);            // expected distinct experts
+  const double touched = E * S * -std::expm1(-pairs / (E * S));  // expected distinct (expert, slot) segments
+  const double N = static_cast<double>(which == 0 ? 2 * d.I : d.H), K = static_cast<double>(which == 0 ? d.H : d.I);
+  const double lora = static_cast<double>(d.R) * ((side.shared_a ? S : touched) * K + (side.shared_b ? S : touched) * N);
+  const double share = sm_count * lora / (experts * N * K);
+  const int sms = static_cast<int>(std::lround(std::clamp(std::max(floor, share), 8.0, 32.0)));
+  return env_int("MOELORA_LORA_OVERLAP_SMS", sms);
 }
 
 // One fork or join between the op's stream and the second stream: an event without timing, recorded on one
@@ -474,11 +489,10 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   at::Tensor row_token = at::empty({token_rows_shrink ? pairs : 0}, iopt);
   // Decode with LoRA: the two GEMV launches' counters (ExpertGemvParams::lora_sync), zeroed by the routing.
   at::Tensor gemv_sync = at::empty({decode && d.has_lora ? 2 : 0}, iopt);
-  // Overlapped LoRA: the deltas, the second stream, and the SMs the base GEMMs leave to it.
+  // Overlapped LoRA: the deltas and the second stream (gemm_beside sets the SMs each base GEMM leaves to it).
   at::Tensor gu_delta = at::empty({overlap ? pairs : 0, 2 * I}, x.options());
   at::Tensor y_delta = at::empty({overlap ? pairs : 0, H}, x.options());
   const cudaStream_t lora_stream = overlap ? c10::cuda::getStreamFromPool(false, device).stream() : stream;
-  const int gemm_sms = overlap ? std::max(1, sm_count - lora_overlap_sms(d)) : sm_count;
 
   // ---- 1. routing ---------------------------------------------------------------------------------
   mc::RoutingParams rp{};
@@ -539,9 +553,10 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
 
   // The base GEMM `which` on its SMs, and lora_work() beside it on the LoRA stream: forked after what this
   // stream has queued, joined before what follows. The GEMM is queued first so that its CTAs take their SMs.
-  auto gemm_beside = [&](int which, auto&& lora_work) {
+  auto gemm_beside = [&](int which, const LoraSide& side, auto&& lora_work) {
     StreamEvent forked, joined;
     forked.record(stream);
+    const int gemm_sms = std::max(1, sm_count - lora_overlap_sms(d, side, which, sm_count));
     run_base_gemm(base, which, expert_tile_prefix, d, gemm_sms, stream);
     forked.block(lora_stream);
     {
@@ -572,7 +587,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     if (token_rows_shrink) fc1_rows = {x.data_ptr(), H, row_token.data_ptr<int>()};
     const GatedExpandOut gated{&h, act};
     if (overlap) {
-      gemm_beside(0, [&] {
+      gemm_beside(0, lora13, [&] {
         C10_CUDA_CHECK(cudaMemsetAsync(gu_delta.data_ptr(), 0, gu_delta.nbytes(), lora_stream));
         run_lora(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, nullptr, gu_delta,
                  bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, lora_stream);
@@ -605,7 +620,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     gemv.N = H; gemv.K = I; gemv.gated = false;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
   } else if (overlap) {
-    gemm_beside(1, [&] {
+    gemm_beside(1, lora2, [&] {
       C10_CUDA_CHECK(cudaMemsetAsync(y_delta.data_ptr(), 0, y_delta.nbytes(), lora_stream));
       run_lora(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, nullptr, y_delta, bucket_offsets,
                lora_tile_prefix, lora_tile_segment, scale_ptr, d, H, I, sm_count, lora_stream);

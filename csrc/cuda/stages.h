@@ -132,8 +132,14 @@ cudaError_t launch_segment_gemm(const SegmentGemmParams& p, SegmentGemmShape sha
 constexpr int kLoraMaxRank = 128;
 constexpr int kLoraFewRows = 16;
 // Ranks up to this take the few-rows path 16 token rows per pass (two 8-row groups sharing each adapter
-// load: lora_rows_mma.cuh kRowPairs); above it, 8 rows per pass.
-constexpr int kLoraRowPairsMaxRank = 32;
+// load: lora_rows_mma.cuh kRowPairs); above it, 8 rows per pass. Rank 64 joined in v17 (benchmarks/NOTES.md):
+// its 9-16-row segments had read every adapter byte twice; at 128 registers it spills as little as before,
+// and qwen3 / gpt-oss T=1024 rank 64 went 1024 / 1089 -> 926 / 1008 µs.
+constexpr int kLoraRowPairsMaxRank = 64;
+// Ranks up to this let the expand's few-rows path take segments of up to 2 kLoraFewRows rows when the
+// segments are small (fused_moe_cuda.cpp make_lora_workspace): two 16-row passes, B read twice, beat the
+// 64-row tiles there at rank 16 / 32 (NOTES.md v9), but not at rank 64 (gpt-oss T=1024: 1008 -> 1037 µs, v17).
+constexpr int kLoraExpandPairsMaxRank = 32;
 // Host shape rule: the segments average more than kLoraFewRows rows (rows T * k over the E * S adapter
 // segments), so most LoRA work items are 64-row tiles. It picks the rank-64 shrink's tile shape (lora_gemm.cu
 // ShrinkShape) and the expand's few-rows threshold (fused_moe_cuda.cpp).
