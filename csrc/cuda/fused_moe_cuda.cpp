@@ -99,12 +99,17 @@ AdapterStrides adapter_strides(bool shared, int64_t matrix, int64_t E) {
 // rounds the shrink output through a [rows, R] buffer.
 bool use_lora_kernels(int64_t R) { return R <= mc::kLoraMaxRank && !env_flag("MOELORA_LORA_SEGMENT_GEMM"); }
 
+// A non-negative integer knob's value, or `fallback` when the text is empty or not one.
+int parse_int(const std::string& v, int fallback) {
+  if (v.empty()) return fallback;
+  char* end = nullptr;
+  const long x = std::strtol(v.c_str(), &end, 10);
+  return *end == '\0' && x >= 0 && x <= (1 << 20) ? static_cast<int>(x) : fallback;
+}
+
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
-  if (v == nullptr || v[0] == '\0') return fallback;
-  char* end = nullptr;
-  const long x = std::strtol(v, &end, 10);
-  return *end == '\0' && x >= 0 && x <= (1 << 20) ? static_cast<int>(x) : fallback;
+  return v == nullptr ? fallback : parse_int(v, fallback);
 }
 
 // Few routed rows per expert (decode, T <= kDecodeMaxTokens, or T * k <= kGemvMaxAvgRows * E on average;
@@ -190,25 +195,38 @@ bool use_lora_overlap(const FusedMoeDims& d, bool lora_kernels, bool sm90_gemms)
   return env_switch("MOELORA_LORA_OVERLAP", d.T * d.k <= int64_t{8} * d.E);
 }
 
-// SMs left to the overlapped LoRA kernels beside base GEMM `which` (0: fc1, 1: fc2), NOTES.md v16-v17:
-// - a latency floor, more when there are more (expert, slot) segments: 8 of 132 suited mixtral T=16 (~30
-//   segments), 16 qwen3 T=16 / 64 (128 / 512 segments) at rank 16;
-// - the LoRA's share of the bytes the two streams read, which grows with the rank: the expected adapter bytes of
-//   the touched segments over the expected weight bytes of the touched experts (balls into bins, from the
-//   shapes only; a shared side is read once per slot). Rank 64 at qwen3 T=64 wanted 32 SMs (16: 580 µs, 24:
-//   563, 32: 559), at gpt-oss T=64 24-32 (704 -> 696).
-// Capped at 32, a quarter of the GPU. MOELORA_LORA_OVERLAP_SMS=N sets both GEMMs' count.
-int lora_overlap_sms(const FusedMoeDims& d, const LoraSide& side, int which, int sm_count) {
+// The LoRA's expected share of the bytes that base GEMM `which` (0: fc1, 1: fc2) and its LoRA pair read: the
+// adapter bytes of the touched (expert, slot) segments over the weight bytes of the touched experts, both
+// expected values from the shapes (balls into bins; a shared side is read once per slot).
+double lora_byte_share(const FusedMoeDims& d, const LoraSide& side, int which) {
   const double pairs = static_cast<double>(d.T * d.k), E = static_cast<double>(d.E), S = static_cast<double>(d.S);
-  const double segments = std::min(pairs, E * S);
-  const double floor = std::clamp(segments / 8, 8.0, 16.0);
   const double experts = E * -std::expm1(-pairs / E);            // expected distinct experts
   const double touched = E * S * -std::expm1(-pairs / (E * S));  // expected distinct (expert, slot) segments
   const double N = static_cast<double>(which == 0 ? 2 * d.I : d.H), K = static_cast<double>(which == 0 ? d.H : d.I);
   const double lora = static_cast<double>(d.R) * ((side.shared_a ? S : touched) * K + (side.shared_b ? S : touched) * N);
-  const double share = sm_count * lora / (experts * N * K);
-  const int sms = static_cast<int>(std::lround(std::clamp(std::max(floor, share), 8.0, 32.0)));
-  return env_int("MOELORA_LORA_OVERLAP_SMS", sms);
+  return lora / (experts * N * K);
+}
+
+// SMs left to the overlapped LoRA kernels beside base GEMM `which`, NOTES.md v16-v17: the larger of
+// - a latency floor, more when there are more (expert, slot) segments: 8 + 8 of 132 suited mixtral T=16 (~30
+//   segments), 16 + 16 qwen3 T=16 / 64 (128 / 512 segments) at rank 16, split between fc1 and fc2 in proportion
+//   to their byte shares (v17: qwen3 T=64 12 + 20 SMs 479.5 µs against 16 + 16 482.3, gpt-oss T=64 621.0 against
+//   626.9; rank 16);
+// - the LoRA's byte share of the SMs, which grows with the rank: rank 64 at qwen3 T=64 wanted 32 SMs (16: 580 µs,
+//   24: 563, 32: 559), at gpt-oss T=64 24-32 (704 -> 696).
+// Capped at 32, a quarter of the GPU. MOELORA_LORA_OVERLAP_SMS=N sets both GEMMs' count, =N1:N2 fc1's and fc2's.
+int lora_overlap_sms(const FusedMoeDims& d, const LoraSide& fc1, const LoraSide& fc2, int which, int sm_count) {
+  const double segments = std::min(static_cast<double>(d.T * d.k), static_cast<double>(d.E * d.S));
+  const double floor = std::clamp(segments / 8, 8.0, 16.0);
+  const double share[2] = {lora_byte_share(d, fc1, 0), lora_byte_share(d, fc2, 1)};
+  const double floor_here = 2 * floor * share[which] / (share[0] + share[1]);
+  const int sms = static_cast<int>(std::lround(std::clamp(std::max(floor_here, sm_count * share[which]), 8.0, 32.0)));
+  const char* v = std::getenv("MOELORA_LORA_OVERLAP_SMS");
+  if (v == nullptr) return sms;
+  const std::string text(v);
+  const size_t colon = text.find(':');
+  if (colon == std::string::npos) return parse_int(text, sms);
+  return parse_int(which == 0 ? text.substr(0, colon) : text.substr(colon + 1), sms);
 }
 
 // One fork or join between the op's stream and the second stream: an event without timing, recorded on one
@@ -551,12 +569,20 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   pp.row_token = token_rows_shrink ? row_token.data_ptr<int>() : nullptr;
   if (!gather_in_routing) C10_CUDA_CHECK(mc::launch_permute(pp, stream));
 
+  // The adapters of fc1 (w13) and fc2 (w2).
+  at::Tensor a13, b13, a2, b2;
+  if (d.has_lora) {
+    a13 = w13_lora_a->contiguous(); b13 = w13_lora_b->contiguous();
+    a2 = w2_lora_a->contiguous(); b2 = w2_lora_b->contiguous();
+  }
+  const LoraSide lora13{a13, b13, w13_shared_a, w13_shared_b}, lora2{a2, b2, w2_shared_a, w2_shared_b};
+
   // The base GEMM `which` on its SMs, and lora_work() beside it on the LoRA stream: forked after what this
   // stream has queued, joined before what follows. The GEMM is queued first so that its CTAs take their SMs.
-  auto gemm_beside = [&](int which, const LoraSide& side, auto&& lora_work) {
+  auto gemm_beside = [&](int which, auto&& lora_work) {
     StreamEvent forked, joined;
     forked.record(stream);
-    const int gemm_sms = std::max(1, sm_count - lora_overlap_sms(d, side, which, sm_count));
+    const int gemm_sms = std::max(1, sm_count - lora_overlap_sms(d, lora13, lora2, which, sm_count));
     run_base_gemm(base, which, expert_tile_prefix, d, gemm_sms, stream);
     forked.block(lora_stream);
     {
@@ -569,12 +595,6 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   };
 
   // ---- 3-5. fc1 + LoRA, activation -----------------------------------------------------------------
-  at::Tensor a13, b13, a2, b2;
-  if (d.has_lora) {
-    a13 = w13_lora_a->contiguous(); b13 = w13_lora_b->contiguous();
-    a2 = w2_lora_a->contiguous(); b2 = w2_lora_b->contiguous();
-  }
-  const LoraSide lora13{a13, b13, w13_shared_a, w13_shared_b}, lora2{a2, b2, w2_shared_a, w2_shared_b};
   if (decode) {
     if (d.has_lora)
       lora_in_gemv(lora13, lora_ws, lora_tile_prefix, lora_tile_segment, static_cast<int>(lora_tile_capacity),
@@ -587,7 +607,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     if (token_rows_shrink) fc1_rows = {x.data_ptr(), H, row_token.data_ptr<int>()};
     const GatedExpandOut gated{&h, act};
     if (overlap) {
-      gemm_beside(0, lora13, [&] {
+      gemm_beside(0, [&] {
         C10_CUDA_CHECK(cudaMemsetAsync(gu_delta.data_ptr(), 0, gu_delta.nbytes(), lora_stream));
         run_lora(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, nullptr, gu_delta,
                  bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, lora_stream);
@@ -620,7 +640,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     gemv.N = H; gemv.K = I; gemv.gated = false;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
   } else if (overlap) {
-    gemm_beside(1, lora2, [&] {
+    gemm_beside(1, [&] {
       C10_CUDA_CHECK(cudaMemsetAsync(y_delta.data_ptr(), 0, y_delta.nbytes(), lora_stream));
       run_lora(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, nullptr, y_delta, bucket_offsets,
                lora_tile_prefix, lora_tile_segment, scale_ptr, d, H, I, sm_count, lora_stream);
