@@ -325,6 +325,26 @@ def test_lora_overlap_matches_reference(shape, dtype, activation, monkeypatch):
     assert torch.equal(default, overlapped if T * k <= 8 * E else serial)
 
 
+@pytest.mark.parametrize("sms", ["8:24", "24:8", "30", "1:131", "x:16", "12:"])
+@pytest.mark.parametrize("shape", [OVERLAP_SHAPES[i] for i in (1, 3, 5)],
+                         ids=lambda s: "T{}_H{}_I{}_E{}_S{}_R{}".format(*s[:4], *s[5:]))
+def test_lora_overlap_sms_change_no_bits(shape, sms, monkeypatch):
+    """How many SMs the base GEMMs leave to the overlapped LoRA (MOELORA_LORA_OVERLAP_SMS=N, or N1:N2 for fc1 and
+    fc2; a malformed part keeps that GEMM's default) moves work between SMs but never changes a sum's order: the
+    same bits as the default split, which matches the reference."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the overlap runs beside the sm90 CUTLASS GEMMs only")
+    T, H, I, E, k, S, R = shape
+    args = make_case(T, H, I, E, k, S, R, seed=48)
+    monkeypatch.delenv("MOELORA_PORTABLE", raising=False)
+    monkeypatch.setenv("MOELORA_LORA_OVERLAP", "1")
+    monkeypatch.delenv("MOELORA_LORA_OVERLAP_SMS", raising=False)
+    default = check(args, torch.bfloat16)
+    monkeypatch.setenv("MOELORA_LORA_OVERLAP_SMS", sms)
+    poison_allocator()
+    assert torch.equal(moelora_ext.fused_moe(**args), default)
+
+
 GEMM_TILES = ["small", "large", "large_pp", "swap32", "swap32/large", "large_pp/swap32"]
 # What each configuration's kernel name shows: its wgmma atom (rows on M in 64- / 128-row tiles with N 128 /
 # 256, or swapped with the rows on N = 32) and its schedule.
