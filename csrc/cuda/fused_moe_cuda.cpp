@@ -217,9 +217,9 @@ double lora_byte_share(const FusedMoeDims& d, const LoraSide& side, int which) {
 // Capped at 32, a quarter of the GPU. MOELORA_LORA_OVERLAP_SMS=N sets both GEMMs' count, =N1:N2 fc1's and fc2's.
 int lora_overlap_sms(const FusedMoeDims& d, const LoraSide& fc1, const LoraSide& fc2, int which, int sm_count) {
   const double segments = std::min(static_cast<double>(d.T * d.k), static_cast<double>(d.E * d.S));
-  const double floor = std::clamp(segments / 8, 8.0, 16.0);
+  const double latency_floor = std::clamp(segments / 8, 8.0, 16.0);
   const double share[2] = {lora_byte_share(d, fc1, 0), lora_byte_share(d, fc2, 1)};
-  const double floor_here = 2 * floor * share[which] / (share[0] + share[1]);
+  const double floor_here = 2 * latency_floor * share[which] / (share[0] + share[1]);
   const int sms = static_cast<int>(std::lround(std::clamp(std::max(floor_here, sm_count * share[which]), 8.0, 32.0)));
   const char* v = std::getenv("MOELORA_LORA_OVERLAP_SMS");
   if (v == nullptr) return sms;
