@@ -325,13 +325,13 @@ def test_lora_overlap_matches_reference(shape, dtype, activation, monkeypatch):
     assert torch.equal(default, overlapped if T * k <= 8 * E else serial)
 
 
-@pytest.mark.parametrize("sms", ["8:24", "24:8", "30", "1:131", "x:16", "12:"])
+@pytest.mark.parametrize("sms", ["8:24", "24:8", "30", "1:131", ""])
 @pytest.mark.parametrize("shape", [OVERLAP_SHAPES[i] for i in (1, 3, 5)],
                          ids=lambda s: "T{}_H{}_I{}_E{}_S{}_R{}".format(*s[:4], *s[5:]))
 def test_lora_overlap_sms_change_no_bits(shape, sms, monkeypatch):
     """How many SMs the base GEMMs leave to the overlapped LoRA (MOELORA_LORA_OVERLAP_SMS=N, or N1:N2 for fc1 and
-    fc2; a malformed part keeps that GEMM's default) moves work between SMs but never changes a sum's order: the
-    same bits as the default split, which matches the reference."""
+    fc2; empty: the default) moves work between SMs but never changes a sum's order: the same bits as the default
+    split, which matches the reference."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the overlap runs beside the sm90 CUTLASS GEMMs only")
     T, H, I, E, k, S, R = shape
@@ -415,6 +415,29 @@ def test_gemm_tile_unknown_name_rejected(monkeypatch):
     monkeypatch.setenv("MOELORA_GEMM_TILE", "large/")
     with pytest.raises(RuntimeError, match="unknown tile configuration ''"):
         moelora_ext.fused_moe(**args)
+    monkeypatch.setenv("MOELORA_GEMM_TILE", "")  # empty: the size rule, as for the integer knobs
+    check(args, torch.bfloat16)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("MOELORA_LORA_FEW_ROWS", "abc"), ("MOELORA_LORA_EXPAND_FEW_ROWS", "16 rows"), ("MOELORA_LORA_SHRINK_WAVES", "-1"),
+    ("MOELORA_GEMV_AVG_ROWS", "1e3"), ("MOELORA_LORA_OVERLAP_SMS", "x:16"), ("MOELORA_LORA_OVERLAP_SMS", "12:"),
+    ("MOELORA_LORA_OVERLAP_SMS", "2000000"),
+])
+def test_malformed_integer_knob_rejected(name, value, monkeypatch):
+    """An integer knob that is set but not an integer in [0, 2^20] is an error naming the variable, not a silent
+    fallback to the default (a measurement would report a setting that never ran); set to the empty string it
+    means the default."""
+    if torch.cuda.get_device_capability() != (9, 0) and name == "MOELORA_LORA_OVERLAP_SMS":
+        pytest.skip("the overlap (which reads MOELORA_LORA_OVERLAP_SMS) runs beside the sm90 GEMMs only")
+    monkeypatch.delenv("MOELORA_PORTABLE", raising=False)
+    monkeypatch.setenv("MOELORA_LORA_OVERLAP", "1")
+    args = make_case(24, 256, 128, 32, 4, 8, 8, seed=49)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match=name):
+        moelora_ext.fused_moe(**args)
+    monkeypatch.setenv(name, "")
+    check(args, torch.bfloat16)
 
 
 @pytest.mark.parametrize("T", [2, 100])  # decode (routing gathers the rows) / grouped GEMM

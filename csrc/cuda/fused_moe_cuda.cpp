@@ -99,17 +99,29 @@ AdapterStrides adapter_strides(bool shared, int64_t matrix, int64_t E) {
 // rounds the shrink output through a [rows, R] buffer.
 bool use_lora_kernels(int64_t R) { return R <= mc::kLoraMaxRank && !env_flag("MOELORA_LORA_SEGMENT_GEMM"); }
 
-// A non-negative integer knob's value, or `fallback` when the text is empty or not one.
-int parse_int(const std::string& v, int fallback) {
-  if (v.empty()) return fallback;
+// An integer knob (environment variable `name`) from its text: empty, `fallback`; otherwise an integer in
+// [0, 2^20], or an error naming the variable -- not a silent fallback, which would let a measurement report a
+// setting that never ran (as for MOELORA_GEMM_TILE).
+int knob_int(const char* name, const std::string& text, int fallback) {
+  if (text.empty()) return fallback;
   char* end = nullptr;
-  const long x = std::strtol(v.c_str(), &end, 10);
-  return *end == '\0' && x >= 0 && x <= (1 << 20) ? static_cast<int>(x) : fallback;
+  const long x = std::strtol(text.c_str(), &end, 10);
+  MOELORA_CHECK(*end == '\0' && x >= 0 && x <= (1 << 20), name, ": expected an integer in [0, 1048576], got '", text,
+                "'");
+  return static_cast<int>(x);
 }
 
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
-  return v == nullptr ? fallback : parse_int(v, fallback);
+  return v == nullptr ? fallback : knob_int(name, v, fallback);
+}
+
+// The part of a two-GEMM knob's value for GEMM `which` (0: fc1, 1: fc2): "A" holds for both, "A<sep>B" is A for
+// fc1 and B for fc2.
+std::string knob_part(const std::string& text, char sep, int which) {
+  const size_t at = text.find(sep);
+  if (at == std::string::npos) return text;
+  return which == 0 ? text.substr(0, at) : text.substr(at + 1);
 }
 
 // Few routed rows per expert (decode, T <= kDecodeMaxTokens, or T * k <= kGemvMaxAvgRows * E on average;
@@ -222,11 +234,10 @@ int lora_overlap_sms(const FusedMoeDims& d, const LoraSide& fc1, const LoraSide&
   const double floor_here = 2 * latency_floor * share[which] / (share[0] + share[1]);
   const int sms = static_cast<int>(std::lround(std::clamp(std::max(floor_here, sm_count * share[which]), 8.0, 32.0)));
   const char* v = std::getenv("MOELORA_LORA_OVERLAP_SMS");
-  if (v == nullptr) return sms;
-  const std::string text(v);
-  const size_t colon = text.find(':');
-  if (colon == std::string::npos) return parse_int(text, sms);
-  return parse_int(which == 0 ? text.substr(0, colon) : text.substr(colon + 1), sms);
+  if (v == nullptr || v[0] == '\0') return sms;
+  const std::string part = knob_part(v, ':', which);
+  MOELORA_CHECK(!part.empty(), "MOELORA_LORA_OVERLAP_SMS: expected N or N1:N2, got '", std::string(v), "'");
+  return knob_int("MOELORA_LORA_OVERLAP_SMS", part, sms);
 }
 
 // One fork or join between the op's stream and the second stream: an event without timing, recorded on one
@@ -362,10 +373,8 @@ void run_lora(const LoraSide& side, const at::Tensor& input, const ShrinkRows& s
 // configuration, to measure them against the size rule of expert_gemm_sm90.cu (NOTES.md v15).
 mc::ExpertGemmConfig env_gemm_config(int which) {
   const char* v = std::getenv("MOELORA_GEMM_TILE");
-  if (v == nullptr) return mc::ExpertGemmConfig::Auto;
-  std::string names(v);
-  const size_t slash = names.find('/');
-  const std::string name = slash == std::string::npos ? names : which == 0 ? names.substr(0, slash) : names.substr(slash + 1);
+  if (v == nullptr || v[0] == '\0') return mc::ExpertGemmConfig::Auto;
+  const std::string name = knob_part(v, '/', which);
   if (name == "small") return mc::ExpertGemmConfig::SmallM;
   if (name == "large") return mc::ExpertGemmConfig::LargeM;
   if (name == "large_pp") return mc::ExpertGemmConfig::LargeMPingpong;
