@@ -501,10 +501,17 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     if (lora_scalings.has_value()) scalings = lora_scalings->contiguous();  // float32 (checked)
   }
   const float* scale_ptr = scalings.defined() ? scalings.data_ptr<float>() : nullptr;
-  // fc1's LoRA expand with the activation fused (not at decode: the GEMV fuses both itself); the activation
-  // stage then does only the rows without an adapter (each expert's first bucket).
+  // The adapters of fc1 (w13) and fc2 (w2).
+  at::Tensor a13, b13, a2, b2;
+  if (d.has_lora) {
+    a13 = w13_lora_a->contiguous(); b13 = w13_lora_b->contiguous();
+    a2 = w2_lora_a->contiguous(); b2 = w2_lora_b->contiguous();
+  }
+  const LoraSide lora13{a13, b13, w13_shared_a, w13_shared_b}, lora2{a2, b2, w2_shared_a, w2_shared_b};
   const bool sm90_gemms = !decode && use_sm90(device);  // the base GEMMs on CUTLASS (BaseGemms::sm90)
   const bool overlap = use_lora_overlap(d, lora_ws.lora_kernels, sm90_gemms);
+  // fc1's LoRA expand with the activation fused (not at decode: the GEMV fuses both itself); the activation
+  // stage then does only the rows without an adapter (each expert's first bucket).
   const bool fused_act = d.has_lora && !decode && lora_ws.lora_kernels && !overlap && use_fused_lora_activation();
   // Each sorted row's slot, recorded by the routing's gather (or the permute): the decode GEMVs' LoRA epilogue
   // reads a row's slot there.
@@ -516,10 +523,15 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   at::Tensor row_token = at::empty({token_rows_shrink ? pairs : 0}, iopt);
   // Decode with LoRA: the two GEMV launches' counters (ExpertGemvParams::lora_sync), zeroed by the routing.
   at::Tensor gemv_sync = at::empty({decode && d.has_lora ? 2 : 0}, iopt);
-  // Overlapped LoRA: the deltas and the second stream (gemm_beside sets the SMs each base GEMM leaves to it).
+  // Overlapped LoRA: the deltas and the second stream.
   at::Tensor gu_delta = at::empty({overlap ? pairs : 0, 2 * I}, x.options());
   at::Tensor y_delta = at::empty({overlap ? pairs : 0, H}, x.options());
   const cudaStream_t lora_stream = overlap ? c10::cuda::getStreamFromPool(false, device).stream() : stream;
+  // The SMs each base GEMM runs on, sm_count but beside an overlapped LoRA (decided, and MOELORA_LORA_OVERLAP_SMS
+  // checked, before anything is queued).
+  int gemm_sms[2] = {sm_count, sm_count};
+  if (overlap)
+    for (int which : {0, 1}) gemm_sms[which] = std::max(1, sm_count - lora_overlap_sms(d, lora13, lora2, which, sm_count));
 
   // ---- 1. routing ---------------------------------------------------------------------------------
   mc::RoutingParams rp{};
@@ -578,21 +590,12 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   pp.row_token = token_rows_shrink ? row_token.data_ptr<int>() : nullptr;
   if (!gather_in_routing) C10_CUDA_CHECK(mc::launch_permute(pp, stream));
 
-  // The adapters of fc1 (w13) and fc2 (w2).
-  at::Tensor a13, b13, a2, b2;
-  if (d.has_lora) {
-    a13 = w13_lora_a->contiguous(); b13 = w13_lora_b->contiguous();
-    a2 = w2_lora_a->contiguous(); b2 = w2_lora_b->contiguous();
-  }
-  const LoraSide lora13{a13, b13, w13_shared_a, w13_shared_b}, lora2{a2, b2, w2_shared_a, w2_shared_b};
-
   // The base GEMM `which` on its SMs, and lora_work() beside it on the LoRA stream: forked after what this
   // stream has queued, joined before what follows. The GEMM is queued first so that its CTAs take their SMs.
   auto gemm_beside = [&](int which, auto&& lora_work) {
     StreamEvent forked, joined;
     forked.record(stream);
-    const int gemm_sms = std::max(1, sm_count - lora_overlap_sms(d, lora13, lora2, which, sm_count));
-    run_base_gemm(base, which, expert_tile_prefix, d, gemm_sms, stream);
+    run_base_gemm(base, which, expert_tile_prefix, d, gemm_sms[which], stream);
     forked.block(lora_stream);
     {
       // Plain launches on the LoRA stream: its first kernel follows the fork's event wait, not a kernel.
