@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -196,7 +197,7 @@ bool use_token_rows_shrink(int64_t gathered_bytes, int device) {
 // LoRA overlapped with the base GEMMs (benchmarks/NOTES.md v16). With few rows per expert the base GEMMs stream
 // the expert weights for hundreds of µs and keep enough bytes in flight on fewer SMs, while the LoRA kernels are
 // short and latency-bound. So each LoRA pair runs on a second stream beside its base GEMM, which gets
-// sm_count - lora_overlap_sms SMs and is queued first so that it takes them; the expand adds into a zeroed
+// the SMs overlap_gemm_sms leaves it and is queued first so that it takes them; the expand adds into a zeroed
 // delta buffer instead of onto the GEMM's output, and the activation (fc1) and the finalize (fc2) add the
 // deltas. Measured on the H100 (R16, 8 adapters, graph replays, serial -> overlapped): qwen3 T=16 / 64 339 / 500
 // -> 318 / 483 µs, gpt-oss T=16 / 64 550 / 637 -> 530 / 623, mixtral T=16 957 -> 946; at 16 rows per expert
@@ -219,7 +220,8 @@ double lora_byte_share(const FusedMoeDims& d, const LoraSide& side, int which) {
   return lora / (experts * N * K);
 }
 
-// SMs left to the overlapped LoRA kernels beside base GEMM `which`, NOTES.md v16-v17: the larger of
+// The SMs each base GEMM (0: fc1, 1: fc2) runs on beside its overlapped LoRA pair: sm_count minus the SMs left to
+// the LoRA kernels, NOTES.md v16-v17, which are the larger of
 // - a latency floor, more when there are more (expert, slot) segments: 8 + 8 of 132 suited mixtral T=16 (~30
 //   segments), 16 + 16 qwen3 T=16 / 64 (128 / 512 segments) at rank 16, split between fc1 and fc2 in proportion
 //   to their byte shares (v17: qwen3 T=64 12 + 20 SMs 479.5 µs against 16 + 16 482.3, gpt-oss T=64 621.0 against
@@ -227,17 +229,23 @@ double lora_byte_share(const FusedMoeDims& d, const LoraSide& side, int which) {
 // - the LoRA's byte share of the SMs, which grows with the rank: rank 64 at qwen3 T=64 wanted 32 SMs (16: 580 µs,
 //   24: 563, 32: 559), at gpt-oss T=64 24-32 (704 -> 696).
 // Capped at 32, a quarter of the GPU. MOELORA_LORA_OVERLAP_SMS=N sets both GEMMs' count, =N1:N2 fc1's and fc2's.
-int lora_overlap_sms(const FusedMoeDims& d, const LoraSide& fc1, const LoraSide& fc2, int which, int sm_count) {
+std::array<int, 2> overlap_gemm_sms(const FusedMoeDims& d, const LoraSide& fc1, const LoraSide& fc2, int sm_count) {
   const double segments = std::min(static_cast<double>(d.T * d.k), static_cast<double>(d.E * d.S));
   const double latency_floor = std::clamp(segments / 8, 8.0, 16.0);
   const double share[2] = {lora_byte_share(d, fc1, 0), lora_byte_share(d, fc2, 1)};
-  const double floor_here = 2 * latency_floor * share[which] / (share[0] + share[1]);
-  const int sms = static_cast<int>(std::lround(std::clamp(std::max(floor_here, sm_count * share[which]), 8.0, 32.0)));
-  const char* v = std::getenv("MOELORA_LORA_OVERLAP_SMS");
-  if (v == nullptr || v[0] == '\0') return sms;
-  const std::string part = knob_part(v, ':', which);
-  MOELORA_CHECK(!part.empty(), "MOELORA_LORA_OVERLAP_SMS: expected N or N1:N2, got '", std::string(v), "'");
-  return knob_int("MOELORA_LORA_OVERLAP_SMS", part, sms);
+  const char* knob = std::getenv("MOELORA_LORA_OVERLAP_SMS");
+  std::array<int, 2> gemm_sms{};
+  for (int which : {0, 1}) {
+    const double floor_here = 2 * latency_floor * share[which] / (share[0] + share[1]);
+    int lora_sms = static_cast<int>(std::lround(std::clamp(std::max(floor_here, sm_count * share[which]), 8.0, 32.0)));
+    if (knob != nullptr && knob[0] != '\0') {
+      const std::string part = knob_part(knob, ':', which);
+      MOELORA_CHECK(!part.empty(), "MOELORA_LORA_OVERLAP_SMS: expected N or N1:N2, got '", std::string(knob), "'");
+      lora_sms = knob_int("MOELORA_LORA_OVERLAP_SMS", part, lora_sms);
+    }
+    gemm_sms[which] = std::max(1, sm_count - lora_sms);
+  }
+  return gemm_sms;
 }
 
 // One fork or join between the op's stream and the second stream: an event without timing, recorded on one
@@ -529,9 +537,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const cudaStream_t lora_stream = overlap ? c10::cuda::getStreamFromPool(false, device).stream() : stream;
   // The SMs each base GEMM runs on, sm_count but beside an overlapped LoRA (decided, and MOELORA_LORA_OVERLAP_SMS
   // checked, before anything is queued).
-  int gemm_sms[2] = {sm_count, sm_count};
-  if (overlap)
-    for (int which : {0, 1}) gemm_sms[which] = std::max(1, sm_count - lora_overlap_sms(d, lora13, lora2, which, sm_count));
+  const std::array<int, 2> gemm_sms =
+      overlap ? overlap_gemm_sms(d, lora13, lora2, sm_count) : std::array<int, 2>{sm_count, sm_count};
 
   // ---- 1. routing ---------------------------------------------------------------------------------
   mc::RoutingParams rp{};
