@@ -8,7 +8,10 @@
 Each --variant is NAME=ENV1=V1,ENV2=V2 (environment set while that variant's graphs are captured and its
 kernels profiled; the op reads its MOELORA_* knobs per call). For every (shape, T, variant) it prints the
 graph-replay median (CUDA events, L2 flushed before each replay, as bench_moe.py) without and with LoRA,
-and the per-kernel breakdown of the LoRA call from torch.profiler (median per kernel over the iterations).
+and the per-kernel breakdown of the LoRA call from torch.profiler (median per kernel over the iterations). The
+breakdown uses plain launches (MOELORA_PDL=0 unless the variant sets it): launched with PDL, as one-token
+calls are by default, a kernel's span also holds its wait for the kernel before it (NOTES.md v19: the base
+call's finalize read 13 µs at qwen3 T=1). The graph totals keep the op's default.
 This is the tool behind benchmarks/NOTES.md's "count first" analysis; the side-by-side numbers live in
 bench_moe.py.
 
@@ -197,6 +200,7 @@ def main(argv=None):
                                      args.back_to_back) / nl
                     lora = replay_us([graph_of(call(b, True)) for b in batches], flush, args.iters,
                                      args.back_to_back) / nl
+                with Env(dict(env, MOELORA_PDL=env.get("MOELORA_PDL", "0"))):  # plain launches (see the top)
                     rows = [] if args.no_kernels else kernel_breakdown([call(b, True) for b in batches], flush,
                                                                       max(5, args.iters // 2))
                     base_rows = kernel_breakdown([call(b, False) for b in batches], flush,

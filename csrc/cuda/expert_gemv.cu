@@ -12,7 +12,11 @@
 // The LoRA shrink runs in the same launch (NOTES.md v11): at decode it is a few hundred KB of A, and as a
 // launch of its own it cost a kernel boundary and its latency chains twice per call (qwen3 T=1: 6.7 µs for
 // the two shrinks, eager). Its CTAs stream A the way the GEMV streams W and write t in fp32; the GEMV CTAs
-// need t only in their epilogue, after streaming their weights, and wait for a counter there.
+// need t only in their epilogue, after streaming their weights, and wait for a counter there. Each shrink CTA
+// takes one K range (at most kGemvShrinkSplitK, stages.h) and writes its partial sums, which the expand adds in
+// range order: with all of K, mixtral's fc2 shrink (K = 14336) ran 28 dependent load rounds behind the
+// saturated HBM and finished after the GEMV CTAs waiting for it (NOTES.md v19: mixtral T=1 with LoRA 297 ->
+// 279 µs against a 278 µs base, gpt-oss 112 -> 105).
 // The shrink CTAs are the launch's lowest block indices and wait for nothing, so a waiting GEMV CTA never
 // holds back a shrink CTA as long as CTAs start in block-index order -- what the GPU does, and what cub's
 // decoupled look-back scans rely on too. (A start ticket from an atomic counter would not rely on it, but
@@ -72,10 +76,11 @@ __device__ __forceinline__ WeightRows<T> weight_rows(const T* W, int64_t K, cons
   return w;
 }
 
-// Sums over K of the pass's rows [row0, row0 + rows) (rows <= 8 NG) times the CTA's weight rows, into
-// red[warp][jb][j][r] (each warp a quarter of the k blocks).
+// Sums over k < K of the pass's rows [row0, row0 + rows) of X (row stride ldx) times the CTA's weight rows,
+// into red[warp][jb][j][r] (each warp a quarter of the k blocks).
 template <typename T, int NG>
-__device__ __forceinline__ void gemv_pass(const T* X, int K, int row0, int rows, const WeightRows<T>& w, bool vec,
+__device__ __forceinline__ void gemv_pass(const T* X, int64_t ldx, int K, int row0, int rows, const WeightRows<T>& w,
+                                          bool vec,
                                           float (*red)[2][16][kPassRows]) {
   constexpr int U = kU<NG>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -83,7 +88,7 @@ __device__ __forceinline__ void gemv_pass(const T* X, int K, int row0, int rows,
   const int nkb = ceil_div(K, 32);
   const T* xrow[NG];
 #pragma unroll
-  for (int ng = 0; ng < NG; ++ng) xrow[ng] = X + static_cast<int64_t>(row0 + min(8 * ng + g, rows - 1)) * K;
+  for (int ng = 0; ng < NG; ++ng) xrow[ng] = X + (row0 + min(8 * ng + g, rows - 1)) * ldx;
   float c[2][NG][4];
 #pragma unroll
   for (int jb = 0; jb < 2; ++jb)
@@ -130,12 +135,13 @@ __device__ __forceinline__ void gemv_pass(const T* X, int K, int row0, int rows,
 
 // One pass over the rows [row0, row0 + rows), rows <= kPassRows: one or two 8-row groups per weight load.
 template <typename T>
-__device__ __forceinline__ void gemv_rows(const T* X, int K, int row0, int rows, const WeightRows<T>& w, bool vec,
+__device__ __forceinline__ void gemv_rows(const T* X, int64_t ldx, int K, int row0, int rows, const WeightRows<T>& w,
+                                          bool vec,
                                           float (*red)[2][16][kPassRows]) {
   if (rows > kRowGroup)
-    gemv_pass<T, 2>(X, K, row0, rows, w, vec, red);
+    gemv_pass<T, 2>(X, ldx, K, row0, rows, w, vec, red);
   else
-    gemv_pass<T, 1>(X, K, row0, rows, w, vec, red);
+    gemv_pass<T, 1>(X, ldx, K, row0, rows, w, vec, red);
 }
 
 // Output (weight row j of block jb, token row r) of a pass: the warps' sums added in warp order.
@@ -146,10 +152,19 @@ __device__ __forceinline__ float warp_sum(const float (*red)[2][16][kPassRows], 
   return v;
 }
 
-// The launch's LoRA shrink CTAs: one per (LoRA m-tile, 32 ranks).
+// The launch's LoRA shrink CTAs: one per (LoRA m-tile, 32 ranks, K range).
 __host__ __device__ inline int lora_rank_blocks(int R) { return ceil_div(R, 32); }
 __host__ __device__ inline int lora_shrink_ctas(const ExpertGemvParams& p) {
-  return p.lora_A == nullptr ? 0 : p.lora_tile_capacity * lora_rank_blocks(p.R);
+  return p.lora_A == nullptr ? 0 : p.lora_tile_capacity * lora_rank_blocks(p.R) * p.lora_k_splits;
+}
+// The shrink's K ranges: [s * chunk, min(K, (s + 1) * chunk)), chunk a multiple of the 32-wide k blocks (so the
+// ranges keep 16-byte rows); a range past K is empty and its partial sums are zeros.
+__host__ __device__ inline int lora_k_chunk(const ExpertGemvParams& p) {
+  return ceil_div(ceil_div(p.K, p.lora_k_splits), 32) * 32;
+}
+// Elements of one K range's partial sums in lora_t.
+__host__ __device__ inline int64_t lora_split_stride(const ExpertGemvParams& p) {
+  return static_cast<int64_t>(p.max_rows) * p.R;
 }
 
 __device__ __forceinline__ int load_acquire(const int* ptr) {
@@ -163,13 +178,16 @@ __device__ __forceinline__ int load_relaxed(const int* ptr) {
   return v;
 }
 
-// Shrink CTA `cta`: t[r, r0 .. r0 + 32) = A[slot, e][r0 .. r0 + 32) @ X[r] for the rows r of LoRA m-tile
-// cta / lora_rank_blocks(R), summed over the warps in warp order; then it counts itself done (lora_sync[0]),
-// also when that m-tile is past the routed ones.
+// Shrink CTA `cta` = (m-tile, rank block, K range s): t_s[r, r0 .. r0 + 32) = A[slot, e][r0 .. r0 + 32, range]
+// @ X[r, range] for the rows r of the LoRA m-tile, summed over the warps in warp order; then it counts itself
+// done (lora_sync[0]), also when that m-tile is past the routed ones. The expand adds the ranges' t_s in order.
 template <typename T>
 __device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)[2][16][kPassRows]) {
   const int rblocks = lora_rank_blocks(p.R);
+  const int split = cta % p.lora_k_splits;
+  cta /= p.lora_k_splits;
   const int mt = cta / rblocks, r0 = (cta % rblocks) * 32;
+  const int k0 = split * lora_k_chunk(p), klen = max(0, min(lora_k_chunk(p), p.K - k0));
   if (mt < p.lora_tile_prefix[p.E * p.seg_per_expert]) {
     const int seg = p.lora_tile_segment[mt];
     const int tile_row0 = p.bucket_offsets[seg] + (mt - p.lora_tile_prefix[seg]) * kTileRows;
@@ -182,15 +200,16 @@ __device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)
                      reinterpret_cast<uintptr_t>(p.lora_A) % 16 == 0;
     const int first[2] = {r0, r0 + 16};  // A's rows as the two weight blocks
     const int count[2] = {max(0, min(16, p.R - r0)), max(0, min(16, p.R - r0 - 16))};
-    const WeightRows<T> w = weight_rows(A, p.K, first, count);
+    const WeightRows<T> w = weight_rows(A + k0, p.K, first, count);
+    float* t = p.lora_t + split * lora_split_stride(p);
     for (int g0 = 0; g0 < tile_rows; g0 += kPassRows) {
       const int rows = min(kPassRows, tile_rows - g0);
-      gemv_rows(X, p.K, tile_row0 + g0, rows, w, vec, red);
+      gemv_rows(X + k0, p.K, klen, tile_row0 + g0, rows, w, vec, red);
       __syncthreads();
       for (int o = threadIdx.x; o < 32 * rows; o += kThreads) {
         const int jb = (o % 32) / 16, j = o % 16, r = o / 32, col = r0 + 16 * jb + j;
         if (col >= p.R) continue;
-        p.lora_t[static_cast<int64_t>(tile_row0 + g0 + r) * p.R + col] = warp_sum(red, jb, j, r);
+        t[static_cast<int64_t>(tile_row0 + g0 + r) * p.R + col] = warp_sum(red, jb, j, r);
       }
       __syncthreads();  // red is rewritten by the next pass; every t store is issued before the signal below
     }
@@ -222,9 +241,15 @@ __device__ __forceinline__ void lora_delta(const ExpertGemvParams& p, const T* l
       float part = 0.f, scale = 1.f;
       if (active) {
         const T* b = lora_b + slot * p.b_slot_stride + static_cast<int64_t>(wrow0[jb] + j) * p.R + 8 * c;
-        const float4* t = reinterpret_cast<const float4*>(p.lora_t + static_cast<int64_t>(row0 + r) * p.R + 8 * c);
+        const float* ts = p.lora_t + static_cast<int64_t>(row0 + r) * p.R + 8 * c;
         const Vec8<T> bv = *reinterpret_cast<const Vec8<T>*>(b);
-        const float4 t0 = __ldcg(t), t1 = __ldcg(t + 1);
+        float4 t0 = __ldcg(reinterpret_cast<const float4*>(ts)), t1 = __ldcg(reinterpret_cast<const float4*>(ts) + 1);
+        for (int s = 1; s < p.lora_k_splits; ++s) {  // the K ranges' partial sums, in range order
+          const float4* tp = reinterpret_cast<const float4*>(ts + s * lora_split_stride(p));
+          const float4 u0 = __ldcg(tp), u1 = __ldcg(tp + 1);
+          t0.x += u0.x; t0.y += u0.y; t0.z += u0.z; t0.w += u0.w;
+          t1.x += u1.x; t1.y += u1.y; t1.z += u1.z; t1.w += u1.w;
+        }
         if (p.slot_scale != nullptr) scale = p.slot_scale[slot];
         const float tv[8] = {t0.x, t0.y, t0.z, t0.w, t1.x, t1.y, t1.z, t1.w};
 #pragma unroll
@@ -243,7 +268,11 @@ __device__ __forceinline__ void lora_delta(const ExpertGemvParams& p, const T* l
     const T* b = lora_b + slot * p.b_slot_stride + static_cast<int64_t>(wrow0[jb] + j) * p.R;
     const float* t = p.lora_t + static_cast<int64_t>(row0 + r) * p.R;
     float d = 0.f;
-    for (int i = 0; i < p.R; ++i) d += to_float(from_float<T>(__ldcg(t + i))) * to_float(b[i]);
+    for (int i = 0; i < p.R; ++i) {
+      float ti = __ldcg(t + i);
+      for (int s = 1; s < p.lora_k_splits; ++s) ti += __ldcg(t + s * lora_split_stride(p) + i);  // range order
+      d += to_float(from_float<T>(ti)) * to_float(b[i]);
+    }
     delta[jb][j][r] = (p.slot_scale != nullptr ? p.slot_scale[slot] : 1.f) * d;
   }
 }
@@ -318,7 +347,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
       if (static_cast<int>(threadIdx.x) < rows) my_slot = p.row_slot[row0 + threadIdx.x];
       if (g0 == 0 && threadIdx.x == 0) shrinks_seen = load_relaxed(&p.lora_sync[0]);
     }
-    gemv_rows(X, p.K, row0, rows, w, vec, red);
+    gemv_rows(X, p.K, p.K, row0, rows, w, vec, red);
     if constexpr (kLora) {
       if (threadIdx.x < kPassRows) slot_s[threadIdx.x] = my_slot;
       if (g0 == 0 && threadIdx.x == 0) {  // every shrink CTA is done: acquire their t
@@ -386,7 +415,8 @@ cudaError_t launch_typed(const ExpertGemvParams& p, cudaStream_t stream) {
 cudaError_t launch_expert_gemv(const ExpertGemvParams& p, cudaStream_t stream) {
   if (p.max_rows == 0 || p.N == 0) return cudaSuccess;
   if (p.gated && p.N % 2 != 0) return cudaErrorInvalidValue;
-  if (p.lora_A != nullptr && (p.R <= 0 || p.R > kLoraMaxRank || p.lora_B == nullptr || p.lora_t == nullptr ||
+  if (p.lora_A != nullptr && (p.R <= 0 || p.R > kLoraMaxRank || p.lora_k_splits < 1 || p.lora_B == nullptr ||
+                              p.lora_t == nullptr ||
                               p.lora_sync == nullptr || p.row_slot == nullptr || p.lora_tile_prefix == nullptr ||
                               p.lora_tile_segment == nullptr || p.lora_tile_capacity < 0))
     return cudaErrorInvalidValue;

@@ -167,7 +167,13 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
                                                                : mc::kLoraFewRows;
   ws.expand_few_rows_max = env_int("MOELORA_LORA_EXPAND_FEW_ROWS", expand_default);
   if (ws.lora_kernels && decode) {
-    ws.buf = at::empty({pairs, d.R}, act_options.dtype(at::kFloat));
+    // The GEMV launches' shrink partial sums, one [pairs, R] per K range (stages.h, gemv_lora_k_splits);
+    // MOELORA_GEMV_SHRINK_SPLIT_K=N sets the range length (0: one range), for measuring (NOTES.md v19).
+    const int split_k = env_int("MOELORA_GEMV_SHRINK_SPLIT_K", mc::kGemvShrinkSplitK);
+    ws.k_splits_fc1 = mc::gemv_lora_k_splits(static_cast<int>(d.H), split_k);
+    ws.k_splits_fc2 = mc::gemv_lora_k_splits(static_cast<int>(d.I), split_k);
+    const int64_t splits = std::max(ws.k_splits_fc1, ws.k_splits_fc2);
+    ws.buf = at::empty({splits, pairs, d.R}, act_options.dtype(at::kFloat));
   } else if (ws.lora_kernels) {
     // MOELORA_LORA_SHRINK_WAVES=N (default 2): the shrink's split-K target, for measuring (NOTES.md v9).
     const int waves = std::max(1, env_int("MOELORA_LORA_SHRINK_WAVES", mc::kLoraShrinkWaves));
@@ -270,8 +276,9 @@ struct GatedExpandOut {
 };
 
 // Decode: the GEMV launch runs this side's LoRA itself (expert_gemv.cu: shrink CTAs, expand in the epilogue);
-// fill its fields. `sync`: an int the routing plan zeroes (ExpertGemvParams::lora_sync).
-void lora_in_gemv(const LoraSide& side, LoraWorkspace& ws, const at::Tensor& lora_tile_prefix,
+// fill its fields. `sync`: an int the routing plan zeroes (ExpertGemvParams::lora_sync); `k_splits`: the shrink's
+// K ranges (ws.k_splits_fc1 / _fc2).
+void lora_in_gemv(const LoraSide& side, LoraWorkspace& ws, int k_splits, const at::Tensor& lora_tile_prefix,
                   const at::Tensor& lora_tile_segment, int lora_tile_capacity, const at::Tensor& row_slot,
                   int* sync, const float* scalings,
                   const FusedMoeDims& d, int N, int K, mc::ExpertGemvParams& g) {
@@ -283,7 +290,8 @@ void lora_in_gemv(const LoraSide& side, LoraWorkspace& ws, const at::Tensor& lor
   g.b_expert_stride = sb.expert; g.b_slot_stride = sb.slot;
   g.R = static_cast<int>(R);
   g.slot_scale = scalings;
-  g.lora_t = ws.buf.data_ptr<float>();  // [pairs, R] of it; fc2's launch reuses it after fc1's
+  g.lora_t = ws.buf.data_ptr<float>();  // [k_splits, pairs, R] of it; fc2's launch reuses it after fc1's
+  g.lora_k_splits = k_splits;
   g.lora_tile_prefix = lora_tile_prefix.data_ptr<int>();
   g.lora_tile_segment = lora_tile_segment.data_ptr<int>();
   g.lora_tile_capacity = lora_tile_capacity;
@@ -616,7 +624,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   // ---- 3-5. fc1 + LoRA, activation -----------------------------------------------------------------
   if (decode) {
     if (d.has_lora)
-      lora_in_gemv(lora13, lora_ws, lora_tile_prefix, lora_tile_segment, static_cast<int>(lora_tile_capacity),
+      lora_in_gemv(lora13, lora_ws, lora_ws.k_splits_fc1, lora_tile_prefix, lora_tile_segment, static_cast<int>(lora_tile_capacity),
                    row_slot, gemv_sync.data_ptr<int>(), scale_ptr, d, 2 * I, H, gemv);
     gemv.X = permuted.data_ptr(); gemv.W = w13c.data_ptr(); gemv.D = h.data_ptr();
     gemv.N = 2 * I; gemv.K = H; gemv.gated = true;
@@ -653,7 +661,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   // ---- 6-7. fc2 + LoRA, then finalize -------------------------------------------------------------
   if (decode) {
     if (d.has_lora)
-      lora_in_gemv(lora2, lora_ws, lora_tile_prefix, lora_tile_segment, static_cast<int>(lora_tile_capacity),
+      lora_in_gemv(lora2, lora_ws, lora_ws.k_splits_fc2, lora_tile_prefix, lora_tile_segment, static_cast<int>(lora_tile_capacity),
                    row_slot, gemv_sync.data_ptr<int>() + 1, scale_ptr, d, H, I, gemv);
     gemv.X = h.data_ptr(); gemv.W = w2c.data_ptr(); gemv.D = y.data_ptr();
     gemv.N = H; gemv.K = I; gemv.gated = false;

@@ -228,7 +228,8 @@ struct ExpertGemvParams {
   int64_t b_expert_stride, b_slot_stride;
   int R;                       // <= kLoraMaxRank
   const float* slot_scale;     // [S] or nullptr for 1
-  float* lora_t;               // [max_rows, R] workspace: the shrink's fp32 sums
+  float* lora_t;               // [lora_k_splits, max_rows, R] workspace: the shrink's fp32 partial sums
+  int lora_k_splits;           // K ranges of the shrink (gemv_lora_k_splits), summed in order by the expand
   const int* bucket_offsets;   // [E * seg_per_expert + 1]
   int seg_per_expert;          // S + 1
   const int* lora_tile_prefix;   // [E * seg_per_expert + 1] routing's LoRA m-tiles per bucket (prefix)
@@ -238,6 +239,16 @@ struct ExpertGemvParams {
   int* lora_sync;              // [1], zero before the launch (RoutingParams::zero_ints): shrink CTAs done
 };
 cudaError_t launch_expert_gemv(const ExpertGemvParams& p, cudaStream_t stream);
+// The GEMV launch's LoRA shrink splits K into ranges of at most kGemvShrinkSplitK (multiples of 512, the 16 k
+// blocks of one pass of the CTA's warps), one CTA each, so that a shrink CTA runs ~2 dependent load rounds and
+// is done long before the GEMV CTAs that wait for it have streamed their weights: unsplit, mixtral's fc2 shrink
+// (K = 14336) was 28 rounds behind a saturated HBM (NOTES.md v19). `split_k` = 0: one range.
+constexpr int kGemvShrinkSplitK = 1024;
+inline int gemv_lora_k_splits(int K, int split_k = kGemvShrinkSplitK) {
+  if (split_k <= 0 || K <= 0) return 1;
+  const int chunk = (split_k + 511) / 512 * 512;
+  return (K + chunk - 1) / chunk;
+}
 
 // ---- activation.cu: h[r, i] = act(gu[r, i]) * gu[r, I + i] for the routed rows ---------------------
 struct ActivationParams {
