@@ -575,12 +575,12 @@ def test_decode_gemv_shared_outer_bit_identical(flags, gemm_path):
     assert torch.equal(check(shared, torch.bfloat16), moelora_ext.fused_moe(**replicate_shared(shared, flags)))
 
 
-@pytest.mark.parametrize("split_k", [None, "512", "0"])
+@pytest.mark.parametrize("split_k", [None, "1024", "512", "0"])
 @pytest.mark.parametrize("shape", [(1, 4096, 1024, 8, 2, 4, 16), (2, 1000, 520, 8, 2, 3, 64), (3, 2880, 2880, 4, 2, 2, 16),
                                    (4, 14336, 512, 4, 2, 2, 128)],
                          ids=lambda s: "T{}_H{}_I{}_R{}".format(s[0], s[1], s[2], s[6]))
 def test_decode_gemv_lora_shrink_k_ranges(shape, split_k, monkeypatch):
-    """The GEMV launches' LoRA shrink over K ranges of at most kGemvShrinkSplitK (default 1024;
+    """The GEMV launches' LoRA shrink over K ranges of at most kGemvShrinkSplitK (default 2048;
     MOELORA_GEMV_SHRINK_SPLIT_K=512 more ranges, =0 one), summed in range order by the expand: each matches the
     reference, K not a multiple of 8 or of the range included (element loads), and a call repeats its bits."""
     T, H, I, E, k, S, R = shape

@@ -240,10 +240,12 @@ struct ExpertGemvParams {
 };
 cudaError_t launch_expert_gemv(const ExpertGemvParams& p, cudaStream_t stream);
 // The GEMV launch's LoRA shrink splits K into ranges of at most kGemvShrinkSplitK (multiples of 512, the 16 k
-// blocks of one pass of the CTA's warps), one CTA each, so that a shrink CTA runs ~2 dependent load rounds and
-// is done long before the GEMV CTAs that wait for it have streamed their weights: unsplit, mixtral's fc2 shrink
-// (K = 14336) was 28 rounds behind a saturated HBM (NOTES.md v19). `split_k` = 0: one range.
-constexpr int kGemvShrinkSplitK = 1024;
+// blocks of one pass of the CTA's warps), one CTA each, so that a shrink CTA runs at most 4 dependent load
+// rounds and is done before the GEMV CTAs that wait for it have streamed their weights: unsplit, mixtral's fc2
+// shrink (K = 14336) was 28 rounds behind a saturated HBM. Measured on the H100 (NOTES.md v19, graph, T=1):
+// 2048 and 1024 alike at rank 16, 2048 faster by 1-4 µs at rank 64 (the expand reads R floats per range),
+// 512 slower. `split_k` = 0: one range.
+constexpr int kGemvShrinkSplitK = 2048;
 inline int gemv_lora_k_splits(int K, int split_k = kGemvShrinkSplitK) {
   if (split_k <= 0 || K <= 0) return 1;
   const int chunk = (split_k + 511) / 512 * 512;
