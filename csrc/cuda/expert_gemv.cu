@@ -80,8 +80,7 @@ __device__ __forceinline__ WeightRows<T> weight_rows(const T* W, int64_t K, cons
 // into red[warp][jb][j][r] (each warp a quarter of the k blocks).
 template <typename T, int NG>
 __device__ __forceinline__ void gemv_pass(const T* X, int64_t ldx, int K, int row0, int rows, const WeightRows<T>& w,
-                                          bool vec,
-                                          float (*red)[2][16][kPassRows]) {
+                                          bool vec, float (*red)[2][16][kPassRows]) {
   constexpr int U = kU<NG>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, q = lane % 4;
@@ -136,8 +135,7 @@ __device__ __forceinline__ void gemv_pass(const T* X, int64_t ldx, int K, int ro
 // One pass over the rows [row0, row0 + rows), rows <= kPassRows: one or two 8-row groups per weight load.
 template <typename T>
 __device__ __forceinline__ void gemv_rows(const T* X, int64_t ldx, int K, int row0, int rows, const WeightRows<T>& w,
-                                          bool vec,
-                                          float (*red)[2][16][kPassRows]) {
+                                          bool vec, float (*red)[2][16][kPassRows]) {
   if (rows > kRowGroup)
     gemv_pass<T, 2>(X, ldx, K, row0, rows, w, vec, red);
   else
@@ -158,7 +156,7 @@ __host__ __device__ inline int lora_shrink_ctas(const ExpertGemvParams& p) {
   return p.lora_A == nullptr ? 0 : p.lora_tile_capacity * lora_rank_blocks(p.R) * p.lora_k_splits;
 }
 // The shrink's K ranges: [s * chunk, min(K, (s + 1) * chunk)), chunk a multiple of the 32-wide k blocks (so the
-// ranges keep 16-byte rows); a range past K is empty and its partial sums are zeros.
+// ranges keep 16-byte rows). gemv_lora_k_splits never makes one empty; one would write zeros.
 __host__ __device__ inline int lora_k_chunk(const ExpertGemvParams& p) {
   return ceil_div(ceil_div(p.K, p.lora_k_splits), 32) * 32;
 }
