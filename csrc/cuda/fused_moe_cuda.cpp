@@ -625,7 +625,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   if (decode) {
     if (d.has_lora)
       lora_in_gemv(lora13, lora_ws, lora_ws.k_splits_fc1, lora_tile_prefix, lora_tile_segment,
-                   static_cast<int>(lora_tile_capacity), row_slot, gemv_sync.data_ptr<int>(), scale_ptr, d, 2 * I, H, gemv);
+                   static_cast<int>(lora_tile_capacity), row_slot, gemv_sync.data_ptr<int>(), scale_ptr, d, 2 * I, H,
+                   gemv);
     gemv.X = permuted.data_ptr(); gemv.W = w13c.data_ptr(); gemv.D = h.data_ptr();
     gemv.N = 2 * I; gemv.K = H; gemv.gated = true;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
@@ -662,7 +663,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   if (decode) {
     if (d.has_lora)
       lora_in_gemv(lora2, lora_ws, lora_ws.k_splits_fc2, lora_tile_prefix, lora_tile_segment,
-                   static_cast<int>(lora_tile_capacity), row_slot, gemv_sync.data_ptr<int>() + 1, scale_ptr, d, H, I, gemv);
+                   static_cast<int>(lora_tile_capacity), row_slot, gemv_sync.data_ptr<int>() + 1, scale_ptr, d, H, I,
+                   gemv);
     gemv.X = h.data_ptr(); gemv.W = w2c.data_ptr(); gemv.D = y.data_ptr();
     gemv.N = H; gemv.K = I; gemv.gated = false;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
