@@ -527,6 +527,18 @@ def test_gemv_many_rows_per_expert(shape, dtype, gemm_path, monkeypatch):
     assert rel_err(gemv, gemm) < TOL[dtype] / 2
 
 
+def test_gemv_lora_partial_sums_marked_pending_every_call(monkeypatch):
+    """The GEMV CTAs take t as ready once its elements leave the routing's pending mark (stages.h kLoraTPending).
+    With ~2500 shrink CTAs per launch, more than fit on the GPU at once, many GEMV CTAs reach their epilogue
+    before their t is written: a call whose workspace still held the previous call's t would read it. Two
+    calls on other inputs, each from the cached blocks the one before used, each against the reference."""
+    monkeypatch.setenv("MOELORA_GEMV_AVG_ROWS", "100000")
+    for seed in (52, 53, 54):
+        args = make_case(1000, 128, 64, 8, 8, 64, 128, seed=seed)
+        out = moelora_ext.fused_moe(**args)
+        assert rel_err(out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
+
+
 def test_decode_lora_runs_inside_the_gemv_launches():
     """At decode the LoRA shrink runs in the GEMV launches (their first CTAs), not as kernels of its own: a
     call is routing, two GEMVs and the finalize."""
@@ -688,6 +700,47 @@ def test_paths_agree():
     assert rel_err(a, b) < 1e-2
 
 
+GATHER_SHAPES = [
+    # T,  H,    I,   E,  k, S,  R     one-kernel routing that gathers the rows (33..2048 pairs, <= 8192 buckets)
+    (9, 256, 128, 8, 4, 4, 16),      # 36 pairs: one gather block, several pairs per bucket
+    (300, 512, 256, 16, 4, 4, 16),   # 1200 pairs
+    (500, 2880, 256, 32, 4, 0, 0),   # 2000 pairs, no LoRA (gpt-oss H)
+    (512, 8200, 128, 16, 4, 4, 16),  # 2048 pairs (the most it gathers); rows past the first piece; fc1's shrink
+                                     # reads the token rows (34 MB gathered)
+    (64, 256, 128, 128, 8, 63, 16),  # 8192 buckets, the most the plan block counts
+]
+
+
+@pytest.mark.parametrize("block_pairs", [None, "8"])
+@pytest.mark.parametrize("shape", GATHER_SHAPES,
+                         ids=lambda s: "T{}_H{}_E{}_k{}_S{}".format(s[0], s[1], s[3], s[4], s[5]))
+def test_routing_gather_bit_identical(shape, block_pairs, monkeypatch):
+    """Above decode sizes a one-kernel routing gathers the rows too: its first block plans, the others count
+    their pairs' rows over all pairs and copy (pair order inside a bucket). MOELORA_ROUTING_GATHER=0 runs the
+    permute kernel instead (atomic order). A row's place never changes its math: the same bits, against the
+    reference, with dropped expert ids, tokens without adapter, int64 ids, and both gather block sizes."""
+    T, H, I, E, k, S, R = shape
+    args = make_case(T, H, I, E, k, S, R, seed=90 + T)
+    args["topk_ids"] = args["topk_ids"].long() if T % 2 == 0 else args["topk_ids"]
+    monkeypatch.delenv("MOELORA_ROUTING_GATHER", raising=False)
+    if block_pairs is None:
+        monkeypatch.delenv("MOELORA_ROUTING_GATHER_PAIRS", raising=False)
+    else:
+        monkeypatch.setenv("MOELORA_ROUTING_GATHER_PAIRS", block_pairs)
+    gathered = check(args, torch.bfloat16)
+    monkeypatch.setenv("MOELORA_ROUTING_GATHER", "0")
+    poison_allocator()
+    assert torch.equal(moelora_ext.fused_moe(**args), gathered)
+
+
+def test_routing_gather_pairs_knob_rejected(monkeypatch):
+    """MOELORA_ROUTING_GATHER_PAIRS takes 0, 8 or 16: another value is an error naming it."""
+    args = make_case(40, 256, 128, 16, 4, 4, 16, seed=91)
+    monkeypatch.setenv("MOELORA_ROUTING_GATHER_PAIRS", "32")
+    with pytest.raises(RuntimeError, match="MOELORA_ROUTING_GATHER_PAIRS"):
+        moelora_ext.fused_moe(**args)
+
+
 @pytest.mark.parametrize("pairs_side", ["one_block", "multi_kernel"])
 def test_routing_paths_match_reference(pairs_side, gemm_path):
     """Routing runs as one kernel up to 4096 (token, expert) pairs and 8192 buckets, else as memset + count +
@@ -729,8 +782,8 @@ def _rewrite_inputs(args, seed):
         args[name].copy_(fresh[name])
 
 
-# decode GEMV (its launch-local LoRA counters) / grouped GEMM with the LoRA overlapped (default at T * k <= 8 E) /
-# grouped GEMM with the LoRA after it
+# decode GEMV (its LoRA partial sums marked pending by the routing) / grouped GEMM with the LoRA overlapped
+# (default at T * k <= 8 E) / grouped GEMM with the LoRA after it
 @pytest.mark.parametrize("T", [3, 20, 333])
 def test_cuda_graph_replay_with_new_inputs(T, gemm_path):
     args = make_case(T, 256, 128, 16, 4, 8, 16, seed=8)

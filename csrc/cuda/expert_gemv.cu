@@ -12,7 +12,8 @@
 // The LoRA shrink runs in the same launch (NOTES.md v11): at decode it is a few hundred KB of A, and as a
 // launch of its own it cost a kernel boundary and its latency chains twice per call (qwen3 T=1: 6.7 µs for
 // the two shrinks, eager). Its CTAs stream A the way the GEMV streams W and write t in fp32; the GEMV CTAs
-// need t only in their epilogue, after streaming their weights, and wait for a counter there. Each shrink CTA
+// need t only in their epilogue, after streaming their weights, and wait there for its elements to leave the
+// routing's "pending" mark (load_t4 below; NOTES.md v20: one round trip less than v11's counter). Each shrink CTA
 // takes one K range (at most kGemvShrinkSplitK, stages.h) and writes its partial sums, which the expand adds in
 // range order: with all of K, mixtral's fc2 shrink (K = 14336) ran 28 dependent load rounds behind the
 // saturated HBM and finished after the GEMV CTAs waiting for it (NOTES.md v19: mixtral T=1 with LoRA 297 ->
@@ -165,20 +166,47 @@ __host__ __device__ inline int64_t lora_split_stride(const ExpertGemvParams& p) 
   return static_cast<int64_t>(p.max_rows) * p.R;
 }
 
-__device__ __forceinline__ int load_acquire(const int* ptr) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
+// The shrink's partial sums announce themselves: the routing fills lora_t with kLoraTPending (a NaN that no
+// arithmetic writes: the GPU's NaN results are 0x7fffffff), each element is stored once, and a GEMV CTA that
+// loads an element still pending loads it again. So the expand's first load of t is also its readiness check,
+// one memory round trip after the weight stream instead of a counter's and then t's.
+__device__ __forceinline__ bool pending(float v) { return __float_as_uint(v) == kLoraTPending; }
+__device__ __forceinline__ void store_t(float* ptr, float v) {
+  if (pending(v)) v = __uint_as_float(0x7fffffffu);  // never announce "not written" (cannot happen; kept exact)
+  asm volatile("st.relaxed.gpu.global.f32 [%0], %1;" ::"l"(ptr), "f"(v) : "memory");
+}
+__device__ __forceinline__ float4 load_t4_once(const float* ptr) {
+  float4 v;
+  asm volatile("ld.relaxed.gpu.global.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(ptr) : "memory");
   return v;
 }
-__device__ __forceinline__ int load_relaxed(const int* ptr) {
-  int v;
-  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(ptr));
+__device__ __forceinline__ float load_t1_once(const float* ptr) {
+  float v;
+  asm volatile("ld.relaxed.gpu.global.f32 %0, [%1];" : "=f"(v) : "l"(ptr) : "memory");
+  return v;
+}
+__device__ __forceinline__ float4 load_t4(const float* ptr) {
+  float4 v = load_t4_once(ptr);
+  while (pending(v.x) || pending(v.y) || pending(v.z) || pending(v.w)) {
+    __nanosleep(32);
+    v = load_t4_once(ptr);
+  }
+  return v;
+}
+__device__ __forceinline__ float load_t1(const float* ptr) {
+  float v = load_t1_once(ptr);
+  while (pending(v)) {
+    __nanosleep(32);
+    v = load_t1_once(ptr);
+  }
   return v;
 }
 
+
 // Shrink CTA `cta` = (m-tile, rank block, K range s): t_s[r, r0 .. r0 + 32) = A[slot, e][r0 .. r0 + 32, range]
-// @ X[r, range] for the rows r of the LoRA m-tile, summed over the warps in warp order; then it counts itself
-// done (lora_sync[0]), also when that m-tile is past the routed ones. The expand adds the ranges' t_s in order.
+// @ X[r, range] for the rows r of the LoRA m-tile, summed over the warps in warp order (each element stored once,
+// over the routing's pending mark). The expand adds the ranges' t_s in order.
 template <typename T>
 __device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)[2][16][kPassRows]) {
   const int rblocks = lora_rank_blocks(p.R);
@@ -207,14 +235,10 @@ __device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)
       for (int o = threadIdx.x; o < 32 * rows; o += kThreads) {
         const int jb = (o % 32) / 16, j = o % 16, r = o / 32, col = r0 + 16 * jb + j;
         if (col >= p.R) continue;
-        t[static_cast<int64_t>(tile_row0 + g0 + r) * p.R + col] = warp_sum(red, jb, j, r);
+        store_t(t + static_cast<int64_t>(tile_row0 + g0 + r) * p.R + col, warp_sum(red, jb, j, r));
       }
-      __syncthreads();  // red is rewritten by the next pass; every t store is issued before the signal below
+      __syncthreads();  // red is rewritten by the next pass
     }
-  }
-  if (threadIdx.x == 0) {
-    __threadfence();  // the CTA's t stores (ordered before this by the barrier) are visible GPU-wide first
-    atomicAdd(&p.lora_sync[0], 1);
   }
 }
 
@@ -241,10 +265,10 @@ __device__ __forceinline__ void lora_delta(const ExpertGemvParams& p, const T* l
         const T* b = lora_b + slot * p.b_slot_stride + static_cast<int64_t>(wrow0[jb] + j) * p.R + 8 * c;
         const float* ts = p.lora_t + static_cast<int64_t>(row0 + r) * p.R + 8 * c;
         const Vec8<T> bv = *reinterpret_cast<const Vec8<T>*>(b);
-        float4 t0 = __ldcg(reinterpret_cast<const float4*>(ts)), t1 = __ldcg(reinterpret_cast<const float4*>(ts) + 1);
+        float4 t0 = load_t4(ts), t1 = load_t4(ts + 4);
         for (int s = 1; s < p.lora_k_splits; ++s) {  // the K ranges' partial sums, in range order
-          const float4* tp = reinterpret_cast<const float4*>(ts + s * lora_split_stride(p));
-          const float4 u0 = __ldcg(tp), u1 = __ldcg(tp + 1);
+          const float* tp = ts + s * lora_split_stride(p);
+          const float4 u0 = load_t4(tp), u1 = load_t4(tp + 4);
           t0.x += u0.x; t0.y += u0.y; t0.z += u0.z; t0.w += u0.w;
           t1.x += u1.x; t1.y += u1.y; t1.z += u1.z; t1.w += u1.w;
         }
@@ -267,8 +291,8 @@ __device__ __forceinline__ void lora_delta(const ExpertGemvParams& p, const T* l
     const float* t = p.lora_t + static_cast<int64_t>(row0 + r) * p.R;
     float d = 0.f;
     for (int i = 0; i < p.R; ++i) {
-      float ti = __ldcg(t + i);
-      for (int s = 1; s < p.lora_k_splits; ++s) ti += __ldcg(t + s * lora_split_stride(p) + i);  // range order
+      float ti = load_t1(t + i);
+      for (int s = 1; s < p.lora_k_splits; ++s) ti += load_t1(t + s * lora_split_stride(p) + i);  // range order
       d += to_float(from_float<T>(ti)) * to_float(b[i]);
     }
     delta[jb][j][r] = (p.slot_scale != nullptr ? p.slot_scale[slot] : 1.f) * d;
@@ -338,24 +362,17 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
   for (int g0 = 0; g0 < tile_rows; g0 += kPassRows) {  // one pass unless the expert has more than 16 rows here
     const int rows = min(kPassRows, tile_rows - g0);
     const int row0 = tile_row0 + g0;
-    // LoRA: loads whose values are needed only after the weight stream, issued before it: each row's slot
-    // (written by the routing / permute), and a first look at the shrink CTAs' counter.
-    int my_slot = -1, shrinks_seen = 0;
+    // LoRA: each row's slot (written by the routing / permute), needed only after the weight stream, is loaded
+    // before it.
+    int my_slot = -1;
     if constexpr (kLora) {
       if (static_cast<int>(threadIdx.x) < rows) my_slot = p.row_slot[row0 + threadIdx.x];
-      if (g0 == 0 && threadIdx.x == 0) shrinks_seen = load_relaxed(&p.lora_sync[0]);
     }
     gemv_rows(X, p.K, p.K, row0, rows, w, vec, red);
     if constexpr (kLora) {
       if (threadIdx.x < kPassRows) slot_s[threadIdx.x] = my_slot;
-      if (g0 == 0 && threadIdx.x == 0) {  // every shrink CTA is done: acquire their t
-        if (shrinks_seen >= shrink_ctas)
-          __threadfence();  // the relaxed read above, then a fence: an acquire
-        else
-          while (load_acquire(&p.lora_sync[0]) < shrink_ctas) __nanosleep(64);
-      }
       __syncthreads();
-      lora_delta<T>(p, lora_b, row0, rows, wrow0, wrows, slot_s, delta_s);
+      lora_delta<T>(p, lora_b, row0, rows, wrow0, wrows, slot_s, delta_s);  // waits for t (load_t4)
     }
     __syncthreads();
 
@@ -415,7 +432,7 @@ cudaError_t launch_expert_gemv(const ExpertGemvParams& p, cudaStream_t stream) {
   if (p.gated && p.N % 2 != 0) return cudaErrorInvalidValue;
   if (p.lora_A != nullptr && (p.R <= 0 || p.R > kLoraMaxRank || p.lora_k_splits < 1 || p.lora_B == nullptr ||
                               p.lora_t == nullptr ||
-                              p.lora_sync == nullptr || p.row_slot == nullptr || p.lora_tile_prefix == nullptr ||
+                              p.row_slot == nullptr || p.lora_tile_prefix == nullptr ||
                               p.lora_tile_segment == nullptr || p.lora_tile_capacity < 0))
     return cudaErrorInvalidValue;
   if (p.dtype == DType::BF16)

@@ -146,7 +146,8 @@ struct LoraWorkspace {
   int k_splits_fc1 = 1, k_splits_fc2 = 1;
 };
 
-// `decode`: the GEMV launches run the LoRA (lora_in_gemv), whose shrink writes t unsplit, [pairs, R] fp32.
+// `decode`: the GEMV launches run the LoRA (lora_in_gemv); buf holds their shrinks' partial sums, [K ranges, pairs,
+// R] fp32, fc1's ranges and then fc2's.
 LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions& act_options, int sm_count,
                                   bool decode) {
   LoraWorkspace ws;
@@ -172,8 +173,8 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
     const int split_k = env_int("MOELORA_GEMV_SHRINK_SPLIT_K", mc::kGemvShrinkSplitK);
     ws.k_splits_fc1 = mc::gemv_lora_k_splits(static_cast<int>(d.H), split_k);
     ws.k_splits_fc2 = mc::gemv_lora_k_splits(static_cast<int>(d.I), split_k);
-    const int64_t splits = std::max(ws.k_splits_fc1, ws.k_splits_fc2);
-    ws.buf = at::empty({splits, pairs, d.R}, act_options.dtype(at::kFloat));
+    // fc1's ranges, then fc2's: the routing marks both pending before either launch (kLoraTPending).
+    ws.buf = at::empty({ws.k_splits_fc1 + ws.k_splits_fc2, pairs, d.R}, act_options.dtype(at::kFloat));
   } else if (ws.lora_kernels) {
     // MOELORA_LORA_SHRINK_WAVES=N (default 2): the shrink's split-K target, for measuring (NOTES.md v9).
     const int waves = std::max(1, env_int("MOELORA_LORA_SHRINK_WAVES", mc::kLoraShrinkWaves));
@@ -276,11 +277,11 @@ struct GatedExpandOut {
 };
 
 // Decode: the GEMV launch runs this side's LoRA itself (expert_gemv.cu: shrink CTAs, expand in the epilogue);
-// fill its fields. `sync`: an int the routing plan zeroes (ExpertGemvParams::lora_sync); `k_splits`: the shrink's
-// K ranges (ws.k_splits_fc1 / _fc2).
-void lora_in_gemv(const LoraSide& side, LoraWorkspace& ws, int k_splits, const at::Tensor& lora_tile_prefix,
+// fill its fields. `t`: this side's part of ws.buf, which the routing marks pending; `k_splits`: the shrink's K
+// ranges (ws.k_splits_fc1 / _fc2).
+void lora_in_gemv(const LoraSide& side, float* t, int k_splits, const at::Tensor& lora_tile_prefix,
                   const at::Tensor& lora_tile_segment, int lora_tile_capacity, const at::Tensor& row_slot,
-                  int* sync, const float* scalings,
+                  const float* scalings,
                   const FusedMoeDims& d, int N, int K, mc::ExpertGemvParams& g) {
   const int64_t R = d.R;
   const AdapterStrides sa = adapter_strides(side.shared_a, R * K, d.E), sb = adapter_strides(side.shared_b, N * R, d.E);
@@ -290,13 +291,12 @@ void lora_in_gemv(const LoraSide& side, LoraWorkspace& ws, int k_splits, const a
   g.b_expert_stride = sb.expert; g.b_slot_stride = sb.slot;
   g.R = static_cast<int>(R);
   g.slot_scale = scalings;
-  g.lora_t = ws.buf.data_ptr<float>();  // [k_splits, pairs, R] of it; fc2's launch reuses it after fc1's
+  g.lora_t = t;  // [k_splits, pairs, R]
   g.lora_k_splits = k_splits;
   g.lora_tile_prefix = lora_tile_prefix.data_ptr<int>();
   g.lora_tile_segment = lora_tile_segment.data_ptr<int>();
   g.lora_tile_capacity = lora_tile_capacity;
   g.row_slot = row_slot.data_ptr<int>();
-  g.lora_sync = sync;
 }
 
 // Where the lora_gemm.cu shrink reads its rows (LoraShrinkParams::X / x_rows): by default the sorted input
@@ -496,7 +496,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
 
   // ---- workspace ----------------------------------------------------------------------------------
   const auto iopt = x.options().dtype(at::kInt);
-  at::Tensor bucket_counts = at::empty({nbuckets}, iopt);
+  at::Tensor bucket_counts = at::empty({nbuckets + 1}, iopt);  // + 1: the plan may scan it in place
   at::Tensor pair_rank = at::empty({pairs}, iopt);
   at::Tensor pair_row = at::empty({pairs}, iopt);
   at::Tensor bucket_offsets = at::empty({nbuckets + 1}, iopt);
@@ -513,7 +513,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   at::Tensor scalings;  // undefined: every slot scales by 1
   if (d.has_lora) {
     token_slots = token_lora_ids->contiguous();  // int32 (checked)
-    lora_ws = make_lora_workspace(d, x.options(), sm_count, decode);  // reused by fc1 and fc2
+    lora_ws = make_lora_workspace(d, x.options(), sm_count, decode);  // fc2 reuses fc1's, but at decode
     if (lora_scalings.has_value()) scalings = lora_scalings->contiguous();  // float32 (checked)
   }
   const float* scale_ptr = scalings.defined() ? scalings.data_ptr<float>() : nullptr;
@@ -537,8 +537,6 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const bool token_rows_shrink = d.has_lora && !decode && lora_ws.lora_kernels &&
                                  use_token_rows_shrink(static_cast<int64_t>(pairs) * H * x.element_size(), device);
   at::Tensor row_token = at::empty({token_rows_shrink ? pairs : 0}, iopt);
-  // Decode with LoRA: the two GEMV launches' counters (ExpertGemvParams::lora_sync), zeroed by the routing.
-  at::Tensor gemv_sync = at::empty({decode && d.has_lora ? 2 : 0}, iopt);
   // Overlapped LoRA: the deltas and the second stream.
   at::Tensor gu_delta = at::empty({overlap ? pairs : 0, 2 * I}, x.options());
   at::Tensor y_delta = at::empty({overlap ? pairs : 0, H}, x.options());
@@ -561,16 +559,29 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   rp.lora_tile_prefix = S > 0 ? lora_tile_prefix.data_ptr<int>() : nullptr;
   rp.lora_tile_segment = S > 0 ? lora_tile_segment.data_ptr<int>() : nullptr;
   rp.lora_tile_capacity = static_cast<int>(lora_tile_capacity);
-  rp.zero_ints = gemv_sync.numel() > 0 ? gemv_sync.data_ptr<int>() : nullptr;
-  rp.zero_count = static_cast<int>(gemv_sync.numel());
+  if (decode && d.has_lora) {  // the GEMVs' shrink partial sums: pending until written (expert_gemv.cu)
+    MOELORA_CHECK(lora_ws.buf.numel() < (int64_t{1} << 31), "moelora::fused_moe on CUDA: the decode LoRA workspace (",
+                  lora_ws.buf.numel(), " floats) is above 2^31");
+    rp.fill_words = reinterpret_cast<unsigned*>(lora_ws.buf.data_ptr<float>());
+    rp.fill_count = static_cast<int>(lora_ws.buf.numel());
+    rp.fill_value = mc::kLoraTPending;
+  }
   // MOELORA_ROUTING_FEW_PAIRS=0: the one-block kernel also for the fewest pairs (kept to compare, NOTES.md v12).
   rp.few_pairs_max = env_zero("MOELORA_ROUTING_FEW_PAIRS") ? 0 : mc::kFewPairsMax;
-  // At decode a one-kernel routing also does the permute stage (one launch less).
-  const bool gather_in_routing = decode && mc::routing_in_one_kernel(pairs, nbuckets, rp.few_pairs_max);
+  // A one-kernel routing also does the permute stage (one launch less; its other blocks copy the rows while the
+  // first one plans). MOELORA_ROUTING_GATHER=0 keeps the permute kernel above decode sizes, to compare.
+  const bool gather_in_routing = mc::routing_can_gather(pairs, nbuckets, rp.few_pairs_max) &&
+                                 (decode || !env_zero("MOELORA_ROUTING_GATHER"));
   if (gather_in_routing) {
     rp.gather_hidden = x.data_ptr(); rp.gather_permuted = permuted.data_ptr();
     rp.gather_pair_row = pair_row.data_ptr<int>(); rp.H = H;
     rp.gather_row_slot = need_row_slot ? row_slot.data_ptr<int>() : nullptr;
+    rp.gather_row_token = token_rows_shrink ? row_token.data_ptr<int>() : nullptr;
+    // MOELORA_ROUTING_GATHER_PAIRS=8 sets 8 pairs per gather block instead of 16, to compare (NOTES.md v20).
+    const int64_t block_pairs = env_int("MOELORA_ROUTING_GATHER_PAIRS", 0);
+    MOELORA_CHECK(block_pairs == 0 || block_pairs == 8 || block_pairs == 16,
+                  "MOELORA_ROUTING_GATHER_PAIRS must be 0, 8 or 16, got ", block_pairs);
+    rp.gather_block_pairs = static_cast<int>(block_pairs);
   }
   // Both base GEMMs, their group tables written by the routing (not at decode sizes: expert_gemv.cu needs
   // none). fc2 writes into the gathered input's buffer (permuted), which is dead once fc1 and its LoRA shrink
@@ -624,9 +635,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   // ---- 3-5. fc1 + LoRA, activation -----------------------------------------------------------------
   if (decode) {
     if (d.has_lora)
-      lora_in_gemv(lora13, lora_ws, lora_ws.k_splits_fc1, lora_tile_prefix, lora_tile_segment,
-                   static_cast<int>(lora_tile_capacity), row_slot, gemv_sync.data_ptr<int>(), scale_ptr, d, 2 * I, H,
-                   gemv);
+      lora_in_gemv(lora13, lora_ws.buf.data_ptr<float>(), lora_ws.k_splits_fc1, lora_tile_prefix, lora_tile_segment,
+                   static_cast<int>(lora_tile_capacity), row_slot, scale_ptr, d, 2 * I, H, gemv);
     gemv.X = permuted.data_ptr(); gemv.W = w13c.data_ptr(); gemv.D = h.data_ptr();
     gemv.N = 2 * I; gemv.K = H; gemv.gated = true;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
@@ -662,9 +672,9 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   // ---- 6-7. fc2 + LoRA, then finalize -------------------------------------------------------------
   if (decode) {
     if (d.has_lora)
-      lora_in_gemv(lora2, lora_ws, lora_ws.k_splits_fc2, lora_tile_prefix, lora_tile_segment,
-                   static_cast<int>(lora_tile_capacity), row_slot, gemv_sync.data_ptr<int>() + 1, scale_ptr, d, H, I,
-                   gemv);
+      lora_in_gemv(lora2, lora_ws.buf.data_ptr<float>() + int64_t{lora_ws.k_splits_fc1} * pairs * d.R,
+                   lora_ws.k_splits_fc2, lora_tile_prefix, lora_tile_segment, static_cast<int>(lora_tile_capacity),
+                   row_slot, scale_ptr, d, H, I, gemv);
     gemv.X = h.data_ptr(); gemv.W = w2c.data_ptr(); gemv.D = y.data_ptr();
     gemv.N = H; gemv.K = I; gemv.gated = false;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));

@@ -37,17 +37,21 @@ __device__ __forceinline__ uint4* gather_target(const RoutingParams& p, int row)
 }
 __device__ __forceinline__ void record_gathered_pair(const RoutingParams& p, int pair, int row, int bucket) {
   p.gather_pair_row[pair] = row;
-  if (p.gather_row_slot != nullptr && row >= 0) p.gather_row_slot[row] = bucket_slot(bucket, p.S);
+  if (row < 0) return;
+  if (p.gather_row_slot != nullptr) p.gather_row_slot[row] = bucket_slot(bucket, p.S);
+  if (p.gather_row_token != nullptr) p.gather_row_token[row] = pair / p.k;
 }
 
 constexpr int kPlanThreads = 1024;
 // cub's default (raking) scan: BLOCK_SCAN_WARP_SCANS made the routing kernels 1.2-2 µs slower (NOTES.md v10).
 using PlanScan = cub::BlockScan<int, kPlanThreads>;
 
-// Exclusive prefix sum of value(i) for i in [0, n) into out[0..n], by one block: each thread sums a
-// contiguous chunk, the block scans the chunk sums, then each thread writes its chunk.
-template <typename ValueOf>
-__device__ void block_prefix_sum(int n, ValueOf value, int* out, PlanScan::TempStorage& tmp) {
+// Exclusive prefix sum of value(i) over i in [0, n), by one block: each thread sums a contiguous chunk, the
+// block scans the chunk sums, then each thread calls emit(i, prefix, value(i)) for its chunk in order, and
+// thread 0 emit(n, total, 0). A thread reads value(i) before its emit(i), and only for its own chunk, so emit
+// may overwrite what value reads (the bucket offsets replace the counts in place).
+template <typename ValueOf, typename Emit>
+__device__ void block_prefix_sum(int n, ValueOf value, Emit emit, PlanScan::TempStorage& tmp) {
   const int chunk = ceil_div(n, kPlanThreads);
   const int begin = min(n, static_cast<int>(threadIdx.x) * chunk);
   const int end = min(n, begin + chunk);
@@ -56,75 +60,189 @@ __device__ void block_prefix_sum(int n, ValueOf value, int* out, PlanScan::TempS
   int running, total;
   PlanScan(tmp).ExclusiveSum(local, running, total);
   for (int i = begin; i < end; ++i) {
-    out[i] = running;
-    running += value(i);
+    const int v = value(i);
+    emit(i, running, v);
+    running += v;
   }
-  if (threadIdx.x == 0) out[n] = total;
-  __syncthreads();  // tmp is reused by the next scan; out is read by the next one
+  if (threadIdx.x == 0) emit(n, total, 0);
+  __syncthreads();  // tmp is reused by the next scan; what emit wrote is read by the next one
 }
 
-// Offsets and tile tables from the bucket counts (global or shared memory), by the whole block.
-__device__ void plan_from_counts(const RoutingParams& p, const int* counts, PlanScan::TempStorage& tmp) {
+// Offsets and tile tables from the bucket counts, by the whole block. `offs` holds the E * (S + 1) counts and
+// one more entry (shared memory, or the global counts); the bucket offsets replace them, and every later table
+// is computed from there: reading back the global tables just written would cost an L2 round trip per table.
+__device__ void plan_from_counts(const RoutingParams& p, int* offs, PlanScan::TempStorage& tmp) {
   const int per_expert = p.S + 1;
   const int nbuckets = p.E * per_expert;
 
-  if (static_cast<int>(threadIdx.x) < p.zero_count) p.zero_ints[threadIdx.x] = 0;
-  block_prefix_sum(nbuckets, [&](int b) { return counts[b]; }, p.bucket_offsets, tmp);
-  for (int e = threadIdx.x; e <= p.E; e += blockDim.x) p.expert_offsets[e] = p.bucket_offsets[e * per_expert];
+  for (int i = threadIdx.x; i < p.fill_count; i += blockDim.x) p.fill_words[i] = p.fill_value;
+  block_prefix_sum(
+      nbuckets, [&](int b) { return offs[b]; },
+      [&](int b, int prefix, int) {
+        offs[b] = prefix;
+        p.bucket_offsets[b] = prefix;
+      },
+      tmp);
+  for (int e = threadIdx.x; e <= p.E; e += blockDim.x) p.expert_offsets[e] = offs[e * per_expert];
   for (int i = 0; i < p.gemm_table_count; ++i)
     for (int e = threadIdx.x; e < p.E; e += blockDim.x) {
-      const int begin = p.bucket_offsets[e * per_expert];
-      write_expert_gemm_tables(p.gemm_tables[i], e, begin, p.bucket_offsets[(e + 1) * per_expert] - begin);
+      const int begin = offs[e * per_expert];
+      write_expert_gemm_tables(p.gemm_tables[i], e, begin, offs[(e + 1) * per_expert] - begin);
     }
-  __syncthreads();
-  const int* expert_offsets = p.expert_offsets;
   block_prefix_sum(
-      p.E, [&](int e) { return ceil_div(expert_offsets[e + 1] - expert_offsets[e], kTileRows); },
-      p.expert_tile_prefix, tmp);
+      p.E, [&](int e) { return ceil_div(offs[(e + 1) * per_expert] - offs[e * per_expert], kTileRows); },
+      [&](int e, int prefix, int) { p.expert_tile_prefix[e] = prefix; }, tmp);
   if (p.S > 0) {
-    // Buckets of rows without an adapter (slot -1, the first of each expert) get no LoRA tiles.
-    block_prefix_sum(
-        nbuckets, [&](int b) { return b % per_expert == 0 ? 0 : ceil_div(counts[b], kTileRows); },
-        p.lora_tile_prefix, tmp);
-    // The LoRA kernels look up an m-tile's bucket here instead of searching the prefix (one load, not
+    // Buckets of rows without an adapter (slot -1, the first of each expert) get no LoRA tiles. The LoRA
+    // kernels look up an m-tile's bucket in lora_tile_segment instead of searching the prefix (one load, not
     // log2(buckets) dependent ones per work item).
-    for (int b = threadIdx.x; b < nbuckets; b += blockDim.x) {
-      const int end = min(p.lora_tile_prefix[b + 1], p.lora_tile_capacity);
-      for (int t = p.lora_tile_prefix[b]; t < end; ++t) p.lora_tile_segment[t] = b;
-    }
+    block_prefix_sum(
+        nbuckets, [&](int b) { return b % per_expert == 0 ? 0 : ceil_div(offs[b + 1] - offs[b], kTileRows); },
+        [&](int b, int prefix, int tiles) {
+          p.lora_tile_prefix[b] = prefix;
+          const int end = min(prefix + tiles, p.lora_tile_capacity);
+          for (int t = prefix; t < end; ++t) p.lora_tile_segment[t] = b;
+        },
+        tmp);
   }
 }
 
+// The multi-kernel routing's plan: the counts staged in shared memory when they fit, else planned in place.
 __global__ void __launch_bounds__(kPlanThreads) plan_kernel(RoutingParams p) {
   pdl_begin();
   __shared__ PlanScan::TempStorage tmp;
-  plan_from_counts(p, p.bucket_counts, tmp);
+  __shared__ int counts[kOneBlockMaxBuckets + 1];
+  const int nbuckets = p.E * (p.S + 1);
+  if (nbuckets > kOneBlockMaxBuckets) {
+    plan_from_counts(p, p.bucket_counts, tmp);  // bucket_counts holds nbuckets + 1 entries
+    return;
+  }
+  for (int b = threadIdx.x; b < nbuckets; b += blockDim.x) counts[b] = p.bucket_counts[b];
+  __syncthreads();
+  plan_from_counts(p, counts, tmp);
 }
 
-// Decode-sized routing in one launch: no memset, no count kernel. The pair ranks come from shared-memory
-// atomics (their order is arbitrary, as in count_pairs_kernel; it never changes the math).
-__global__ void __launch_bounds__(kPlanThreads) routing_one_block_kernel(RoutingParams p) {
-  pdl_begin();
+// The plan of a one-kernel routing, by one block: bucket counts from shared-memory atomics (no memset, no
+// count kernel), then the tables. The atomics' order is arbitrary, as in count_pairs_kernel; the pair ranks it
+// leaves (`ranks`) are only read by the permute kernel, which a gathering routing does not need.
+__device__ void plan_in_shared_memory(const RoutingParams& p, bool ranks) {
   __shared__ PlanScan::TempStorage tmp;
-  __shared__ int counts[kOneBlockMaxBuckets];
+  __shared__ int counts[kOneBlockMaxBuckets + 1];
   const int nbuckets = p.E * (p.S + 1);
   for (int b = threadIdx.x; b < nbuckets; b += blockDim.x) counts[b] = 0;
   __syncthreads();
   for (int pair = threadIdx.x; pair < p.T * p.k; pair += blockDim.x) {
     const int bucket = pair_bucket(p.topk_ids, p.token_slots, pair, p.k, p.E, p.S);
-    p.pair_rank[pair] = bucket < 0 ? -1 : atomicAdd(&counts[bucket], 1);
+    if (bucket < 0) {
+      if (ranks) p.pair_rank[pair] = -1;
+      continue;
+    }
+    const int rank = atomicAdd(&counts[bucket], 1);
+    if (ranks) p.pair_rank[pair] = rank;
   }
   __syncthreads();
-  plan_from_counts(p, counts, tmp);  // ends with a barrier: bucket_offsets and pair_rank are visible here
-  if (p.gather_permuted == nullptr) return;
-  // The permute stage (permute.cu), one warp per pair: sorted row, then the token's hidden row copied there.
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int pair = warp; pair < p.T * p.k; pair += kPlanThreads / 32) {
-    const int bucket = pair_bucket(p.topk_ids, p.token_slots, pair, p.k, p.E, p.S);
-    const int row = bucket < 0 ? -1 : p.bucket_offsets[bucket] + p.pair_rank[pair];
-    if (lane == 0) record_gathered_pair(p, pair, row, bucket);
-    if (row >= 0) warp_copy_row(gather_source(p, pair), gather_target(p, row), p.H / 8, lane);
+  plan_from_counts(p, counts, tmp);
+}
+
+// The gather of a one-kernel routing: block `block` copies pairs [block * kPairs, + kPairs), kPlanThreads /
+// kPairs threads per pair. It finds their sorted rows itself instead of waiting for the plan block: the row of
+// pair i with bucket b is (pairs in buckets below b) + (pairs j < i in b), a count over all the pairs (at most
+// kGatherMaxPairs ids, read from L2 by every block). That is bucket_offsets[b] plus i's place in b in pair
+// order, so the rows agree with the plan's offsets and do not depend on atomics. The first piece of each
+// hidden row is loaded before the count (the token is known without routing), so the two overlap.
+constexpr int kGatherInFlight = 8;  // 16-byte loads per thread before the count
+constexpr int kCountRounds = ceil_div(kGatherMaxPairs, kPlanThreads);
+
+__device__ __forceinline__ int pair_key(const RoutingParams& p, int pair) {  // bucket, INT_MAX when dropped
+  const int bucket = pair_bucket(p.topk_ids, p.token_slots, pair, p.k, p.E, p.S);
+  return bucket < 0 ? INT_MAX : bucket;
+}
+
+template <int kPairs>
+__device__ void gather_pairs(const RoutingParams& p, int block) {
+  constexpr int kThreads = kPlanThreads / kPairs;  // per pair
+  // A thread's counts for the block's pairs, four per register: each is at most kCountRounds, and a warp's sum
+  // of one at most 32 * kCountRounds < 256, so the bytes never carry into each other.
+  constexpr int kPacked = kPairs / 4;
+  static_assert(kPairs % 4 == 0 && 32 * kCountRounds < 256, "byte-packed counts");
+  __shared__ int key_s[kPairs], row_s[kPairs];
+  __shared__ int partial[kPlanThreads / 32][kPairs];
+  const int pairs = p.T * p.k, first = block * kPairs;
+  const int j = threadIdx.x / kThreads, t = threadIdx.x % kThreads;
+  const int pair = first + j;  // the pair this thread copies
+  const int nvec = p.H / 8;
+  const uint4* src = gather_source(p, min(pair, pairs - 1));
+  uint4 v[kGatherInFlight];
+#pragma unroll
+  for (int u = 0; u < kGatherInFlight; ++u)
+    if (pair < pairs && t + kThreads * u < nvec) v[u] = src[t + kThreads * u];
+
+  int other_key[kCountRounds];  // the keys this thread counts, loaded together with the block's own
+#pragma unroll
+  for (int c = 0; c < kCountRounds; ++c) {
+    const int other = threadIdx.x + c * kPlanThreads;
+    other_key[c] = other < pairs ? pair_key(p, other) : INT_MAX;  // INT_MAX counts for no kept pair
   }
+  if (static_cast<int>(threadIdx.x) < kPairs)
+    key_s[threadIdx.x] = first + static_cast<int>(threadIdx.x) < pairs ? pair_key(p, first + threadIdx.x) : INT_MAX;
+  __syncthreads();
+  unsigned count[kPacked] = {};
+#pragma unroll
+  for (int c = 0; c < kCountRounds; ++c) {
+    const int other = threadIdx.x + c * kPlanThreads, ko = other_key[c];
+    if (c * kPlanThreads < pairs) {  // the same in every thread
+#pragma unroll
+      for (int i = 0; i < kPairs; ++i) {
+        const int ki = key_s[i];
+        count[i / 4] += static_cast<unsigned>(ko < ki || (ko == ki && other < first + i)) << (8 * (i % 4));
+      }
+    }
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int q = 0; q < kPacked; ++q) {
+    const unsigned sum = __reduce_add_sync(0xffffffffu, count[q]);
+    if (lane < 4) partial[warp][4 * q + lane] = (sum >> (8 * lane)) & 0xffu;
+  }
+  __syncthreads();
+  if (warp < kPairs) {  // warp i sums pair i's row over the warps' counts
+    const int row = __reduce_add_sync(0xffffffffu, partial[lane][warp]);
+    if (lane == 0) {
+      const int key = key_s[warp];
+      row_s[warp] = key == INT_MAX ? -1 : row;
+      if (first + warp < pairs) record_gathered_pair(p, first + warp, row_s[warp], key);
+    }
+  }
+  __syncthreads();
+  const int row = row_s[j];
+  if (pair >= pairs || row < 0) return;
+  uint4* dst = gather_target(p, row);
+#pragma unroll
+  for (int u = 0; u < kGatherInFlight; ++u)
+    if (t + kThreads * u < nvec) dst[t + kThreads * u] = v[u];
+  const int done = kThreads * kGatherInFlight;
+  if (done < nvec) {  // rows longer than the first piece, with its loads in flight before their stores
+    const int rest = nvec - done;
+    for (int c0 = t; c0 < rest; c0 += kThreads * kGatherInFlight) {
+#pragma unroll
+      for (int u = 0; u < kGatherInFlight; ++u)
+        if (c0 + kThreads * u < rest) v[u] = src[done + c0 + kThreads * u];
+#pragma unroll
+      for (int u = 0; u < kGatherInFlight; ++u)
+        if (c0 + kThreads * u < rest) dst[done + c0 + kThreads * u] = v[u];
+    }
+  }
+}
+
+// Routing up to kOneBlockMaxPairs pairs and kOneBlockMaxBuckets buckets in one launch: block 0 plans; when the
+// routing gathers, every other block copies kPairs rows (no block waits for another).
+template <int kPairs>
+__global__ void __launch_bounds__(kPlanThreads) routing_one_kernel(RoutingParams p) {
+  pdl_begin();
+  if (blockIdx.x == 0)
+    plan_in_shared_memory(p, p.gather_permuted == nullptr);
+  else
+    gather_pairs<kPairs>(p, blockIdx.x - 1);
 }
 
 // Routing of at most kFewPairsMax pairs (decode: T <= 4 at top-k <= 8) without block barriers. Every warp
@@ -142,7 +260,7 @@ __global__ void __launch_bounds__(kFewPairsThreads) routing_few_pairs_kernel(Rou
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int pairs = p.T * p.k;
   const int per_expert = p.S + 1, nbuckets = p.E * per_expert;
-  if (static_cast<int>(threadIdx.x) < p.zero_count) p.zero_ints[threadIdx.x] = 0;
+  for (int i = threadIdx.x; i < p.fill_count; i += blockDim.x) p.fill_words[i] = p.fill_value;
   // The gather's first piece of this warp's first row (pair `warp`), loaded before the routing: the source row
   // is the pair's token, known without it, so this load overlaps the ids' round trip.
   const bool gather = p.gather_permuted != nullptr;
@@ -224,7 +342,7 @@ __global__ void __launch_bounds__(kFewPairsThreads) routing_few_pairs_kernel(Rou
   }
 
   if (!gather) return;
-  // The permute stage, one warp per pair (as routing_one_block_kernel).
+  // The permute stage, one warp per pair (as permute.cu).
   for (int pair = warp; pair < pairs; pair += kFewPairsThreads / 32) {
     const int prow = __shfl_sync(0xffffffffu, row, pair);
     const int pbucket = __shfl_sync(0xffffffffu, bucket, pair);
@@ -248,11 +366,17 @@ __global__ void __launch_bounds__(kFewPairsThreads) routing_few_pairs_kernel(Rou
 cudaError_t launch_routing(const RoutingParams& p, cudaStream_t stream) {
   const int pairs = p.T * p.k;
   const size_t nbuckets = static_cast<size_t>(p.E) * (p.S + 1);
-  if (p.zero_count < 0 || p.zero_count > 32 || (p.zero_count > 0 && p.zero_ints == nullptr)) return cudaErrorInvalidValue;
+  if (p.fill_count < 0 || (p.fill_count > 0 && p.fill_words == nullptr)) return cudaErrorInvalidValue;
   if (p.few_pairs_max < 0 || p.few_pairs_max > kFewPairsMax) return cudaErrorInvalidValue;
   if (pairs <= p.few_pairs_max) return launch_kernel(routing_few_pairs_kernel, 1, kFewPairsThreads, 0, stream, p);
-  if (routing_in_one_kernel(pairs, static_cast<int64_t>(nbuckets), p.few_pairs_max))
-    return launch_kernel(routing_one_block_kernel, 1, kPlanThreads, 0, stream, p);
+  if (routing_in_one_kernel(pairs, static_cast<int64_t>(nbuckets), p.few_pairs_max)) {
+    if (p.gather_permuted == nullptr) return launch_kernel(routing_one_kernel<16>, 1, kPlanThreads, 0, stream, p);
+    if (!routing_can_gather(pairs, static_cast<int64_t>(nbuckets), p.few_pairs_max)) return cudaErrorInvalidValue;
+    if (p.gather_block_pairs == 8)
+      return launch_kernel(routing_one_kernel<8>, 1 + ceil_div(pairs, 8), kPlanThreads, 0, stream, p);
+    if (p.gather_block_pairs != 0 && p.gather_block_pairs != 16) return cudaErrorInvalidValue;
+    return launch_kernel(routing_one_kernel<16>, 1 + ceil_div(pairs, 16), kPlanThreads, 0, stream, p);
+  }
   if (p.gather_permuted != nullptr) return cudaErrorInvalidValue;  // only a one-kernel routing gathers
   cudaError_t err = cudaMemsetAsync(p.bucket_counts, 0, nbuckets * sizeof(int), stream);
   if (err != cudaSuccess) return err;

@@ -39,7 +39,7 @@ struct RoutingParams {
   TopkIds topk_ids;
   const int* token_slots;   // [T] or nullptr (no LoRA; then S must be 0)
   int T, k, E, S;
-  int* bucket_counts;       // [E*(S+1)] workspace
+  int* bucket_counts;       // [E*(S+1) + 1] workspace
   int* pair_rank;           // [T*k] rank of each pair inside its bucket (workspace)
   int* bucket_offsets;      // [E*(S+1)+1] out: first sorted row of each bucket
   int* expert_offsets;      // [E+1] out: first sorted row of each expert
@@ -47,29 +47,32 @@ struct RoutingParams {
   int* lora_tile_prefix;    // [E*(S+1)+1] out (only when S > 0): same per bucket, 0 for slot -1 buckets
   int* lora_tile_segment;   // [lora_tile_capacity] out (only when S > 0): bucket of each LoRA m-tile
   int lora_tile_capacity;   // segment_tiles_upper_bound(T * k, E * S)
-  // Optional, decode: the permute stage folded into a one-kernel routing (one launch less). When
-  // gather_permuted is set (only when routing_in_one_kernel), it writes pair_row and the gathered rows
-  // exactly as launch_permute would.
+  // Optional: the permute stage folded into a one-kernel routing (one launch less). When gather_permuted is
+  // set (only when routing_can_gather), it writes pair_row, the gathered rows and the row maps as
+  // launch_permute would, with each pair's place inside its bucket in pair order.
   const void* gather_hidden;  // [T, H]
   void* gather_permuted;      // [T*k, H]
   int* gather_pair_row;       // [T*k]
   int* gather_row_slot;       // [T*k] or nullptr: as PermuteParams::row_slot
+  int* gather_row_token;      // [T*k] or nullptr: as PermuteParams::row_token
+  int gather_block_pairs;     // pairs per gather block: 8 or 16 (0: 16)
   int H;
   // Optional: the sm90 base GEMMs' group tables (expert_gemm_sm90.h), written from the expert offsets by the
   // plan (one launch less than expert_gemm_sm90_prepare). Their expert count is E.
   ExpertGemmTables gemm_tables[2];
   int gemm_table_count;
-  // Optional: counters the plan sets to zero (expert_gemv.cu's ExpertGemvParams::lora_sync of both GEMVs).
-  int* zero_ints;
-  int zero_count;  // <= 32
+  // Optional: words the plan sets to fill_value (the decode GEMVs' lora_t, to kLoraTPending).
+  unsigned* fill_words;
+  int fill_count;
+  unsigned fill_value;
   // Up to this many pairs (<= kFewPairsMax; 0: never) the barrier-free few-pairs kernel does all of it.
   int few_pairs_max;
 };
 // Sizes of the routing launches:
 //  * up to few_pairs_max (kFewPairsMax by default) pairs: one kernel without block barriers, one pair per lane
 //    (routing.cu, routing_few_pairs_kernel; decode at top-k <= 8);
-//  * up to kOneBlockMaxPairs pairs and kOneBlockMaxBuckets buckets: one one-block kernel counting in shared
-//    memory;
+//  * up to kOneBlockMaxPairs pairs and kOneBlockMaxBuckets buckets: one kernel whose first block counts in
+//    shared memory and plans (and whose other blocks, when it gathers, copy the rows);
 //  * larger: memset + count kernel + plan kernel.
 // The single-kernel sizes leave bucket_counts unused and can do the permute stage (gather_permuted).
 constexpr int kFewPairsMax = 32;
@@ -77,6 +80,14 @@ constexpr int kOneBlockMaxPairs = 4096;
 constexpr int kOneBlockMaxBuckets = 8192;  // 32 KB of shared-memory counters
 inline bool routing_in_one_kernel(int pairs, int64_t nbuckets, int few_pairs_max) {
   return pairs <= few_pairs_max || (pairs <= kOneBlockMaxPairs && nbuckets <= kOneBlockMaxBuckets);
+}
+// Up to kGatherMaxPairs pairs a one-kernel routing can also gather (gather_permuted): its blocks then hold one
+// 1024-thread block per SM, 16 pairs each, so 2048 pairs are one wave with the plan block on H100 / H200. Above
+// it the permute kernel is faster (each gather block counts over all the pairs: gpt-oss T=1024, 4096 pairs,
+// 18.6 µs against 17.5 for routing + permute; NOTES.md v20).
+constexpr int kGatherMaxPairs = 2048;
+inline bool routing_can_gather(int pairs, int64_t nbuckets, int few_pairs_max) {
+  return routing_in_one_kernel(pairs, nbuckets, few_pairs_max) && (pairs <= few_pairs_max || pairs <= kGatherMaxPairs);
 }
 cudaError_t launch_routing(const RoutingParams& p, cudaStream_t stream);
 
@@ -203,7 +214,8 @@ cudaError_t launch_lora_expand(const LoraExpandParams& p, int sm_count, cudaStre
 // round(v_up)) with gate / up = weight rows i and I + i.
 // With LoRA the same launch also runs the shrink t[r] = A[s, e] @ X[r] (fp32, one CTA per (LoRA m-tile, 32
 // ranks), the GEMV's streaming with A's rows as the weight rows): those CTAs are the first to start, and the
-// GEMV CTAs wait for them (lora_sync) only before their epilogue, after streaming W. No shrink launch.
+// GEMV CTAs wait for their t (written over the routing's kLoraTPending) only in their epilogue, after streaming
+// W. No shrink launch.
 // Measured on the H100 (benchmarks/NOTES.md, v5/v6): the GEMV wins at T = 1 on every benchmark shape, is
 // within run-to-run spread at T = 4 (mixtral T = 4 varies 790-910 µs on either path) and loses from T = 8..16
 // up, so by default only T <= kDecodeMaxTokens takes it; MOELORA_GEMV_AVG_ROWS extends it to
@@ -236,8 +248,10 @@ struct ExpertGemvParams {
   const int* lora_tile_segment;  // [lora_tile_capacity] bucket of each LoRA m-tile
   int lora_tile_capacity;
   const int* row_slot;         // [max_rows] each sorted row's adapter slot (routing / permute's row_slot)
-  int* lora_sync;              // [1], zero before the launch (RoutingParams::zero_ints): shrink CTAs done
 };
+// What the routing writes into every element of lora_t before a GEMV launch with LoRA (RoutingParams::fill_words):
+// a NaN bit pattern that no arithmetic produces. The expand loads an element again while it still reads this.
+constexpr unsigned kLoraTPending = 0xffffffffu;
 cudaError_t launch_expert_gemv(const ExpertGemvParams& p, cudaStream_t stream);
 // The GEMV launch's LoRA shrink splits K into ranges of at most kGemvShrinkSplitK (multiples of 512, the 16 k
 // blocks of one pass of the CTA's warps), one CTA each, so that a shrink CTA runs at most 4 dependent load
