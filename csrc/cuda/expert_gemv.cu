@@ -172,7 +172,7 @@ __host__ __device__ inline int64_t lora_split_stride(const ExpertGemvParams& p) 
 // one memory round trip after the weight stream instead of a counter's and then t's.
 __device__ __forceinline__ bool pending(float v) { return __float_as_uint(v) == kLoraTPending; }
 __device__ __forceinline__ void store_t(float* ptr, float v) {
-  if (pending(v)) v = __uint_as_float(0x7fffffffu);  // never announce "not written" (cannot happen; kept exact)
+  if (pending(v)) v = __uint_as_float(0x7fffffffu);  // arithmetic never yields the mark; a stored value never is it
   asm volatile("st.relaxed.gpu.global.f32 [%0], %1;" ::"l"(ptr), "f"(v) : "memory");
 }
 __device__ __forceinline__ float4 load_t4_once(const float* ptr) {
@@ -202,7 +202,6 @@ __device__ __forceinline__ float load_t1(const float* ptr) {
   }
   return v;
 }
-
 
 // Shrink CTA `cta` = (m-tile, rank block, K range s): t_s[r, r0 .. r0 + 32) = A[slot, e][r0 .. r0 + 32, range]
 // @ X[r, range] for the rows r of the LoRA m-tile, summed over the warps in warp order (each element stored once,

@@ -513,7 +513,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   at::Tensor scalings;  // undefined: every slot scales by 1
   if (d.has_lora) {
     token_slots = token_lora_ids->contiguous();  // int32 (checked)
-    lora_ws = make_lora_workspace(d, x.options(), sm_count, decode);  // fc2 reuses fc1's, but at decode
+    lora_ws = make_lora_workspace(d, x.options(), sm_count, decode);  // fc2 reuses fc1's part but at decode
     if (lora_scalings.has_value()) scalings = lora_scalings->contiguous();  // float32 (checked)
   }
   const float* scale_ptr = scalings.defined() ? scalings.data_ptr<float>() : nullptr;

@@ -240,7 +240,7 @@ struct ExpertGemvParams {
   int64_t b_expert_stride, b_slot_stride;
   int R;                       // <= kLoraMaxRank
   const float* slot_scale;     // [S] or nullptr for 1
-  float* lora_t;               // [lora_k_splits, max_rows, R] workspace: the shrink's fp32 partial sums
+  float* lora_t;               // [lora_k_splits, max_rows, R]: the shrink's fp32 partial sums, kLoraTPending before
   int lora_k_splits;           // K ranges of the shrink (gemv_lora_k_splits), summed in order by the expand
   const int* bucket_offsets;   // [E * seg_per_expert + 1]
   int seg_per_expert;          // S + 1
