@@ -1,5 +1,5 @@
 // Device-side bucket of a (token, expert) pair, shared by routing.cu and permute.cu so both agree, and the
-// warp row copy of the permute stage (permute.cu, and routing.cu when it gathers at decode).
+// warp row copy of the few-pairs routing's gather (routing.cu).
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>

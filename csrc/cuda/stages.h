@@ -87,7 +87,7 @@ inline bool routing_in_one_kernel(int pairs, int64_t nbuckets, int few_pairs_max
 // 18.6 µs against 17.5 for routing + permute; NOTES.md v20).
 constexpr int kGatherMaxPairs = 2048;
 inline bool routing_can_gather(int pairs, int64_t nbuckets, int few_pairs_max) {
-  return routing_in_one_kernel(pairs, nbuckets, few_pairs_max) && (pairs <= few_pairs_max || pairs <= kGatherMaxPairs);
+  return routing_in_one_kernel(pairs, nbuckets, few_pairs_max) && pairs <= kGatherMaxPairs;  // few_pairs_max <= 32
 }
 cudaError_t launch_routing(const RoutingParams& p, cudaStream_t stream);
 
