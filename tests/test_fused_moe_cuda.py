@@ -741,12 +741,15 @@ def test_routing_paths_match_reference(pairs_side, gemm_path):
     check(make_case(T, 128, 64, 16, 4, 6, 16, seed=30), torch.bfloat16)
 
 
-@pytest.mark.parametrize("T", [1, 4, 40])  # decode GEMV path (PDL by default at T = 1) / grouped-GEMM path
+# decode GEMV path (PDL by default at T = 1) / grouped-GEMM path (PDL by default for the activation and the
+# finalize only; T=300: the activation of the rows without an adapter after fc1's fused expand, several waves)
+@pytest.mark.parametrize("T", [1, 4, 40, 300])
 @pytest.mark.parametrize("lora", [False, True])
 def test_pdl_on_and_off_identical(lora, T, gemm_path, monkeypatch):
     """Programmatic dependent launch changes when kernels start, never what they compute: MOELORA_PDL=0
-    (plain launches), MOELORA_PDL=1 and the default (PDL for one-token calls) give the same bits, eagerly and
-    from a captured graph."""
+    (plain launches), MOELORA_PDL=1 and the default (PDL for one-token calls, and for the activation and the
+    finalize, which reads its rows and weights before its wait) give the same bits, eagerly and from a captured
+    graph, with dropped ids."""
     args = make_case(T, 256, 128, 16, 4, 4 if lora else 0, 16 if lora else 0, seed=31)
     monkeypatch.setenv("MOELORA_PDL", "0")
     plain = moelora_ext.fused_moe(**args)

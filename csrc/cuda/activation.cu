@@ -15,9 +15,10 @@ constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr int kInFlight = 4;                   // 16-byte gate and up vectors per lane loaded before their stores
 constexpr int kItemVecs = 32 * kInFlight;      // vectors of a row per work item (one warp)
 
-// Item `item` of row `row`: kItemVecs vectors of its h columns, by one warp.
+// Item `item` of row `row`: kItemVecs vectors of its h columns, by one warp; h is stored only when `store`.
 template <typename T, ActivationKind kKind, bool kDelta = false>
-__device__ __forceinline__ void activation_item(const ActivationParams& p, int64_t row, int item, int lane) {
+__device__ __forceinline__ void activation_item(const ActivationParams& p, int64_t row, int item, int lane,
+                                                bool store = true) {
   const int vecs_per_row = p.I / 8;
   const int c0 = item * kItemVecs + lane;
   const auto* gate = reinterpret_cast<const Vec8<T>*>(static_cast<const T*>(p.gu) + row * 2 * p.I);
@@ -37,7 +38,7 @@ __device__ __forceinline__ void activation_item(const ActivationParams& p, int64
     }
 #pragma unroll
   for (int i = 0; i < kInFlight; ++i)
-    if (c0 + 32 * i < vecs_per_row) {
+    if (store && c0 + 32 * i < vecs_per_row) {
       Vec8<T> o;
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
@@ -51,17 +52,23 @@ __device__ __forceinline__ void activation_item(const ActivationParams& p, int64
     }
 }
 
-// Every routed row: work item = (row, kItemVecs vectors of it), one warp each, grid-stride.
+// Every routed row: work item = (row, kItemVecs vectors of it), one warp each, grid-stride. The items run over
+// the host's bound of the rows (max_rows) and each loads its gu before the routed row count has come back, which
+// decides only whether it stores: the count's round trip overlaps the rows' loads instead of preceding them
+// (gu holds max_rows rows; those past the count are read and dropped, and exist only when ids are dropped).
 template <typename T, ActivationKind kKind, bool kDelta>
 __global__ void __launch_bounds__(kThreads) gated_activation_kernel(ActivationParams p) {
   pdl_begin();
+  const int num_rows = *p.num_rows;
   const int items_per_row = ceil_div(p.I / 8, kItemVecs);
-  const int64_t items = static_cast<int64_t>(*p.num_rows) * items_per_row;
+  const int64_t items = static_cast<int64_t>(p.max_rows) * items_per_row;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t item = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / 32; item < items;
-       item += warps)
-    activation_item<T, kKind, kDelta>(p, item / items_per_row, static_cast<int>(item % items_per_row),
-                                      threadIdx.x % 32);
+       item += warps) {
+    const int64_t row = item / items_per_row;
+    activation_item<T, kKind, kDelta>(p, row, static_cast<int>(item % items_per_row), threadIdx.x % 32,
+                                      row < num_rows);
+  }
 }
 
 // With LoRA: only the rows without an adapter, i.e. each expert's first bucket (rows [bucket_offsets[e * P],

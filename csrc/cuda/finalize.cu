@@ -10,10 +10,38 @@ namespace {
 
 constexpr int kInFlight = 8;  // experts of a token whose rows are loaded before they are summed
 
+template <typename T> __device__ __forceinline__ T bits_as(unsigned short b);
+template <> __device__ __forceinline__ __nv_bfloat16 bits_as<__nv_bfloat16>(unsigned short b) {
+  return __ushort_as_bfloat16(b);
+}
+template <> __device__ __forceinline__ __half bits_as<__half>(unsigned short b) { return __ushort_as_half(b); }
+
+// The sorted rows and weights of experts j0 .. j0 + kInFlight - 1 of token t (row -1, weight 0 past k), through
+// L2 (ld.global.cg): the first group is read before the PDL wait (pdl.cuh), so no L1 line from an earlier call
+// may answer.
+template <typename T>
+__device__ __forceinline__ void load_group(const FinalizeParams& p, int t, int j0, int (&row)[kInFlight],
+                                           float (&w)[kInFlight]) {
+#pragma unroll
+  for (int u = 0; u < kInFlight; ++u) {
+    const bool in = j0 + u < p.k;
+    const int64_t i = static_cast<int64_t>(t) * p.k + j0 + u;
+    row[u] = in ? __ldcg(p.pair_row + i) : -1;
+    w[u] = !in                  ? 0.f
+           : p.topk_weights_fp32 ? __ldcg(static_cast<const float*>(p.topk_weights) + i)
+                                 : to_float(bits_as<T>(__ldcg(static_cast<const unsigned short*>(p.topk_weights) + i)));
+  }
+}
+
 template <typename T, bool kDelta>
 __global__ void finalize_kernel(FinalizeParams p) {
-  pdl_begin();
   const int t = blockIdx.x;
+  // The first group's rows and weights before the wait: the routing and the caller wrote them before the
+  // previous kernel (fc2's GEMM or expand) ran, so under PDL only the y loads are left after it.
+  int row0[kInFlight];
+  float w0[kInFlight];
+  load_group<T>(p, t, 0, row0, w0);
+  pdl_begin();
   const auto* y = static_cast<const T*>(p.y);
   const auto* y_delta = static_cast<const T*>(p.y_delta);
   auto* out = reinterpret_cast<Vec8<T>*>(static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.H);
@@ -24,15 +52,13 @@ __global__ void finalize_kernel(FinalizeParams p) {
     for (int j0 = 0; j0 < p.k; j0 += kInFlight) {
       int row[kInFlight];
       float w[kInFlight];
-      Vec8<T> v[kInFlight], dv[kInFlight];
+      if (j0 == 0) {
 #pragma unroll
-      for (int u = 0; u < kInFlight; ++u) {
-        const bool in = j0 + u < p.k;
-        row[u] = in ? p.pair_row[t * p.k + j0 + u] : -1;
-        w[u] = !in ? 0.f
-               : p.topk_weights_fp32 ? static_cast<const float*>(p.topk_weights)[t * p.k + j0 + u]
-                                     : to_float(static_cast<const T*>(p.topk_weights)[t * p.k + j0 + u]);
+        for (int u = 0; u < kInFlight; ++u) row[u] = row0[u], w[u] = w0[u];
+      } else {
+        load_group<T>(p, t, j0, row, w);
       }
+      Vec8<T> v[kInFlight], dv[kInFlight];
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u)  // row < 0: expert not on this GPU / out of range, contributes nothing
         if (row[u] >= 0) {
