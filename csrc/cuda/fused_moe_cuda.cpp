@@ -73,8 +73,9 @@ bool use_pdl(int device, const FusedMoeDims& d, bool decode) {
 // PDL for the activation and the finalize launches at every size, unless MOELORA_PDL=0 (NOTES.md v21). Each follows
 // a GEMM or LoRA kernel launched plainly, so the CUTLASS GEMMs keep the start that PDL spoiled in v5 / v15, and only
 // the short kernel's launch overlaps the long one's last wave; the finalize also loads its rows and weights before
-// its wait (finalize.cu). Measured on the H100 (graph replays, base call, plain -> PDL): qwen3 T=256 -2..-5 µs,
-// gpt-oss T=256 -4..-5; T = 16-4096 otherwise within the runs' spread, and the calls with LoRA alike.
+// its wait (finalize.cu). Measured on the H100 (graph replays, plain -> PDL): the base call at qwen3 / gpt-oss
+// T=256 -2..-5 µs, the LoRA call at T = 16-64 (LoRA beside the GEMMs) -2..-6 µs; T = 16-4096 otherwise within
+// the runs' spread.
 bool use_pdl_tail(int device) {
   return !env_zero("MOELORA_PDL") && device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9;
 }
