@@ -60,7 +60,8 @@ bool use_sm90(int device) {
 }
 
 // Programmatic dependent launch between our kernels (launch_policy.h), Hopper and later: MOELORA_PDL=1 always,
-// MOELORA_PDL=0 never, by default for one-token calls (the decode GEMV path at T = 1; and use_pdl_tail below). Measured on the H100
+// MOELORA_PDL=0 never, by default for one-token calls (the decode GEMV path at T = 1; use_pdl_tail below adds the
+// activation and the finalize at every size). Measured on the H100
 // (benchmarks/NOTES.md v5, v12, v15), graph replays, PDL against plain launches: at T = 1 the base call is 1.5-3
 // µs faster on every shape and the call with LoRA 0-6 µs (mixtral 305 -> 299), in three runs; at T = 2-4 it was
 // mixed (mixtral base +9 µs in v12); from 64 rows per expert on it is slower (mixtral T=256 +15%, T=1024 +23%,
