@@ -65,7 +65,7 @@ bool use_sm90(int device) {
 // (benchmarks/NOTES.md v5, v12, v15), graph replays, PDL against plain launches: at T = 1 the base call is 1.5-3
 // µs faster on every shape and the call with LoRA 0-6 µs (mixtral 305 -> 299), in three runs; at T = 2-4 it was
 // mixed (mixtral base +9 µs in v12); from 64 rows per expert on it is slower (mixtral T=256 +15%, T=1024 +23%,
-// qwen3 T=256 with LoRA +4%), up to +24% at prefill (v5). Decode with LoRA keeps fc2's GEMV plain (v20).
+// qwen3 T=256 with LoRA +4%), up to +24% at prefill (v5).
 bool use_pdl(int device, const FusedMoeDims& d, bool decode) {
   return env_switch("MOELORA_PDL", decode && d.T == 1) &&
          device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9;
@@ -690,10 +690,9 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
                    row_slot, scale_ptr, d, H, I, gemv);
     gemv.X = h.data_ptr(); gemv.W = w2c.data_ptr(); gemv.D = y.data_ptr();
     gemv.N = H; gemv.K = I; gemv.gated = false;
-    // With LoRA the default policy launches fc2's GEMV plainly: with PDL it made qwen3 T=1 1.4 µs slower (graph,
-    // R16 54.7 -> 53.2 µs plain; rank 64 -0.7; mixtral and gpt-oss alike either way; NOTES.md v20). The cause
-    // is not isolated. MOELORA_PDL=1 still launches it with PDL.
-    const mc::ScopedLaunchPolicy fc2_policy(mc::pdl_launch_enabled() && (!d.has_lora || env_flag("MOELORA_PDL")));
+    // With LoRA too under the call's policy: v20 launched it plainly (PDL made qwen3 T=1 1.4 µs slower while
+    // kernels triggered their dependents before their own wait); since every kernel waits first (pdl.cuh) PDL
+    // is 0.5-1.3 µs faster here (NOTES.md v21).
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
   } else if (overlap) {
     gemm_beside(1, [&] {
