@@ -59,26 +59,24 @@ bool use_sm90(int device) {
          !env_flag("MOELORA_PORTABLE");
 }
 
-// Programmatic dependent launch between our kernels (launch_policy.h), Hopper and later: MOELORA_PDL=1 always,
-// MOELORA_PDL=0 never, by default for one-token calls (the decode GEMV path at T = 1; use_pdl_tail below adds the
-// activation and the finalize at every size). Measured on the H100
-// (benchmarks/NOTES.md v5, v12, v15), graph replays, PDL against plain launches: at T = 1 the base call is 1.5-3
-// µs faster on every shape and the call with LoRA 0-6 µs (mixtral 305 -> 299), in three runs; at T = 2-4 it was
-// mixed (mixtral base +9 µs in v12); from 64 rows per expert on it is slower (mixtral T=256 +15%, T=1024 +23%,
-// qwen3 T=256 with LoRA +4%), up to +24% at prefill (v5).
-bool use_pdl(int device, const FusedMoeDims& d, bool decode) {
-  return env_switch("MOELORA_PDL", decode && d.T == 1) &&
-         device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9;
-}
-
-// PDL for the activation and the finalize launches at every size, unless MOELORA_PDL=0 (NOTES.md v21). Each follows
-// a GEMM or LoRA kernel launched plainly, so the CUTLASS GEMMs keep the start that PDL spoiled in v5 / v15, and only
-// the short kernel's launch overlaps the long one's last wave; the finalize also loads its rows and weights before
-// its wait (finalize.cu). Measured on the H100 (graph replays, plain -> PDL): the base call at qwen3 / gpt-oss
-// T=256 -2..-5 µs, the LoRA call at T = 16-64 (LoRA beside the GEMMs) -2..-6 µs; T = 16-4096 otherwise within
-// the runs' spread.
+// PDL for the activation and the finalize launches at every size (Hopper and later), unless MOELORA_PDL=0
+// (NOTES.md v21). Each follows a GEMM or LoRA kernel launched plainly, so the CUTLASS GEMMs keep the start that PDL
+// spoiled in v5 / v15, and only the short kernel's launch overlaps the long one's last wave; the finalize also
+// loads its rows and weights before its wait (finalize.cu). Measured on the H100 (graph replays, plain -> PDL):
+// the base call at qwen3 / gpt-oss T=256 -2..-5 µs, the LoRA call at T = 16-64 (LoRA beside the GEMMs) -2..-6 µs;
+// T = 16-4096 otherwise within the runs' spread. Every other PDL launch (use_pdl) needs this to hold too.
 bool use_pdl_tail(int device) {
   return !env_zero("MOELORA_PDL") && device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9;
+}
+
+// PDL on every launch of the call (launch_policy.h), where use_pdl_tail holds (`pdl_tail`): MOELORA_PDL=1 always,
+// by default for one-token calls (the decode GEMV path at T = 1). Measured on the H100 (benchmarks/NOTES.md v5,
+// v12, v15), graph replays, PDL against plain launches: at T = 1 the base call is 1.5-3 µs faster on every shape
+// and the call with LoRA 0-6 µs (mixtral 305 -> 299), in three runs; at T = 2-4 it was mixed (mixtral base +9 µs
+// in v12); from 64 rows per expert on it is slower (mixtral T=256 +15%, T=1024 +23%, qwen3 T=256 with LoRA +4%),
+// up to +24% at prefill (v5).
+bool use_pdl(bool pdl_tail, const FusedMoeDims& d, bool decode) {
+  return pdl_tail && env_switch("MOELORA_PDL", decode && d.T == 1);
 }
 
 // Contiguous and 16-byte aligned: the permute stage and the CUTLASS (TMA) GEMMs move 16-byte vectors. A view
@@ -491,8 +489,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const int device = hidden_states.get_device();
   const int sm_count = device_attribute(cudaDevAttrMultiProcessorCount, device);
   const bool decode = use_decode_gemv(d);
-  const mc::ScopedLaunchPolicy launch_policy(use_pdl(device, d, decode));
-  const bool pdl_tail = use_pdl_tail(device);
+  const bool pdl_tail = use_pdl_tail(device);  // the activation's and the finalize's launches (below)
+  const mc::ScopedLaunchPolicy launch_policy(use_pdl(pdl_tail, d, decode));
   const mc::ActivationKind act = d.activation == Activation::Silu ? mc::ActivationKind::Silu : mc::ActivationKind::Gelu;
 
   const at::Tensor x = aligned_contiguous(hidden_states);
@@ -678,7 +676,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     ap.max_rows = pairs; ap.I = I;
     ap.kind = act;
     ap.dtype = to_dtype(dtype);
-    const mc::ScopedLaunchPolicy act_policy(mc::pdl_launch_enabled() || pdl_tail);
+    const mc::ScopedLaunchPolicy act_policy(pdl_tail);
     C10_CUDA_CHECK(mc::launch_activation(ap, stream));
   }
 
@@ -711,7 +709,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   fp.y_delta = overlap ? y_delta.data_ptr() : nullptr;
   fp.topk_weights = weights.data_ptr(); fp.topk_weights_fp32 = weights.scalar_type() == at::kFloat;
   fp.out = out.data_ptr(); fp.T = rp.T; fp.k = rp.k; fp.H = H; fp.dtype = to_dtype(dtype);
-  const mc::ScopedLaunchPolicy finalize_policy(mc::pdl_launch_enabled() || pdl_tail);
+  const mc::ScopedLaunchPolicy finalize_policy(pdl_tail);
   C10_CUDA_CHECK(mc::launch_finalize(fp, stream));
   return out;
 }
