@@ -10,12 +10,6 @@ namespace {
 
 constexpr int kInFlight = 8;  // experts of a token whose rows are loaded before they are summed
 
-template <typename T> __device__ __forceinline__ T bits_as(unsigned short b);
-template <> __device__ __forceinline__ __nv_bfloat16 bits_as<__nv_bfloat16>(unsigned short b) {
-  return __ushort_as_bfloat16(b);
-}
-template <> __device__ __forceinline__ __half bits_as<__half>(unsigned short b) { return __ushort_as_half(b); }
-
 // The sorted rows and weights of experts j0 .. j0 + kInFlight - 1 of token t (row -1, weight 0 past k), through
 // L2 (ld.global.cg): the first group is read before the PDL wait (pdl.cuh), so no L1 line from an earlier call
 // may answer.
@@ -29,7 +23,7 @@ __device__ __forceinline__ void load_group(const FinalizeParams& p, int t, int j
     row[u] = in ? __ldcg(p.pair_row + i) : -1;
     w[u] = !in                  ? 0.f
            : p.topk_weights_fp32 ? __ldcg(static_cast<const float*>(p.topk_weights) + i)
-                                 : to_float(bits_as<T>(__ldcg(static_cast<const unsigned short*>(p.topk_weights) + i)));
+                                 : low_float<T>(__ldcg(static_cast<const unsigned short*>(p.topk_weights) + i));
   }
 }
 
