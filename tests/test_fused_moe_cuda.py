@@ -199,6 +199,45 @@ def test_lora_row_paths_agree(shape, dtype, monkeypatch):
     assert rel_err(outs[None], outs["0"]) < TOL[dtype] / 2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [s for s in ROW_PATH_SHAPES if s[6] <= 64] + [(2048, 512, 256, 8, 2, 3, 32)],
+                         ids=lambda s: "T{}_H{}_E{}_S{}_R{}".format(s[0], s[1], s[3], s[5], s[6]))
+def test_lora_tiles_kernel_bits(shape, dtype, monkeypatch):
+    """With every segment on the 64-row tiles (MOELORA_LORA_FEW_ROWS=0) ranks up to 64 run the tiles-only LoRA
+    kernels (8 shrink CTAs of 4 warps per SM, 6 at rank 64; expand CTAs of 8 warps): the same products in the
+    same order as the 4-warp kernels' 64-row path (MOELORA_LORA_TILES_KERNEL=0), so the same bits, and the
+    reference's values (poisoned outputs, unaligned rank 5, partial K steps and h chunks included)."""
+    T, H, I, E, k, S, R = shape
+    args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=31)
+    monkeypatch.setenv("MOELORA_LORA_FEW_ROWS", "0")
+    monkeypatch.delenv("MOELORA_LORA_EXPAND_FEW_ROWS", raising=False)
+    monkeypatch.setenv("MOELORA_LORA_TILES_KERNEL", "0")
+    four_warps = check(args, dtype)
+    monkeypatch.delenv("MOELORA_LORA_TILES_KERNEL")
+    tiles = check(args, dtype)
+    assert torch.equal(tiles, four_warps)
+
+
+@pytest.mark.parametrize("R", [16, 64, 128])
+@pytest.mark.parametrize("T", [200, 512])
+def test_lora_tiles_kernel_rule(T, R, monkeypatch):
+    """The default rule (stages.h lora_tiles_only): when the (expert, adapter) segments average 16+ rows (T = 512:
+    1024 rows over 8 experts x 4 adapters), ranks up to 64 run both LoRA kernels as the tiles-only kernels; with
+    fewer rows (T = 200: 12.5) or at rank 128 the default kernels run. Either way the output matches the
+    reference."""
+    for name in ["MOELORA_LORA_FEW_ROWS", "MOELORA_LORA_EXPAND_FEW_ROWS", "MOELORA_LORA_TILES_KERNEL",
+                 "MOELORA_LORA_SEGMENT_GEMM", "MOELORA_LORA_OVERLAP", "MOELORA_DECODE_GEMV"]:
+        monkeypatch.delenv(name, raising=False)
+    dtype = torch.bfloat16
+    args = make_case(T, 256, 128, 8, 2, 4, R, dtype=dtype, seed=37)
+    check(args, dtype)
+    names = launched_kernels(args)[1]
+    tiles_only = [m.group(2) == "true" for n in names
+                  for m in [re.search(r"lora_(shrink|expand)_kernel<.*, (true|false)>", n)] if m]
+    assert len(tiles_only) == 4, names  # fc1's and fc2's shrink and expand
+    assert all(tiles_only) if (T == 512 and R <= 64) else not any(tiles_only), names
+
+
 @pytest.mark.parametrize("shape", [ROW_PATH_SHAPES[i] for i in (1, 3, 7)],
                          ids=lambda s: "T{}_H{}_E{}_S{}_R{}".format(s[0], s[1], s[3], s[5], s[6]))
 def test_lora_shrink_and_expand_paths_chosen_apart(shape, monkeypatch):

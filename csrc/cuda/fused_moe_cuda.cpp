@@ -151,6 +151,7 @@ struct LoraWorkspace {
   bool lora_kernels = false;  // use_lora_kernels(R), decided once per call
   int few_rows_max = mc::kLoraFewRows;  // MOELORA_LORA_FEW_ROWS overrides (0: 64-row tiles only; large: none)
   int expand_few_rows_max = mc::kLoraFewRows;  // the expand's own threshold: MOELORA_LORA_EXPAND_FEW_ROWS
+  bool tiles_kernel = true;  // the tiles-only LoRA kernels where few_rows_max == 0 (MOELORA_LORA_TILES_KERNEL=0: off)
   at::Tensor buf;
   int k_splits_fc1 = 1, k_splits_fc2 = 1;
 };
@@ -163,7 +164,10 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
   const int pairs = static_cast<int>(d.T * d.k);
   const int active = static_cast<int>(d.E * d.S);
   ws.lora_kernels = use_lora_kernels(d.R);
-  ws.few_rows_max = env_int("MOELORA_LORA_FEW_ROWS", mc::kLoraFewRows);
+  // Segments of 16+ rows on average: every segment on the 64-row tiles, the tiles-only kernels (stages.h).
+  const bool tiles_only = d.R <= mc::kLoraTilesMaxRank && mc::lora_tiles_only(pairs, active);
+  ws.few_rows_max = env_int("MOELORA_LORA_FEW_ROWS", tiles_only ? 0 : mc::kLoraFewRows);
+  ws.tiles_kernel = !env_zero("MOELORA_LORA_TILES_KERNEL");
   // The expand's threshold (benchmarks/NOTES.md v9): when the segments average at most kLoraFewRows rows,
   // those of up to twice that also take the few-rows path (two passes of 16 rows, B read twice) -- cheaper
   // than 64-row tiles next to few-rows ones, whose work items cost unevenly (qwen3 / gpt-oss T=1024:
@@ -173,6 +177,7 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
   const char* both = std::getenv("MOELORA_LORA_FEW_ROWS");
   const bool small_segments = d.R <= mc::kLoraExpandPairsMaxRank && !mc::lora_large_segments(pairs, active);
   const int expand_default = both != nullptr && both[0] != '\0' ? ws.few_rows_max
+                             : tiles_only                      ? 0
                              : small_segments                  ? 2 * mc::kLoraFewRows
                                                                : mc::kLoraFewRows;
   ws.expand_few_rows_max = env_int("MOELORA_LORA_EXPAND_FEW_ROWS", expand_default);
@@ -343,6 +348,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, const ShrinkRows& s
     s.nseg = nseg; s.seg_per_expert = static_cast<int>(d.S + 1); s.slot_base = -1;
     s.R = static_cast<int>(R); s.K = K; s.k_splits = k_splits; s.k_chunk = mc::lora_k_chunk(K, k_splits);
     s.max_rows = pairs; s.max_active_segments = active; s.few_rows_max = ws.few_rows_max;
+    s.tiles_kernel = ws.tiles_kernel;
     s.dtype = to_dtype(input.scalar_type());
     C10_CUDA_CHECK(mc::launch_lora_shrink(s, sm_count, stream));
 
@@ -360,6 +366,7 @@ void run_lora(const LoraSide& side, const at::Tensor& input, const ShrinkRows& s
       e.N = N / 2;
     }
     e.max_rows = pairs; e.max_active_segments = active; e.few_rows_max = ws.expand_few_rows_max;
+    e.tiles_kernel = ws.tiles_kernel;
     e.dtype = s.dtype;
     C10_CUDA_CHECK(mc::launch_lora_expand(e, sm_count, stream));
     return;

@@ -12,6 +12,9 @@
 // Each work item picks its tile path from its segment's row count (NOTES.md, v4, v7): segments of up to
 // few_rows_max rows (decode, mid batch sizes) go to lora_rows_mma.cuh, which streams the adapter straight from
 // global memory into mma.sync fragments; larger ones use the 64-row tensor-core tiles below, every tile of them.
+// A launch with no few-rows segments (few_rows_max == 0: by default when segments average 16+ rows, stages.h
+// lora_tiles_only) runs kernels built without the few-rows path (kTilesOnly), which need fewer registers and so
+// hold more warps per SM.
 // Tile counts come from the routing's device-side tile prefix (and its tile -> bucket table), so grids are
 // sized from shapes alone and both kernels are CUDA-graph safe.
 #include <mma.h>
@@ -69,26 +72,35 @@ __device__ __forceinline__ SegmentTile locate(const Params& p, int mt) {
 //   from lora_large_segments; T=4096 -15..-21%). With mostly few-rows items the larger shared-memory carve-out
 //   made them slower (qwen3 / gpt-oss T=1024 +25..37%, likely L1 they lose), and rank 32 with four such stages
 //   was slower everywhere; both keep the shapes below.
-template <int RP, bool kLargeSegments = false>
+// - kTilesOnly (the launch has no few-rows segments, few_rows_max == 0; ranks up to 64): the few-rows path is
+//   not compiled in, and the kernel runs 6 CTAs per SM in 80 registers (rank 16: three stages; rank 64: two of
+//   kBK = 64) or 8 in 64 (rank 32: two stages) instead of 4 (NOTES.md v23: mixtral T=4096's fc2 shrink
+//   119 -> 112 µs at rank 16 and 198 -> 180 at rank 64; the others within 2-4 µs). Rank 16 at 8 CTAs with two
+//   stages was slower there (128 µs): fewer bytes in flight per SM.
+template <int RP, bool kLargeSegments = false, bool kTilesOnly = false>
 struct ShrinkShape {
-  static constexpr bool kWideK = RP <= 32 || (RP == 64 && kLargeSegments);
+  static_assert(!kTilesOnly || RP <= 64, "the tiles-only shrink holds ranks up to 64");
+  static constexpr int kBlocks = !kTilesOnly ? kBlocksPerSm : RP == 32 ? 8 : 6;  // CTAs per SM
+  static constexpr bool kWideK = RP <= 32 || (RP == 64 && (kLargeSegments || kTilesOnly));
   static constexpr int kBK = kWideK ? 64 : 32;
-  static constexpr int kStages = RP == 16 || (RP == 64 && !kWideK) ? 4 : 3;
+  static constexpr int kStages = kTilesOnly ? (RP == 16 ? 3 : 2) : RP == 16 || (RP == 64 && !kWideK) ? 4 : 3;
   static constexpr int kLds = kBK + kPad;
   static constexpr int kStageElems = (kTileRows + RP) * kLds;
   static constexpr size_t kPipelineBytes = size_t(kStages) * kStageElems * 2;
   static constexpr int kLdc = RP + 4;
   static constexpr size_t kOutBytes = size_t(kTileRows) * kLdc * 4;
   static constexpr size_t kSmemBytes = kPipelineBytes > kOutBytes ? kPipelineBytes : kOutBytes;  // dynamic
-  static_assert(kSmemBytes + 1024 <= 228 * 1024 / kBlocksPerSm, "kBlocksPerSm CTAs per SM");
-  static_assert(kSmemBytes >= size_t(lora_few_rows::shrink_red_floats<RP, kWarps>()) * 4, "room for the few-rows path's reduction");
+  static_assert(kSmemBytes + 1024 <= 228 * 1024 / kBlocks, "kBlocks CTAs per SM");
+  static_assert(kTilesOnly || kSmemBytes >= size_t(lora_few_rows::shrink_red_floats<RP, kWarps>()) * 4,
+                "room for the few-rows path's reduction");
 };
 
 // kTokenRows: p.x_rows is set (fc1 reads the hidden states by token).
-template <typename T, int RP, bool kLargeSegments, bool kTokenRows>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(LoraShrinkParams p) {
+template <typename T, int RP, bool kLargeSegments, bool kTokenRows, bool kTilesOnly>
+__global__ void __launch_bounds__(kThreads, (ShrinkShape<RP, kLargeSegments, kTilesOnly>::kBlocks))
+    lora_shrink_kernel(LoraShrinkParams p) {
   pdl_begin();
-  using Shape = ShrinkShape<RP, kLargeSegments>;
+  using Shape = ShrinkShape<RP, kLargeSegments, kTilesOnly>;
   constexpr int kBK = Shape::kBK, kLds = Shape::kLds, kStages = Shape::kStages;
   extern __shared__ __align__(128) unsigned char smem_raw[];  // Shape::kSmemBytes
   T* stage_base = reinterpret_cast<T*>(smem_raw);
@@ -116,12 +128,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_shrink_kernel(Lor
     const int k_end = min(p.K, k_begin + p.k_chunk);
     const int k_tiles = ceil_div(k_end - k_begin, kBK);
     const T* a_src = Abase + st.expert * p.a_expert_stride + st.slot * p.a_slot_stride;  // [R, K]
-    if (st.few_rows) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
-      lora_few_rows::shrink_tile<T, RP, kWarps, kTokenRows>(X, p.ldx, p.x_rows, a_src, p.K, p.R, st.row0, st.rows,
-                                                            k_begin, k_end, vec,
-                                                            p.partial + static_cast<int64_t>(ks) * p.max_rows * p.R,
-                                                            ctile);
-      continue;
+    if constexpr (!kTilesOnly) {
+      if (st.few_rows) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
+        lora_few_rows::shrink_tile<T, RP, kWarps, kTokenRows>(X, p.ldx, p.x_rows, a_src, p.K, p.R, st.row0, st.rows,
+                                                              k_begin, k_end, vec,
+                                                              p.partial + static_cast<int64_t>(ks) * p.max_rows * p.R,
+                                                              ctile);
+        continue;
+      }
     }
     const bool warp_active = warp * 16 < st.rows;
     // X row r of the tile (kTokenRows: the token's hidden row), for r < rows.
@@ -246,18 +260,31 @@ __device__ __forceinline__ uint32_t lds_pair(const T* p) {
 // shared memory and finished the gated outputs in a second pass over the whole block (~50 instructions per h
 // value, an issue every 1.9 cycles per scheduler at 25% occupancy); v14 finishes them in the mma epilogue.
 // v8's 4-byte global stores straight from the registers were slower on mixtral / gpt-oss.
-template <typename T, int RP, bool kGated>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(LoraExpandParams p) {
+//
+// kTilesOnly (the launch has no few-rows segments, few_rows_max == 0; ranks up to 64): the few-rows path is not
+// compiled in and each CTA runs 8 warps in at most 64 registers, twice the warps per SM on the same shared memory
+// (NOTES.md v23). Its column blocks are a quarter of a chunk (at least 16 columns), so a full tile still has an
+// item or two per warp.
+template <int RP, bool kTilesOnly>
+constexpr int expand_warps() { return kTilesOnly ? 2 * kWarps : kWarps; }
+
+template <typename T, int RP, bool kGated, bool kTilesOnly>
+__global__ void __launch_bounds__(expand_warps<RP, kTilesOnly>() * 32, kBlocksPerSm)
+    lora_expand_kernel(LoraExpandParams p) {
   pdl_begin();
+  static_assert(!kTilesOnly || RP <= 64, "the tiles-only expand holds ranks up to 64");
   using Shape = ExpandShape<RP>;
   constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt, kLdd = Shape::kLdd, kStages = Shape::kStages;
+  constexpr int kWarpsX = expand_warps<RP, kTilesOnly>(), kThreadsX = kWarpsX * 32;
   constexpr int kSides = kGated ? 2 : 1;
   constexpr int kCols = Shape::cols(kGated);
   constexpr int kGroups = kCols / 8;   // 8-column vectors per row and chunk (the D staging)
-  // Output columns per (band, column block) item: the products of one item fill 32 accumulator registers.
-  constexpr int kXCols = kGated ? (kCols < 32 ? kCols : 32) : (kCols < 64 ? kCols : 64);
+  // Output columns per (band, column block) item: the products of one item fill 32 accumulator registers
+  // (kTilesOnly: a quarter of the chunk, at least 16 columns for the write-out's whole rows).
+  constexpr int kXCols = kTilesOnly ? (kCols / 4 < 16 ? 16 : kCols / 4)
+                                    : kGated ? (kCols < 32 ? kCols : 32) : (kCols < 64 ? kCols : 64);
   constexpr int kXBlocks = kCols / kXCols;
-  static_assert(kXBlocks <= 2, "an item's column block is it / bands, at most 1");
+  static_assert(kXBlocks == 1 || kXBlocks == 2 || kXBlocks == 4, "items: bands x (1, 2 or 4) column blocks");
   // An item's write-out: 16-byte vectors per band row, and the rows apart of a lane's successive vectors.
   constexpr int kItemRowVecs = kXCols / 8;
   constexpr int kWriteRowStep = 32 / kItemRowVecs;
@@ -281,8 +308,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
 
   // D staging: 16-byte vectors per row and chunk, and this thread's vector column (side vsd, columns vx..+7).
   constexpr int kRowVecs = kSides * kGroups;
-  constexpr int kVecRowStep = kThreads / kRowVecs;
-  static_assert(kThreads % kRowVecs == 0 && kTileRows % kVecRowStep == 0, "whole rows of vectors per pass");
+  constexpr int kVecRowStep = kThreadsX / kRowVecs;
+  static_assert(kThreadsX % kRowVecs == 0 && kTileRows % kVecRowStep == 0, "whole rows of vectors per pass");
   const int vr = threadIdx.x / kRowVecs, vsd = threadIdx.x % kRowVecs / kGroups, vx = threadIdx.x % kGroups * 8;
 
   const int chunks_per_tile = ceil_div(p.N, kCols);
@@ -298,11 +325,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
     const T* b_src = Bbase + st.expert * p.b_expert_stride + st.slot * p.b_slot_stride;  // [N, R]
     const float alpha = p.slot_scale != nullptr ? p.slot_scale[st.slot] : 1.f;
 
-    if (st.few_rows) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
-      lora_few_rows::expand_tile<T, RP, kWarps, kGated>(p.partial, p.k_splits, static_cast<int64_t>(p.max_rows) * p.R,
-                                                        b_src, p.R, vec_b, vec_out, out, alpha, st.row0, st.rows,
-                                                        n_begin, n_end, reinterpret_cast<float*>(smem_raw));
-      continue;
+    if constexpr (!kTilesOnly) {
+      if (st.few_rows) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
+        lora_few_rows::expand_tile<T, RP, kWarps, kGated>(p.partial, p.k_splits,
+                                                          static_cast<int64_t>(p.max_rows) * p.R, b_src, p.R, vec_b,
+                                                          vec_out, out, alpha, st.row0, st.rows, n_begin, n_end,
+                                                          reinterpret_cast<float*>(smem_raw));
+        continue;
+      }
     }
 
     // Chunk c's B rows (gated: kCols gate rows, then the matching up rows) and, when 16-byte copies are
@@ -310,7 +340,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
     // A thread copies the same (side, 8 columns) of every kVecRowStep-th row, from a pointer set once per tile:
     // the index arithmetic per 16-byte copy was ~33 instructions (a fifth of the gated kernel's, NOTES.md v14).
     // B stage row r: column n0 + r % kCols of side r / kCols; rows past n_end are not copied (TileCopy16).
-    const TileCopy16<T, kBN, RP, kLdt, kThreads, kCols> b_copy(
+    const TileCopy16<T, kBN, RP, kLdt, kThreadsX, kCols> b_copy(
         [&](int r) { return b_src + static_cast<int64_t>(r % kCols + r / kCols * p.up_col) * p.R; });
     const T* d_vec = D + static_cast<int64_t>(st.row0 + vr) * p.ldd + vx + vsd * p.up_col;
     const int64_t d_vec_step = static_cast<int64_t>(kVecRowStep) * p.ldd;
@@ -323,7 +353,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       } else {
 #pragma unroll
         for (int sd = 0; sd < kSides; ++sd)
-          load_tile<T, kCols, RP, kLdt, kThreads>(bs + sd * kCols * kLdt,
+          load_tile<T, kCols, RP, kLdt, kThreadsX>(bs + sd * kCols * kLdt,
                                                   b_src + static_cast<int64_t>(n0 + sd * p.up_col) * p.R, p.R,
                                                   min(kCols, n_end - n0), 0, p.R, false);
       }
@@ -344,7 +374,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
     }
 
     // t = sum of the split-K partials in a fixed order, rounded to the activation dtype (zero padded).
-    for (int c = threadIdx.x; c < kTileRows * RP; c += kThreads) {
+    for (int c = threadIdx.x; c < kTileRows * RP; c += kThreadsX) {
       const int r = c / RP, col = c % RP;
       float v = 0.f;
       if (r < st.rows && col < p.R) {
@@ -374,9 +404,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lora_expand_kernel(Lor
       // is kXCols output columns: plain, D columns; gated, h columns with their gate and up stage columns, so
       // that each lane's products hold a gate value and its up value side by side.
 #pragma unroll 1
-      for (int it = warp; it < bands * kXBlocks; it += kWarps) {
-        const int xb = it >= bands ? 1 : 0;  // it < 2 bands (kXBlocks <= 2): no division
-        const int r0 = (it - xb * bands) * 16, xc = xb * kXCols;  // band's first row, block's first column
+      for (int it = warp; it < bands * kXBlocks; it += kWarpsX) {
+        // Item it: block it / bands of band it % bands (kXBlocks <= 2: no division); with 4 blocks, block
+        // it % 4 of band it / 4.
+        const int xb = kXBlocks <= 2 ? (it >= bands ? 1 : 0) : it % kXBlocks;
+        const int band = kXBlocks <= 2 ? it - xb * bands : it / kXBlocks;
+        const int r0 = band * 16, xc = xb * kXCols;  // band's first row, block's first column
         // acc[sd][j]: the 16 x 8 products of stage columns sd * kCols + xc + 8j .. + 7 (gated: sd 0 gate, 1 up).
         float acc[kSides][kXCols / 8][4];
 #pragma unroll
@@ -470,14 +503,15 @@ void dispatch_padded_rank(int R, F&& f) {
   else f(std::integral_constant<int, 128>{});
 }
 
-// kernel<<<grid, kThreads, smem>>>(p), its dynamic shared memory allowed first. The attribute is host-side
+// kernel<<<grid, threads, smem>>>(p), its dynamic shared memory allowed first. The attribute is host-side
 // (not a stream operation: fine during graph capture) and set on every launch, so that it holds on whichever
 // device is current.
 template <typename Params>
-cudaError_t launch_with_smem(void (*kernel)(Params), int grid, size_t smem, cudaStream_t stream, const Params& p) {
+cudaError_t launch_with_smem(void (*kernel)(Params), int grid, size_t smem, cudaStream_t stream, const Params& p,
+                             int threads = kThreads) {
   const cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  return err != cudaSuccess ? err : launch_kernel(kernel, grid, kThreads, smem, stream, p);
+  return err != cudaSuccess ? err : launch_kernel(kernel, grid, threads, smem, stream, p);
 }
 
 template <typename T, int RP>
@@ -486,16 +520,24 @@ cudaError_t launch_shrink_typed(const LoraShrinkParams& p, int sm_count, cudaStr
   const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid == 0) return cudaSuccess;
   const bool token_rows = p.x_rows != nullptr;
+  if constexpr (RP <= 64) {
+    if (p.few_rows_max == 0 && p.tiles_kernel) {  // every segment on the 64-row tiles: the tiles-only kernel
+      using Shape = ShrinkShape<RP, false, true>;
+      const int grid_t = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * Shape::kBlocks));
+      return token_rows ? launch_with_smem(lora_shrink_kernel<T, RP, false, true, true>, grid_t, Shape::kSmemBytes, stream, p)
+                        : launch_with_smem(lora_shrink_kernel<T, RP, false, false, true>, grid_t, Shape::kSmemBytes, stream, p);
+    }
+  }
   if constexpr (RP == 64) {  // the only rank whose shape depends on it (ShrinkShape)
     if (lora_large_segments(p.max_rows, p.max_active_segments)) {
       constexpr size_t smem = ShrinkShape<RP, true>::kSmemBytes;
-      return token_rows ? launch_with_smem(lora_shrink_kernel<T, RP, true, true>, grid, smem, stream, p)
-                        : launch_with_smem(lora_shrink_kernel<T, RP, true, false>, grid, smem, stream, p);
+      return token_rows ? launch_with_smem(lora_shrink_kernel<T, RP, true, true, false>, grid, smem, stream, p)
+                        : launch_with_smem(lora_shrink_kernel<T, RP, true, false, false>, grid, smem, stream, p);
     }
   }
   constexpr size_t smem = ShrinkShape<RP, false>::kSmemBytes;
-  return token_rows ? launch_with_smem(lora_shrink_kernel<T, RP, false, true>, grid, smem, stream, p)
-                    : launch_with_smem(lora_shrink_kernel<T, RP, false, false>, grid, smem, stream, p);
+  return token_rows ? launch_with_smem(lora_shrink_kernel<T, RP, false, true, false>, grid, smem, stream, p)
+                    : launch_with_smem(lora_shrink_kernel<T, RP, false, false, false>, grid, smem, stream, p);
 }
 
 template <typename T, int RP>
@@ -506,8 +548,15 @@ cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStr
   const int grid = static_cast<int>(std::min<int64_t>(units_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid == 0) return cudaSuccess;
   constexpr size_t smem = ExpandShape<RP>::kSmemBytes;
-  return p.h != nullptr ? launch_with_smem(lora_expand_kernel<T, RP, true>, grid, smem, stream, p)
-                        : launch_with_smem(lora_expand_kernel<T, RP, false>, grid, smem, stream, p);
+  if constexpr (RP <= 64) {
+    if (p.few_rows_max == 0 && p.tiles_kernel) {  // every segment on the 64-row tiles: the tiles-only kernel
+      constexpr int threads = expand_warps<RP, true>() * 32;
+      return p.h != nullptr ? launch_with_smem(lora_expand_kernel<T, RP, true, true>, grid, smem, stream, p, threads)
+                            : launch_with_smem(lora_expand_kernel<T, RP, false, true>, grid, smem, stream, p, threads);
+    }
+  }
+  return p.h != nullptr ? launch_with_smem(lora_expand_kernel<T, RP, true, false>, grid, smem, stream, p)
+                        : launch_with_smem(lora_expand_kernel<T, RP, false, false>, grid, smem, stream, p);
 }
 
 }  // namespace

@@ -157,6 +157,15 @@ constexpr int kLoraExpandPairsMaxRank = 32;
 inline bool lora_large_segments(int64_t rows, int64_t active_segments) {
   return rows > kLoraFewRows * active_segments;
 }
+// Host shape rule (benchmarks/NOTES.md v23): when the segments average at least kLoraFewRows rows, every segment
+// takes the 64-row tiles (few_rows_max = 0), so ranks up to kLoraTilesMaxRank run the tiles-only kernels
+// (lora_gemm.cu: no few-rows path compiled in, 1.5-2x the warps per SM). Graph-replayed LoRA calls at rank 16 /
+// 64: qwen3 T=2048 853 -> 814 / 1098 -> 1054 µs, mixtral T=512 1252 -> 1239 / 1432 -> 1389; at 8 rows per
+// segment (qwen3 T=1024) rank 64 lost 17 µs, so the rule starts at 16.
+constexpr int kLoraTilesMaxRank = 64;
+inline bool lora_tiles_only(int64_t rows, int64_t active_segments) {
+  return rows >= kLoraFewRows * active_segments;
+}
 struct LoraShrinkParams {
   const void* X; int64_t ldx;               // sorted activations [rows, K]
   // nullptr, or [rows]: sorted row r reads row x_rows[r] of X. fc1 passes the hidden states [T, H] and each
@@ -172,6 +181,9 @@ struct LoraShrinkParams {
   int R, K, k_chunk, k_splits;              // K-chunk ks covers [ks * k_chunk, min(K, (ks+1) * k_chunk))
   int max_rows, max_active_segments;        // host upper bounds (grid sizing, partial layout)
   int few_rows_max;                        // segments with at most this many rows: lora_rows_mma.cuh
+  // With few_rows_max == 0 and R <= kLoraTilesMaxRank: the tiles-only kernel (lora_gemm.cu), else the default
+  // kernel's 64-row path (MOELORA_LORA_TILES_KERNEL=0; the same bits).
+  bool tiles_kernel = true;
   DType dtype;
 };
 struct LoraExpandParams {
@@ -187,6 +199,7 @@ struct LoraExpandParams {
   int R, N;                                 // N: output columns (gated: h columns)
   int max_rows, max_active_segments;
   int few_rows_max;                        // as for the shrink
+  bool tiles_kernel = true;                 // as for the shrink
   // fc1 with the gated activation fused (h != nullptr): D is the base output gu [rows, 2I], only read; N = I
   // and h[r, n] = round(act(round(v[n])) * round(v[up_col + n])) with v = D[r] + scale * delta, for the rows
   // with an adapter (the activation stage does the others: ActivationParams::bucket_offsets). Saves gu's
