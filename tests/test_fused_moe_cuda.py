@@ -219,12 +219,12 @@ def test_lora_tiles_kernel_bits(shape, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("R", [16, 64, 128])
-@pytest.mark.parametrize("T", [200, 512])
+@pytest.mark.parametrize("T", [100, 200, 512])
 def test_lora_tiles_kernel_rule(T, R, monkeypatch):
-    """The default rule (stages.h lora_tiles_only): when the (expert, adapter) segments average 16+ rows (T = 512:
-    1024 rows over 8 experts x 4 adapters), ranks up to 64 run both LoRA kernels as the tiles-only kernels; with
-    fewer rows (T = 200: 12.5) or at rank 128 the default kernels run. Either way the output matches the
-    reference."""
+    """The default rules (stages.h lora_tiles_only): when the (expert, adapter) segments average 16+ rows (T = 512:
+    1024 rows over 8 experts x 4 adapters), ranks up to 64 run both LoRA kernels as the tiles-only kernels; from 8
+    rows (T = 200: 12.5) the expands alone; below that (T = 100: 6.25) and at rank 128 the default kernels run.
+    Either way the output matches the reference."""
     for name in ["MOELORA_LORA_FEW_ROWS", "MOELORA_LORA_EXPAND_FEW_ROWS", "MOELORA_LORA_TILES_KERNEL",
                  "MOELORA_LORA_SEGMENT_GEMM", "MOELORA_LORA_OVERLAP", "MOELORA_DECODE_GEMV"]:
         monkeypatch.delenv(name, raising=False)
@@ -232,10 +232,11 @@ def test_lora_tiles_kernel_rule(T, R, monkeypatch):
     args = make_case(T, 256, 128, 8, 2, 4, R, dtype=dtype, seed=37)
     check(args, dtype)
     names = launched_kernels(args)[1]
-    tiles_only = [m.group(2) == "true" for n in names
+    tiles_only = [(m.group(1), m.group(2) == "true") for n in names
                   for m in [re.search(r"lora_(shrink|expand)_kernel<.*, (true|false)>", n)] if m]
     assert len(tiles_only) == 4, names  # fc1's and fc2's shrink and expand
-    assert all(tiles_only) if (T == 512 and R <= 64) else not any(tiles_only), names
+    min_rows = {"shrink": 512, "expand": 200}
+    assert all(tiles == (R <= 64 and T >= min_rows[kind]) for kind, tiles in tiles_only), names
 
 
 @pytest.mark.parametrize("shape", [ROW_PATH_SHAPES[i] for i in (1, 3, 7)],

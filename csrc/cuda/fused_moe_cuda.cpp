@@ -164,8 +164,11 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
   const int pairs = static_cast<int>(d.T * d.k);
   const int active = static_cast<int>(d.E * d.S);
   ws.lora_kernels = use_lora_kernels(d.R);
-  // Segments of 16+ rows on average: every segment on the 64-row tiles, the tiles-only kernels (stages.h).
-  const bool tiles_only = d.R <= mc::kLoraTilesMaxRank && mc::lora_tiles_only(pairs, active);
+  // Segments of 16+ rows on average (the expand: 8+): every segment on the 64-row tiles, the tiles-only kernels
+  // (stages.h).
+  const bool tiles_rank = d.R <= mc::kLoraTilesMaxRank;
+  const bool tiles_only = tiles_rank && mc::lora_tiles_only(pairs, active);
+  const bool expand_tiles_only = tiles_rank && mc::lora_tiles_only(pairs, active, mc::kLoraExpandTilesMinRows);
   ws.few_rows_max = env_int("MOELORA_LORA_FEW_ROWS", tiles_only ? 0 : mc::kLoraFewRows);
   ws.tiles_kernel = !env_zero("MOELORA_LORA_TILES_KERNEL");
   // The expand's threshold (benchmarks/NOTES.md v9): when the segments average at most kLoraFewRows rows,
@@ -177,7 +180,7 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
   const char* both = std::getenv("MOELORA_LORA_FEW_ROWS");
   const bool small_segments = d.R <= mc::kLoraExpandPairsMaxRank && !mc::lora_large_segments(pairs, active);
   const int expand_default = both != nullptr && both[0] != '\0' ? ws.few_rows_max
-                             : tiles_only                      ? 0
+                             : expand_tiles_only               ? 0
                              : small_segments                  ? 2 * mc::kLoraFewRows
                                                                : mc::kLoraFewRows;
   ws.expand_few_rows_max = env_int("MOELORA_LORA_EXPAND_FEW_ROWS", expand_default);

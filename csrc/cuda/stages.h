@@ -157,14 +157,16 @@ constexpr int kLoraExpandPairsMaxRank = 32;
 inline bool lora_large_segments(int64_t rows, int64_t active_segments) {
   return rows > kLoraFewRows * active_segments;
 }
-// Host shape rule (benchmarks/NOTES.md v23): when the segments average at least kLoraFewRows rows, every segment
-// takes the 64-row tiles (few_rows_max = 0), so ranks up to kLoraTilesMaxRank run the tiles-only kernels
-// (lora_gemm.cu: no few-rows path compiled in, 1.5-2x the warps per SM). Graph-replayed LoRA calls at rank 16 /
-// 64: qwen3 T=2048 853 -> 814 / 1098 -> 1054 µs, mixtral T=512 1252 -> 1239 / 1432 -> 1389; at 8 rows per
-// segment (qwen3 T=1024) rank 64 lost 17 µs, so the rule starts at 16.
+// Host shape rules (benchmarks/NOTES.md v23): when the segments average at least kLoraFewRows rows, every segment
+// takes the 64-row tiles in both LoRA kernels (few_rows_max = 0), and ranks up to kLoraTilesMaxRank run the
+// tiles-only kernels (lora_gemm.cu: no few-rows path compiled in, 1.5-2x the warps per SM). Graph-replayed LoRA
+// calls at rank 16 / 64: qwen3 T=2048 853 -> 814 / 1098 -> 1054 µs, mixtral T=512 1252 -> 1239 / 1432 -> 1389.
+// The expand takes them from kLoraExpandTilesMinRows rows on average (qwen3 T=1024 689 -> 682 / 931 -> 900 µs);
+// the shrinks there lost (rank 64's +17 µs), and below 8 rows so did the expand at rank 16 (qwen3 T=512 +5 µs).
 constexpr int kLoraTilesMaxRank = 64;
-inline bool lora_tiles_only(int64_t rows, int64_t active_segments) {
-  return rows >= kLoraFewRows * active_segments;
+constexpr int kLoraExpandTilesMinRows = 8;
+inline bool lora_tiles_only(int64_t rows, int64_t active_segments, int min_avg_rows = kLoraFewRows) {
+  return rows >= int64_t{min_avg_rows} * active_segments;
 }
 struct LoraShrinkParams {
   const void* X; int64_t ldx;               // sorted activations [rows, K]
