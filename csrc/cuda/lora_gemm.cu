@@ -265,17 +265,17 @@ __device__ __forceinline__ uint32_t lds_pair(const T* p) {
 // compiled in and each CTA runs 8 warps in at most 64 registers, twice the warps per SM on the same shared memory
 // (NOTES.md v23). Its column blocks are a quarter of a chunk (at least 16 columns), so a full tile still has an
 // item or two per warp.
-template <int RP, bool kTilesOnly>
+template <bool kTilesOnly>
 constexpr int expand_warps() { return kTilesOnly ? 2 * kWarps : kWarps; }
 
 template <typename T, int RP, bool kGated, bool kTilesOnly>
-__global__ void __launch_bounds__(expand_warps<RP, kTilesOnly>() * 32, kBlocksPerSm)
+__global__ void __launch_bounds__(expand_warps<kTilesOnly>() * 32, kBlocksPerSm)
     lora_expand_kernel(LoraExpandParams p) {
   pdl_begin();
   static_assert(!kTilesOnly || RP <= 64, "the tiles-only expand holds ranks up to 64");
   using Shape = ExpandShape<RP>;
   constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt, kLdd = Shape::kLdd, kStages = Shape::kStages;
-  constexpr int kWarpsX = expand_warps<RP, kTilesOnly>(), kThreadsX = kWarpsX * 32;
+  constexpr int kWarpsX = expand_warps<kTilesOnly>(), kThreadsX = kWarpsX * 32;
   constexpr int kSides = kGated ? 2 : 1;
   constexpr int kCols = Shape::cols(kGated);
   constexpr int kGroups = kCols / 8;   // 8-column vectors per row and chunk (the D staging)
@@ -524,8 +524,9 @@ cudaError_t launch_shrink_typed(const LoraShrinkParams& p, int sm_count, cudaStr
     if (p.few_rows_max == 0 && p.tiles_kernel) {  // every segment on the 64-row tiles: the tiles-only kernel
       using Shape = ShrinkShape<RP, false, true>;
       const int grid_t = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * Shape::kBlocks));
-      return token_rows ? launch_with_smem(lora_shrink_kernel<T, RP, false, true, true>, grid_t, Shape::kSmemBytes, stream, p)
-                        : launch_with_smem(lora_shrink_kernel<T, RP, false, false, true>, grid_t, Shape::kSmemBytes, stream, p);
+      constexpr size_t smem_t = Shape::kSmemBytes;
+      return token_rows ? launch_with_smem(lora_shrink_kernel<T, RP, false, true, true>, grid_t, smem_t, stream, p)
+                        : launch_with_smem(lora_shrink_kernel<T, RP, false, false, true>, grid_t, smem_t, stream, p);
     }
   }
   if constexpr (RP == 64) {  // the only rank whose shape depends on it (ShrinkShape)
@@ -550,7 +551,7 @@ cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStr
   constexpr size_t smem = ExpandShape<RP>::kSmemBytes;
   if constexpr (RP <= 64) {
     if (p.few_rows_max == 0 && p.tiles_kernel) {  // every segment on the 64-row tiles: the tiles-only kernel
-      constexpr int threads = expand_warps<RP, true>() * 32;
+      constexpr int threads = expand_warps<true>() * 32;
       return p.h != nullptr ? launch_with_smem(lora_expand_kernel<T, RP, true, true>, grid, smem, stream, p, threads)
                             : launch_with_smem(lora_expand_kernel<T, RP, false, true>, grid, smem, stream, p, threads);
     }
