@@ -79,7 +79,7 @@ __device__ __forceinline__ SegmentTile locate(const Params& p, int mt) {
 //   stages was slower there (128 µs): fewer bytes in flight per SM.
 template <int RP, bool kLargeSegments = false, bool kTilesOnly = false>
 struct ShrinkShape {
-  static_assert(!kTilesOnly || RP <= 64, "the tiles-only shrink holds ranks up to 64");
+  static_assert(!kTilesOnly || RP <= kLoraTilesMaxRank, "the tiles-only shrink holds ranks up to 64");
   static constexpr int kBlocks = !kTilesOnly ? kBlocksPerSm : RP == 32 ? 8 : 6;  // CTAs per SM
   static constexpr bool kWideK = RP <= 32 || (RP == 64 && (kLargeSegments || kTilesOnly));
   static constexpr int kBK = kWideK ? 64 : 32;
@@ -272,7 +272,7 @@ template <typename T, int RP, bool kGated, bool kTilesOnly>
 __global__ void __launch_bounds__(expand_warps<kTilesOnly>() * 32, kBlocksPerSm)
     lora_expand_kernel(LoraExpandParams p) {
   pdl_begin();
-  static_assert(!kTilesOnly || RP <= 64, "the tiles-only expand holds ranks up to 64");
+  static_assert(!kTilesOnly || RP <= kLoraTilesMaxRank, "the tiles-only expand holds ranks up to 64");
   using Shape = ExpandShape<RP>;
   constexpr int kBN = Shape::kBN, kLdt = Shape::kLdt, kLdd = Shape::kLdd, kStages = Shape::kStages;
   constexpr int kWarpsX = expand_warps<kTilesOnly>(), kThreadsX = kWarpsX * 32;
@@ -503,6 +503,13 @@ void dispatch_padded_rank(int R, F&& f) {
   else f(std::integral_constant<int, 128>{});
 }
 
+// Every segment of the launch on the 64-row tiles (few_rows_max == 0): the tiles-only kernel runs it, unless
+// MOELORA_LORA_TILES_KERNEL=0 asked for the default kernel's 64-row path (stages.h, tiles_kernel).
+template <typename Params>
+bool tiles_only_launch(const Params& p) {
+  return p.few_rows_max == 0 && p.tiles_kernel;
+}
+
 // kernel<<<grid, threads, smem>>>(p), its dynamic shared memory allowed first. The attribute is host-side
 // (not a stream operation: fine during graph capture) and set on every launch, so that it holds on whichever
 // device is current.
@@ -520,8 +527,8 @@ cudaError_t launch_shrink_typed(const LoraShrinkParams& p, int sm_count, cudaStr
   const int grid = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid == 0) return cudaSuccess;
   const bool token_rows = p.x_rows != nullptr;
-  if constexpr (RP <= 64) {
-    if (p.few_rows_max == 0 && p.tiles_kernel) {  // every segment on the 64-row tiles: the tiles-only kernel
+  if constexpr (RP <= kLoraTilesMaxRank) {
+    if (tiles_only_launch(p)) {
       using Shape = ShrinkShape<RP, false, true>;
       const int grid_t = static_cast<int>(std::min<int64_t>(items_ub, int64_t(sm_count) * Shape::kBlocks));
       constexpr size_t smem_t = Shape::kSmemBytes;
@@ -549,8 +556,8 @@ cudaError_t launch_expand_typed(const LoraExpandParams& p, int sm_count, cudaStr
   const int grid = static_cast<int>(std::min<int64_t>(units_ub, int64_t(sm_count) * kBlocksPerSm));
   if (grid == 0) return cudaSuccess;
   constexpr size_t smem = ExpandShape<RP>::kSmemBytes;
-  if constexpr (RP <= 64) {
-    if (p.few_rows_max == 0 && p.tiles_kernel) {  // every segment on the 64-row tiles: the tiles-only kernel
+  if constexpr (RP <= kLoraTilesMaxRank) {
+    if (tiles_only_launch(p)) {
       constexpr int threads = expand_warps<true>() * 32;
       return p.h != nullptr ? launch_with_smem(lora_expand_kernel<T, RP, true, true>, grid, smem, stream, p, threads)
                             : launch_with_smem(lora_expand_kernel<T, RP, false, true>, grid, smem, stream, p, threads);
