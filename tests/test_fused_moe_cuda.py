@@ -443,7 +443,7 @@ def test_gemm_tile_configs(shape, tiles, dtype, monkeypatch):
     T, H, I, E, k, S, R = shape
     args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=T + E)
     check(args, dtype)
-    base = {n: v for n, v in args.items() if "lora" not in n and "shared" not in n}
+    base = _base_args(args)
     check(base, dtype)
     if T > 0:
         fc1, fc2 = (tiles.split("/") * 2)[:2]
@@ -462,6 +462,85 @@ def test_gemm_tile_unknown_name_rejected(monkeypatch):
         moelora_ext.fused_moe(**args)
     monkeypatch.setenv("MOELORA_GEMM_TILE", "")  # empty: the size rule, as for the integer knobs
     check(args, torch.bfloat16)
+
+
+# fc1 with the activation in its CUTLASS epilogue (calls without LoRA, row-side tiles).
+GATED_SHAPES = [
+    # T,    H,    I,   E,  k
+    (300, 256, 192, 32, 4),     # skewed: empty experts, several row tiles; the last 128-output tile half past I
+    (96, 512, 200, 16, 4),      # I = 200: the last tile runs past I at 64 and 128 outputs per tile
+    (2000, 2880, 2880, 4, 2),   # gpt-oss sizes, ~1000 rows per expert
+]
+
+
+def _base_args(args):
+    return {n: v for n, v in args.items() if "lora" not in n and "shared" not in n}
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tile", ["small", "large", "large_pp"])
+@pytest.mark.parametrize("shape", GATED_SHAPES, ids=lambda s: "T{}_H{}_I{}_E{}_k{}".format(*s))
+def test_gated_fc1_epilogue(shape, tile, dtype, activation, monkeypatch):
+    """fc1's GEMM with act(gate) * up in its epilogue (no gu, no activation stage) matches the reference on every
+    row-side tile, and the unfused path (MOELORA_GATED_FC1=0) to within the rounding of gate and up, which only
+    the unfused path does; the profiler shows which of the two ran. Poisoned allocator: an h column the epilogue
+    missed would read as NaN."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the gated epilogue is the sm90 CUTLASS GEMM's")
+    monkeypatch.delenv("MOELORA_PORTABLE", raising=False)
+    monkeypatch.delenv("MOELORA_GATED_FC1", raising=False)
+    monkeypatch.setenv("MOELORA_GEMM_TILE", tile)
+    T, H, I, E, k = shape
+    base = dict(_base_args(make_case(T, H, I, E, k, dtype=dtype, seed=T + I)), activation=activation)
+    fused = check(base, dtype)
+    names = launched_kernels(base)[1]
+    assert sum("GatedUpMainloop" in n for n in names) == 1, names
+    assert not any("gated_activation" in n for n in names), names
+    monkeypatch.setenv("MOELORA_GATED_FC1", "0")
+    poison_allocator()
+    unfused, names = launched_kernels(base)
+    assert not any("GatedUpMainloop" in n for n in names) and any("gated_activation" in n for n in names), names
+    err = rel_err(fused, unfused)
+    assert 0 <= err < TOL[dtype] / 2, f"fused vs unfused activation: {err:.3e}"
+
+
+def test_gated_fc1_rule(monkeypatch):
+    """By default the gated fc1 runs in calls without LoRA on the row-side tiles only: not with adapters (their
+    delta must reach gate and up before the activation) and not on the swapped tile (few rows per expert)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the gated epilogue is the sm90 CUTLASS GEMM's")
+    monkeypatch.delenv("MOELORA_PORTABLE", raising=False)
+    monkeypatch.delenv("MOELORA_GATED_FC1", raising=False)
+    monkeypatch.delenv("MOELORA_GEMM_TILE", raising=False)
+    many = make_case(512, 256, 128, 8, 2, 4, 16, seed=3)    # 128 rows per expert: a row-side tile
+    few = make_case(24, 256, 128, 8, 2, seed=3)             # 6 rows per expert: the swapped tile
+    for args, gated in [(_base_args(many), True), (many, False), (few, False)]:
+        out, names = launched_kernels(args)
+        assert any("GatedUpMainloop" in n for n in names) == gated, names
+        assert any("gated_activation" in n for n in names) != gated, names
+        assert rel_err(out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
+
+
+def test_gated_fc1_graph_replay(monkeypatch):
+    """The gated fc1 under CUDA-graph capture: replays with new tokens and routing written in place equal eager
+    calls bit for bit."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the gated epilogue is the sm90 CUTLASS GEMM's")
+    monkeypatch.delenv("MOELORA_PORTABLE", raising=False)
+    monkeypatch.delenv("MOELORA_GATED_FC1", raising=False)
+    monkeypatch.delenv("MOELORA_GEMM_TILE", raising=False)
+    args = _base_args(make_case(1000, 256, 192, 8, 2, seed=21))
+    graph, static_out = capture_graph(args)
+    assert any("GatedUpMainloop" in n for n in launched_kernels(args)[1])
+    for seed in range(22, 25):
+        fresh = make_case(1000, 256, 192, 8, 2, seed=seed)
+        for name in ["hidden_states", "topk_weights", "topk_ids"]:
+            args[name].copy_(fresh[name])
+        static_out.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(static_out, moelora_ext.fused_moe(**args)), f"replay differs from eager (seed {seed})"
+        assert rel_err(static_out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("name,value", [

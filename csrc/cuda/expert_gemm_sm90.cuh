@@ -31,7 +31,7 @@ namespace moelora::cuda::detail {
 // Per dtype: workspace size, where the group tables live and what goes in them (host only), and the GEMM itself,
 // for a tile configuration that is not Auto (expert_gemm_sm90.cu resolves Auto first).
 #define MOELORA_EXPERT_GEMM_DECLARE(NAME)                                                                      \
-  size_t expert_gemm_sm90_##NAME##_workspace(ExpertGemmConfig tile, int num_experts, int sm_count);            \
+  size_t expert_gemm_sm90_##NAME##_workspace(ExpertGemmConfig tile, bool gated, int num_experts, int sm_count); \
   ExpertGemmTables expert_gemm_sm90_##NAME##_tables(ExpertGemmConfig tile, const ExpertGemmParams& p,          \
                                                     void* workspace);                                          \
   cudaError_t expert_gemm_sm90_##NAME##_run(ExpertGemmConfig tile, const ExpertGemmParams& p, void* workspace,\
@@ -66,6 +66,7 @@ MOELORA_EXPERT_GEMM_DECLARE(fp16)
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/kernel_hardware_info.hpp"
 #include "cutlass/util/packed_stride.hpp"
+#include "expert_gemm_sm90_gated.cuh"
 #include "pdl.cuh"
 
 namespace moelora::cuda::detail {
@@ -123,32 +124,40 @@ struct PdlWaitKernel : Base {
   }
 };
 
-template <class Element, class Tile>
+// kGated: fc1 with its gated activation in the epilogue (expert_gemm_sm90_gated.cuh), row-side tiles only.
+template <class Element, class Tile, bool kGated = false>
 struct ExpertGemmKernel {
+  static_assert(!(kGated && Tile::kSwapAB), "the gated epilogue needs the weight's rows on the N side");
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // per group <M, N, K>
   using ElementAcc = float;
   // Both operands K-major (TN). Plain: A = the rows [rows, K], B = W[e] [N, K] row-major == K x N column-major,
   // D [rows, N] row-major. Swapped: A = W[e] [N, K], B = the rows (K x rows column-major), D^T [N, rows]
-  // column-major, which is D [rows, N] row-major.
+  // column-major, which is D [rows, N] row-major. Gated: D [rows, N/2] row-major.
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutB = cutlass::layout::ColumnMajor;
   using LayoutD = cute::conditional_t<Tile::kSwapAB, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
   static constexpr bool kSwapAB = Tile::kSwapAB;
+  static constexpr bool kGatedOutput = kGated;
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16 B (TMA)
 
   // No C operand (void): D = acc, beta = 0, nothing loaded in the epilogue.
-  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+  using PlainEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Tile::TileShape,
       typename Tile::ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementAcc,
       void, LayoutD*, kAlign, Element, LayoutD*, kAlign, typename Tile::EpilogueSchedule,
       cutlass::epilogue::fusion::LinearCombination<Element, ElementAcc>>::CollectiveOp;
+  // Gated: registers to global memory, no shared memory (so the main loop's stages take all of it).
+  using CollectiveEpilogue = cute::conditional_t<
+      kGated, cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<GatedActivationEpilogue<Element>>,
+      PlainEpilogue>;
 
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+  using BuiltMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element, LayoutB*,
       kAlign, ElementAcc, typename Tile::TileShape, typename Tile::ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
       typename Tile::KernelSchedule>::CollectiveOp;
+  using CollectiveMainloop = cute::conditional_t<kGated, GatedUpMainloop<BuiltMainloop>, BuiltMainloop>;
 
   using Kernel =
       PdlWaitKernel<cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>>;
@@ -160,7 +169,7 @@ struct ExpertGemmKernel {
   using StrideD = typename Kernel::InternalStrideD;
   using StrideC = typename Kernel::InternalStrideC;
   using ElementC = typename Gemm::ElementC;  // void
-  using ElementD = typename Gemm::EpilogueOutputOp::ElementOutput;
+  using ElementD = typename CollectiveEpilogue::ElementD;
   static_assert(cute::is_same_v<ElementD, Element>, "D has the input element type");
 };
 
@@ -196,9 +205,9 @@ inline char* aligned_workspace(void* workspace) {
 // The tables of p in the workspace as plain data (ExpertGemmTables): the device-side writer
 // (write_expert_gemm_tables) fills CUTLASS's per-group shape and stride types as raw ints, which the asserts
 // below pin down.
-template <class Element, class Tile>
+template <class Element, class Tile, bool kGated>
 ExpertGemmTables make_tables(const ExpertGemmParams& p, void* workspace) {
-  using K = ExpertGemmKernel<Element, Tile>;
+  using K = ExpertGemmKernel<Element, Tile, kGated>;
   using RowMajorStride = cute::Stride<int64_t, cute::Int<1>, cute::Int<0>>;  // one dynamic stride: mode 0
   using ColMajorStride = cute::Stride<cute::Int<1>, int64_t, cute::Int<0>>;  // one dynamic stride: mode 1
   static_assert(sizeof(typename K::Shape3) == 3 * sizeof(int), "group shape = {M, N, K} ints");
@@ -216,14 +225,16 @@ ExpertGemmTables make_tables(const ExpertGemmParams& p, void* workspace) {
   t.strides[0] = reinterpret_cast<int64_t*>(ws + l.stride_a);
   t.strides[1] = reinterpret_cast<int64_t*>(ws + l.stride_b);
   t.strides[2] = reinterpret_cast<int64_t*>(ws + l.stride_d);
-  // Packed strides are leading dimensions only: K for both operands (rows and W[e] alike), N for D (its row
+  // D's row length: N, or N/2 when the gated epilogue writes act(gate) * up.
+  t.ldd = kGated ? p.N / 2 : p.N;
+  // Packed strides are leading dimensions only: K for both operands (rows and W[e] alike), ldd for D (its row
   // stride; swapped, the column stride of D^T), whatever the rows per expert.
   t.stride_values[0] = cute::get<0>(cutlass::make_cute_packed_stride(typename K::StrideA{}, cute::make_shape(1, p.K, 1)));
   t.stride_values[1] = cute::get<0>(cutlass::make_cute_packed_stride(typename K::StrideB{}, cute::make_shape(1, p.K, 1)));
   if constexpr (Tile::kSwapAB)
-    t.stride_values[2] = cute::get<1>(cutlass::make_cute_packed_stride(typename K::StrideD{}, cute::make_shape(p.N, 1, 1)));
+    t.stride_values[2] = cute::get<1>(cutlass::make_cute_packed_stride(typename K::StrideD{}, cute::make_shape(t.ldd, 1, 1)));
   else
-    t.stride_values[2] = cute::get<0>(cutlass::make_cute_packed_stride(typename K::StrideD{}, cute::make_shape(1, p.N, 1)));
+    t.stride_values[2] = cute::get<0>(cutlass::make_cute_packed_stride(typename K::StrideD{}, cute::make_shape(1, t.ldd, 1)));
   t.A = static_cast<const char*>(p.A);
   t.W = static_cast<const char*>(p.W);
   t.D = static_cast<char*>(p.D);
@@ -235,7 +246,8 @@ ExpertGemmTables make_tables(const ExpertGemmParams& p, void* workspace) {
 }
 
 template <class K>
-typename K::Gemm::Arguments make_arguments(const GroupTableLayout& l, char* ws, int E, int sm_count) {
+typename K::Gemm::Arguments make_arguments(const GroupTableLayout& l, char* ws, int E, int sm_count,
+                                           ActivationKind activation = ActivationKind::Silu) {
   using ElementA = typename K::Gemm::ElementA;
   using ElementB = typename K::Gemm::ElementB;
   cutlass::KernelHardwareInfo hw{};
@@ -250,10 +262,14 @@ typename K::Gemm::Arguments make_arguments(const GroupTableLayout& l, char* ws, 
                    reinterpret_cast<typename K::StrideA*>(ws + l.stride_a),
                    reinterpret_cast<const ElementB**>(ws + l.ptr_b),
                    reinterpret_cast<typename K::StrideB*>(ws + l.stride_b)};
-  args.epilogue.thread.alpha = 1.0f;
-  args.epilogue.thread.beta = 0.0f;
-  args.epilogue.ptr_C = nullptr;
-  args.epilogue.dC = nullptr;
+  if constexpr (K::kGatedOutput) {
+    args.epilogue.kind = activation;
+  } else {
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;
+    args.epilogue.ptr_C = nullptr;
+    args.epilogue.dC = nullptr;
+  }
   args.epilogue.ptr_D = reinterpret_cast<typename K::ElementD**>(ws + l.ptr_d);
   args.epilogue.dD = reinterpret_cast<typename K::StrideD*>(ws + l.stride_d);
   args.hw_info = hw;
@@ -264,9 +280,9 @@ typename K::Gemm::Arguments make_arguments(const GroupTableLayout& l, char* ws, 
   return args;
 }
 
-template <class Element, class Tile>
+template <class Element, class Tile, bool kGated>
 size_t expert_gemm_workspace_bytes(int num_experts, int sm_count) {
-  using K = ExpertGemmKernel<Element, Tile>;
+  using K = ExpertGemmKernel<Element, Tile, kGated>;
   if (num_experts <= 0 || sm_count <= 0) return 0;
   const GroupTableLayout l = GroupTableLayout::make<K>(num_experts);
   // CUTLASS's workspace here depends only on sm_count (per-SM TMA descriptor copies), not on the routing;
@@ -275,29 +291,31 @@ size_t expert_gemm_workspace_bytes(int num_experts, int sm_count) {
   return l.end + GroupTableLayout::up(K::Gemm::get_workspace_size(args)) + GroupTableLayout::kAlign;
 }
 
-template <class Element, class Tile>
+template <class Element, class Tile, bool kGated>
 cudaError_t check_params(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count) {
-  using K = ExpertGemmKernel<Element, Tile>;
+  using K = ExpertGemmKernel<Element, Tile, kGated>;
   if (p.num_experts <= 0 || sm_count <= 0 || p.N <= 0 || p.K <= 0) return cudaErrorInvalidValue;
-  // TMA: 16-byte aligned rows and base pointers.
+  // TMA: 16-byte aligned rows and base pointers (gated: D's rows of N/2, and the up rows start at row N/2).
   if (p.N % K::kAlign != 0 || p.K % K::kAlign != 0) return cudaErrorInvalidValue;
+  if (kGated && (p.N / 2) % K::kAlign != 0) return cudaErrorInvalidValue;
   if ((reinterpret_cast<uintptr_t>(p.A) | reinterpret_cast<uintptr_t>(p.W) | reinterpret_cast<uintptr_t>(p.D)) % 16)
     return cudaErrorInvalidValue;
-  if (workspace == nullptr || workspace_bytes < expert_gemm_workspace_bytes<Element, Tile>(p.num_experts, sm_count))
+  if (workspace == nullptr || workspace_bytes < expert_gemm_workspace_bytes<Element, Tile, kGated>(p.num_experts, sm_count))
     return cudaErrorInvalidValue;
   return cudaSuccess;
 }
 
 // The grouped GEMM over tables written on this stream (write_expert_gemm_tables).
-template <class Element, class Tile>
+template <class Element, class Tile, bool kGated>
 cudaError_t expert_gemm_run(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
                             cudaStream_t stream) {
-  using K = ExpertGemmKernel<Element, Tile>;
-  if (cudaError_t err = check_params<Element, Tile>(p, workspace, workspace_bytes, sm_count); err != cudaSuccess)
+  using K = ExpertGemmKernel<Element, Tile, kGated>;
+  if (cudaError_t err = check_params<Element, Tile, kGated>(p, workspace, workspace_bytes, sm_count); err != cudaSuccess)
     return err;
   char* ws = aligned_workspace(workspace);
   const GroupTableLayout l = GroupTableLayout::make<K>(p.num_experts);
-  auto args = make_arguments<K>(l, ws, p.num_experts, sm_count);
+  auto args = make_arguments<K>(l, ws, p.num_experts, sm_count,
+                                p.gated == GatedOutput::Gelu ? ActivationKind::Gelu : ActivationKind::Silu);
   typename K::Gemm gemm;
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
   if (gemm.initialize(args, ws + l.cutlass_ws, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
@@ -324,28 +342,50 @@ auto with_tile(ExpertGemmConfig tile, F&& f) {
   }
 }
 
-// Explicit instantiation of one (element, tile) GEMM: EXTERN empty defines it in this TU, `extern` declares it
-// defined in another (SwapAB32 and LargeMPingpong compile in TUs of their own, in parallel:
-// expert_gemm_sm90_swap.cu, expert_gemm_sm90_pingpong.cu).
-#define MOELORA_EXPERT_GEMM_INSTANTIATE(EXTERN, ELEMENT, TILE)                                                 \
-  EXTERN template size_t expert_gemm_workspace_bytes<ELEMENT, TILE>(int, int);                                 \
-  EXTERN template ExpertGemmTables make_tables<ELEMENT, TILE>(const ExpertGemmParams&, void*);                 \
-  EXTERN template cudaError_t expert_gemm_run<ELEMENT, TILE>(const ExpertGemmParams&, void*, size_t, int,      \
-                                                             cudaStream_t);
+// f.template operator()<Tile, kGated>(): the plain or the gated GEMM of p's tile. The swapped tile has no gated
+// form (expert_gemm_sm90_gated_supported keeps callers off it); it runs plain there, never reached.
+template <class F>
+auto with_tile_gated(ExpertGemmConfig tile, bool gated, F&& f) {
+  return with_tile(tile, [&]<class Tile>() {
+    if constexpr (!Tile::kSwapAB) {
+      if (gated) return f.template operator()<Tile, true>();
+    }
+    return f.template operator()<Tile, false>();
+  });
+}
+
+// Explicit instantiation of one (element, tile, gated) GEMM: EXTERN empty defines it in this TU, `extern`
+// declares it defined in another (SwapAB32, LargeMPingpong and the gated GEMMs compile in TUs of their own, in
+// parallel: expert_gemm_sm90_swap.cu, expert_gemm_sm90_pingpong.cu, expert_gemm_sm90_gated_{bf16,fp16}.cu).
+#define MOELORA_EXPERT_GEMM_INSTANTIATE_ONE(EXTERN, ELEMENT, TILE, GATED)                                      \
+  EXTERN template size_t expert_gemm_workspace_bytes<ELEMENT, TILE, GATED>(int, int);                          \
+  EXTERN template ExpertGemmTables make_tables<ELEMENT, TILE, GATED>(const ExpertGemmParams&, void*);          \
+  EXTERN template cudaError_t expert_gemm_run<ELEMENT, TILE, GATED>(const ExpertGemmParams&, void*, size_t,    \
+                                                                    int, cudaStream_t);
+#define MOELORA_EXPERT_GEMM_INSTANTIATE(EXTERN, ELEMENT, TILE) MOELORA_EXPERT_GEMM_INSTANTIATE_ONE(EXTERN, ELEMENT, TILE, false)
+// The gated forms of the three row-side tiles.
+#define MOELORA_EXPERT_GEMM_INSTANTIATE_GATED(EXTERN, ELEMENT)                                                 \
+  MOELORA_EXPERT_GEMM_INSTANTIATE_ONE(EXTERN, ELEMENT, SmallMTile, true)                                       \
+  MOELORA_EXPERT_GEMM_INSTANTIATE_ONE(EXTERN, ELEMENT, LargeMTile, true)                                       \
+  MOELORA_EXPERT_GEMM_INSTANTIATE_ONE(EXTERN, ELEMENT, LargeMPingpongTile, true)
 
 // Per-dtype entry points (expert_gemm_sm90_{bf16,fp16}.cu define them for their element type).
 #define MOELORA_EXPERT_GEMM_DEFINE(NAME, ELEMENT)                                                              \
-  size_t expert_gemm_sm90_##NAME##_workspace(ExpertGemmConfig tile, int num_experts, int sm_count) {           \
-    return with_tile(tile, [&]<class Tile>() { return expert_gemm_workspace_bytes<ELEMENT, Tile>(num_experts, sm_count); }); \
+  size_t expert_gemm_sm90_##NAME##_workspace(ExpertGemmConfig tile, bool gated, int num_experts, int sm_count) {\
+    return with_tile_gated(tile, gated, [&]<class Tile, bool kGated>() {                                       \
+      return expert_gemm_workspace_bytes<ELEMENT, Tile, kGated>(num_experts, sm_count);                        \
+    });                                                                                                        \
   }                                                                                                            \
   ExpertGemmTables expert_gemm_sm90_##NAME##_tables(ExpertGemmConfig tile, const ExpertGemmParams& p,          \
                                                     void* workspace) {                                         \
-    return with_tile(tile, [&]<class Tile>() { return make_tables<ELEMENT, Tile>(p, workspace); });           \
+    return with_tile_gated(tile, p.gated != GatedOutput::None, [&]<class Tile, bool kGated>() {               \
+      return make_tables<ELEMENT, Tile, kGated>(p, workspace);                                                 \
+    });                                                                                                        \
   }                                                                                                            \
   cudaError_t expert_gemm_sm90_##NAME##_run(ExpertGemmConfig tile, const ExpertGemmParams& p, void* workspace,\
                                             size_t workspace_bytes, int sm_count, cudaStream_t stream) {      \
-    return with_tile(tile, [&]<class Tile>() {                                                                 \
-      return expert_gemm_run<ELEMENT, Tile>(p, workspace, workspace_bytes, sm_count, stream);                  \
+    return with_tile_gated(tile, p.gated != GatedOutput::None, [&]<class Tile, bool kGated>() {               \
+      return expert_gemm_run<ELEMENT, Tile, kGated>(p, workspace, workspace_bytes, sm_count, stream);          \
     });                                                                                                        \
   }
 

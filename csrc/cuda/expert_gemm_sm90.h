@@ -20,6 +20,12 @@ enum class DType { BF16, FP16 };
 //    N (32): few rows per expert.
 enum class ExpertGemmConfig { Auto, SmallM, LargeM, LargeMPingpong, SwapAB32 };
 
+// fc1 with its gated activation fused into the GEMM (anything but None): W[e] holds the gate rows first and the up
+// rows after them (N = 2I), and D [rows, N/2] receives h[r, j] = act(gate[r, j]) * up[r, j] computed in fp32 from
+// the GEMM's accumulators and rounded once (expert_gemm_sm90_gated.cuh), so gu is never written. SiLU -> SwiGLU,
+// GELU (erf) -> GeGLU. Row-side tiles only: see expert_gemm_sm90_gated_supported.
+enum class GatedOutput { None, Silu, Gelu };
+
 struct ExpertGemmParams {
   const void* A;               // [rows, K] row-major, rows sorted by expert
   const void* W;               // [E, N, K] row-major (weight of expert e = W + e*N*K)
@@ -29,6 +35,7 @@ struct ExpertGemmParams {
   DType dtype;
   int rows_hint;               // host upper bound of the rows (T*k); only picks the tile configuration
   ExpertGemmConfig config = ExpertGemmConfig::Auto;  // Auto: chosen from rows_hint / num_experts
+  GatedOutput gated = GatedOutput::None;             // None: D = A @ W[e]^T [rows, N]
 };
 
 bool expert_gemm_sm90_compiled();                                   // false when built without sm90a CUTLASS
@@ -36,6 +43,9 @@ bool expert_gemm_sm90_compiled();                                   // false whe
 ExpertGemmConfig expert_gemm_sm90_auto_config(const ExpertGemmParams& p);
 // Bytes of workspace for one GEMM with this many experts and this SM count (any dtype and config).
 size_t expert_gemm_sm90_workspace_bytes(int num_experts, int sm_count);
+// Whether p can run with a gated output (host only, from shapes): compiled for sm_90a, a row-side tile (the size
+// rule's choice is not SwapAB32, whose D is written transposed) and N/2 a multiple of 8.
+bool expert_gemm_sm90_gated_supported(const ExpertGemmParams& p);
 
 // Two steps, so the tables of several GEMMs that share expert_offsets (fc1 and fc2) are written by one
 // launch before the first of them runs:
@@ -56,9 +66,10 @@ cudaError_t expert_gemm_sm90(const ExpertGemmParams& p, void* workspace, size_t 
 // The group tables of one GEMM as plain data: where they live in its workspace and what goes in them, so that
 // a kernel that computes the expert offsets anyway (the routing) writes them instead of prepare's launch.
 // Entry e, for the expert's rows [begin, begin + m): shape {m, N, K}; pointers A + begin * K, W + e * N * K
-// and D + begin * N (elements); three strides (A, B, D), each one 64-bit value, the same for every expert.
+// and D + begin * ldd (elements; ldd = N, or N/2 with a gated output); three strides (A, B, D), each one 64-bit
+// value, the same for every expert.
 // With swap_ab (SwapAB32) the GEMM's A operand is the weight and its B the rows: shape {N, m, K},
-// pointers W + e * N * K, A + begin * K, D + begin * N (D written column-major, i.e. D^T).
+// pointers W + e * N * K, A + begin * K, D + begin * ldd (D written column-major, i.e. D^T).
 struct ExpertGemmTables {
   int* shapes;  // [E][3]
   const void** ptr_a;
@@ -70,6 +81,7 @@ struct ExpertGemmTables {
   const char* W;
   char* D;
   int N, K, element_bytes;
+  int ldd;  // D's row length: N, or N/2 with a gated output
   bool swap_ab;
 };
 // Host only (no launch): the tables of p's configuration in `workspace`. Same errors as prepare; after the
@@ -86,7 +98,7 @@ __device__ __forceinline__ void write_expert_gemm_tables(const ExpertGemmTables&
   t.shapes[3 * e + 2] = t.K;
   t.ptr_a[e] = t.swap_ab ? weight : rows;
   t.ptr_b[e] = t.swap_ab ? rows : weight;
-  t.ptr_d[e] = t.D + static_cast<int64_t>(begin) * t.N * t.element_bytes;
+  t.ptr_d[e] = t.D + static_cast<int64_t>(begin) * t.ldd * t.element_bytes;
 #pragma unroll
   for (int i = 0; i < 3; ++i) t.strides[i][e] = t.stride_values[i];
 }

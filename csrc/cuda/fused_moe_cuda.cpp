@@ -208,6 +208,15 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
 // fc1's LoRA expand writes h itself (activation fused) unless MOELORA_LORA_FUSED_ACT=0 (kept to compare).
 bool use_fused_lora_activation() { return !env_zero("MOELORA_LORA_FUSED_ACT"); }
 
+// fc1's CUTLASS GEMM writes h = act(gate) * up from its accumulators (expert_gemm_sm90_gated.cuh) instead of gu
+// for the activation stage, in calls without LoRA (with LoRA, fc1's delta must reach gate and up before the
+// activation) on the row-side tiles (more than 16 rows per expert). MOELORA_GATED_FC1=0 keeps gu and the
+// activation stage, to compare. h differs from the unfused path's in the last bit where gate and up round:
+// the unfused path rounds them to the dtype before the activation, the fused one does not.
+bool use_gated_fc1(const mc::ExpertGemmParams& fc1) {
+  return !env_zero("MOELORA_GATED_FC1") && mc::expert_gemm_sm90_gated_supported(fc1);
+}
+
 // fc1's LoRA shrink reads each sorted row's token from the hidden states (T rows, k times fewer bytes, which the
 // L2 keeps) instead of its gathered copy, when that copy is more than half the L2 (so it is read from HBM; 67-134
 // MB at T=4096). Measured (benchmarks/NOTES.md v13): fc1's shrink 4-9 µs faster at T=4096, but 2-5 µs slower
@@ -526,8 +535,13 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const int64_t lora_tile_capacity = S > 0 ? mc::segment_tiles_upper_bound(pairs, E * S) : 0;
   at::Tensor lora_tile_segment = at::empty({lora_tile_capacity}, iopt);
   at::Tensor permuted = at::empty({pairs, H}, x.options());  // fc1 input; reused as the fc2 output
-  at::Tensor gu = at::empty({decode ? 0 : pairs, 2 * I}, x.options());  // the GEMV path writes h directly
   at::Tensor h = at::empty({pairs, I}, x.options());
+  const bool sm90_gemms = !decode && use_sm90(device);  // the base GEMMs on CUTLASS (BaseGemms::sm90)
+  // fc1's GEMM with the activation in its epilogue (writes h; no gu, no activation stage).
+  const bool gated_fc1 =
+      sm90_gemms && !d.has_lora && use_gated_fc1(expert_gemm_params(permuted, w13c, h, expert_offsets, d, 2 * I, H, 0));
+  // The GEMV path and the gated GEMM write h directly.
+  at::Tensor gu = at::empty({decode || gated_fc1 ? 0 : pairs, 2 * I}, x.options());
   at::Tensor token_slots;
   LoraWorkspace lora_ws;
   at::Tensor scalings;  // undefined: every slot scales by 1
@@ -544,7 +558,6 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     a2 = w2_lora_a->contiguous(); b2 = w2_lora_b->contiguous();
   }
   const LoraSide lora13{a13, b13, w13_shared_a, w13_shared_b}, lora2{a2, b2, w2_shared_a, w2_shared_b};
-  const bool sm90_gemms = !decode && use_sm90(device);  // the base GEMMs on CUTLASS (BaseGemms::sm90)
   const bool overlap = use_lora_overlap(d, lora_ws.lora_kernels, sm90_gemms);
   // fc1's LoRA expand with the activation fused (not at decode: the GEMV fuses both itself); the activation
   // stage then does only the rows without an adapter (each expert's first bucket).
@@ -610,7 +623,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   BaseGemms base;
   if (!decode) {
     base.sm90 = sm90_gemms;
-    base.fc1 = expert_gemm_params(permuted, w13c, gu, expert_offsets, d, 2 * I, H, 0);
+    base.fc1 = expert_gemm_params(permuted, w13c, gated_fc1 ? h : gu, expert_offsets, d, 2 * I, H, 0);
+    if (gated_fc1) base.fc1.gated = act == mc::ActivationKind::Silu ? mc::GatedOutput::Silu : mc::GatedOutput::Gelu;
     base.fc2 = expert_gemm_params(h, w2c, y, expert_offsets, d, H, I, 1);
     prepare_base_gemms(base, x.options(), sm_count, rp);
   }
@@ -676,18 +690,20 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
         run_lora(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, fused_act ? &gated : nullptr, gu,
                  bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, stream);
     }
-    mc::ActivationParams ap{};
-    ap.gu = gu.data_ptr(); ap.h = h.data_ptr(); ap.num_rows = expert_offsets.data_ptr<int>() + E;
-    if (overlap) ap.gu_delta = gu_delta.data_ptr();
-    if (fused_act) {  // the rows without an adapter only: each expert's first bucket
-      ap.bucket_offsets = bucket_offsets.data_ptr<int>(); ap.num_experts = E; ap.per_expert = S + 1;
-      ap.sm_count = sm_count;
+    if (!gated_fc1) {  // the gated GEMM wrote h itself
+      mc::ActivationParams ap{};
+      ap.gu = gu.data_ptr(); ap.h = h.data_ptr(); ap.num_rows = expert_offsets.data_ptr<int>() + E;
+      if (overlap) ap.gu_delta = gu_delta.data_ptr();
+      if (fused_act) {  // the rows without an adapter only: each expert's first bucket
+        ap.bucket_offsets = bucket_offsets.data_ptr<int>(); ap.num_experts = E; ap.per_expert = S + 1;
+        ap.sm_count = sm_count;
+      }
+      ap.max_rows = pairs; ap.I = I;
+      ap.kind = act;
+      ap.dtype = to_dtype(dtype);
+      const mc::ScopedLaunchPolicy act_policy(pdl_tail);
+      C10_CUDA_CHECK(mc::launch_activation(ap, stream));
     }
-    ap.max_rows = pairs; ap.I = I;
-    ap.kind = act;
-    ap.dtype = to_dtype(dtype);
-    const mc::ScopedLaunchPolicy act_policy(pdl_tail);
-    C10_CUDA_CHECK(mc::launch_activation(ap, stream));
   }
 
   // ---- 6-7. fc2 + LoRA, then finalize -------------------------------------------------------------
