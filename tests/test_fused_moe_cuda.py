@@ -495,29 +495,31 @@ def test_gated_fc1_epilogue(shape, tile, dtype, activation, monkeypatch):
     base = dict(_base_args(make_case(T, H, I, E, k, dtype=dtype, seed=T + I)), activation=activation)
     fused = check(base, dtype)
     names = launched_kernels(base)[1]
-    assert sum("GatedUpMainloop" in n for n in names) == 1, names
+    assert sum("GatedActivationEpilogue" in n for n in names) == 1, names
     assert not any("gated_activation" in n for n in names), names
     monkeypatch.setenv("MOELORA_GATED_FC1", "0")
     poison_allocator()
     unfused, names = launched_kernels(base)
-    assert not any("GatedUpMainloop" in n for n in names) and any("gated_activation" in n for n in names), names
+    assert not any("GatedActivationEpilogue" in n for n in names) and any("gated_activation" in n for n in names), names
     err = rel_err(fused, unfused)
     assert 0 <= err < TOL[dtype] / 2, f"fused vs unfused activation: {err:.3e}"
 
 
 def test_gated_fc1_rule(monkeypatch):
-    """By default the gated fc1 runs in calls without LoRA on the row-side tiles only: not with adapters (their
-    delta must reach gate and up before the activation) and not on the swapped tile (few rows per expert)."""
+    """By default the gated fc1 runs on the row-side tiles only, in calls without LoRA (with adapters only when fc1's
+    LoRA is inside the GEMM: the delta must reach gate and up before the activation), not on the swapped tile (few
+    rows per expert)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the gated epilogue is the sm90 CUTLASS GEMM's")
     monkeypatch.delenv("MOELORA_PORTABLE", raising=False)
     monkeypatch.delenv("MOELORA_GATED_FC1", raising=False)
     monkeypatch.delenv("MOELORA_GEMM_TILE", raising=False)
+    monkeypatch.delenv("MOELORA_LORA_IN_GEMM", raising=False)
     many = make_case(512, 256, 128, 8, 2, 4, 16, seed=3)    # 128 rows per expert: a row-side tile
     few = make_case(24, 256, 128, 8, 2, seed=3)             # 6 rows per expert: the swapped tile
     for args, gated in [(_base_args(many), True), (many, False), (few, False)]:
         out, names = launched_kernels(args)
-        assert any("GatedUpMainloop" in n for n in names) == gated, names
+        assert any("GatedActivationEpilogue" in n for n in names) == gated, names
         assert any("gated_activation" in n for n in names) != gated, names
         assert rel_err(out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
 
@@ -532,11 +534,122 @@ def test_gated_fc1_graph_replay(monkeypatch):
     monkeypatch.delenv("MOELORA_GEMM_TILE", raising=False)
     args = _base_args(make_case(1000, 256, 192, 8, 2, seed=21))
     graph, static_out = capture_graph(args)
-    assert any("GatedUpMainloop" in n for n in launched_kernels(args)[1])
+    assert any("GatedActivationEpilogue" in n for n in launched_kernels(args)[1])
     for seed in range(22, 25):
         fresh = make_case(1000, 256, 192, 8, 2, seed=seed)
         for name in ["hidden_states", "topk_weights", "topk_ids"]:
             args[name].copy_(fresh[name])
+        static_out.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(static_out, moelora_ext.fused_moe(**args)), f"replay differs from eager (seed {seed})"
+        assert rel_err(static_out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
+
+
+# The LoRA inside the base GEMMs (ranks 64 and 128): more k tiles over t (each row's scaled shrink output in its
+# slot's columns) and the adapters' B, no expand kernel. MOELORA_LORA_IN_GEMM=1 takes it past the default rule (t's
+# columns at most a quarter of the weight's K), MOELORA_LORA_OVERLAP=0 keeps the LoRA after the GEMMs at every size.
+LORA_K_SHAPES = [
+    # T,    H,    I,   E,  k, S,  R
+    (300, 256, 192, 32, 4, 8, 64),   # skewed routing: empty experts, several row tiles, I past the last tile
+    (200, 512, 200, 16, 2, 3, 64),   # S R = 192 of t's 256 columns: the adapters' slots past S read as zeros
+    (160, 256, 128, 8, 4, 2, 128),   # rank 128: two 64-column panels per slot
+]
+
+
+def _lora_k_kernels(args):
+    """(the call's output, how many t operands and LoRA-in-GEMM GEMMs it launched, whether an expand ran). In a call
+    with adapters every GEMM on our own main loop has the LoRA inside (the gated fc1 without it is for calls
+    without adapters)."""
+    out, names = launched_kernels(args)
+    return (out, sum("lora_k_operand" in n for n in names), sum("ExpertMainloop" in n for n in names),
+            any("lora_expand" in n for n in names))
+
+
+def _lora_k_env(monkeypatch, tile=None):
+    monkeypatch.delenv("MOELORA_PORTABLE", raising=False)
+    monkeypatch.delenv("MOELORA_GATED_FC1", raising=False)
+    monkeypatch.setenv("MOELORA_LORA_IN_GEMM", "1")
+    monkeypatch.setenv("MOELORA_LORA_OVERLAP", "0")
+    if tile is None:
+        monkeypatch.delenv("MOELORA_GEMM_TILE", raising=False)
+    else:
+        monkeypatch.setenv("MOELORA_GEMM_TILE", tile)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tile", ["small", "large", "large_pp"])
+@pytest.mark.parametrize("shape", LORA_K_SHAPES, ids=lambda s: "T{}_H{}_I{}_E{}_k{}_S{}_R{}".format(*s))
+def test_lora_in_gemm(shape, tile, dtype, monkeypatch):
+    """fc1 (gated epilogue) and fc2 with the LoRA as more k tiles match the reference on every row-side tile and
+    the expand kernels (MOELORA_LORA_IN_GEMM=0) to within their rounding (t rounds scale * t, the expands round t);
+    the profiler shows two t operands, two LoRA GEMMs and no expand. Rows without an adapter equal the call
+    without LoRA bit for bit (their t is zero: the extra k tiles add exact zeros)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the LoRA inside the GEMM is the sm90 CUTLASS GEMM's")
+    _lora_k_env(monkeypatch, tile)
+    T, H, I, E, k, S, R = shape
+    args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=T + R)
+    got = check(args, dtype)
+    assert _lora_k_kernels(args)[1:] == (2, 2, False)
+    plain = args["token_lora_ids"] == -1
+    assert 0 < int(plain.sum()) < T
+    assert torch.equal(got[plain], moelora_ext.fused_moe(**_base_args(args))[plain])
+    monkeypatch.setenv("MOELORA_LORA_IN_GEMM", "0")
+    poison_allocator()
+    expand, operands, gemms, expanded = _lora_k_kernels(args)
+    assert (operands, gemms, expanded) == (0, 0, True)
+    err = rel_err(got, expand)
+    assert err < TOL[dtype] / 2, f"LoRA in the GEMM vs the expand kernels: {err:.3e}"
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("flags", [(True, True, True, True), (False, True, False, True), (True, False, True, False)],
+                         ids=lambda f: "".join("S" if x else "-" for x in f))
+def test_lora_in_gemm_shared_outer(flags, activation, monkeypatch):
+    """Shared-outer adapters (stored once for every expert: the adapters' descriptor skips the expert offset) give
+    the same bits as the same adapters replicated per expert, and both match the reference."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the LoRA inside the GEMM is the sm90 CUTLASS GEMM's")
+    _lora_k_env(monkeypatch)
+    args = dict(make_case(257, 256, 128, 8, 4, 4, 64, seed=44, shared=flags), activation=activation)
+    out = check(args, torch.bfloat16)
+    assert _lora_k_kernels(args)[1:] == (2, 2, False)
+    assert torch.equal(out, moelora_ext.fused_moe(**replicate_shared(args, flags)))
+
+
+def test_lora_in_gemm_rule(monkeypatch):
+    """By default the LoRA goes inside a GEMM whose K is at least 4x t's columns, per GEMM, for the LoRA after the
+    GEMMs when the experts average at most 512 rows; not beside them (few rows per expert), not at ranks below 64
+    (a panel of t holds one slot's ranks)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the LoRA inside the GEMM is the sm90 CUTLASS GEMM's")
+    for name in ("MOELORA_PORTABLE", "MOELORA_LORA_IN_GEMM", "MOELORA_LORA_OVERLAP", "MOELORA_GEMM_TILE"):
+        monkeypatch.delenv(name, raising=False)
+    cases = [
+        (make_case(512, 2048, 1024, 8, 2, 4, 64, seed=6), (2, 2, False)),  # t_cols 256: fc1 K 2048, fc2 K 1024
+        (make_case(512, 2048, 512, 8, 2, 4, 64, seed=6), (1, 1, True)),    # fc2 K 512 < 4 x 256: its expand
+        (make_case(512, 512, 256, 8, 2, 4, 64, seed=6), (0, 0, True)),     # K too short for both
+        (make_case(24, 2048, 1024, 8, 2, 4, 64, seed=6), (0, 0, True)),    # the LoRA beside the GEMMs
+        (make_case(512, 2048, 1024, 8, 2, 4, 16, seed=6), (0, 0, True)),   # rank 16
+        (make_case(1100, 2048, 1024, 2, 1, 4, 64, seed=6), (0, 0, True)),  # 550 rows per expert: MMA-bound GEMMs
+    ]
+    for args, expected in cases:
+        out, *kernels = _lora_k_kernels(args)
+        assert tuple(kernels) == expected, (args["hidden_states"].shape, args["w13_lora_a"].shape)
+        assert rel_err(out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
+
+
+def test_lora_in_gemm_graph_replay(monkeypatch):
+    """The LoRA inside the GEMMs under CUDA-graph capture: replays with new tokens, routing, slots and adapter
+    weights written in place equal eager calls bit for bit and match the reference."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the LoRA inside the GEMM is the sm90 CUTLASS GEMM's")
+    _lora_k_env(monkeypatch)
+    args = make_case(333, 256, 128, 16, 4, 8, 64, seed=8)
+    graph, static_out = capture_graph(args)
+    assert _lora_k_kernels(args)[1:] == (2, 2, False)
+    for seed in range(9, 13):
+        _rewrite_inputs(args, seed)
         static_out.fill_(float("nan"))
         graph.replay()
         assert torch.equal(static_out, moelora_ext.fused_moe(**args)), f"replay differs from eager (seed {seed})"

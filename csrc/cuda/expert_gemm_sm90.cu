@@ -77,15 +77,23 @@ size_t expert_gemm_sm90_workspace_bytes(int num_experts, int sm_count) {
   // The dtype is not an argument, so cover every instantiation (they differ by a few hundred bytes).
   size_t bytes = 0;
   for (auto tile : kConfigs)
-    for (bool gated : {false, true}) {
-      bytes = std::max(bytes, detail::expert_gemm_sm90_bf16_workspace(tile, gated, num_experts, sm_count));
-      bytes = std::max(bytes, detail::expert_gemm_sm90_fp16_workspace(tile, gated, num_experts, sm_count));
-    }
+    for (bool gated : {false, true})
+      for (bool lora_k : {false, true}) {
+        bytes = std::max(bytes, detail::expert_gemm_sm90_bf16_workspace(tile, gated, lora_k, num_experts, sm_count));
+        bytes = std::max(bytes, detail::expert_gemm_sm90_fp16_workspace(tile, gated, lora_k, num_experts, sm_count));
+      }
   return bytes;
 }
 
 bool expert_gemm_sm90_gated_supported(const ExpertGemmParams& p) {
   return built_for_sm90() && p.N > 0 && p.N % 16 == 0 && pick_tile(p) != ExpertGemmConfig::SwapAB32;
+}
+
+bool expert_gemm_sm90_lora_k_supported(const ExpertGemmParams& p) {
+  const LoraKOperands& l = p.lora_k;
+  const bool rank_ok = l.R == 64 || l.R == 128;
+  return built_for_sm90() && pick_tile(p) != ExpertGemmConfig::SwapAB32 && rank_ok && l.S > 0 &&
+         l.t_cols == expert_gemm_lora_k_cols(l.S, l.R);
 }
 
 cudaError_t expert_gemm_sm90_tables(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
@@ -94,7 +102,9 @@ cudaError_t expert_gemm_sm90_tables(const ExpertGemmParams& p, void* workspace, 
   if (tables == nullptr || p.num_experts <= 0 || sm_count <= 0 || workspace == nullptr ||
       workspace_bytes < expert_gemm_sm90_workspace_bytes(p.num_experts, sm_count))
     return cudaErrorInvalidValue;
-  if (p.gated != GatedOutput::None && !expert_gemm_sm90_gated_supported(p)) return cudaErrorInvalidValue;
+  if ((p.gated != GatedOutput::None && !expert_gemm_sm90_gated_supported(p)) ||
+      (p.lora_k.t != nullptr && !expert_gemm_sm90_lora_k_supported(p)))
+    return cudaErrorInvalidValue;
   const ExpertGemmConfig tile = pick_tile(p);
   *tables = p.dtype == DType::BF16 ? detail::expert_gemm_sm90_bf16_tables(tile, p, workspace)
                                    : detail::expert_gemm_sm90_fp16_tables(tile, p, workspace);
@@ -128,7 +138,9 @@ cudaError_t expert_gemm_sm90_prepare(const ExpertGemmParams* gemms, void* const*
 cudaError_t expert_gemm_sm90_run(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
                                  cudaStream_t stream) {
   if (!built_for_sm90()) return cudaErrorNotSupported;
-  if (p.gated != GatedOutput::None && !expert_gemm_sm90_gated_supported(p)) return cudaErrorInvalidValue;
+  if ((p.gated != GatedOutput::None && !expert_gemm_sm90_gated_supported(p)) ||
+      (p.lora_k.t != nullptr && !expert_gemm_sm90_lora_k_supported(p)))
+    return cudaErrorInvalidValue;
   const ExpertGemmConfig tile = pick_tile(p);
   switch (p.dtype) {
     case DType::BF16:
@@ -153,6 +165,7 @@ bool expert_gemm_sm90_compiled() { return false; }
 ExpertGemmConfig expert_gemm_sm90_auto_config(const ExpertGemmParams& p) { return p.config; }
 size_t expert_gemm_sm90_workspace_bytes(int, int) { return 0; }
 bool expert_gemm_sm90_gated_supported(const ExpertGemmParams&) { return false; }
+bool expert_gemm_sm90_lora_k_supported(const ExpertGemmParams&) { return false; }
 cudaError_t expert_gemm_sm90_prepare(const ExpertGemmParams*, void* const*, int, size_t, int, cudaStream_t) {
   return cudaErrorNotSupported;
 }

@@ -31,7 +31,8 @@ namespace moelora::cuda::detail {
 // Per dtype: workspace size, where the group tables live and what goes in them (host only), and the GEMM itself,
 // for a tile configuration that is not Auto (expert_gemm_sm90.cu resolves Auto first).
 #define MOELORA_EXPERT_GEMM_DECLARE(NAME)                                                                      \
-  size_t expert_gemm_sm90_##NAME##_workspace(ExpertGemmConfig tile, bool gated, int num_experts, int sm_count); \
+  size_t expert_gemm_sm90_##NAME##_workspace(ExpertGemmConfig tile, bool gated, bool lora_k, int num_experts,  \
+                                             int sm_count);                                                    \
   ExpertGemmTables expert_gemm_sm90_##NAME##_tables(ExpertGemmConfig tile, const ExpertGemmParams& p,          \
                                                     void* workspace);                                          \
   cudaError_t expert_gemm_sm90_##NAME##_run(ExpertGemmConfig tile, const ExpertGemmParams& p, void* workspace,\
@@ -66,7 +67,8 @@ MOELORA_EXPERT_GEMM_DECLARE(fp16)
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/kernel_hardware_info.hpp"
 #include "cutlass/util/packed_stride.hpp"
-#include "expert_gemm_sm90_gated.cuh"
+#include "expert_gemm_sm90_gated_epilogue.cuh"
+#include "expert_gemm_sm90_mainloop.cuh"
 #include "pdl.cuh"
 
 namespace moelora::cuda::detail {
@@ -124,10 +126,11 @@ struct PdlWaitKernel : Base {
   }
 };
 
-// kGated: fc1 with its gated activation in the epilogue (expert_gemm_sm90_gated.cuh), row-side tiles only.
-template <class Element, class Tile, bool kGated = false>
+// kGated: fc1 with its gated activation in the epilogue (expert_gemm_sm90_gated_epilogue.cuh); kLoraK: the LoRA
+// inside the GEMM, as more k tiles (expert_gemm_sm90_mainloop.cuh). Both: row-side tiles only.
+template <class Element, class Tile, bool kGated = false, bool kLoraK = false>
 struct ExpertGemmKernel {
-  static_assert(!(kGated && Tile::kSwapAB), "the gated epilogue needs the weight's rows on the N side");
+  static_assert(!((kGated || kLoraK) && Tile::kSwapAB), "the gated and LoRA main loops need the weight's rows on N");
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // per group <M, N, K>
   using ElementAcc = float;
   // Both operands K-major (TN). Plain: A = the rows [rows, K], B = W[e] [N, K] row-major == K x N column-major,
@@ -138,6 +141,8 @@ struct ExpertGemmKernel {
   using LayoutD = cute::conditional_t<Tile::kSwapAB, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
   static constexpr bool kSwapAB = Tile::kSwapAB;
   static constexpr bool kGatedOutput = kGated;
+  static constexpr bool kLoraInGemm = kLoraK;
+  static constexpr bool kCustomMainloop = kGated || kLoraK;
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16 B (TMA)
 
   // No C operand (void): D = acc, beta = 0, nothing loaded in the epilogue.
@@ -151,13 +156,15 @@ struct ExpertGemmKernel {
       kGated, cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<GatedActivationEpilogue<Element>>,
       PlainEpilogue>;
 
+  // The LoRA's two extra tensor maps (2 x 128 B) are not in the builder's stage count.
   using BuiltMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element, LayoutB*,
       kAlign, ElementAcc, typename Tile::TileShape, typename Tile::ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+          sizeof(typename CollectiveEpilogue::SharedStorage) + (kLoraK ? 256 : 0))>,
       typename Tile::KernelSchedule>::CollectiveOp;
-  using CollectiveMainloop = cute::conditional_t<kGated, GatedUpMainloop<BuiltMainloop>, BuiltMainloop>;
+  using CollectiveMainloop =
+      cute::conditional_t<kCustomMainloop, ExpertMainloop<BuiltMainloop, kGated, kLoraK>, BuiltMainloop>;
 
   using Kernel =
       PdlWaitKernel<cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>>;
@@ -205,9 +212,9 @@ inline char* aligned_workspace(void* workspace) {
 // The tables of p in the workspace as plain data (ExpertGemmTables): the device-side writer
 // (write_expert_gemm_tables) fills CUTLASS's per-group shape and stride types as raw ints, which the asserts
 // below pin down.
-template <class Element, class Tile, bool kGated>
+template <class Element, class Tile, bool kGated, bool kLoraK>
 ExpertGemmTables make_tables(const ExpertGemmParams& p, void* workspace) {
-  using K = ExpertGemmKernel<Element, Tile, kGated>;
+  using K = ExpertGemmKernel<Element, Tile, kGated, kLoraK>;
   using RowMajorStride = cute::Stride<int64_t, cute::Int<1>, cute::Int<0>>;  // one dynamic stride: mode 0
   using ColMajorStride = cute::Stride<cute::Int<1>, int64_t, cute::Int<0>>;  // one dynamic stride: mode 1
   static_assert(sizeof(typename K::Shape3) == 3 * sizeof(int), "group shape = {M, N, K} ints");
@@ -240,6 +247,9 @@ ExpertGemmTables make_tables(const ExpertGemmParams& p, void* workspace) {
   t.D = static_cast<char*>(p.D);
   t.N = p.N;
   t.K = p.K;
+  // The group problem's K: the weight's, or with the LoRA inside its k tiles then t's columns.
+  constexpr int kTileK = cute::size<2>(typename Tile::TileShape{});
+  t.shape_k = kLoraK ? (p.K + kTileK - 1) / kTileK * kTileK + p.lora_k.t_cols : p.K;
   t.element_bytes = sizeof(Element);
   t.swap_ab = Tile::kSwapAB;
   return t;
@@ -247,7 +257,7 @@ ExpertGemmTables make_tables(const ExpertGemmParams& p, void* workspace) {
 
 template <class K>
 typename K::Gemm::Arguments make_arguments(const GroupTableLayout& l, char* ws, int E, int sm_count,
-                                           ActivationKind activation = ActivationKind::Silu) {
+                                           const ExpertGemmParams* p = nullptr) {
   using ElementA = typename K::Gemm::ElementA;
   using ElementB = typename K::Gemm::ElementB;
   cutlass::KernelHardwareInfo hw{};
@@ -258,12 +268,25 @@ typename K::Gemm::Arguments make_arguments(const GroupTableLayout& l, char* ws, 
   typename K::Gemm::Arguments args{};
   args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
   args.problem_shape = {E, reinterpret_cast<typename K::Shape3*>(ws + l.shapes), nullptr};
-  args.mainloop = {reinterpret_cast<const ElementA**>(ws + l.ptr_a),
-                   reinterpret_cast<typename K::StrideA*>(ws + l.stride_a),
-                   reinterpret_cast<const ElementB**>(ws + l.ptr_b),
-                   reinterpret_cast<typename K::StrideB*>(ws + l.stride_b)};
+  args.mainloop.ptr_A = reinterpret_cast<const ElementA**>(ws + l.ptr_a);
+  args.mainloop.dA = reinterpret_cast<typename K::StrideA*>(ws + l.stride_a);
+  args.mainloop.ptr_B = reinterpret_cast<const ElementB**>(ws + l.ptr_b);
+  args.mainloop.dB = reinterpret_cast<typename K::StrideB*>(ws + l.stride_b);
+  if constexpr (K::kCustomMainloop) {
+    if (p != nullptr) {
+      LoraKArguments& lora = args.mainloop.lora;
+      lora.k_weight = p->K;
+      if constexpr (K::kLoraInGemm) {
+        const LoraKOperands& o = p->lora_k;
+        lora.t = o.t; lora.t_cols = o.t_cols;
+        lora.b = o.b; lora.b_expert_stride = o.b_expert_stride; lora.b_slot_stride = o.b_slot_stride;
+        lora.S = o.S; lora.R = o.R; lora.N = p->N;
+        lora.expert_offsets = p->expert_offsets;
+      }
+    }
+  }
   if constexpr (K::kGatedOutput) {
-    args.epilogue.kind = activation;
+    args.epilogue.kind = p != nullptr && p->gated == GatedOutput::Gelu ? ActivationKind::Gelu : ActivationKind::Silu;
   } else {
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
@@ -280,9 +303,9 @@ typename K::Gemm::Arguments make_arguments(const GroupTableLayout& l, char* ws, 
   return args;
 }
 
-template <class Element, class Tile, bool kGated>
+template <class Element, class Tile, bool kGated, bool kLoraK>
 size_t expert_gemm_workspace_bytes(int num_experts, int sm_count) {
-  using K = ExpertGemmKernel<Element, Tile, kGated>;
+  using K = ExpertGemmKernel<Element, Tile, kGated, kLoraK>;
   if (num_experts <= 0 || sm_count <= 0) return 0;
   const GroupTableLayout l = GroupTableLayout::make<K>(num_experts);
   // CUTLASS's workspace here depends only on sm_count (per-SM TMA descriptor copies), not on the routing;
@@ -291,31 +314,32 @@ size_t expert_gemm_workspace_bytes(int num_experts, int sm_count) {
   return l.end + GroupTableLayout::up(K::Gemm::get_workspace_size(args)) + GroupTableLayout::kAlign;
 }
 
-template <class Element, class Tile, bool kGated>
+template <class Element, class Tile, bool kGated, bool kLoraK>
 cudaError_t check_params(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count) {
-  using K = ExpertGemmKernel<Element, Tile, kGated>;
+  using K = ExpertGemmKernel<Element, Tile, kGated, kLoraK>;
   if (p.num_experts <= 0 || sm_count <= 0 || p.N <= 0 || p.K <= 0) return cudaErrorInvalidValue;
   // TMA: 16-byte aligned rows and base pointers (gated: D's rows of N/2, and the up rows start at row N/2).
   if (p.N % K::kAlign != 0 || p.K % K::kAlign != 0) return cudaErrorInvalidValue;
   if (kGated && (p.N / 2) % K::kAlign != 0) return cudaErrorInvalidValue;
   if ((reinterpret_cast<uintptr_t>(p.A) | reinterpret_cast<uintptr_t>(p.W) | reinterpret_cast<uintptr_t>(p.D)) % 16)
     return cudaErrorInvalidValue;
-  if (workspace == nullptr || workspace_bytes < expert_gemm_workspace_bytes<Element, Tile, kGated>(p.num_experts, sm_count))
+  if (workspace == nullptr ||
+      workspace_bytes < expert_gemm_workspace_bytes<Element, Tile, kGated, kLoraK>(p.num_experts, sm_count))
     return cudaErrorInvalidValue;
   return cudaSuccess;
 }
 
 // The grouped GEMM over tables written on this stream (write_expert_gemm_tables).
-template <class Element, class Tile, bool kGated>
+template <class Element, class Tile, bool kGated, bool kLoraK>
 cudaError_t expert_gemm_run(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
                             cudaStream_t stream) {
-  using K = ExpertGemmKernel<Element, Tile, kGated>;
-  if (cudaError_t err = check_params<Element, Tile, kGated>(p, workspace, workspace_bytes, sm_count); err != cudaSuccess)
+  using K = ExpertGemmKernel<Element, Tile, kGated, kLoraK>;
+  if (cudaError_t err = check_params<Element, Tile, kGated, kLoraK>(p, workspace, workspace_bytes, sm_count);
+      err != cudaSuccess)
     return err;
   char* ws = aligned_workspace(workspace);
   const GroupTableLayout l = GroupTableLayout::make<K>(p.num_experts);
-  auto args = make_arguments<K>(l, ws, p.num_experts, sm_count,
-                                p.gated == GatedOutput::Gelu ? ActivationKind::Gelu : ActivationKind::Silu);
+  auto args = make_arguments<K>(l, ws, p.num_experts, sm_count, &p);
   typename K::Gemm gemm;
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
   if (gemm.initialize(args, ws + l.cutlass_ws, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
@@ -342,51 +366,66 @@ auto with_tile(ExpertGemmConfig tile, F&& f) {
   }
 }
 
-// f.template operator()<Tile, kGated>(): the plain or the gated GEMM of p's tile. The swapped tile has no gated
-// form (expert_gemm_sm90_gated_supported keeps callers off it); it runs plain there, never reached.
+// f.template operator()<Tile, kGated, kLoraK>(): the GEMM of p's tile with its output (plain or gated) and its LoRA
+// (none, or inside the GEMM). The swapped tile has neither (expert_gemm_sm90_gated_supported /
+// expert_gemm_sm90_lora_k_supported keep callers off it); it runs plain there, never reached.
 template <class F>
-auto with_tile_gated(ExpertGemmConfig tile, bool gated, F&& f) {
+auto with_tile_variant(ExpertGemmConfig tile, bool gated, bool lora_k, F&& f) {
   return with_tile(tile, [&]<class Tile>() {
     if constexpr (!Tile::kSwapAB) {
-      if (gated) return f.template operator()<Tile, true>();
+      if (gated && lora_k) return f.template operator()<Tile, true, true>();
+      if (gated) return f.template operator()<Tile, true, false>();
+      if (lora_k) return f.template operator()<Tile, false, true>();
     }
-    return f.template operator()<Tile, false>();
+    return f.template operator()<Tile, false, false>();
   });
 }
 
-// Explicit instantiation of one (element, tile, gated) GEMM: EXTERN empty defines it in this TU, `extern`
-// declares it defined in another (SwapAB32, LargeMPingpong and the gated GEMMs compile in TUs of their own, in
-// parallel: expert_gemm_sm90_swap.cu, expert_gemm_sm90_pingpong.cu, expert_gemm_sm90_gated_{bf16,fp16}.cu).
-#define MOELORA_EXPERT_GEMM_INSTANTIATE_ONE(EXTERN, ELEMENT, TILE, GATED)                                      \
-  EXTERN template size_t expert_gemm_workspace_bytes<ELEMENT, TILE, GATED>(int, int);                          \
-  EXTERN template ExpertGemmTables make_tables<ELEMENT, TILE, GATED>(const ExpertGemmParams&, void*);          \
-  EXTERN template cudaError_t expert_gemm_run<ELEMENT, TILE, GATED>(const ExpertGemmParams&, void*, size_t,    \
-                                                                    int, cudaStream_t);
-#define MOELORA_EXPERT_GEMM_INSTANTIATE(EXTERN, ELEMENT, TILE) MOELORA_EXPERT_GEMM_INSTANTIATE_ONE(EXTERN, ELEMENT, TILE, false)
-// The gated forms of the three row-side tiles.
-#define MOELORA_EXPERT_GEMM_INSTANTIATE_GATED(EXTERN, ELEMENT)                                                 \
-  MOELORA_EXPERT_GEMM_INSTANTIATE_ONE(EXTERN, ELEMENT, SmallMTile, true)                                       \
-  MOELORA_EXPERT_GEMM_INSTANTIATE_ONE(EXTERN, ELEMENT, LargeMTile, true)                                       \
-  MOELORA_EXPERT_GEMM_INSTANTIATE_ONE(EXTERN, ELEMENT, LargeMPingpongTile, true)
+// Explicit instantiation of one (element, tile, gated, LoRA) GEMM: EXTERN empty defines it in this TU, `extern`
+// declares it defined in another (SwapAB32, LargeMPingpong, the gated and the LoRA GEMMs compile in TUs of their
+// own, in parallel: expert_gemm_sm90_swap.cu, expert_gemm_sm90_pingpong.cu, expert_gemm_sm90_gated_*.cu,
+// expert_gemm_sm90_lora_*.cu).
+#define MOELORA_EXPERT_GEMM_INSTANTIATE_ONE(EXTERN, ELEMENT, TILE, GATED, LORA_K)                              \
+  EXTERN template size_t expert_gemm_workspace_bytes<ELEMENT, TILE, GATED, LORA_K>(int, int);                  \
+  EXTERN template ExpertGemmTables make_tables<ELEMENT, TILE, GATED, LORA_K>(const ExpertGemmParams&, void*);  \
+  EXTERN template cudaError_t expert_gemm_run<ELEMENT, TILE, GATED, LORA_K>(const ExpertGemmParams&, void*,    \
+                                                                            size_t, int, cudaStream_t);
+#define MOELORA_EXPERT_GEMM_INSTANTIATE(EXTERN, ELEMENT, TILE) \
+  MOELORA_EXPERT_GEMM_INSTANTIATE_ONE(EXTERN, ELEMENT, TILE, false, false)
+// One variant (gated, LoRA) of the three row-side tiles.
+#define MOELORA_EXPERT_GEMM_INSTANTIATE_ROW_TILES(EXTERN, ELEMENT, GATED, LORA_K)                              \
+  MOELORA_EXPERT_GEMM_INSTANTIATE_ONE(EXTERN, ELEMENT, SmallMTile, GATED, LORA_K)                              \
+  MOELORA_EXPERT_GEMM_INSTANTIATE_ONE(EXTERN, ELEMENT, LargeMTile, GATED, LORA_K)                              \
+  MOELORA_EXPERT_GEMM_INSTANTIATE_ONE(EXTERN, ELEMENT, LargeMPingpongTile, GATED, LORA_K)
+// Every row-side variant but the plain one, each in its TU (expert_gemm_sm90_{gated,lora_fc1,lora_fc2}_*.cu).
+#define MOELORA_EXPERT_GEMM_INSTANTIATE_VARIANTS(EXTERN, ELEMENT)                                              \
+  MOELORA_EXPERT_GEMM_INSTANTIATE_ROW_TILES(EXTERN, ELEMENT, true, false)                                      \
+  MOELORA_EXPERT_GEMM_INSTANTIATE_ROW_TILES(EXTERN, ELEMENT, true, true)                                       \
+  MOELORA_EXPERT_GEMM_INSTANTIATE_ROW_TILES(EXTERN, ELEMENT, false, true)
 
 // Per-dtype entry points (expert_gemm_sm90_{bf16,fp16}.cu define them for their element type).
 #define MOELORA_EXPERT_GEMM_DEFINE(NAME, ELEMENT)                                                              \
-  size_t expert_gemm_sm90_##NAME##_workspace(ExpertGemmConfig tile, bool gated, int num_experts, int sm_count) {\
-    return with_tile_gated(tile, gated, [&]<class Tile, bool kGated>() {                                       \
-      return expert_gemm_workspace_bytes<ELEMENT, Tile, kGated>(num_experts, sm_count);                        \
+  size_t expert_gemm_sm90_##NAME##_workspace(ExpertGemmConfig tile, bool gated, bool lora_k, int num_experts,  \
+                                             int sm_count) {                                                   \
+    return with_tile_variant(tile, gated, lora_k, [&]<class Tile, bool kGated, bool kLoraK>() {               \
+      return expert_gemm_workspace_bytes<ELEMENT, Tile, kGated, kLoraK>(num_experts, sm_count);                \
     });                                                                                                        \
   }                                                                                                            \
   ExpertGemmTables expert_gemm_sm90_##NAME##_tables(ExpertGemmConfig tile, const ExpertGemmParams& p,          \
                                                     void* workspace) {                                         \
-    return with_tile_gated(tile, p.gated != GatedOutput::None, [&]<class Tile, bool kGated>() {               \
-      return make_tables<ELEMENT, Tile, kGated>(p, workspace);                                                 \
-    });                                                                                                        \
+    return with_tile_variant(tile, p.gated != GatedOutput::None, p.lora_k.t != nullptr,                       \
+                             [&]<class Tile, bool kGated, bool kLoraK>() {                                     \
+                               return make_tables<ELEMENT, Tile, kGated, kLoraK>(p, workspace);                \
+                             });                                                                               \
   }                                                                                                            \
   cudaError_t expert_gemm_sm90_##NAME##_run(ExpertGemmConfig tile, const ExpertGemmParams& p, void* workspace,\
                                             size_t workspace_bytes, int sm_count, cudaStream_t stream) {      \
-    return with_tile_gated(tile, p.gated != GatedOutput::None, [&]<class Tile, bool kGated>() {               \
-      return expert_gemm_run<ELEMENT, Tile, kGated>(p, workspace, workspace_bytes, sm_count, stream);          \
-    });                                                                                                        \
+    return with_tile_variant(tile, p.gated != GatedOutput::None, p.lora_k.t != nullptr,                       \
+                             [&]<class Tile, bool kGated, bool kLoraK>() {                                     \
+                               return expert_gemm_run<ELEMENT, Tile, kGated, kLoraK>(p, workspace,             \
+                                                                                     workspace_bytes,          \
+                                                                                     sm_count, stream);        \
+                             });                                                                               \
   }
 
 }  // namespace moelora::cuda::detail

@@ -26,6 +26,20 @@ enum class ExpertGemmConfig { Auto, SmallM, LargeM, LargeMPingpong, SwapAB32 };
 // GELU (erf) -> GeGLU. Row-side tiles only: see expert_gemm_sm90_gated_supported.
 enum class GatedOutput { None, Silu, Gelu };
 
+// The LoRA inside the GEMM (t != nullptr): the K loop runs on past the weight's K over t_cols more columns,
+//   D[r] = A[r] @ W[e]^T + t[r] @ Bcat[e]^T,  Bcat[e][n, s R + r'] = B[s, e][n, r'],
+// so that with t[r] = scale[slot] * (A[slot, e] @ x_r) in the R columns of the row's slot (zeros elsewhere and for
+// rows without an adapter: lora_k_operand.cu) the GEMM adds the row's LoRA delta before its epilogue (fc1: before
+// the gated activation; fc2: no read-modify-write of D). Row-side tiles only: expert_gemm_sm90_lora_k_supported.
+struct LoraKOperands {
+  const void* t = nullptr;            // [rows, t_cols], rows as A's
+  int t_cols = 0;                     // S * R rounded up to a multiple of 128
+  const void* b = nullptr;            // the adapters' B: [S, E, N, R], or [S, N, R] shared by the experts
+  int64_t b_expert_stride = 0;        // elements: N * R, or 0 when shared
+  int64_t b_slot_stride = 0;          // elements: E * N * R, or N * R when shared
+  int S = 0, R = 0;                   // R in {64, 128}: whole 64-column k panels per slot
+};
+
 struct ExpertGemmParams {
   const void* A;               // [rows, K] row-major, rows sorted by expert
   const void* W;               // [E, N, K] row-major (weight of expert e = W + e*N*K)
@@ -36,6 +50,7 @@ struct ExpertGemmParams {
   int rows_hint;               // host upper bound of the rows (T*k); only picks the tile configuration
   ExpertGemmConfig config = ExpertGemmConfig::Auto;  // Auto: chosen from rows_hint / num_experts
   GatedOutput gated = GatedOutput::None;             // None: D = A @ W[e]^T [rows, N]
+  LoraKOperands lora_k;                              // t == nullptr: no LoRA in the GEMM
 };
 
 bool expert_gemm_sm90_compiled();                                   // false when built without sm90a CUTLASS
@@ -46,6 +61,11 @@ size_t expert_gemm_sm90_workspace_bytes(int num_experts, int sm_count);
 // Whether p can run with a gated output (host only, from shapes): compiled for sm_90a, a row-side tile (the size
 // rule's choice is not SwapAB32, whose D is written transposed) and N/2 a multiple of 8.
 bool expert_gemm_sm90_gated_supported(const ExpertGemmParams& p);
+// Whether p can run with the LoRA inside (host only, from shapes): a row-side tile, R 64 or 128 and t_cols a
+// multiple of 128 holding S * R columns.
+bool expert_gemm_sm90_lora_k_supported(const ExpertGemmParams& p);
+// t_cols for S slots of rank R.
+inline int expert_gemm_lora_k_cols(int S, int R) { return (S * R + 127) / 128 * 128; }
 
 // Two steps, so the tables of several GEMMs that share expert_offsets (fc1 and fc2) are written by one
 // launch before the first of them runs:
@@ -65,7 +85,8 @@ cudaError_t expert_gemm_sm90(const ExpertGemmParams& p, void* workspace, size_t 
 
 // The group tables of one GEMM as plain data: where they live in its workspace and what goes in them, so that
 // a kernel that computes the expert offsets anyway (the routing) writes them instead of prepare's launch.
-// Entry e, for the expert's rows [begin, begin + m): shape {m, N, K}; pointers A + begin * K, W + e * N * K
+// Entry e, for the expert's rows [begin, begin + m): shape {m, N, shape_k} (shape_k = K, or with the LoRA inside the
+// weight's k tiles and then t's columns); pointers A + begin * K, W + e * N * K
 // and D + begin * ldd (elements; ldd = N, or N/2 with a gated output); three strides (A, B, D), each one 64-bit
 // value, the same for every expert.
 // With swap_ab (SwapAB32) the GEMM's A operand is the weight and its B the rows: shape {N, m, K},
@@ -81,7 +102,8 @@ struct ExpertGemmTables {
   const char* W;
   char* D;
   int N, K, element_bytes;
-  int ldd;  // D's row length: N, or N/2 with a gated output
+  int ldd;      // D's row length: N, or N/2 with a gated output
+  int shape_k;  // the group problem's K
   bool swap_ab;
 };
 // Host only (no launch): the tables of p's configuration in `workspace`. Same errors as prepare; after the
@@ -95,7 +117,7 @@ __device__ __forceinline__ void write_expert_gemm_tables(const ExpertGemmTables&
   const char* weight = t.W + static_cast<int64_t>(e) * t.N * t.K * t.element_bytes;
   t.shapes[3 * e] = t.swap_ab ? t.N : m;
   t.shapes[3 * e + 1] = t.swap_ab ? m : t.N;
-  t.shapes[3 * e + 2] = t.K;
+  t.shapes[3 * e + 2] = t.shape_k;
   t.ptr_a[e] = t.swap_ab ? weight : rows;
   t.ptr_b[e] = t.swap_ab ? rows : weight;
   t.ptr_d[e] = t.D + static_cast<int64_t>(begin) * t.ldd * t.element_bytes;

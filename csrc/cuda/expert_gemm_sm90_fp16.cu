@@ -5,14 +5,14 @@
 namespace moelora::cuda::detail {
 
 #if defined(MOELORA_WITH_CUDA) && !defined(MOELORA_NO_CUTLASS)
-// The other tiles are instantiated in expert_gemm_sm90_swap.cu and expert_gemm_sm90_pingpong.cu, the gated GEMMs
-// in expert_gemm_sm90_gated_fp16.cu.
+// The other tiles are instantiated in expert_gemm_sm90_swap.cu and expert_gemm_sm90_pingpong.cu, the gated and
+// LoRA GEMMs in expert_gemm_sm90_{gated,lora_fc1,lora_fc2}_fp16.cu.
 MOELORA_EXPERT_GEMM_INSTANTIATE(extern, cutlass::half_t, SwapAB32Tile)
 MOELORA_EXPERT_GEMM_INSTANTIATE(extern, cutlass::half_t, LargeMPingpongTile)
-MOELORA_EXPERT_GEMM_INSTANTIATE_GATED(extern, cutlass::half_t)  // expert_gemm_sm90_gated_fp16.cu
+MOELORA_EXPERT_GEMM_INSTANTIATE_VARIANTS(extern, cutlass::half_t)
 MOELORA_EXPERT_GEMM_DEFINE(fp16, cutlass::half_t)
 #else
-size_t expert_gemm_sm90_fp16_workspace(ExpertGemmConfig, bool, int, int) { return 0; }
+size_t expert_gemm_sm90_fp16_workspace(ExpertGemmConfig, bool, bool, int, int) { return 0; }
 ExpertGemmTables expert_gemm_sm90_fp16_tables(ExpertGemmConfig, const ExpertGemmParams&, void*) { return {}; }
 cudaError_t expert_gemm_sm90_fp16_run(ExpertGemmConfig, const ExpertGemmParams&, void*, size_t, int, cudaStream_t) {
   return cudaErrorNotSupported;

@@ -217,6 +217,41 @@ bool use_gated_fc1(const mc::ExpertGemmParams& fc1) {
   return !env_zero("MOELORA_GATED_FC1") && mc::expert_gemm_sm90_gated_supported(fc1);
 }
 
+// The LoRA inside a base GEMM (expert_gemm_sm90_mainloop.cuh; ranks 64 and 128): the shrink's output goes into t
+// (lora_k_operand.cu) and the GEMM's K loop runs on over t and the adapters' B, so no expand kernel runs; fc1's
+// delta reaches its gated epilogue and fc2's y gets no read-modify-write. t holds every slot's columns (S R, zero
+// but in the row's slot), so the GEMM does S times the LoRA's own MMA work: it pays where the GEMM is not bound
+// by its MMAs. Per GEMM, for the LoRA that runs after the base GEMMs (not beside them), where t's columns are at
+// most a quarter of the weight's K and the experts average at most 512 rows. Measured on the H100 (rank 64, 8
+// slots, graph replays, expand kernels -> in the GEMM, NOTES.md v24): qwen3 T=1024 / 4096 901 -> 870 / 1362 ->
+// 1284 µs, gpt-oss 977 -> 924 / 2084 -> 2024, mixtral T=1024 1772 -> 1679; mixtral T=4096 (1024 rows per expert)
+// 5135 -> 5288. MOELORA_LORA_IN_GEMM=0 keeps the expand kernels (to compare), =1 takes it wherever the kernels
+// support it, <fc1>/<fc2> per GEMM (e.g. 1/0).
+mc::LoraKOperands lora_k_operands(const LoraSide& side, const void* t, const FusedMoeDims& d, int N) {
+  mc::LoraKOperands o{};
+  o.t = t;
+  o.S = static_cast<int>(d.S);
+  o.R = static_cast<int>(d.R);
+  o.t_cols = mc::expert_gemm_lora_k_cols(o.S, o.R);
+  o.b = side.b.data_ptr();
+  const AdapterStrides sb = adapter_strides(side.shared_b, static_cast<int64_t>(N) * d.R, d.E);
+  o.b_expert_stride = sb.expert;
+  o.b_slot_stride = sb.slot;
+  return o;
+}
+bool use_lora_in_gemm(mc::ExpertGemmParams g, int which, const LoraSide& side, const FusedMoeDims& d) {
+  g.lora_k = lora_k_operands(side, nullptr, d, g.N);
+  if (!mc::expert_gemm_sm90_lora_k_supported(g)) return false;
+  const bool by_rule = 4 * g.lora_k.t_cols <= g.K && d.T * d.k <= int64_t{512} * d.E;
+  const char* v = std::getenv("MOELORA_LORA_IN_GEMM");
+  if (v == nullptr || v[0] == '\0') return by_rule;
+  // One value for both GEMMs, or <fc1>/<fc2>: 0 off, 1 on (where supported), empty the rule.
+  const std::string part = knob_part(v, '/', which);
+  TORCH_CHECK(part.empty() || part == "0" || part == "1", "MOELORA_LORA_IN_GEMM must be 0, 1 or <fc1>/<fc2> of those, got '",
+              v, "'");
+  return part.empty() ? by_rule : part == "1";
+}
+
 // fc1's LoRA shrink reads each sorted row's token from the hidden states (T rows, k times fewer bytes, which the
 // L2 keeps) instead of its gathered copy, when that copy is more than half the L2 (so it is read from HBM; 67-134
 // MB at T=4096). Measured (benchmarks/NOTES.md v13): fc1's shrink 4-9 µs faster at T=4096, but 2-5 µs slower
@@ -336,6 +371,51 @@ struct ShrinkRows {
 // out += scale[slot] * B @ (A @ input) per (expert, slot) segment, on the base GEMM's output (`scalings`
 // nullptr: 1). With `gated` (fc1, lora_gemm.cu kernels) out is gu, left as the base GEMM wrote it, and the
 // expand writes h of the rows with an adapter.
+// The LoRA shrink kernel (lora_gemm.cu): ws.buf[ks, r, :R] = input[r, K-chunk ks] @ A[slot, e][:, chunk]^T.
+mc::LoraShrinkParams run_lora_shrink(const LoraSide& side, const at::Tensor& input, const ShrinkRows& shrink_rows,
+                                     LoraWorkspace& ws, int k_splits, const at::Tensor& bucket_offsets,
+                                     const at::Tensor& lora_tile_prefix, const at::Tensor& lora_tile_segment,
+                                     const FusedMoeDims& d, int K, int sm_count, cudaStream_t stream) {
+  const int64_t R = d.R;
+  const AdapterStrides sa = adapter_strides(side.shared_a, R * K, d.E);
+  mc::LoraShrinkParams s{};
+  s.X = input.data_ptr(); s.ldx = K;
+  if (shrink_rows.x != nullptr) {
+    s.X = shrink_rows.x; s.ldx = shrink_rows.ldx; s.x_rows = shrink_rows.rows;
+  }
+  s.A = side.a.data_ptr();
+  s.a_expert_stride = sa.expert; s.a_slot_stride = sa.slot;
+  s.partial = ws.buf.data_ptr<float>();
+  s.row_offsets = bucket_offsets.data_ptr<int>(); s.tile_prefix = lora_tile_prefix.data_ptr<int>();
+  s.tile_segment = lora_tile_segment.data_ptr<int>();
+  s.nseg = static_cast<int>(d.E * (d.S + 1)); s.seg_per_expert = static_cast<int>(d.S + 1); s.slot_base = -1;
+  s.R = static_cast<int>(R); s.K = K; s.k_splits = k_splits; s.k_chunk = mc::lora_k_chunk(K, k_splits);
+  s.max_rows = static_cast<int>(d.T * d.k); s.max_active_segments = static_cast<int>(d.E * d.S);
+  s.few_rows_max = ws.few_rows_max;
+  s.tiles_kernel = ws.tiles_kernel;
+  s.dtype = to_dtype(input.scalar_type());
+  C10_CUDA_CHECK(mc::launch_lora_shrink(s, sm_count, stream));
+  return s;
+}
+
+// The LoRA inside the next base GEMM: the shrink, then t (lora_k_operand.cu) from its split-K sums.
+void run_lora_shrink_to_t(const LoraSide& side, const at::Tensor& input, const ShrinkRows& shrink_rows,
+                          LoraWorkspace& ws, int k_splits, const at::Tensor& bucket_offsets,
+                          const at::Tensor& lora_tile_prefix, const at::Tensor& lora_tile_segment,
+                          const at::Tensor& row_slot, const at::Tensor& expert_offsets, const float* scalings,
+                          at::Tensor& t, const FusedMoeDims& d, int K, int sm_count, cudaStream_t stream) {
+  run_lora_shrink(side, input, shrink_rows, ws, k_splits, bucket_offsets, lora_tile_prefix, lora_tile_segment, d, K,
+                  sm_count, stream);
+  mc::LoraKOperandParams o{};
+  o.partial = ws.buf.data_ptr<float>(); o.k_splits = k_splits;
+  o.row_slot = row_slot.data_ptr<int>(); o.slot_scale = scalings;
+  o.num_rows = expert_offsets.data_ptr<int>() + d.E;
+  o.t = t.data_ptr(); o.max_rows = static_cast<int>(d.T * d.k);
+  o.R = static_cast<int>(d.R); o.t_cols = static_cast<int>(t.size(1));
+  o.dtype = to_dtype(input.scalar_type());
+  C10_CUDA_CHECK(mc::launch_lora_k_operand(o, stream));
+}
+
 void run_lora(const LoraSide& side, const at::Tensor& input, const ShrinkRows& shrink_rows, LoraWorkspace& ws,
               int k_splits, const GatedExpandOut* gated, at::Tensor& out,
               const at::Tensor& bucket_offsets, const at::Tensor& lora_tile_prefix,
@@ -347,22 +427,8 @@ void run_lora(const LoraSide& side, const at::Tensor& input, const ShrinkRows& s
   const int active = static_cast<int>(d.E * d.S);
   const AdapterStrides sa = adapter_strides(side.shared_a, R * K, d.E), sb = adapter_strides(side.shared_b, N * R, d.E);
   if (ws.lora_kernels) {
-    mc::LoraShrinkParams s{};
-    s.X = input.data_ptr(); s.ldx = K;
-    if (shrink_rows.x != nullptr) {
-      s.X = shrink_rows.x; s.ldx = shrink_rows.ldx; s.x_rows = shrink_rows.rows;
-    }
-    s.A = side.a.data_ptr();
-    s.a_expert_stride = sa.expert; s.a_slot_stride = sa.slot;
-    s.partial = ws.buf.data_ptr<float>();
-    s.row_offsets = bucket_offsets.data_ptr<int>(); s.tile_prefix = lora_tile_prefix.data_ptr<int>();
-    s.tile_segment = lora_tile_segment.data_ptr<int>();
-    s.nseg = nseg; s.seg_per_expert = static_cast<int>(d.S + 1); s.slot_base = -1;
-    s.R = static_cast<int>(R); s.K = K; s.k_splits = k_splits; s.k_chunk = mc::lora_k_chunk(K, k_splits);
-    s.max_rows = pairs; s.max_active_segments = active; s.few_rows_max = ws.few_rows_max;
-    s.tiles_kernel = ws.tiles_kernel;
-    s.dtype = to_dtype(input.scalar_type());
-    C10_CUDA_CHECK(mc::launch_lora_shrink(s, sm_count, stream));
+    const mc::LoraShrinkParams s = run_lora_shrink(side, input, shrink_rows, ws, k_splits, bucket_offsets,
+                                                   lora_tile_prefix, lora_tile_segment, d, K, sm_count, stream);
 
     mc::LoraExpandParams e{};
     e.partial = s.partial; e.k_splits = k_splits;
@@ -537,11 +603,6 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   at::Tensor permuted = at::empty({pairs, H}, x.options());  // fc1 input; reused as the fc2 output
   at::Tensor h = at::empty({pairs, I}, x.options());
   const bool sm90_gemms = !decode && use_sm90(device);  // the base GEMMs on CUTLASS (BaseGemms::sm90)
-  // fc1's GEMM with the activation in its epilogue (writes h; no gu, no activation stage).
-  const bool gated_fc1 =
-      sm90_gemms && !d.has_lora && use_gated_fc1(expert_gemm_params(permuted, w13c, h, expert_offsets, d, 2 * I, H, 0));
-  // The GEMV path and the gated GEMM write h directly.
-  at::Tensor gu = at::empty({decode || gated_fc1 ? 0 : pairs, 2 * I}, x.options());
   at::Tensor token_slots;
   LoraWorkspace lora_ws;
   at::Tensor scalings;  // undefined: every slot scales by 1
@@ -559,12 +620,27 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   }
   const LoraSide lora13{a13, b13, w13_shared_a, w13_shared_b}, lora2{a2, b2, w2_shared_a, w2_shared_b};
   const bool overlap = use_lora_overlap(d, lora_ws.lora_kernels, sm90_gemms);
+  // The LoRA inside each base GEMM, or its expand kernels after it.
+  const bool serial_lora = d.has_lora && sm90_gemms && lora_ws.lora_kernels && !overlap;
+  const bool lora_in_fc1 =
+      serial_lora && use_lora_in_gemm(expert_gemm_params(permuted, w13c, h, expert_offsets, d, 2 * I, H, 0), 0, lora13, d);
+  const bool lora_in_fc2 =
+      serial_lora && use_lora_in_gemm(expert_gemm_params(h, w2c, permuted, expert_offsets, d, H, I, 1), 1, lora2, d);
+  // fc1's GEMM with the activation in its epilogue (writes h; no gu, no activation stage): without LoRA, or with
+  // fc1's LoRA inside it.
+  const bool gated_fc1 = sm90_gemms && (!d.has_lora || lora_in_fc1) &&
+                         use_gated_fc1(expert_gemm_params(permuted, w13c, h, expert_offsets, d, 2 * I, H, 0));
+  // The GEMV path and the gated GEMM write h directly.
+  at::Tensor gu = at::empty({decode || gated_fc1 ? 0 : pairs, 2 * I}, x.options());
+  // t of the LoRA inside the GEMMs, fc1's then fc2's (each dead once its GEMM has run).
+  at::Tensor lora_t = at::empty({lora_in_fc1 || lora_in_fc2 ? pairs : 0, mc::expert_gemm_lora_k_cols(S, d.R)},
+                                x.options());
   // fc1's LoRA expand with the activation fused (not at decode: the GEMV fuses both itself); the activation
   // stage then does only the rows without an adapter (each expert's first bucket).
-  const bool fused_act = d.has_lora && !decode && lora_ws.lora_kernels && !overlap && use_fused_lora_activation();
+  const bool fused_act = serial_lora && !lora_in_fc1 && use_fused_lora_activation();
   // Each sorted row's slot, recorded by the routing's gather (or the permute): the decode GEMVs' LoRA epilogue
-  // reads a row's slot there.
-  const bool need_row_slot = decode && d.has_lora;
+  // and the LoRA-in-GEMM operand read a row's slot there.
+  const bool need_row_slot = (decode && d.has_lora) || lora_in_fc1 || lora_in_fc2;
   at::Tensor row_slot = at::empty({need_row_slot ? pairs : 0}, iopt);
   // Each sorted row's token, recorded by the permute, for fc1's LoRA shrink (ShrinkRows).
   const bool token_rows_shrink = d.has_lora && !decode && lora_ws.lora_kernels &&
@@ -625,7 +701,9 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     base.sm90 = sm90_gemms;
     base.fc1 = expert_gemm_params(permuted, w13c, gated_fc1 ? h : gu, expert_offsets, d, 2 * I, H, 0);
     if (gated_fc1) base.fc1.gated = act == mc::ActivationKind::Silu ? mc::GatedOutput::Silu : mc::GatedOutput::Gelu;
+    if (lora_in_fc1) base.fc1.lora_k = lora_k_operands(lora13, lora_t.data_ptr(), d, 2 * I);
     base.fc2 = expert_gemm_params(h, w2c, y, expert_offsets, d, H, I, 1);
+    if (lora_in_fc2) base.fc2.lora_k = lora_k_operands(lora2, lora_t.data_ptr(), d, H);
     prepare_base_gemms(base, x.options(), sm_count, rp);
   }
   C10_CUDA_CHECK(mc::launch_routing(rp, stream));
@@ -684,6 +762,11 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
         run_lora(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, nullptr, gu_delta,
                  bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, lora_stream);
       });
+    } else if (lora_in_fc1) {
+      run_lora_shrink_to_t(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, bucket_offsets,
+                           lora_tile_prefix, lora_tile_segment, row_slot, expert_offsets, scale_ptr, lora_t, d, H,
+                           sm_count, stream);
+      run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
     } else {
       run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
       if (d.has_lora)
@@ -724,6 +807,10 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
       run_lora(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, nullptr, y_delta, bucket_offsets,
                lora_tile_prefix, lora_tile_segment, scale_ptr, d, H, I, sm_count, lora_stream);
     });
+  } else if (lora_in_fc2) {
+    run_lora_shrink_to_t(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, bucket_offsets, lora_tile_prefix,
+                         lora_tile_segment, row_slot, expert_offsets, scale_ptr, lora_t, d, I, sm_count, stream);
+    run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
   } else {
     run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
     if (d.has_lora)

@@ -313,4 +313,20 @@ struct FinalizeParams {
 };
 cudaError_t launch_finalize(const FinalizeParams& p, cudaStream_t stream);
 
+// ---- lora_k_operand.cu: t for the LoRA inside the expert GEMM (expert_gemm_sm90.h LoraKOperands) --------
+// Per routed row r with an adapter (slot = row_slot[r] >= 0): t[r, slot R + j] = round(scale[slot] *
+// sum_ks partial[ks, r, j]) for j < R (the shrink's split-K sums in ks order, as the expand kernels take them),
+// every other column 0; rows without an adapter all 0. Rows past the routed count are not written.
+struct LoraKOperandParams {
+  const float* partial;      // [k_splits, max_rows, R]
+  int k_splits;
+  const int* row_slot;       // [max_rows]: each sorted row's slot (-1: none)
+  const float* slot_scale;   // [S], or nullptr: every slot scales by 1
+  const int* num_rows;       // device scalar: rows actually routed (expert_offsets[E])
+  void* t;                   // [max_rows, t_cols]
+  int max_rows, R, t_cols;   // R and t_cols multiples of 8
+  DType dtype;
+};
+cudaError_t launch_lora_k_operand(const LoraKOperandParams& p, cudaStream_t stream);
+
 }  // namespace moelora::cuda

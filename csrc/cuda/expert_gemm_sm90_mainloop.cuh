@@ -1,0 +1,370 @@
+// The expert GEMM's main loop with two options on top of CUTLASS's sm90 ptr-array TMA main loop (Base). Base keeps
+// its consumer (the wgmma loop), its pipeline and shared memory; this class replaces the producer's loads and the
+// tensor maps they use.
+//
+//  * kGated (fc1 with the activation in its epilogue, expert_gemm_sm90_gated_epilogue.cuh): W[e] holds the gate
+//    rows first and the up rows after them ([2I, K], transformers' gate_up_proj). A CTA tile of N columns covers
+//    N/2 outputs: its B stage is gate rows [n N/2, (n + 1) N/2) stacked on up rows [I + n N/2, I + (n + 1) N/2),
+//    two TMA boxes of N/2 rows, so each wgmma accumulator fragment holds gate column j in its first half and up
+//    column j at the same place of its second half. When I is not a multiple of N/2, the last tile's gate box runs
+//    into the first up rows (columns >= I, computed and never stored) and its up box past 2I (TMA zero-fills).
+//  * kLoraK (the LoRA inside the GEMM): the K loop runs on past the weight's K tiles over the LoRA's:
+//      acc += t[rows, S R] @ Bcat[e]^T,  Bcat[e][n, s R + r] = B[s, e][n, r]
+//    with t a row's scale * (its shrink output) in its slot's R columns and zeros elsewhere (lora_k_operand.cu),
+//    so the accumulators hold x W^T + scale B (A x) before the epilogue: fc1's gated epilogue sees gate and up
+//    with their delta, fc2's plain epilogue stores y with it, and neither LoRA expand kernel runs. Each 64-column
+//    panel of a LoRA k tile is 64 ranks of one slot: one TMA box (64 ranks, 1 slot, rows) of B[s, e], whose
+//    128-byte rows land as the W tiles' do. So the rank is a multiple of 64: a box of fewer ranks (R = 16: 32-byte
+//    rows) is laid out by the TMA unit in rows of its own width, not as a slice of a 128-byte swizzled row
+//    (measured: wrong values, and stores past the stage), and ranks below 64 keep the expand kernels. Slots past S
+//    read as zeros (TMA bounds), as do t's padding columns.
+//
+// Per group (expert) the producer writes into the CTA's tensor maps: A's and W's addresses and A's rows (Base's
+// job), and with kLoraK t's address (its first row: expert_offsets[e]) and rows, and the adapters' address for
+// expert e. The group problem's K is the weight's K tiles plus t's columns (make_tables), so Base's consumer and
+// the scheduler count every k tile; the weight's own TMA dims keep the weight's K.
+#pragma once
+
+#include <cstdint>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cuda_host_adapter.hpp"
+#include "cutlass/cutlass.h"
+
+namespace moelora::cuda::detail {
+
+using namespace cute;
+
+// The LoRA operands of a kLoraK GEMM (host arguments; expert_gemm_sm90.h LoraKOperands, typed).
+struct LoraKArguments {
+  const void* t = nullptr;           // [rows, t_cols], rows sorted as A's
+  int t_cols = 0;                    // S * R rounded up to 128 (a whole number of k tiles of every tile shape)
+  const void* b = nullptr;           // adapters' B: [S, E, N, R] (b_expert_stride = N R) or shared [S, N, R] (0)
+  int64_t b_expert_stride = 0, b_slot_stride = 0;  // elements
+  int S = 0, R = 0, N = 0;
+  const int* expert_offsets = nullptr;  // device [E + 1]: t's first row of each group
+  int k_weight = 0;                  // the weight's K (A's and W's columns)
+};
+
+template <class Base, bool kGated, bool kLoraK>
+struct ExpertMainloop : Base {
+  using typename Base::TileShape;
+  using typename Base::InternalElementA;
+  using typename Base::InternalElementB;
+  using typename Base::InternalStrideA;
+  using typename Base::InternalStrideB;
+  using typename Base::SmemLayoutA;
+  using typename Base::SmemLayoutB;
+  using typename Base::MainloopPipeline;
+  using typename Base::PipelineState;
+  using typename Base::TensorStorage;
+
+  static_assert(Base::IsGroupedGemmKernel, "grouped GEMM only (per-group shapes on the device)");
+  static_assert(is_same_v<typename Base::GmemTiledCopyB, SM90_TMA_LOAD>, "cluster 1x1: no multicast");
+  static constexpr int kTileM = size<0>(TileShape{});
+  static constexpr int kTileN = size<1>(TileShape{});
+  static constexpr int kTileK = size<2>(TileShape{});
+  static constexpr int kBoxN = kGated ? kTileN / 2 : kTileN;  // rows of one W box
+  static_assert(kBoxN % size<0>(typename Base::SmemLayoutAtomB{}) == 0, "a W box is whole smem atoms");
+  // 64-column panels per k tile (128-byte swizzled rows of bf16 / fp16): the smem tiles are panel-major.
+  static constexpr int kPanelK = 64;
+  static constexpr int kPanels = kTileK / kPanelK;
+  static_assert(kTileK % kPanelK == 0 && sizeof(InternalElementB) == 2, "16-bit operands, 64-column panels");
+  // Stage offsets (elements) the adapters' boxes are written at: stages of kTileN x kTileK, panel-major (all rows of
+  // columns 0-63, then of 64-127), rows of 64 columns.
+  using PlainLayoutB = decltype(get_nonswizzle_portion(SmemLayoutB{}));
+  static_assert(PlainLayoutB{}(0, 0, 1) == kTileN * kTileK && PlainLayoutB{}(1, 0, 0) == kPanelK &&
+                    (kPanels == 1 || PlainLayoutB{}(0, kPanelK, 0) == kTileN * kPanelK),
+                "B stages: panel-major rows of 64 columns");
+
+  static constexpr uint64_t kCacheHint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);  // CuTe's default
+
+  // One W box: (kBoxN, BLK_K) of Base's stage layout, and its TMA.
+  using BoxTileShape = Shape<Int<kTileM>, Int<kBoxN>, Int<kTileK>>;
+  using SmemLayoutBBox = decltype(tile_to_shape(typename Base::SmemLayoutAtomB{}, make_shape(Int<kBoxN>{}, Int<kTileK>{})));
+  using TmaW = decltype(make_tma_copy(
+      SM90_TMA_LOAD{},
+      make_tensor(static_cast<InternalElementB const*>(nullptr), repeat_like(InternalStrideB{}, int32_t(0)),
+                  InternalStrideB{}),
+      SmemLayoutBBox{}, make_shape(Int<kBoxN>{}, Int<kTileK>{}), _1{}));
+  // t's TMA is A's type: the same element, layout and box.
+  using TmaT = typename Base::TMA_A;
+
+  struct LoraKState {
+    TmaT tma_t;
+    cute::TmaDescriptor b_desc;        // 3D: (R ranks, S slots, N rows) of one expert's adapters, box (R, 64/R, kBoxN)
+    const InternalElementA* t;
+    const char* b;
+    int64_t b_expert_bytes;
+    const int* expert_offsets;
+    int t_cols;
+    int panels_per_slot;               // R / 64
+    int n_half;                        // gated: the up rows' first row (I)
+  };
+  struct NoLoraK {};
+
+  struct Arguments : Base::Arguments {
+    LoraKArguments lora;
+  };
+  struct Params : Base::Params {
+    TmaW tma_w;
+    int k_weight;
+    int k_tiles_weight;
+    cute::conditional_t<kLoraK, LoraKState, NoLoraK> lora;
+  };
+
+  struct LoraTensorMaps : Base::TensorMapStorage {
+    cute::TmaDescriptor smem_tensormap_T;
+    cute::TmaDescriptor smem_tensormap_BL;
+  };
+  using TensorMapStorage = cute::conditional_t<kLoraK, LoraTensorMaps, typename Base::TensorMapStorage>;
+  static constexpr int kTensorMaps = kLoraK ? 4 : 2;  // per SM in the workspace: A, W, then t, adapters' B
+
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&, int sm_count) {
+    return kTensorMaps * sizeof(cute::TmaDescriptor) * sm_count;
+  }
+
+  // Base's parameters plus the W box TMA and the LoRA's. As in Base, the A / W / t descriptors' tensors are
+  // placeholders: each group's address, dims and strides go into the CTA's copy before its first load. The
+  // adapters' descriptor is complete here (its shape is the same for every expert; only the address moves).
+  template <class ProblemShape>
+  static Params to_underlying_arguments(ProblemShape problem_shapes, Arguments const& args, void* workspace) {
+    auto const* ptr_w = reinterpret_cast<InternalElementB const*>(reinterpret_cast<uint64_t>(args.ptr_B) & ~uint64_t{15});
+    Tensor tensor_w = make_tensor(ptr_w, make_layout(make_shape(1, 1, 1), InternalStrideB{}));
+    Params p{Base::to_underlying_arguments(problem_shapes, args, workspace),
+             make_tma_copy(SM90_TMA_LOAD{}, tensor_w, SmemLayoutBBox{}, make_shape(Int<kBoxN>{}, Int<kTileK>{}), _1{}),
+             args.lora.k_weight, (args.lora.k_weight + kTileK - 1) / kTileK, {}};
+    if constexpr (kLoraK) {
+      const LoraKArguments& l = args.lora;
+      auto const* ptr_t = static_cast<InternalElementA const*>(l.t);
+      Tensor tensor_t = make_tensor(ptr_t, make_layout(make_shape(1, 1, 1), InternalStrideA{}));
+      p.lora.tma_t = make_tma_copy(SM90_TMA_LOAD{}, tensor_t, SmemLayoutA{}(_, _, Int<0>{}),
+                                   make_shape(Int<kTileM>{}, Int<kTileK>{}), _1{});
+      p.lora.t = ptr_t;
+      p.lora.b = static_cast<const char*>(l.b);
+      p.lora.b_expert_bytes = l.b_expert_stride * 2;
+      p.lora.expert_offsets = l.expert_offsets;
+      p.lora.t_cols = l.t_cols;
+      p.lora.panels_per_slot = l.R / kPanelK;
+      p.lora.n_half = l.N / 2;
+      encode_adapters_descriptor(l, &p.lora.b_desc);  // can_implement has checked that it encodes
+    }
+    return p;
+  }
+
+  // The adapters' descriptor for expert 0 (the producer moves its address per group). Dims innermost first: ranks,
+  // slots, rows, with the byte strides of slots and rows; box (64 ranks, 1 slot, kBoxN rows), 128-byte swizzle as
+  // the W tiles.
+  static CUresult encode_adapters_descriptor(const LoraKArguments& l, cute::TmaDescriptor* desc) {
+    cuuint64_t dims[3] = {cuuint64_t(l.R), cuuint64_t(l.S), cuuint64_t(l.N)};
+    cuuint64_t strides[2] = {cuuint64_t(l.b_slot_stride) * 2, cuuint64_t(l.R) * 2};
+    cuuint32_t box[3] = {cuuint32_t(kPanelK), 1, cuuint32_t(kBoxN)};
+    cuuint32_t elem_strides[3] = {1, 1, 1};
+    return CUTLASS_CUDA_DRIVER_WRAPPER_CALL(cuTensorMapEncodeTiled)(
+        desc, TMA::to_CUtensorMapDataType<InternalElementB>(), 3, const_cast<void*>(l.b), dims, strides, box,
+        elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  }
+
+  static bool lora_args_ok(Arguments const& args) {
+    if constexpr (!kLoraK) {
+      return args.lora.k_weight > 0;
+    } else {
+      const LoraKArguments& l = args.lora;
+      const bool rank_ok = l.R == 64 || l.R == 128;  // whole 64-column panels per slot
+      if (!(args.lora.k_weight > 0 && rank_ok && l.S > 0 && l.t != nullptr && l.b != nullptr &&
+            l.expert_offsets != nullptr && l.t_cols > 0 && l.t_cols % 128 == 0 && l.t_cols >= l.S * l.R &&
+            (reinterpret_cast<uintptr_t>(l.t) | reinterpret_cast<uintptr_t>(l.b)) % 16 == 0 &&
+            (l.b_expert_stride * 2) % 16 == 0 && (l.b_slot_stride * 2) % 16 == 0))
+        return false;
+      cute::TmaDescriptor desc;
+      return encode_adapters_descriptor(l, &desc) == CUDA_SUCCESS;
+    }
+  }
+
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape problem_shapes, Arguments const& args) {
+    return Base::can_implement(problem_shapes, args) && lora_args_ok(args);
+  }
+
+  // Base's (gA, gB) (the kernel reads tile counts from them), the W boxes (gate and up halves when gated, both the
+  // same otherwise), and t's tiles: (box rows, BLK_K, n, k, l) / (BLK_M, BLK_K, m, k, l).
+  template <class ProblemShape_MNKL>
+  CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL, Params const& params) const {
+    auto [gA_mkl, gB_nkl] = Base::load_init(problem_shape_MNKL, params);
+    auto [M, N, K, L] = problem_shape_MNKL;
+    Tensor mW = params.tma_w.get_tma_tensor(make_shape(N, params.k_weight, 1));
+    Tensor gW0 = local_tile(mW, BoxTileShape{}, make_coord(_, _, _), Step<Underscore, _1, _1>{});
+    Tensor gW1 = local_tile(domain_offset(make_coord(kGated ? N / 2 : 0, 0, 0), mW), BoxTileShape{},
+                            make_coord(_, _, _), Step<Underscore, _1, _1>{});
+    if constexpr (kLoraK) {
+      Tensor mT = params.lora.tma_t.get_tma_tensor(make_shape(M, params.lora.t_cols, 1));
+      Tensor gT = local_tile(mT, TileShape{}, make_coord(_, _, _), Step<_1, Underscore, _1>{});
+      return cute::make_tuple(gA_mkl, gB_nkl, gW0, gW1, gT);
+    } else {
+      return cute::make_tuple(gA_mkl, gB_nkl, gW0, gW1);
+    }
+  }
+
+  // Producer: per k tile, one stage on one barrier whose transaction count (Base's TmaTransactionBytes) is a full
+  // A tile plus a full B tile. Weight tiles: A's box and one or two W boxes; LoRA tiles: t's box and, per 64-column
+  // panel, one adapter box per W box.
+  template <class LoadInputs, class TensorMaps, class KTileIterator, class BlockCoord>
+  CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
+                           LoadInputs const& load_inputs, TensorMaps const& input_tensormaps,
+                           BlockCoord const& blk_coord, KTileIterator k_tile_iter, int k_tile_count, int /*thread_idx*/,
+                           uint32_t /*block_rank_in_cluster*/, TensorStorage& shared_tensors) {
+    if (!cute::elect_one_sync()) return;
+    Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});          // (BLK_M,BLK_K,PIPE)
+    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});          // (BLK_N,BLK_K,PIPE)
+    Tensor sB_boxes = flat_divide(sB, Shape<Int<kBoxN>>{});                        // (kBoxN,BLK_N/kBoxN,BLK_K,PIPE)
+    Tensor sW0 = sB_boxes(_, 0, _, _);
+    Tensor sW1 = sB_boxes(_, kGated ? 1 : 0, _, _);
+
+    auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
+    Tensor gA = get<0>(load_inputs)(_, _, m_coord, _, l_coord);                                      // (BLK_M,BLK_K,k)
+    Tensor gW0 = get<2>(load_inputs)(_, _, n_coord, _, l_coord);                                   // (kBoxN,BLK_K,k)
+    Tensor gW1 = get<3>(load_inputs)(_, _, n_coord, _, l_coord);
+
+    auto tma_a = params.tma_load_a.get_slice(0);
+    auto tma_w = params.tma_w.get_slice(0);
+    Tensor tAgA = tma_a.partition_S(gA);
+    Tensor tAsA = tma_a.partition_D(sA);
+    Tensor tW0g = tma_w.partition_S(gW0);
+    Tensor tW0s = tma_w.partition_D(sW0);
+    Tensor tW1g = tma_w.partition_S(gW1);
+    Tensor tW1s = tma_w.partition_D(sW1);
+
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (; k_tile_count > 0; --k_tile_count) {
+      pipeline.producer_acquire(smem_pipe_write);
+      auto* barrier = pipeline.producer_get_barrier(smem_pipe_write);
+      const int stage = smem_pipe_write.index();
+      const int kt = *k_tile_iter;
+      if (!kLoraK || kt < params.k_tiles_weight) {
+        copy(params.tma_load_a.with(get<0>(input_tensormaps), *barrier, 0), tAgA(_, _, _, kt), tAsA(_, _, _, stage));
+        copy(params.tma_w.with(get<1>(input_tensormaps), *barrier, 0), tW0g(_, _, _, kt), tW0s(_, _, _, stage));
+        if constexpr (kGated)
+          copy(params.tma_w.with(get<1>(input_tensormaps), *barrier, 0), tW1g(_, _, _, kt), tW1s(_, _, _, stage));
+      } else if constexpr (kLoraK) {
+        load_lora_tile(params, load_inputs, input_tensormaps, *barrier, m_coord, n_coord, l_coord,
+                       kt - params.k_tiles_weight, stage, shared_tensors);
+      }
+      ++k_tile_iter;
+      ++smem_pipe_write;
+    }
+  }
+
+  // LoRA k tile j: t's box (A's place in the stage) and the adapters' boxes (W's place): 64-column panel q = j kPanels
+  // + p is ranks [64 (q % (R / 64)), +64) of slot q / (R / 64), for the box's rows (gate and up halves when gated).
+  template <class LoadInputs, class TensorMaps, class Barrier, class MCoord, class NCoord, class LCoord>
+  CUTLASS_DEVICE void load_lora_tile(Params const& params, LoadInputs const& load_inputs,
+                                     TensorMaps const& input_tensormaps, Barrier& barrier, MCoord m_coord,
+                                     NCoord n_coord, LCoord l_coord, int j, int stage, TensorStorage& shared_tensors) {
+    Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});
+    Tensor gT = get<4>(load_inputs)(_, _, m_coord, _, l_coord);
+    auto tma_t = params.lora.tma_t.get_slice(0);
+    copy(params.lora.tma_t.with(get<2>(input_tensormaps), barrier, 0), tma_t.partition_S(gT)(_, _, _, j),
+         tma_t.partition_D(sA)(_, _, _, stage));
+    auto* b_desc = get<3>(input_tensormaps);
+    auto* stage_b = shared_tensors.smem_B.data() + stage * (kTileN * kTileK);
+    const int row0 = static_cast<int>(n_coord) * kBoxN;
+    CUTLASS_PRAGMA_UNROLL
+    for (int p = 0; p < kPanels; ++p) {
+      const int q = j * kPanels + p;
+      const int slot = q / params.lora.panels_per_slot, rank0 = q % params.lora.panels_per_slot * kPanelK;
+      auto* panel = stage_b + p * (kTileN * kPanelK);
+      SM90_TMA_LOAD_3D::copy(b_desc, reinterpret_cast<uint64_t*>(&barrier), kCacheHint, panel, rank0, slot, row0);
+      if constexpr (kGated)
+        SM90_TMA_LOAD_3D::copy(b_desc, reinterpret_cast<uint64_t*>(&barrier), kCacheHint, panel + kBoxN * kPanelK,
+                               rank0, slot, row0 + params.lora.n_half);
+    }
+  }
+
+  // The CTA's tensor maps: A's from Base's TMA, W's from the box TMA, then t's and the adapters'.
+  CUTLASS_DEVICE auto tensormaps_init(Params const& params, TensorMapStorage& shared_tensormaps, int32_t sm_count,
+                                      int32_t sm_idx) {
+    cute::TmaDescriptor* gmem = reinterpret_cast<cute::TmaDescriptor*>(params.tensormaps);
+    if (cute::elect_one_sync()) {
+      shared_tensormaps.smem_tensormap_A = *params.tma_load_a.get_tma_descriptor();
+      shared_tensormaps.smem_tensormap_B = *params.tma_w.get_tma_descriptor();
+      if constexpr (kLoraK) {
+        shared_tensormaps.smem_tensormap_T = *params.lora.tma_t.get_tma_descriptor();
+        shared_tensormaps.smem_tensormap_BL = params.lora.b_desc;
+      }
+    }
+    __syncwarp();
+    if constexpr (kLoraK)
+      return cute::make_tuple(&gmem[sm_idx], &gmem[sm_idx + sm_count], &gmem[sm_idx + 2 * sm_count],
+                              &gmem[sm_idx + 3 * sm_count]);
+    else
+      return cute::make_tuple(&gmem[sm_idx], &gmem[sm_idx + sm_count]);
+  }
+
+  // A group's addresses, dims and strides into the CTA's tensor maps: A's rows and W's rows and K (the weight's K,
+  // not the problem's), t's address and rows, the adapters' address.
+  template <class TensorMaps, class ProblemShape_MNKL>
+  CUTLASS_DEVICE void tensormaps_perform_update(TensorMapStorage& shared_tensormaps, Params const& params,
+                                                TensorMaps const&, ProblemShape_MNKL problem_shape_mnkl,
+                                                int32_t next_group) {
+    if (!cute::elect_one_sync()) return;
+    this->tensormaps_replace_global_address(shared_tensormaps, params, next_group);
+    const uint32_t M = get<0>(problem_shape_mnkl), N = get<1>(problem_shape_mnkl);
+    const uint32_t K = static_cast<uint32_t>(params.k_weight);
+    cute::array<uint32_t, 5> shape_a = {1, 1, 1, 1, 1}, shape_w = {1, 1, 1, 1, 1};
+    cute::array<uint64_t, 5> stride_a = {0, 0, 0, 0, 0}, stride_w = {0, 0, 0, 0, 0};
+    Tensor tensor_a = make_tensor(static_cast<InternalElementA const*>(nullptr), make_shape(M, K, Int<1>{}),
+                                  params.dA[next_group]);
+    Tensor tensor_w = make_tensor(static_cast<InternalElementB const*>(nullptr), make_shape(N, K, Int<1>{}),
+                                  params.dB[next_group]);
+    cute::detail::fill_tma_gmem_shape_stride(params.tma_load_a, tensor_a, shape_a, stride_a);
+    cute::detail::fill_tma_gmem_shape_stride(params.tma_w, tensor_w, shape_w, stride_w);
+    for (uint64_t& s : stride_a) s = s * sizeof_bits_v<InternalElementA> / 8;
+    for (uint64_t& s : stride_w) s = s * sizeof_bits_v<InternalElementB> / 8;
+    cute::tma_descriptor_replace_dims_strides_in_shared_mem(shared_tensormaps.smem_tensormap_A, shape_a, stride_a);
+    cute::tma_descriptor_replace_dims_strides_in_shared_mem(shared_tensormaps.smem_tensormap_B, shape_w, stride_w);
+    if constexpr (kLoraK) {
+      const auto& l = params.lora;
+      cute::tma_descriptor_replace_addr_in_shared_mem(
+          shared_tensormaps.smem_tensormap_T, l.t + static_cast<int64_t>(l.expert_offsets[next_group]) * l.t_cols);
+      cute::array<uint32_t, 5> shape_t = {1, 1, 1, 1, 1};
+      cute::array<uint64_t, 5> stride_t = {0, 0, 0, 0, 0};
+      Tensor tensor_t = make_tensor(static_cast<InternalElementA const*>(nullptr),
+                                    make_shape(M, static_cast<uint32_t>(l.t_cols), Int<1>{}),
+                                    InternalStrideA{static_cast<int64_t>(l.t_cols), Int<1>{}, Int<0>{}});
+      cute::detail::fill_tma_gmem_shape_stride(l.tma_t, tensor_t, shape_t, stride_t);
+      for (uint64_t& s : stride_t) s = s * sizeof_bits_v<InternalElementA> / 8;
+      cute::tma_descriptor_replace_dims_strides_in_shared_mem(shared_tensormaps.smem_tensormap_T, shape_t, stride_t);
+      cute::tma_descriptor_replace_addr_in_shared_mem(shared_tensormaps.smem_tensormap_BL,
+                                                      l.b + static_cast<int64_t>(next_group) * l.b_expert_bytes);
+    }
+  }
+
+  template <class TensorMaps>
+  CUTLASS_DEVICE void tensormaps_cp_fence_release(TensorMapStorage& shared_tensormaps, TensorMaps const& input_tensormaps) {
+    if (cute::elect_one_sync()) {
+      cute::tma_desc_commit_group();
+      cute::tma_desc_wait_group();
+    }
+    // The whole warp (aligned instructions).
+    tma_descriptor_cp_fence_release(get<0>(input_tensormaps), shared_tensormaps.smem_tensormap_A);
+    tma_descriptor_cp_fence_release(get<1>(input_tensormaps), shared_tensormaps.smem_tensormap_B);
+    if constexpr (kLoraK) {
+      tma_descriptor_cp_fence_release(get<2>(input_tensormaps), shared_tensormaps.smem_tensormap_T);
+      tma_descriptor_cp_fence_release(get<3>(input_tensormaps), shared_tensormaps.smem_tensormap_BL);
+    }
+  }
+
+  template <class TensorMaps>
+  CUTLASS_DEVICE void tensormaps_fence_acquire(TensorMaps const& input_tensormaps) {
+    cute::tma_descriptor_fence_acquire(get<0>(input_tensormaps));
+    cute::tma_descriptor_fence_acquire(get<1>(input_tensormaps));
+    if constexpr (kLoraK) {
+      cute::tma_descriptor_fence_acquire(get<2>(input_tensormaps));
+      cute::tma_descriptor_fence_acquire(get<3>(input_tensormaps));
+    }
+  }
+};
+
+}  // namespace moelora::cuda::detail
