@@ -639,6 +639,23 @@ def test_lora_in_gemm_rule(monkeypatch):
         assert rel_err(out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
 
 
+def test_lora_in_gemm_misaligned_adapters(monkeypatch):
+    """Adapters' B given as a view that does not start on 16 bytes (the GEMM reads it by TMA) keep the expand
+    kernels for that GEMM, with the same result as aligned copies to the dtype's rounding."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the LoRA inside the GEMM is the sm90 CUTLASS GEMM's")
+    _lora_k_env(monkeypatch)
+    args = make_case(257, 256, 128, 8, 4, 4, 64, seed=45)
+    b = args["w2_lora_b"]
+    shifted = torch.empty(b.numel() + 1, dtype=b.dtype, device=b.device)[1:].view(b.shape)
+    shifted.copy_(b)
+    assert shifted.data_ptr() % 16 != 0
+    out, operands, gemms, expanded = _lora_k_kernels(dict(args, w2_lora_b=shifted))
+    assert (operands, gemms, expanded) == (1, 1, True)  # fc1 in its GEMM, fc2 on the expand kernels
+    assert rel_err(out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
+    assert rel_err(out, moelora_ext.fused_moe(**args)) < TOL[torch.bfloat16] / 2
+
+
 def test_lora_in_gemm_graph_replay(monkeypatch):
     """The LoRA inside the GEMMs under CUDA-graph capture: replays with new tokens, routing, slots and adapter
     weights written in place equal eager calls bit for bit and match the reference."""

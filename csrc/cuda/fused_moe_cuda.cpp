@@ -241,7 +241,8 @@ mc::LoraKOperands lora_k_operands(const LoraSide& side, const void* t, const Fus
 }
 bool use_lora_in_gemm(mc::ExpertGemmParams g, int which, const LoraSide& side, const FusedMoeDims& d) {
   g.lora_k = lora_k_operands(side, nullptr, d, g.N);
-  if (!mc::expert_gemm_sm90_lora_k_supported(g)) return false;
+  // The adapters' B is read by TMA: a view that does not start on 16 bytes keeps the expand kernels.
+  if (!mc::expert_gemm_sm90_lora_k_supported(g) || reinterpret_cast<uintptr_t>(g.lora_k.b) % 16 != 0) return false;
   const bool by_rule = 4 * g.lora_k.t_cols <= g.K && d.T * d.k <= int64_t{512} * d.E;
   const char* v = std::getenv("MOELORA_LORA_IN_GEMM");
   if (v == nullptr || v[0] == '\0') return by_rule;
