@@ -677,7 +677,7 @@ def test_lora_in_gemm_graph_replay(monkeypatch):
     ("MOELORA_LORA_FEW_ROWS", "abc"), ("MOELORA_LORA_EXPAND_FEW_ROWS", "16 rows"), ("MOELORA_LORA_SHRINK_WAVES", "-1"),
     ("MOELORA_GEMV_AVG_ROWS", "1e3"), ("MOELORA_LORA_OVERLAP_SMS", "x:16"), ("MOELORA_LORA_OVERLAP_SMS", "12:"),
     ("MOELORA_LORA_OVERLAP_SMS", "2000000"), ("MOELORA_ROUTING_GATHER_PAIRS", "32"),
-    ("MOELORA_ROUTING_GATHER_PAIRS", "x"),
+    ("MOELORA_ROUTING_GATHER_PAIRS", "x"), ("MOELORA_LORA_IN_GEMM", "2"), ("MOELORA_LORA_IN_GEMM", "1/on"),
 ])
 def test_malformed_integer_knob_rejected(name, value, monkeypatch):
     """An integer knob that is set but not an integer in [0, 2^20] (or not one it takes: the gather block's 0, 8

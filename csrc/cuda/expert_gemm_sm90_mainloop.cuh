@@ -15,8 +15,8 @@
 //    with their delta, fc2's plain epilogue stores y with it, and neither LoRA expand kernel runs. Each 64-column
 //    panel of a LoRA k tile is 64 ranks of one slot: one TMA box (64 ranks, 1 slot, rows) of B[s, e], whose
 //    128-byte rows land as the W tiles' do. So the rank is a multiple of 64: a box of fewer ranks (R = 16: 32-byte
-//    rows) is laid out by the TMA unit in rows of its own width, not as a slice of a 128-byte swizzled row
-//    (measured: wrong values, and stores past the stage), and ranks below 64 keep the expand kernels. Slots past S
+//    rows, 4 slots per panel) does not land as a slice of the 128-byte swizzled rows (measured in v24: wrong
+//    values, and a shared-memory write past the stage), and ranks below 64 keep the expand kernels. Slots past S
 //    read as zeros (TMA bounds), as do t's padding columns.
 //
 // Per group (expert) the producer writes into the CTA's tensor maps: A's and W's addresses and A's rows (Base's

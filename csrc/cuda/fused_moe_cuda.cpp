@@ -208,10 +208,10 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
 // fc1's LoRA expand writes h itself (activation fused) unless MOELORA_LORA_FUSED_ACT=0 (kept to compare).
 bool use_fused_lora_activation() { return !env_zero("MOELORA_LORA_FUSED_ACT"); }
 
-// fc1's CUTLASS GEMM writes h = act(gate) * up from its accumulators (expert_gemm_sm90_gated.cuh) instead of gu
-// for the activation stage, in calls without LoRA (with LoRA, fc1's delta must reach gate and up before the
-// activation) on the row-side tiles (more than 16 rows per expert). MOELORA_GATED_FC1=0 keeps gu and the
-// activation stage, to compare. h differs from the unfused path's in the last bit where gate and up round:
+// fc1's CUTLASS GEMM writes h = act(gate) * up from its accumulators (expert_gemm_sm90_gated_epilogue.cuh) instead
+// of gu for the activation stage, on the row-side tiles (more than 16 rows per expert), in calls without LoRA or
+// with fc1's LoRA inside the GEMM (otherwise the delta must reach gate and up before the activation).
+// MOELORA_GATED_FC1=0 keeps gu and the activation stage, to compare. h differs from the unfused path's in the last bit where gate and up round:
 // the unfused path rounds them to the dtype before the activation, the fused one does not.
 bool use_gated_fc1(const mc::ExpertGemmParams& fc1) {
   return !env_zero("MOELORA_GATED_FC1") && mc::expert_gemm_sm90_gated_supported(fc1);
@@ -239,18 +239,22 @@ mc::LoraKOperands lora_k_operands(const LoraSide& side, const void* t, const Fus
   o.b_slot_stride = sb.slot;
   return o;
 }
-bool use_lora_in_gemm(mc::ExpertGemmParams g, int which, const LoraSide& side, const FusedMoeDims& d) {
+// MOELORA_LORA_IN_GEMM for GEMM `which` (0: fc1, 1: fc2): one value for both or <fc1>/<fc2>; -1 where unset or
+// empty (the rule), else 0 / 1. Read in every non-decode call with adapters, so a bad value is an error there.
+int lora_in_gemm_knob(int which) {
+  const char* v = std::getenv("MOELORA_LORA_IN_GEMM");
+  if (v == nullptr || v[0] == '\0') return -1;
+  const std::string part = knob_part(v, '/', which);
+  TORCH_CHECK(part.empty() || part == "0" || part == "1",
+              "MOELORA_LORA_IN_GEMM must be 0, 1 or <fc1>/<fc2> of those, got '", v, "'");
+  return part.empty() ? -1 : part == "1";
+}
+bool use_lora_in_gemm(mc::ExpertGemmParams g, int knob, const LoraSide& side, const FusedMoeDims& d) {
   g.lora_k = lora_k_operands(side, nullptr, d, g.N);
   // The adapters' B is read by TMA: a view that does not start on 16 bytes keeps the expand kernels.
   if (!mc::expert_gemm_sm90_lora_k_supported(g) || reinterpret_cast<uintptr_t>(g.lora_k.b) % 16 != 0) return false;
-  const bool by_rule = 4 * g.lora_k.t_cols <= g.K && d.T * d.k <= int64_t{512} * d.E;
-  const char* v = std::getenv("MOELORA_LORA_IN_GEMM");
-  if (v == nullptr || v[0] == '\0') return by_rule;
-  // One value for both GEMMs, or <fc1>/<fc2>: 0 off, 1 on (where supported), empty the rule.
-  const std::string part = knob_part(v, '/', which);
-  TORCH_CHECK(part.empty() || part == "0" || part == "1", "MOELORA_LORA_IN_GEMM must be 0, 1 or <fc1>/<fc2> of those, got '",
-              v, "'");
-  return part.empty() ? by_rule : part == "1";
+  if (knob >= 0) return knob == 1;
+  return 4 * g.lora_k.t_cols <= g.K && d.T * d.k <= int64_t{512} * d.E;
 }
 
 // fc1's LoRA shrink reads each sorted row's token from the hidden states (T rows, k times fewer bytes, which the
@@ -369,9 +373,6 @@ struct ShrinkRows {
   const int* rows = nullptr;
 };
 
-// out += scale[slot] * B @ (A @ input) per (expert, slot) segment, on the base GEMM's output (`scalings`
-// nullptr: 1). With `gated` (fc1, lora_gemm.cu kernels) out is gu, left as the base GEMM wrote it, and the
-// expand writes h of the rows with an adapter.
 // The LoRA shrink kernel (lora_gemm.cu): ws.buf[ks, r, :R] = input[r, K-chunk ks] @ A[slot, e][:, chunk]^T.
 mc::LoraShrinkParams run_lora_shrink(const LoraSide& side, const at::Tensor& input, const ShrinkRows& shrink_rows,
                                      LoraWorkspace& ws, int k_splits, const at::Tensor& bucket_offsets,
@@ -417,6 +418,9 @@ void run_lora_shrink_to_t(const LoraSide& side, const at::Tensor& input, const S
   C10_CUDA_CHECK(mc::launch_lora_k_operand(o, stream));
 }
 
+// out += scale[slot] * B @ (A @ input) per (expert, slot) segment, on the base GEMM's output (`scalings`
+// nullptr: 1). With `gated` (fc1, lora_gemm.cu kernels) out is gu, left as the base GEMM wrote it, and the
+// expand writes h of the rows with an adapter.
 void run_lora(const LoraSide& side, const at::Tensor& input, const ShrinkRows& shrink_rows, LoraWorkspace& ws,
               int k_splits, const GatedExpandOut* gated, at::Tensor& out,
               const at::Tensor& bucket_offsets, const at::Tensor& lora_tile_prefix,
@@ -623,10 +627,14 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const bool overlap = use_lora_overlap(d, lora_ws.lora_kernels, sm90_gemms);
   // The LoRA inside each base GEMM, or its expand kernels after it.
   const bool serial_lora = d.has_lora && sm90_gemms && lora_ws.lora_kernels && !overlap;
+  const bool lora_knobs = d.has_lora && !decode;
+  const int lora_in_knob[2] = {lora_knobs ? lora_in_gemm_knob(0) : -1, lora_knobs ? lora_in_gemm_knob(1) : -1};
   const bool lora_in_fc1 =
-      serial_lora && use_lora_in_gemm(expert_gemm_params(permuted, w13c, h, expert_offsets, d, 2 * I, H, 0), 0, lora13, d);
+      serial_lora && use_lora_in_gemm(expert_gemm_params(permuted, w13c, h, expert_offsets, d, 2 * I, H, 0),
+                                      lora_in_knob[0], lora13, d);
   const bool lora_in_fc2 =
-      serial_lora && use_lora_in_gemm(expert_gemm_params(h, w2c, permuted, expert_offsets, d, H, I, 1), 1, lora2, d);
+      serial_lora && use_lora_in_gemm(expert_gemm_params(h, w2c, permuted, expert_offsets, d, H, I, 1),
+                                      lora_in_knob[1], lora2, d);
   // fc1's GEMM with the activation in its epilogue (writes h; no gu, no activation stage): without LoRA, or with
   // fc1's LoRA inside it.
   const bool gated_fc1 = sm90_gemms && (!d.has_lora || lora_in_fc1) &&
