@@ -92,7 +92,7 @@ struct ExpertMainloop : Base {
 
   struct LoraKState {
     TmaT tma_t;
-    cute::TmaDescriptor b_desc;        // 3D: (R ranks, S slots, N rows) of one expert's adapters, box (R, 64/R, kBoxN)
+    cute::TmaDescriptor b_desc;        // 3D: (R ranks, S slots, N rows) of one expert's adapters, box (64, 1, kBoxN)
     const InternalElementA* t;
     const char* b;
     int64_t b_expert_bytes;
