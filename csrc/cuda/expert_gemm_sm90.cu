@@ -96,15 +96,21 @@ bool expert_gemm_sm90_lora_k_supported(const ExpertGemmParams& p) {
          l.t_cols == expert_gemm_lora_k_cols(l.S, l.R);
 }
 
+namespace {
+// p's gated output and LoRA, where it asks for them, are ones its tile has.
+bool variant_supported(const ExpertGemmParams& p) {
+  return (p.gated == GatedOutput::None || expert_gemm_sm90_gated_supported(p)) &&
+         (p.lora_k.t == nullptr || expert_gemm_sm90_lora_k_supported(p));
+}
+}  // namespace
+
 cudaError_t expert_gemm_sm90_tables(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
                                     ExpertGemmTables* tables) {
   if (!built_for_sm90()) return cudaErrorNotSupported;
   if (tables == nullptr || p.num_experts <= 0 || sm_count <= 0 || workspace == nullptr ||
       workspace_bytes < expert_gemm_sm90_workspace_bytes(p.num_experts, sm_count))
     return cudaErrorInvalidValue;
-  if ((p.gated != GatedOutput::None && !expert_gemm_sm90_gated_supported(p)) ||
-      (p.lora_k.t != nullptr && !expert_gemm_sm90_lora_k_supported(p)))
-    return cudaErrorInvalidValue;
+  if (!variant_supported(p)) return cudaErrorInvalidValue;
   const ExpertGemmConfig tile = pick_tile(p);
   *tables = p.dtype == DType::BF16 ? detail::expert_gemm_sm90_bf16_tables(tile, p, workspace)
                                    : detail::expert_gemm_sm90_fp16_tables(tile, p, workspace);
@@ -138,9 +144,7 @@ cudaError_t expert_gemm_sm90_prepare(const ExpertGemmParams* gemms, void* const*
 cudaError_t expert_gemm_sm90_run(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
                                  cudaStream_t stream) {
   if (!built_for_sm90()) return cudaErrorNotSupported;
-  if ((p.gated != GatedOutput::None && !expert_gemm_sm90_gated_supported(p)) ||
-      (p.lora_k.t != nullptr && !expert_gemm_sm90_lora_k_supported(p)))
-    return cudaErrorInvalidValue;
+  if (!variant_supported(p)) return cudaErrorInvalidValue;
   const ExpertGemmConfig tile = pick_tile(p);
   switch (p.dtype) {
     case DType::BF16:

@@ -22,7 +22,7 @@ enum class ExpertGemmConfig { Auto, SmallM, LargeM, LargeMPingpong, SwapAB32 };
 
 // fc1 with its gated activation fused into the GEMM (anything but None): W[e] holds the gate rows first and the up
 // rows after them (N = 2I), and D [rows, N/2] receives h[r, j] = act(gate[r, j]) * up[r, j] computed in fp32 from
-// the GEMM's accumulators and rounded once (expert_gemm_sm90_gated.cuh), so gu is never written. SiLU -> SwiGLU,
+// the GEMM's accumulators and rounded once (expert_gemm_sm90_gated_epilogue.cuh), so gu is never written. SiLU -> SwiGLU,
 // GELU (erf) -> GeGLU. Row-side tiles only: see expert_gemm_sm90_gated_supported.
 enum class GatedOutput { None, Silu, Gelu };
 

@@ -109,8 +109,7 @@ struct GatedActivationEpilogue {
         }
       }
     };
-    if (params_.kind == ActivationKind::Silu) store(std::integral_constant<ActivationKind, ActivationKind::Silu>{});
-    else store(std::integral_constant<ActivationKind, ActivationKind::Gelu>{});
+    with_activation(params_.kind, store);
   }
 
  private:

@@ -312,33 +312,34 @@ struct ExpertMainloop : Base {
     this->tensormaps_replace_global_address(shared_tensormaps, params, next_group);
     const uint32_t M = get<0>(problem_shape_mnkl), N = get<1>(problem_shape_mnkl);
     const uint32_t K = static_cast<uint32_t>(params.k_weight);
-    cute::array<uint32_t, 5> shape_a = {1, 1, 1, 1, 1}, shape_w = {1, 1, 1, 1, 1};
-    cute::array<uint64_t, 5> stride_a = {0, 0, 0, 0, 0}, stride_w = {0, 0, 0, 0, 0};
-    Tensor tensor_a = make_tensor(static_cast<InternalElementA const*>(nullptr), make_shape(M, K, Int<1>{}),
-                                  params.dA[next_group]);
-    Tensor tensor_w = make_tensor(static_cast<InternalElementB const*>(nullptr), make_shape(N, K, Int<1>{}),
-                                  params.dB[next_group]);
-    cute::detail::fill_tma_gmem_shape_stride(params.tma_load_a, tensor_a, shape_a, stride_a);
-    cute::detail::fill_tma_gmem_shape_stride(params.tma_w, tensor_w, shape_w, stride_w);
-    for (uint64_t& s : stride_a) s = s * sizeof_bits_v<InternalElementA> / 8;
-    for (uint64_t& s : stride_w) s = s * sizeof_bits_v<InternalElementB> / 8;
-    cute::tma_descriptor_replace_dims_strides_in_shared_mem(shared_tensormaps.smem_tensormap_A, shape_a, stride_a);
-    cute::tma_descriptor_replace_dims_strides_in_shared_mem(shared_tensormaps.smem_tensormap_B, shape_w, stride_w);
+    replace_dims_strides(shared_tensormaps.smem_tensormap_A, params.tma_load_a,
+                         make_tensor(static_cast<InternalElementA const*>(nullptr), make_shape(M, K, Int<1>{}),
+                                     params.dA[next_group]));
+    replace_dims_strides(shared_tensormaps.smem_tensormap_B, params.tma_w,
+                         make_tensor(static_cast<InternalElementB const*>(nullptr), make_shape(N, K, Int<1>{}),
+                                     params.dB[next_group]));
     if constexpr (kLoraK) {
       const auto& l = params.lora;
       cute::tma_descriptor_replace_addr_in_shared_mem(
           shared_tensormaps.smem_tensormap_T, l.t + static_cast<int64_t>(l.expert_offsets[next_group]) * l.t_cols);
-      cute::array<uint32_t, 5> shape_t = {1, 1, 1, 1, 1};
-      cute::array<uint64_t, 5> stride_t = {0, 0, 0, 0, 0};
-      Tensor tensor_t = make_tensor(static_cast<InternalElementA const*>(nullptr),
-                                    make_shape(M, static_cast<uint32_t>(l.t_cols), Int<1>{}),
-                                    InternalStrideA{static_cast<int64_t>(l.t_cols), Int<1>{}, Int<0>{}});
-      cute::detail::fill_tma_gmem_shape_stride(l.tma_t, tensor_t, shape_t, stride_t);
-      for (uint64_t& s : stride_t) s = s * sizeof_bits_v<InternalElementA> / 8;
-      cute::tma_descriptor_replace_dims_strides_in_shared_mem(shared_tensormaps.smem_tensormap_T, shape_t, stride_t);
+      replace_dims_strides(shared_tensormaps.smem_tensormap_T, l.tma_t,
+                           make_tensor(static_cast<InternalElementA const*>(nullptr),
+                                       make_shape(M, static_cast<uint32_t>(l.t_cols), Int<1>{}),
+                                       InternalStrideA{static_cast<int64_t>(l.t_cols), Int<1>{}, Int<0>{}}));
       cute::tma_descriptor_replace_addr_in_shared_mem(shared_tensormaps.smem_tensormap_BL,
                                                       l.b + static_cast<int64_t>(next_group) * l.b_expert_bytes);
     }
+  }
+
+  // A tensor map's dims and byte strides in shared memory, for `tensor` (a null-based tensor of the group's shape
+  // and strides) through `tma`'s mode mapping.
+  template <class Tma, class GTensor>
+  CUTLASS_DEVICE static void replace_dims_strides(cute::TmaDescriptor& smem_desc, Tma const& tma, GTensor const& tensor) {
+    cute::array<uint32_t, 5> shape = {1, 1, 1, 1, 1};
+    cute::array<uint64_t, 5> stride = {0, 0, 0, 0, 0};
+    cute::detail::fill_tma_gmem_shape_stride(tma, tensor, shape, stride);
+    for (uint64_t& s : stride) s = s * sizeof_bits_v<typename GTensor::value_type> / 8;
+    cute::tma_descriptor_replace_dims_strides_in_shared_mem(smem_desc, shape, stride);
   }
 
   template <class TensorMaps>

@@ -629,16 +629,17 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const bool serial_lora = d.has_lora && sm90_gemms && lora_ws.lora_kernels && !overlap;
   const bool lora_knobs = d.has_lora && !decode;
   const int lora_in_knob[2] = {lora_knobs ? lora_in_gemm_knob(0) : -1, lora_knobs ? lora_in_gemm_knob(1) : -1};
-  const bool lora_in_fc1 =
-      serial_lora && use_lora_in_gemm(expert_gemm_params(permuted, w13c, h, expert_offsets, d, 2 * I, H, 0),
-                                      lora_in_knob[0], lora13, d);
-  const bool lora_in_fc2 =
-      serial_lora && use_lora_in_gemm(expert_gemm_params(h, w2c, permuted, expert_offsets, d, H, I, 1),
-                                      lora_in_knob[1], lora2, d);
+  // The base GEMMs' parameters, but at decode (the GEMVs): fc1's output (gu or h) and variants are set below.
+  mc::ExpertGemmParams fc1_params{}, fc2_params{};
+  if (!decode) {
+    fc1_params = expert_gemm_params(permuted, w13c, h, expert_offsets, d, 2 * I, H, 0);
+    fc2_params = expert_gemm_params(h, w2c, permuted, expert_offsets, d, H, I, 1);
+  }
+  const bool lora_in_fc1 = serial_lora && use_lora_in_gemm(fc1_params, lora_in_knob[0], lora13, d);
+  const bool lora_in_fc2 = serial_lora && use_lora_in_gemm(fc2_params, lora_in_knob[1], lora2, d);
   // fc1's GEMM with the activation in its epilogue (writes h; no gu, no activation stage): without LoRA, or with
   // fc1's LoRA inside it.
-  const bool gated_fc1 = sm90_gemms && (!d.has_lora || lora_in_fc1) &&
-                         use_gated_fc1(expert_gemm_params(permuted, w13c, h, expert_offsets, d, 2 * I, H, 0));
+  const bool gated_fc1 = sm90_gemms && (!d.has_lora || lora_in_fc1) && use_gated_fc1(fc1_params);
   // The GEMV path and the gated GEMM write h directly.
   at::Tensor gu = at::empty({decode || gated_fc1 ? 0 : pairs, 2 * I}, x.options());
   // t of the LoRA inside the GEMMs, fc1's then fc2's (each dead once its GEMM has run).
@@ -708,10 +709,11 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   BaseGemms base;
   if (!decode) {
     base.sm90 = sm90_gemms;
-    base.fc1 = expert_gemm_params(permuted, w13c, gated_fc1 ? h : gu, expert_offsets, d, 2 * I, H, 0);
+    base.fc1 = fc1_params;
+    if (!gated_fc1) base.fc1.D = gu.data_ptr();
     if (gated_fc1) base.fc1.gated = act == mc::ActivationKind::Silu ? mc::GatedOutput::Silu : mc::GatedOutput::Gelu;
     if (lora_in_fc1) base.fc1.lora_k = lora_k_operands(lora13, lora_t.data_ptr(), d, 2 * I);
-    base.fc2 = expert_gemm_params(h, w2c, y, expert_offsets, d, H, I, 1);
+    base.fc2 = fc2_params;
     if (lora_in_fc2) base.fc2.lora_k = lora_k_operands(lora2, lora_t.data_ptr(), d, H);
     prepare_base_gemms(base, x.options(), sm_count, rp);
   }
