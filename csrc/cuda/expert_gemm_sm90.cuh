@@ -282,6 +282,7 @@ typename K::Gemm::Arguments make_arguments(const GroupTableLayout& l, char* ws, 
         lora.b = o.b; lora.b_expert_stride = o.b_expert_stride; lora.b_slot_stride = o.b_slot_stride;
         lora.S = o.S; lora.R = o.R; lora.N = p->N;
         lora.expert_offsets = p->expert_offsets;
+        lora.row_slot = o.row_slot;
       }
     }
   }

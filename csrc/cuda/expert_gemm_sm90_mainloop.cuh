@@ -43,6 +43,7 @@ struct LoraKArguments {
   int64_t b_expert_stride = 0, b_slot_stride = 0;  // elements
   int S = 0, R = 0, N = 0;
   const int* expert_offsets = nullptr;  // device [E + 1]: t's first row of each group
+  const int* row_slot = nullptr;     // device [rows]: each sorted row's slot (-1: none), for the tiles' slot ranges
   int k_weight = 0;                  // the weight's K (A's and W's columns)
 };
 
@@ -57,7 +58,6 @@ struct ExpertMainloop : Base {
   using typename Base::SmemLayoutB;
   using typename Base::MainloopPipeline;
   using typename Base::PipelineState;
-  using typename Base::TensorStorage;
 
   static_assert(Base::IsGroupedGemmKernel, "grouped GEMM only (per-group shapes on the device)");
   static_assert(is_same_v<typename Base::GmemTiledCopyB, SM90_TMA_LOAD>, "cluster 1x1: no multicast");
@@ -97,8 +97,10 @@ struct ExpertMainloop : Base {
     const char* b;
     int64_t b_expert_bytes;
     const int* expert_offsets;
+    const int* row_slot;
     int t_cols;
     int panels_per_slot;               // R / 64
+    int slots;                         // S
     int n_half;                        // gated: the up rows' first row (I)
   };
   struct NoLoraK {};
@@ -112,6 +114,15 @@ struct ExpertMainloop : Base {
     int k_tiles_weight;
     cute::conditional_t<kLoraK, LoraKState, NoLoraK> lora;
   };
+
+  // With the LoRA, each stage also carries whether its k tile is to be multiplied (the producer's flag, per stage
+  // and barrier phase: the producer writes the flag of a stage's next use before that use's barrier arrive, while
+  // the consumer may still read the one of its current use).
+  static constexpr int kStages = Base::DispatchPolicy::Stages;
+  struct LoraTensorStorage : Base::TensorStorage {
+    uint8_t k_tile_active[kStages][2];
+  };
+  using TensorStorage = cute::conditional_t<kLoraK, LoraTensorStorage, typename Base::TensorStorage>;
 
   struct LoraTensorMaps : Base::TensorMapStorage {
     cute::TmaDescriptor smem_tensormap_T;
@@ -145,9 +156,11 @@ struct ExpertMainloop : Base {
       p.lora.b = static_cast<const char*>(l.b);
       p.lora.b_expert_bytes = l.b_expert_stride * 2;
       p.lora.expert_offsets = l.expert_offsets;
+      p.lora.row_slot = l.row_slot;
       p.lora.t_cols = l.t_cols;
       p.lora.panels_per_slot = l.R / kPanelK;
       p.lora.n_half = l.N / 2;
+      p.lora.slots = l.S;
       encode_adapters_descriptor(l, &p.lora.b_desc);  // can_implement has checked that it encodes
     }
     return p;
@@ -174,7 +187,7 @@ struct ExpertMainloop : Base {
       const LoraKArguments& l = args.lora;
       const bool rank_ok = l.R == 64 || l.R == 128;  // whole 64-column panels per slot
       if (!(args.lora.k_weight > 0 && rank_ok && l.S > 0 && l.t != nullptr && l.b != nullptr &&
-            l.expert_offsets != nullptr && l.t_cols > 0 && l.t_cols % 128 == 0 && l.t_cols >= l.S * l.R &&
+            l.expert_offsets != nullptr && l.row_slot != nullptr && l.t_cols > 0 && l.t_cols % 128 == 0 && l.t_cols >= l.S * l.R &&
             (reinterpret_cast<uintptr_t>(l.t) | reinterpret_cast<uintptr_t>(l.b)) % 16 == 0 &&
             (l.b_expert_stride * 2) % 16 == 0 && (l.b_slot_stride * 2) % 16 == 0))
         return false;
@@ -236,23 +249,107 @@ struct ExpertMainloop : Base {
     Tensor tW1g = tma_w.partition_S(gW1);
     Tensor tW1s = tma_w.partition_D(sW1);
 
+    // With the LoRA: the slots of this tile's rows. Rows are sorted by slot within an expert (the routing's
+    // buckets, no adapter first), so they are [first row's slot, last row's slot]; a LoRA k tile none of whose
+    // panels holds one of them multiplies zeros of t, and the consumer skips it.
+    int slot_lo = 0, slot_hi = -1;
+    if constexpr (kLoraK) {
+      const int row0 = static_cast<int>(m_coord) * kTileM;
+      const int last = min(row0 + kTileM, group_rows_) - 1;
+      if (last >= row0) {
+        slot_lo = max(params.lora.row_slot[group_first_row_ + row0], 0);
+        slot_hi = params.lora.row_slot[group_first_row_ + last];
+      }
+    }
+
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count) {
+      const int kt = *k_tile_iter;
+      const bool weight_tile = !kLoraK || kt < params.k_tiles_weight;
+      bool active = true;
+      if constexpr (kLoraK) {
+        if (!weight_tile) {
+          const int q0 = (kt - params.k_tiles_weight) * kPanels;  // the tile's first 64-column panel
+          active = q0 / params.lora.panels_per_slot <= slot_hi &&
+                   (q0 + kPanels - 1) / params.lora.panels_per_slot >= slot_lo;
+        }
+        // Before the arrive (in producer_acquire), which releases it to the consumer's wait. The consumer's phase
+        // of this use is the producer's flipped.
+        shared_tensors.k_tile_active[smem_pipe_write.index()][smem_pipe_write.phase() ^ 1] = active;
+      }
       pipeline.producer_acquire(smem_pipe_write);
       auto* barrier = pipeline.producer_get_barrier(smem_pipe_write);
       const int stage = smem_pipe_write.index();
-      const int kt = *k_tile_iter;
-      if (!kLoraK || kt < params.k_tiles_weight) {
+      if (weight_tile) {
         copy(params.tma_load_a.with(get<0>(input_tensormaps), *barrier, 0), tAgA(_, _, _, kt), tAsA(_, _, _, stage));
         copy(params.tma_w.with(get<1>(input_tensormaps), *barrier, 0), tW0g(_, _, _, kt), tW0s(_, _, _, stage));
         if constexpr (kGated)
           copy(params.tma_w.with(get<1>(input_tensormaps), *barrier, 0), tW1g(_, _, _, kt), tW1s(_, _, _, stage));
       } else if constexpr (kLoraK) {
+        // A skipped tile still completes its stage's transaction: boxes past t's columns and past the slots, which
+        // the TMA zero-fills without reading memory.
         load_lora_tile(params, load_inputs, input_tensormaps, *barrier, m_coord, n_coord, l_coord,
-                       kt - params.k_tiles_weight, stage, shared_tensors);
+                       kt - params.k_tiles_weight, active, stage, shared_tensors);
       }
       ++k_tile_iter;
       ++smem_pipe_write;
+    }
+  }
+
+  // Consumer (with the LoRA): Base's wgmma loop, with the k tiles the producer marked inactive waited for and
+  // released but not multiplied. The first k tile is the weight's, so the accumulators' zeroing stays in it.
+  template <class FrgTensorC>
+  CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum, int k_tile_count,
+                          int thread_idx, TensorStorage& shared_tensors, Params const& params) {
+    if constexpr (!kLoraK) {
+      Base::mma(pipeline, smem_pipe_read, accum, k_tile_count, thread_idx, shared_tensors, params);
+    } else {
+      Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});      // (BLK_M,BLK_K,PIPE)
+      Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});      // (BLK_N,BLK_K,PIPE)
+      constexpr int kWarpGroups = size(typename Base::TiledMma{}) / cutlass::NumThreadsPerWarpGroup;
+      Layout warp_group_thread_layout = make_layout(Int<kWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
+      const int warp_group_idx = __shfl_sync(0xFFFFFFFF, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
+      typename Base::TiledMma tiled_mma;
+      auto thread_mma = tiled_mma.get_slice(warp_group_thread_layout(warp_group_idx));
+      Tensor tCrA = thread_mma.make_fragment_A(thread_mma.partition_A(sA));                  // (MMA,MMA_M,MMA_K,PIPE)
+      Tensor tCrB = thread_mma.make_fragment_B(thread_mma.partition_B(sB));                  // (MMA,MMA_N,MMA_K,PIPE)
+
+      PipelineState smem_pipe_release = smem_pipe_read;
+      tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+      warpgroup_fence_operand(accum);
+      if (k_tile_count > 0) {  // the first (weight) k tile: one k block at a time, zeroing with the first
+        pipeline.consumer_wait(smem_pipe_read, pipeline.consumer_try_wait(smem_pipe_read));
+        const int read_stage = smem_pipe_read.index();
+        warpgroup_arrive();
+        CUTLASS_PRAGMA_UNROLL
+        for (int k_block = 0; k_block < size<2>(tCrA); ++k_block) {
+          cute::gemm(tiled_mma, tCrA(_, _, k_block, read_stage), tCrB(_, _, k_block, read_stage), accum);
+          tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+        }
+        warpgroup_commit_batch();
+        ++smem_pipe_read;
+        --k_tile_count;
+      }
+      warpgroup_fence_operand(accum);
+      CUTLASS_PRAGMA_NO_UNROLL
+      for (; k_tile_count > 0; --k_tile_count) {
+        pipeline.consumer_wait(smem_pipe_read, pipeline.consumer_try_wait(smem_pipe_read));
+        const int read_stage = smem_pipe_read.index();
+        if (shared_tensors.k_tile_active[read_stage][smem_pipe_read.phase()]) {  // the same for the warpgroup
+          warpgroup_fence_operand(accum);
+          warpgroup_arrive();
+          cute::gemm(tiled_mma, tCrA(_, _, _, read_stage), tCrB(_, _, _, read_stage), accum);
+          warpgroup_commit_batch();
+          warpgroup_wait<1>();  // Base's K_PIPE_MMAS: the previous tile's wgmmas are done
+        } else {
+          warpgroup_wait<0>();  // nothing issued now: the previous tile's wgmmas must be done before its release
+        }
+        warpgroup_fence_operand(accum);
+        pipeline.consumer_release(smem_pipe_release);
+        ++smem_pipe_read;
+        ++smem_pipe_release;
+      }
+      warpgroup_fence_operand(accum);
     }
   }
 
@@ -261,11 +358,13 @@ struct ExpertMainloop : Base {
   template <class LoadInputs, class TensorMaps, class Barrier, class MCoord, class NCoord, class LCoord>
   CUTLASS_DEVICE void load_lora_tile(Params const& params, LoadInputs const& load_inputs,
                                      TensorMaps const& input_tensormaps, Barrier& barrier, MCoord m_coord,
-                                     NCoord n_coord, LCoord l_coord, int j, int stage, TensorStorage& shared_tensors) {
+                                     NCoord n_coord, LCoord l_coord, int j, bool active, int stage,
+                                     TensorStorage& shared_tensors) {
     Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});
     Tensor gT = get<4>(load_inputs)(_, _, m_coord, _, l_coord);
     auto tma_t = params.lora.tma_t.get_slice(0);
-    copy(params.lora.tma_t.with(get<2>(input_tensormaps), barrier, 0), tma_t.partition_S(gT)(_, _, _, j),
+    const int t_tile = active ? j : params.lora.t_cols / kTileK + j;  // inactive: past t's columns
+    copy(params.lora.tma_t.with(get<2>(input_tensormaps), barrier, 0), tma_t.partition_S(gT)(_, _, _, t_tile),
          tma_t.partition_D(sA)(_, _, _, stage));
     auto* b_desc = get<3>(input_tensormaps);
     auto* stage_b = shared_tensors.smem_B.data() + stage * (kTileN * kTileK);
@@ -273,7 +372,9 @@ struct ExpertMainloop : Base {
     CUTLASS_PRAGMA_UNROLL
     for (int p = 0; p < kPanels; ++p) {
       const int q = j * kPanels + p;
-      const int slot = q / params.lora.panels_per_slot, rank0 = q % params.lora.panels_per_slot * kPanelK;
+      // Inactive: slot index past every slot (the descriptor's S).
+      const int slot = active ? q / params.lora.panels_per_slot : params.lora.slots;
+      const int rank0 = q % params.lora.panels_per_slot * kPanelK;
       auto* panel = stage_b + p * (kTileN * kPanelK);
       SM90_TMA_LOAD_3D::copy(b_desc, reinterpret_cast<uint64_t*>(&barrier), kCacheHint, panel, rank0, slot, row0);
       if constexpr (kGated)
@@ -308,6 +409,10 @@ struct ExpertMainloop : Base {
   CUTLASS_DEVICE void tensormaps_perform_update(TensorMapStorage& shared_tensormaps, Params const& params,
                                                 TensorMaps const&, ProblemShape_MNKL problem_shape_mnkl,
                                                 int32_t next_group) {
+    if constexpr (kLoraK) {  // the group's rows, for load()'s tile slot ranges (every lane: load elects its own)
+      group_first_row_ = params.lora.expert_offsets[next_group];
+      group_rows_ = get<0>(problem_shape_mnkl);
+    }
     if (!cute::elect_one_sync()) return;
     this->tensormaps_replace_global_address(shared_tensormaps, params, next_group);
     const uint32_t M = get<0>(problem_shape_mnkl), N = get<1>(problem_shape_mnkl);
@@ -356,6 +461,11 @@ struct ExpertMainloop : Base {
       tma_descriptor_cp_fence_release(get<3>(input_tensormaps), shared_tensormaps.smem_tensormap_BL);
     }
   }
+
+  // The producer warp's current group (set by tensormaps_perform_update, which the kernel calls before the
+  // group's first load): its first row and row count.
+  int group_first_row_ = 0;
+  int group_rows_ = 0;
 
   template <class TensorMaps>
   CUTLASS_DEVICE void tensormaps_fence_acquire(TensorMaps const& input_tensormaps) {

@@ -712,9 +712,15 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     base.fc1 = fc1_params;
     if (!gated_fc1) base.fc1.D = gu.data_ptr();
     if (gated_fc1) base.fc1.gated = act == mc::ActivationKind::Silu ? mc::GatedOutput::Silu : mc::GatedOutput::Gelu;
-    if (lora_in_fc1) base.fc1.lora_k = lora_k_operands(lora13, lora_t.data_ptr(), d, 2 * I);
+    if (lora_in_fc1) {
+      base.fc1.lora_k = lora_k_operands(lora13, lora_t.data_ptr(), d, 2 * I);
+      base.fc1.lora_k.row_slot = row_slot.data_ptr<int>();
+    }
     base.fc2 = fc2_params;
-    if (lora_in_fc2) base.fc2.lora_k = lora_k_operands(lora2, lora_t.data_ptr(), d, H);
+    if (lora_in_fc2) {
+      base.fc2.lora_k = lora_k_operands(lora2, lora_t.data_ptr(), d, H);
+      base.fc2.lora_k.row_slot = row_slot.data_ptr<int>();
+    }
     prepare_base_gemms(base, x.options(), sm_count, rp);
   }
   C10_CUDA_CHECK(mc::launch_routing(rp, stream));
