@@ -156,12 +156,13 @@ struct ExpertGemmKernel {
       kGated, cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<GatedActivationEpilogue<Element>>,
       PlainEpilogue>;
 
-  // The LoRA's two extra tensor maps (2 x 128 B) are not in the builder's stage count.
+  // The LoRA's two extra tensor maps (2 x 128 B) and its stages' k-tile flags (one 128-byte aligned block) are not
+  // in the builder's stage count.
   using BuiltMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element, LayoutB*,
       kAlign, ElementAcc, typename Tile::TileShape, typename Tile::ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename CollectiveEpilogue::SharedStorage) + (kLoraK ? 256 : 0))>,
+          sizeof(typename CollectiveEpilogue::SharedStorage) + (kLoraK ? 384 : 0))>,
       typename Tile::KernelSchedule>::CollectiveOp;
   using CollectiveMainloop =
       cute::conditional_t<kCustomMainloop, ExpertMainloop<BuiltMainloop, kGated, kLoraK>, BuiltMainloop>;
@@ -169,6 +170,7 @@ struct ExpertGemmKernel {
   using Kernel =
       PdlWaitKernel<cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  static_assert(Kernel::SharedStorageSize <= 232448, "above the sm90 opt-in shared memory per block (227 KB)");
 
   using Shape3 = typename ProblemShape::UnderlyingProblemShape;
   using StrideA = typename Kernel::InternalStrideA;
