@@ -292,6 +292,7 @@ def test_lora_expand_with_fused_activation_bit_identical(shape, dtype, activatio
     T, H, I, E, k, S, R = shape
     args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=41)
     monkeypatch.setenv("MOELORA_LORA_OVERLAP", "0")  # the overlapped LoRA has no gated expand (its own test)
+    monkeypatch.setenv("MOELORA_LORA_IN_GEMM", "0")  # nor has the LoRA inside the GEMM (rank 32 at T=700 takes it)
     for rows in ["0", EVERY_SEGMENT, None]:
         set_lora_few_rows(monkeypatch, rows)
         monkeypatch.delenv("MOELORA_LORA_FUSED_ACT", raising=False)
@@ -553,6 +554,9 @@ LORA_K_SHAPES = [
     (300, 256, 192, 32, 4, 8, 64),   # skewed routing: empty experts, several row tiles, I past the last tile
     (200, 512, 200, 16, 2, 3, 64),   # S R = 192 of t's 256 columns: the adapters' slots past S read as zeros
     (160, 256, 128, 8, 4, 2, 128),   # rank 128: two 64-column panels per slot
+    (300, 256, 192, 32, 4, 8, 16),   # rank 16: 32-byte swizzled boxes, 4 (k tile 64) or 8 (128) slots per k tile
+    (250, 256, 128, 8, 4, 5, 16),    # rank 16, S R = 80 of t's 128 columns
+    (200, 512, 200, 16, 2, 3, 32),   # rank 32: 64-byte swizzled boxes; slot 3 past S reads as zeros
 ]
 
 
@@ -605,13 +609,14 @@ def test_lora_in_gemm(shape, tile, dtype, monkeypatch):
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 @pytest.mark.parametrize("flags", [(True, True, True, True), (False, True, False, True), (True, False, True, False)],
                          ids=lambda f: "".join("S" if x else "-" for x in f))
-def test_lora_in_gemm_shared_outer(flags, activation, monkeypatch):
+@pytest.mark.parametrize("rank", [16, 64])
+def test_lora_in_gemm_shared_outer(flags, activation, rank, monkeypatch):
     """Shared-outer adapters (stored once for every expert: the adapters' descriptor skips the expert offset) give
     the same bits as the same adapters replicated per expert, and both match the reference."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the LoRA inside the GEMM is the sm90 CUTLASS GEMM's")
     _lora_k_env(monkeypatch)
-    args = dict(make_case(257, 256, 128, 8, 4, 4, 64, seed=44, shared=flags), activation=activation)
+    args = dict(make_case(257, 256, 128, 8, 4, 4, rank, seed=44, shared=flags), activation=activation)
     out = check(args, torch.bfloat16)
     assert _lora_k_kernels(args)[1:] == (2, 2, False)
     assert torch.equal(out, moelora_ext.fused_moe(**replicate_shared(args, flags)))
@@ -619,8 +624,8 @@ def test_lora_in_gemm_shared_outer(flags, activation, monkeypatch):
 
 def test_lora_in_gemm_rule(monkeypatch):
     """By default the LoRA goes inside a GEMM whose K is at least 4x t's columns, per GEMM, for the LoRA after the
-    GEMMs when the experts average at most 512 rows; not beside them (few rows per expert), not at ranks below 64
-    (a panel of t holds one slot's ranks)."""
+    GEMMs (not beside them: few rows per expert), at ranks 16 / 32 and, where the experts average at most 512 rows,
+    64 / 128; not at other ranks."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the LoRA inside the GEMM is the sm90 CUTLASS GEMM's")
     for name in ("MOELORA_PORTABLE", "MOELORA_LORA_IN_GEMM", "MOELORA_LORA_OVERLAP", "MOELORA_GEMM_TILE"):
@@ -630,13 +635,52 @@ def test_lora_in_gemm_rule(monkeypatch):
         (make_case(512, 2048, 512, 8, 2, 4, 64, seed=6), (1, 1, True)),    # fc2 K 512 < 4 x 256: its expand
         (make_case(512, 512, 256, 8, 2, 4, 64, seed=6), (0, 0, True)),     # K too short for both
         (make_case(24, 2048, 1024, 8, 2, 4, 64, seed=6), (0, 0, True)),    # the LoRA beside the GEMMs
-        (make_case(512, 2048, 1024, 8, 2, 4, 16, seed=6), (0, 0, True)),   # rank 16
+        (make_case(512, 2048, 1024, 8, 2, 4, 16, seed=6), (2, 2, False)),  # rank 16: t_cols 128
+        (make_case(512, 2048, 1024, 8, 2, 4, 8, seed=6), (0, 0, True)),    # rank 8: no TMA box layout for it
         (make_case(1100, 2048, 1024, 2, 1, 4, 64, seed=6), (0, 0, True)),  # 550 rows per expert: MMA-bound GEMMs
+        (make_case(1100, 2048, 1024, 2, 1, 4, 16, seed=6), (2, 2, False)), # ... but rank 16 (t_cols 128)
     ]
     for args, expected in cases:
         out, *kernels = _lora_k_kernels(args)
         assert tuple(kernels) == expected, (args["hidden_states"].shape, args["w13_lora_a"].shape)
         assert rel_err(out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("tile", ["small", "large"])
+@pytest.mark.parametrize("rank", [16, 32, 64])
+@pytest.mark.parametrize("slots", ["one", "none", "clustered", "last_rows"])
+def test_lora_in_gemm_skipped_tiles(slots, rank, tile, monkeypatch):
+    """A tile of rows holds a range of slots (rows are sorted by slot within an expert): the GEMM reads the
+    adapters of only those slots and multiplies only the LoRA k tiles that hold one of them. Many rows per expert
+    and slots in blocks, so that tiles differ in their slots: every token in one slot; no token with an adapter
+    (every LoRA k tile skipped: the base call's bits); most tokens in slots 0-1 and a few in the last; the tokens
+    with an adapter all at the end of each expert's rows. Matches the reference and the expand kernels; rows
+    without an adapter equal the call without LoRA bit for bit."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the LoRA inside the GEMM is the sm90 CUTLASS GEMM's")
+    _lora_k_env(monkeypatch, tile)
+    T, S = 700, 8
+    args = make_case(T, 256, 192, 4, 2, S, rank, seed=rank + len(slots))
+    g = torch.Generator(device="cpu").manual_seed(7)
+    if slots == "one":
+        ids = torch.full((T,), S - 2, dtype=torch.int32)
+    elif slots == "none":
+        ids = torch.full((T,), -1, dtype=torch.int32)
+    elif slots == "clustered":
+        ids = torch.where(torch.rand(T, generator=g) < 0.9, torch.randint(0, 2, (T,), generator=g),
+                          torch.full((T,), S - 1)).to(torch.int32)
+        ids[torch.rand(T, generator=g) < 0.1] = -1
+    else:  # "last_rows": 1 in 16 tokens with an adapter (the last bucket of each expert)
+        ids = torch.where(torch.rand(T, generator=g) < 1 / 16, torch.full((T,), 3), torch.full((T,), -1)).to(torch.int32)
+    args["token_lora_ids"] = ids.cuda()
+    got = check(args, torch.bfloat16)
+    assert _lora_k_kernels(args)[1:] == (2, 2, False)
+    plain = args["token_lora_ids"] == -1
+    assert torch.equal(got[plain], moelora_ext.fused_moe(**_base_args(args))[plain])
+    monkeypatch.setenv("MOELORA_LORA_IN_GEMM", "0")
+    poison_allocator()
+    err = rel_err(got, moelora_ext.fused_moe(**args))
+    assert err < TOL[torch.bfloat16] / 2, f"LoRA in the GEMM vs the expand kernels: {err:.3e}"
 
 
 def test_lora_in_gemm_misaligned_adapters(monkeypatch):
@@ -656,13 +700,14 @@ def test_lora_in_gemm_misaligned_adapters(monkeypatch):
     assert rel_err(out, moelora_ext.fused_moe(**args)) < TOL[torch.bfloat16] / 2
 
 
-def test_lora_in_gemm_graph_replay(monkeypatch):
+@pytest.mark.parametrize("rank", [16, 64])
+def test_lora_in_gemm_graph_replay(rank, monkeypatch):
     """The LoRA inside the GEMMs under CUDA-graph capture: replays with new tokens, routing, slots and adapter
     weights written in place equal eager calls bit for bit and match the reference."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the LoRA inside the GEMM is the sm90 CUTLASS GEMM's")
     _lora_k_env(monkeypatch)
-    args = make_case(333, 256, 128, 16, 4, 8, 64, seed=8)
+    args = make_case(333, 256, 128, 16, 4, 8, rank, seed=8)
     graph, static_out = capture_graph(args)
     assert _lora_k_kernels(args)[1:] == (2, 2, False)
     for seed in range(9, 13):

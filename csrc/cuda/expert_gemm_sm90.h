@@ -37,7 +37,7 @@ struct LoraKOperands {
   const void* b = nullptr;            // the adapters' B: [S, E, N, R], or [S, N, R] shared by the experts
   int64_t b_expert_stride = 0;        // elements: N * R, or 0 when shared
   int64_t b_slot_stride = 0;          // elements: E * N * R, or N * R when shared
-  int S = 0, R = 0;                   // R in {64, 128}: whole 64-column k panels per slot
+  int S = 0, R = 0;                   // R in {16, 32, 64, 128}
   const int* row_slot = nullptr;      // device [rows]: each sorted row's slot (-1: none); a tile's LoRA k tiles of
                                       // slots none of its rows has are skipped
 };

@@ -12,12 +12,16 @@
 //      acc += t[rows, S R] @ Bcat[e]^T,  Bcat[e][n, s R + r] = B[s, e][n, r]
 //    with t a row's scale * (its shrink output) in its slot's R columns and zeros elsewhere (lora_k_operand.cu),
 //    so the accumulators hold x W^T + scale B (A x) before the epilogue: fc1's gated epilogue sees gate and up
-//    with their delta, fc2's plain epilogue stores y with it, and neither LoRA expand kernel runs. Each 64-column
-//    panel of a LoRA k tile is 64 ranks of one slot: one TMA box (64 ranks, 1 slot, rows) of B[s, e], whose
-//    128-byte rows land as the W tiles' do. So the rank is a multiple of 64: a box of fewer ranks (R = 16: 32-byte
-//    rows, 4 slots per panel) does not land as a slice of the 128-byte swizzled rows (measured in v24: wrong
-//    values, and a shared-memory write past the stage), and ranks below 64 keep the expand kernels. Slots past S
-//    read as zeros (TMA bounds), as do t's padding columns.
+//    with their delta, fc2's plain epilogue stores y with it, and neither LoRA expand kernel runs.
+//    - Ranks 64 / 128: each 64-column panel of a LoRA k tile is 64 ranks of one slot, one TMA box (64 ranks, 1 slot,
+//      rows) of B[s, e] whose 128-byte rows land as the W tiles' do, and the consumer reads it as a W tile.
+//    - Ranks 16 / 32: a box of R ranks has 32- / 64-byte rows, which do not land as a slice of the W tiles'
+//      128-byte swizzled rows (v24: wrong values). So B's stage of such a tile is laid out in the K-major layout of
+//      R-wide swizzle atoms (32- / 64-byte swizzle): slot after slot, each one box (R ranks, rows, 1 slot), and the
+//      consumer multiplies it through wgmma descriptors of that layout (t keeps A's layout).
+//    Slots past S read as zeros (TMA bounds), as do t's padding columns. Rows are sorted by slot within an expert,
+//    so a tile of rows holds a range of slots: the producer loads the adapters' boxes of the other slots out of
+//    bounds (zeros, no traffic), and a LoRA k tile with none of the tile's slots is not multiplied at all.
 //
 // Per group (expert) the producer writes into the CTA's tensor maps: A's and W's addresses and A's rows (Base's
 // job), and with kLoraK t's address (its first row: expert_offsets[e]) and rows, and the adapters' address for
@@ -77,6 +81,23 @@ struct ExpertMainloop : Base {
                     (kPanels == 1 || PlainLayoutB{}(0, kPanelK, 0) == kTileN * kPanelK),
                 "B stages: panel-major rows of 64 columns");
 
+  // B's stage of a LoRA k tile of rank 16 / 32: K-major atoms of R columns (32- / 64-byte swizzle), rows first, then
+  // slots (R columns each), then stages, so slot a of a tile sits at a kTileN R offset, row r of it at r R.
+  static constexpr int kStages = Base::DispatchPolicy::Stages;
+  template <int R>
+  using NarrowAtomB = cute::conditional_t<R == 16, GMMA::Layout_K_SW32_Atom<InternalElementB>,
+                                          GMMA::Layout_K_SW64_Atom<InternalElementB>>;
+  template <int R>
+  using SmemLayoutBNarrow = decltype(tile_to_shape(
+      NarrowAtomB<R>{}, make_shape(Int<kTileN>{}, Int<kTileK>{}, Int<kStages>{}), Step<_1, _2, _3>{}));
+  template <int R>
+  static constexpr bool narrow_layout_ok() {
+    using Plain = decltype(get_nonswizzle_portion(SmemLayoutBNarrow<R>{}));
+    return cosize(SmemLayoutBNarrow<R>{}) == cosize(SmemLayoutB{}) && Plain{}(1, 0, 0) == R &&
+           Plain{}(0, R, 0) == kTileN * R && Plain{}(0, 0, 1) == kTileN * kTileK;
+  }
+  static_assert(narrow_layout_ok<16>() && narrow_layout_ok<32>(), "narrow LoRA stages: slot-major rows of R columns");
+
   static constexpr uint64_t kCacheHint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);  // CuTe's default
 
   // One W box: (kBoxN, BLK_K) of Base's stage layout, and its TMA.
@@ -92,14 +113,14 @@ struct ExpertMainloop : Base {
 
   struct LoraKState {
     TmaT tma_t;
-    cute::TmaDescriptor b_desc;        // 3D: (R ranks, S slots, N rows) of one expert's adapters, box (64, 1, kBoxN)
+    cute::TmaDescriptor b_desc;        // one expert's adapters (encode_adapters_descriptor)
     const InternalElementA* t;
     const char* b;
     int64_t b_expert_bytes;
     const int* expert_offsets;
     const int* row_slot;
     int t_cols;
-    int panels_per_slot;               // R / 64
+    int rank;                          // R
     int slots;                         // S
     int n_half;                        // gated: the up rows' first row (I)
   };
@@ -118,7 +139,6 @@ struct ExpertMainloop : Base {
   // With the LoRA, each stage also carries whether its k tile is to be multiplied (the producer's flag, per stage
   // and barrier phase: the producer writes the flag of a stage's next use before that use's barrier arrive, while
   // the consumer may still read the one of its current use).
-  static constexpr int kStages = Base::DispatchPolicy::Stages;
   struct LoraTensorStorage : Base::TensorStorage {
     uint8_t k_tile_active[kStages][2];
   };
@@ -158,7 +178,7 @@ struct ExpertMainloop : Base {
       p.lora.expert_offsets = l.expert_offsets;
       p.lora.row_slot = l.row_slot;
       p.lora.t_cols = l.t_cols;
-      p.lora.panels_per_slot = l.R / kPanelK;
+      p.lora.rank = l.R;
       p.lora.n_half = l.N / 2;
       p.lora.slots = l.S;
       encode_adapters_descriptor(l, &p.lora.b_desc);  // can_implement has checked that it encodes
@@ -166,17 +186,25 @@ struct ExpertMainloop : Base {
     return p;
   }
 
-  // The adapters' descriptor for expert 0 (the producer moves its address per group). Dims innermost first: ranks,
-  // slots, rows, with the byte strides of slots and rows; box (64 ranks, 1 slot, kBoxN rows), 128-byte swizzle as
-  // the W tiles.
+  // The adapters' descriptor for expert 0 (the producer moves its address per group), dims innermost first.
+  //  * Ranks 64 / 128: (ranks, slots, rows) with the byte strides of slots and rows; box (64 ranks, 1 slot, kBoxN
+  //    rows), 128-byte swizzle as the W tiles.
+  //  * Ranks 16 / 32: (ranks, rows, slots); box (R ranks, kBoxN rows, 1 slot), 32- / 64-byte swizzle
+  //    (SmemLayoutBNarrow).
   static CUresult encode_adapters_descriptor(const LoraKArguments& l, cute::TmaDescriptor* desc) {
-    cuuint64_t dims[3] = {cuuint64_t(l.R), cuuint64_t(l.S), cuuint64_t(l.N)};
-    cuuint64_t strides[2] = {cuuint64_t(l.b_slot_stride) * 2, cuuint64_t(l.R) * 2};
-    cuuint32_t box[3] = {cuuint32_t(kPanelK), 1, cuuint32_t(kBoxN)};
+    const bool narrow = l.R < kPanelK;
+    const cuuint64_t slot_bytes = cuuint64_t(l.b_slot_stride) * 2, row_bytes = cuuint64_t(l.R) * 2;
+    cuuint64_t dims[3] = {cuuint64_t(l.R), cuuint64_t(narrow ? l.N : l.S), cuuint64_t(narrow ? l.S : l.N)};
+    cuuint64_t strides[2] = {narrow ? row_bytes : slot_bytes, narrow ? slot_bytes : row_bytes};
+    cuuint32_t box[3] = {cuuint32_t(narrow ? l.R : kPanelK), cuuint32_t(narrow ? kBoxN : 1),
+                         cuuint32_t(narrow ? 1 : kBoxN)};
     cuuint32_t elem_strides[3] = {1, 1, 1};
+    const CUtensorMapSwizzle swizzle = !narrow     ? CU_TENSOR_MAP_SWIZZLE_128B
+                                       : l.R == 16 ? CU_TENSOR_MAP_SWIZZLE_32B
+                                                   : CU_TENSOR_MAP_SWIZZLE_64B;
     return CUTLASS_CUDA_DRIVER_WRAPPER_CALL(cuTensorMapEncodeTiled)(
         desc, TMA::to_CUtensorMapDataType<InternalElementB>(), 3, const_cast<void*>(l.b), dims, strides, box,
-        elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+        elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   }
 
@@ -185,7 +213,7 @@ struct ExpertMainloop : Base {
       return args.lora.k_weight > 0;
     } else {
       const LoraKArguments& l = args.lora;
-      const bool rank_ok = l.R == 64 || l.R == 128;  // whole 64-column panels per slot
+      const bool rank_ok = l.R == 16 || l.R == 32 || l.R == 64 || l.R == 128;
       if (!(args.lora.k_weight > 0 && rank_ok && l.S > 0 && l.t != nullptr && l.b != nullptr &&
             l.expert_offsets != nullptr && l.row_slot != nullptr && l.t_cols > 0 && l.t_cols % 128 == 0 && l.t_cols >= l.S * l.R &&
             (reinterpret_cast<uintptr_t>(l.t) | reinterpret_cast<uintptr_t>(l.b)) % 16 == 0 &&
@@ -250,8 +278,8 @@ struct ExpertMainloop : Base {
     Tensor tW1s = tma_w.partition_D(sW1);
 
     // With the LoRA: the slots of this tile's rows. Rows are sorted by slot within an expert (the routing's
-    // buckets, no adapter first), so they are [first row's slot, last row's slot]; a LoRA k tile none of whose
-    // panels holds one of them multiplies zeros of t, and the consumer skips it.
+    // buckets, no adapter first), so they are [first row's slot, last row's slot]; a LoRA k tile holding none of
+    // them multiplies zeros of t, and the consumer skips it.
     int slot_lo = 0, slot_hi = -1;
     if constexpr (kLoraK) {
       const int row0 = static_cast<int>(m_coord) * kTileM;
@@ -268,10 +296,9 @@ struct ExpertMainloop : Base {
       const bool weight_tile = !kLoraK || kt < params.k_tiles_weight;
       bool active = true;
       if constexpr (kLoraK) {
-        if (!weight_tile) {
-          const int q0 = (kt - params.k_tiles_weight) * kPanels;  // the tile's first 64-column panel
-          active = q0 / params.lora.panels_per_slot <= slot_hi &&
-                   (q0 + kPanels - 1) / params.lora.panels_per_slot >= slot_lo;
+        if (!weight_tile) {  // the tile's columns [c0, c0 + kTileK) of t are slots [c0 / R, (c0 + kTileK - 1) / R]
+          const int c0 = (kt - params.k_tiles_weight) * kTileK;
+          active = c0 / params.lora.rank <= slot_hi && (c0 + kTileK - 1) / params.lora.rank >= slot_lo;
         }
         // Before the arrive (in producer_acquire), which releases it to the consumer's wait. The consumer's phase
         // of this use is the producer's flipped.
@@ -289,7 +316,7 @@ struct ExpertMainloop : Base {
         // A skipped tile still completes its stage's transaction: boxes past t's columns and past the slots, which
         // the TMA zero-fills without reading memory.
         load_lora_tile(params, load_inputs, input_tensormaps, *barrier, m_coord, n_coord, l_coord,
-                       kt - params.k_tiles_weight, active, stage, shared_tensors);
+                       kt - params.k_tiles_weight, active, slot_lo, slot_hi, stage, shared_tensors);
       }
       ++k_tile_iter;
       ++smem_pipe_write;
@@ -297,7 +324,8 @@ struct ExpertMainloop : Base {
   }
 
   // Consumer (with the LoRA): Base's wgmma loop, with the k tiles the producer marked inactive waited for and
-  // released but not multiplied. The first k tile is the weight's, so the accumulators' zeroing stays in it.
+  // released but not multiplied, and the LoRA k tiles of ranks 16 / 32 read through descriptors of their B layout
+  // (SmemLayoutBNarrow). The first k tile is the weight's, so the accumulators' zeroing stays in it.
   template <class FrgTensorC>
   CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum, int k_tile_count,
                           int thread_idx, TensorStorage& shared_tensors, Params const& params) {
@@ -313,6 +341,13 @@ struct ExpertMainloop : Base {
       auto thread_mma = tiled_mma.get_slice(warp_group_thread_layout(warp_group_idx));
       Tensor tCrA = thread_mma.make_fragment_A(thread_mma.partition_A(sA));                  // (MMA,MMA_M,MMA_K,PIPE)
       Tensor tCrB = thread_mma.make_fragment_B(thread_mma.partition_B(sB));                  // (MMA,MMA_N,MMA_K,PIPE)
+      Tensor sB16 = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutBNarrow<16>{});
+      Tensor sB32 = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutBNarrow<32>{});
+      Tensor tCrB16 = thread_mma.make_fragment_B(thread_mma.partition_B(sB16));
+      Tensor tCrB32 = thread_mma.make_fragment_B(thread_mma.partition_B(sB32));
+      // The k tiles multiplied through tCrB16 / tCrB32: the LoRA's of ranks 16 / 32, past the weight's.
+      const int narrow_from = params.lora.rank < kPanelK ? params.k_tiles_weight : k_tile_count;
+      int k_tile = 0;
 
       PipelineState smem_pipe_release = smem_pipe_read;
       tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
@@ -329,6 +364,7 @@ struct ExpertMainloop : Base {
         warpgroup_commit_batch();
         ++smem_pipe_read;
         --k_tile_count;
+        ++k_tile;
       }
       warpgroup_fence_operand(accum);
       CUTLASS_PRAGMA_NO_UNROLL
@@ -338,7 +374,12 @@ struct ExpertMainloop : Base {
         if (shared_tensors.k_tile_active[read_stage][smem_pipe_read.phase()]) {  // the same for the warpgroup
           warpgroup_fence_operand(accum);
           warpgroup_arrive();
-          cute::gemm(tiled_mma, tCrA(_, _, _, read_stage), tCrB(_, _, _, read_stage), accum);
+          if (k_tile < narrow_from)
+            cute::gemm(tiled_mma, tCrA(_, _, _, read_stage), tCrB(_, _, _, read_stage), accum);
+          else if (params.lora.rank == 16)
+            cute::gemm(tiled_mma, tCrA(_, _, _, read_stage), tCrB16(_, _, _, read_stage), accum);
+          else
+            cute::gemm(tiled_mma, tCrA(_, _, _, read_stage), tCrB32(_, _, _, read_stage), accum);
           warpgroup_commit_batch();
           warpgroup_wait<1>();  // Base's K_PIPE_MMAS: the previous tile's wgmmas are done
         } else {
@@ -348,18 +389,21 @@ struct ExpertMainloop : Base {
         pipeline.consumer_release(smem_pipe_release);
         ++smem_pipe_read;
         ++smem_pipe_release;
+        ++k_tile;
       }
       warpgroup_fence_operand(accum);
     }
   }
 
-  // LoRA k tile j: t's box (A's place in the stage) and the adapters' boxes (W's place): 64-column panel q = j kPanels
-  // + p is ranks [64 (q % (R / 64)), +64) of slot q / (R / 64), for the box's rows (gate and up halves when gated).
+  // LoRA k tile j: t's box (A's place in the stage) and the adapters' boxes (W's place), for the box's rows (gate
+  // and up halves when gated). Ranks 64 / 128: 64-column panel q = j kPanels + p is ranks [64 (q % (R / 64)), +64)
+  // of slot q / (R / 64). Ranks 16 / 32: slot j kTileK / R + a at a kTileN R (SmemLayoutBNarrow). The boxes of
+  // slots outside the tile's rows' [slot_lo, slot_hi] are read at slot S (zeros: those columns of t are zero).
   template <class LoadInputs, class TensorMaps, class Barrier, class MCoord, class NCoord, class LCoord>
   CUTLASS_DEVICE void load_lora_tile(Params const& params, LoadInputs const& load_inputs,
                                      TensorMaps const& input_tensormaps, Barrier& barrier, MCoord m_coord,
-                                     NCoord n_coord, LCoord l_coord, int j, bool active, int stage,
-                                     TensorStorage& shared_tensors) {
+                                     NCoord n_coord, LCoord l_coord, int j, bool active, int slot_lo, int slot_hi,
+                                     int stage, TensorStorage& shared_tensors) {
     Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});
     Tensor gT = get<4>(load_inputs)(_, _, m_coord, _, l_coord);
     auto tma_t = params.lora.tma_t.get_slice(0);
@@ -369,17 +413,30 @@ struct ExpertMainloop : Base {
     auto* b_desc = get<3>(input_tensormaps);
     auto* stage_b = shared_tensors.smem_B.data() + stage * (kTileN * kTileK);
     const int row0 = static_cast<int>(n_coord) * kBoxN;
+    const int R = params.lora.rank;
+    auto* bar = reinterpret_cast<uint64_t*>(&barrier);
+    auto read_slot = [&](int slot) { return slot >= slot_lo && slot <= slot_hi ? slot : params.lora.slots; };
+    if (R < kPanelK) {
+      const int slots_per_tile = kTileK / R;
+      for (int a = 0; a < slots_per_tile; ++a) {
+        const int slot = read_slot(j * slots_per_tile + a);
+        auto* box = stage_b + a * (kTileN * R);
+        SM90_TMA_LOAD_3D::copy(b_desc, bar, kCacheHint, box, 0, row0, slot);
+        if constexpr (kGated)
+          SM90_TMA_LOAD_3D::copy(b_desc, bar, kCacheHint, box + kBoxN * R, 0, row0 + params.lora.n_half, slot);
+      }
+      return;
+    }
+    const int panels_per_slot = R / kPanelK;
     CUTLASS_PRAGMA_UNROLL
     for (int p = 0; p < kPanels; ++p) {
       const int q = j * kPanels + p;
-      // Inactive: slot index past every slot (the descriptor's S).
-      const int slot = active ? q / params.lora.panels_per_slot : params.lora.slots;
-      const int rank0 = q % params.lora.panels_per_slot * kPanelK;
+      const int slot = read_slot(q / panels_per_slot), rank0 = q % panels_per_slot * kPanelK;
       auto* panel = stage_b + p * (kTileN * kPanelK);
-      SM90_TMA_LOAD_3D::copy(b_desc, reinterpret_cast<uint64_t*>(&barrier), kCacheHint, panel, rank0, slot, row0);
+      SM90_TMA_LOAD_3D::copy(b_desc, bar, kCacheHint, panel, rank0, slot, row0);
       if constexpr (kGated)
-        SM90_TMA_LOAD_3D::copy(b_desc, reinterpret_cast<uint64_t*>(&barrier), kCacheHint, panel + kBoxN * kPanelK,
-                               rank0, slot, row0 + params.lora.n_half);
+        SM90_TMA_LOAD_3D::copy(b_desc, bar, kCacheHint, panel + kBoxN * kPanelK, rank0, slot,
+                               row0 + params.lora.n_half);
     }
   }
 
