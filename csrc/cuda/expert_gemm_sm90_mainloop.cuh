@@ -345,9 +345,6 @@ struct ExpertMainloop : Base {
       Tensor sB32 = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutBNarrow<32>{});
       Tensor tCrB16 = thread_mma.make_fragment_B(thread_mma.partition_B(sB16));
       Tensor tCrB32 = thread_mma.make_fragment_B(thread_mma.partition_B(sB32));
-      // The k tiles multiplied through tCrB16 / tCrB32: the LoRA's of ranks 16 / 32, past the weight's.
-      const int narrow_from = params.lora.rank < kPanelK ? params.k_tiles_weight : k_tile_count;
-      int k_tile = 0;
 
       PipelineState smem_pipe_release = smem_pipe_read;
       tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
@@ -364,32 +361,39 @@ struct ExpertMainloop : Base {
         warpgroup_commit_batch();
         ++smem_pipe_read;
         --k_tile_count;
-        ++k_tile;
       }
       warpgroup_fence_operand(accum);
-      CUTLASS_PRAGMA_NO_UNROLL
-      for (; k_tile_count > 0; --k_tile_count) {
-        pipeline.consumer_wait(smem_pipe_read, pipeline.consumer_try_wait(smem_pipe_read));
-        const int read_stage = smem_pipe_read.index();
-        if (shared_tensors.k_tile_active[read_stage][smem_pipe_read.phase()]) {  // the same for the warpgroup
+      // `count` k tiles through B fragments `frag_b`. One loop per B layout: a layout chosen per k tile inside the
+      // loop makes the compiler serialize the wgmmas (ptxas C7519, "warpgroup.arrive is injected").
+      auto k_tiles = [&](auto const& frag_b, int count) {
+        CUTLASS_PRAGMA_NO_UNROLL
+        for (; count > 0; --count) {
+          pipeline.consumer_wait(smem_pipe_read, pipeline.consumer_try_wait(smem_pipe_read));
+          const int read_stage = smem_pipe_read.index();
+          if (shared_tensors.k_tile_active[read_stage][smem_pipe_read.phase()]) {  // the same for the warpgroup
+            warpgroup_fence_operand(accum);
+            warpgroup_arrive();
+            cute::gemm(tiled_mma, tCrA(_, _, _, read_stage), frag_b(_, _, _, read_stage), accum);
+            warpgroup_commit_batch();
+            warpgroup_wait<1>();  // Base's K_PIPE_MMAS: the previous tile's wgmmas are done
+          } else {
+            warpgroup_wait<0>();  // nothing issued now: the previous tile's wgmmas must be done before its release
+          }
           warpgroup_fence_operand(accum);
-          warpgroup_arrive();
-          if (k_tile < narrow_from)
-            cute::gemm(tiled_mma, tCrA(_, _, _, read_stage), tCrB(_, _, _, read_stage), accum);
-          else if (params.lora.rank == 16)
-            cute::gemm(tiled_mma, tCrA(_, _, _, read_stage), tCrB16(_, _, _, read_stage), accum);
-          else
-            cute::gemm(tiled_mma, tCrA(_, _, _, read_stage), tCrB32(_, _, _, read_stage), accum);
-          warpgroup_commit_batch();
-          warpgroup_wait<1>();  // Base's K_PIPE_MMAS: the previous tile's wgmmas are done
-        } else {
-          warpgroup_wait<0>();  // nothing issued now: the previous tile's wgmmas must be done before its release
+          pipeline.consumer_release(smem_pipe_release);
+          ++smem_pipe_read;
+          ++smem_pipe_release;
         }
-        warpgroup_fence_operand(accum);
-        pipeline.consumer_release(smem_pipe_release);
-        ++smem_pipe_read;
-        ++smem_pipe_release;
-        ++k_tile;
+      };
+      if (params.lora.rank >= kPanelK) {
+        k_tiles(tCrB, k_tile_count);
+      } else {  // the weight's k tiles, then the LoRA's of ranks 16 / 32 through their layout
+        const int weight_left = max(min(k_tile_count, params.k_tiles_weight - 1), 0);
+        k_tiles(tCrB, weight_left);
+        if (params.lora.rank == 16)
+          k_tiles(tCrB16, k_tile_count - weight_left);
+        else
+          k_tiles(tCrB32, k_tile_count - weight_left);
       }
       warpgroup_fence_operand(accum);
     }

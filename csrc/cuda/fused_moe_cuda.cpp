@@ -222,9 +222,9 @@ bool use_gated_fc1(const mc::ExpertGemmParams& fc1) {
 // delta reaches its gated epilogue and fc2's y gets no read-modify-write. t holds every slot's columns (S R, zero
 // but in the row's slot); a tile of rows multiplies only the LoRA k tiles that hold one of its rows' slots (rows
 // are sorted by slot), so the GEMM does up to S times the LoRA's own MMA work where a tile holds many slots. Per
-// GEMM, for the LoRA that runs after the base GEMMs (not beside them), where t's columns are at most a quarter of
-// the weight's K, and at ranks 64 / 128 where the experts average at most 512 rows. Measured on the H100 (8 slots,
-// graph replays, expand kernels -> in the GEMM, NOTES.md v24-v25):
+// GEMM, for the LoRA that runs after the base GEMMs (not beside them), where t's columns are at most the weight's
+// K, and at ranks 64 / 128 where the experts average at most 512 rows. Measured on the H100 (8 slots, graph
+// replays, expand kernels -> in the GEMM, NOTES.md v24-v25):
 // - rank 64: qwen3 T=1024 / 4096 904 -> 873 / 1359 -> 1252 µs, gpt-oss 982 -> 976 / 2115 -> 2034; mixtral T=4096
 //   (1024 rows per expert) 5099 -> 5450 (its base spread 4581-4854 in the same run);
 // - rank 16: qwen3 T=1024 / 4096 / 16384 680 -> 647 / 1128 -> 1014 / 3485 -> 3152, gpt-oss T=256 / 4096 / 16384
@@ -258,7 +258,7 @@ bool use_lora_in_gemm(mc::ExpertGemmParams g, int knob, const LoraSide& side, co
   // The adapters' B is read by TMA: a view that does not start on 16 bytes keeps the expand kernels.
   if (!mc::expert_gemm_sm90_lora_k_supported(g) || reinterpret_cast<uintptr_t>(g.lora_k.b) % 16 != 0) return false;
   if (knob >= 0) return knob == 1;
-  return 4 * g.lora_k.t_cols <= g.K && (d.R < 64 || d.T * d.k <= int64_t{512} * d.E);
+  return g.lora_k.t_cols <= g.K && (d.R < 64 || d.T * d.k <= int64_t{512} * d.E);
 }
 
 // fc1's LoRA shrink reads each sorted row's token from the hidden states (T rows, k times fewer bytes, which the
