@@ -143,6 +143,7 @@ def test_matches_reference(shape, dtype, gemm_path):
 def test_lora_kernels_agree_with_segment_gemm(shape, monkeypatch):
     """lora_gemm.cu (split-K shrink, N-range expand) against the older segment-GEMM LoRA path
     (MOELORA_LORA_SEGMENT_GEMM=1): both match the reference, and each other to bf16 rounding."""
+    monkeypatch.setenv("MOELORA_LORA_IN_GEMM", "0")  # the LoRA kernels' own paths, not the LoRA in the GEMM
     T, H, I, E, k, S, R = shape
     args = make_case(T, H, I, E, k, S, R, seed=11)
     monkeypatch.delenv("MOELORA_LORA_SEGMENT_GEMM", raising=False)
@@ -189,6 +190,7 @@ def test_lora_row_paths_agree(shape, dtype, monkeypatch):
     few-rows path on swapped-operand mma.sync (=EVERY_SEGMENT: every tile, so row groups of 8, ranks 5..128,
     split-K and long N all go through it), and the default mix of both (skewed routing gives segments of 1 to
     64+ rows; the path is chosen per segment). Each matches the reference; the three agree to the rounding of the LoRA intermediate."""
+    monkeypatch.setenv("MOELORA_LORA_IN_GEMM", "0")  # the LoRA kernels' own paths, not the LoRA in the GEMM
     T, H, I, E, k, S, R = shape
     args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=21)
     outs = {}
@@ -207,6 +209,7 @@ def test_lora_tiles_kernel_bits(shape, dtype, monkeypatch):
     kernels (6-8 shrink CTAs of 4 warps per SM; expand CTAs of 8 warps): the same products in the
     same order as the 4-warp kernels' 64-row path (MOELORA_LORA_TILES_KERNEL=0), so the same bits, and the
     reference's values (poisoned outputs, unaligned rank 5, partial K steps and h chunks included)."""
+    monkeypatch.setenv("MOELORA_LORA_IN_GEMM", "0")  # the LoRA kernels' own paths, not the LoRA in the GEMM
     T, H, I, E, k, S, R = shape
     args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=31)
     monkeypatch.setenv("MOELORA_LORA_FEW_ROWS", "0")
@@ -225,6 +228,7 @@ def test_lora_tiles_kernel_rule(T, R, monkeypatch):
     1024 rows over 8 experts x 4 adapters), ranks up to 64 run both LoRA kernels as the tiles-only kernels; from 8
     rows (T = 200: 12.5) the expands alone; below that (T = 100: 6.25) and at rank 128 the default kernels run.
     Either way the output matches the reference."""
+    monkeypatch.setenv("MOELORA_LORA_IN_GEMM", "0")  # the LoRA kernels' own paths, not the LoRA in the GEMM
     for name in ["MOELORA_LORA_FEW_ROWS", "MOELORA_LORA_EXPAND_FEW_ROWS", "MOELORA_LORA_TILES_KERNEL",
                  "MOELORA_LORA_SEGMENT_GEMM", "MOELORA_LORA_OVERLAP", "MOELORA_DECODE_GEMV"]:
         monkeypatch.delenv(name, raising=False)
@@ -245,6 +249,7 @@ def test_lora_shrink_and_expand_paths_chosen_apart(shape, monkeypatch):
     """The expand's own threshold (MOELORA_LORA_EXPAND_FEW_ROWS; by default 2 x 16 when segments average
     <= 16 rows): the shrink on one m-tile path and the expand on the other -- the expand reads the
     partials either shrink path writes -- matches the reference and the all-64-row-tiles result."""
+    monkeypatch.setenv("MOELORA_LORA_IN_GEMM", "0")  # the LoRA kernels' own paths, not the LoRA in the GEMM
     T, H, I, E, k, S, R = shape
     dtype = torch.bfloat16
     args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=23)
@@ -262,6 +267,7 @@ def test_lora_shrink_and_expand_paths_chosen_apart(shape, monkeypatch):
 def test_lora_shrink_split_count(waves, monkeypatch):
     """The shrink's split-K count (MOELORA_LORA_SHRINK_WAVES: fewer or more K-chunks than the default) changes
     only the summation order of the partials: the result matches the reference and the default's."""
+    monkeypatch.setenv("MOELORA_LORA_IN_GEMM", "0")  # the LoRA kernels' own paths, not the LoRA in the GEMM
     T, H, I, E, k, S, R = 2048, 2048, 512, 8, 2, 4, 16  # fc1 on an H100: 6 / 11 / 16 K-chunks for 1 / 2 / 6 waves
     dtype = torch.bfloat16
     args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=29)
@@ -311,6 +317,7 @@ def test_lora_token_rows_shrink_bit_identical(shape, dtype, monkeypatch):
     only when the gathered copy exceeds half the L2) gives the same bits as reading the gathered copy (=0), on
     both m-tile paths (few rows: =EVERY_SEGMENT, 64-row tiles: =0, and the default mix), and matches the
     reference."""
+    monkeypatch.setenv("MOELORA_LORA_IN_GEMM", "0")  # the LoRA kernels' own paths, not the LoRA in the GEMM
     T, H, I, E, k, S, R = shape
     args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=43)
     monkeypatch.setenv("MOELORA_LORA_OVERLAP", "0")  # the serial LoRA path (the overlapped one: its own test)
@@ -518,7 +525,10 @@ def test_gated_fc1_rule(monkeypatch):
     monkeypatch.delenv("MOELORA_LORA_IN_GEMM", raising=False)
     many = make_case(512, 256, 128, 8, 2, 4, 16, seed=3)    # 128 rows per expert: a row-side tile
     few = make_case(24, 256, 128, 8, 2, seed=3)             # 6 rows per expert: the swapped tile
-    for args, gated in [(_base_args(many), True), (many, False), (few, False)]:
+    # With adapters: gated where fc1's LoRA is in the GEMM (by default here: t's 128 columns <= K = 256), not with
+    # the expand kernels (MOELORA_LORA_IN_GEMM=0).
+    for args, in_gemm, gated in [(_base_args(many), "", True), (many, "", True), (many, "0", False), (few, "", False)]:
+        monkeypatch.setenv("MOELORA_LORA_IN_GEMM", in_gemm)
         out, names = launched_kernels(args)
         assert any("GatedActivationEpilogue" in n for n in names) == gated, names
         assert any("gated_activation" in n for n in names) != gated, names
@@ -938,9 +948,12 @@ def test_shared_outer_bit_identical(flags, gemm_path):
 
 
 @pytest.mark.parametrize("T", [2, 100])  # decode (routing gathers the rows) / grouped GEMM
-def test_misaligned_views(T, gemm_path):
+def test_misaligned_views(T, gemm_path, monkeypatch):
     """Inputs that are contiguous views starting one element into their storage (not 16-byte aligned) give
-    the same bits as aligned copies of them: the op copies what its 16-byte paths cannot read in place."""
+    the same bits as aligned copies of them: the op copies what its 16-byte paths cannot read in place. (The
+    LoRA in the GEMM reads the adapters' B by TMA and leaves misaligned ones to the expand kernels, a path of
+    other bits: test_lora_in_gemm_misaligned_adapters; here the expand kernels run for both.)"""
+    monkeypatch.setenv("MOELORA_LORA_IN_GEMM", "0")
     args = make_case(T, 256, 128, 8, 2, 4, 16, seed=80)
     shifted = dict(args)
     for name in ["hidden_states", "w13", "w2", "w13_lora_a", "w13_lora_b", "w2_lora_a", "w2_lora_b"]:
