@@ -231,9 +231,12 @@ bool use_gated_fc1(const mc::ExpertGemmParams& fc1) {
 //   692 -> 669 / 1900 -> 1763 / 6487 -> 6246, mixtral T=256 1175 -> 1149, T=1024-16384 within +-16 µs.
 // MOELORA_LORA_IN_GEMM=0 keeps the expand kernels (to compare), =1 takes it wherever the kernels support it,
 // <fc1>/<fc2> per GEMM (e.g. 1/0).
-mc::LoraKOperands lora_k_operands(const LoraSide& side, const void* t, const FusedMoeDims& d, int N) {
+// `t` and `row_slot` nullptr: the operands' shapes only, for the rule.
+mc::LoraKOperands lora_k_operands(const LoraSide& side, const void* t, const int* row_slot, const FusedMoeDims& d,
+                                  int N) {
   mc::LoraKOperands o{};
   o.t = t;
+  o.row_slot = row_slot;
   o.S = static_cast<int>(d.S);
   o.R = static_cast<int>(d.R);
   o.t_cols = mc::expert_gemm_lora_k_cols(o.S, o.R);
@@ -254,7 +257,7 @@ int lora_in_gemm_knob(int which) {
   return part.empty() ? -1 : part == "1";
 }
 bool use_lora_in_gemm(mc::ExpertGemmParams g, int knob, const LoraSide& side, const FusedMoeDims& d) {
-  g.lora_k = lora_k_operands(side, nullptr, d, g.N);
+  g.lora_k = lora_k_operands(side, nullptr, nullptr, d, g.N);
   // The adapters' B is read by TMA: a view that does not start on 16 bytes keeps the expand kernels.
   if (!mc::expert_gemm_sm90_lora_k_supported(g) || reinterpret_cast<uintptr_t>(g.lora_k.b) % 16 != 0) return false;
   if (knob >= 0) return knob == 1;
@@ -716,15 +719,9 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     base.fc1 = fc1_params;
     if (!gated_fc1) base.fc1.D = gu.data_ptr();
     if (gated_fc1) base.fc1.gated = act == mc::ActivationKind::Silu ? mc::GatedOutput::Silu : mc::GatedOutput::Gelu;
-    if (lora_in_fc1) {
-      base.fc1.lora_k = lora_k_operands(lora13, lora_t.data_ptr(), d, 2 * I);
-      base.fc1.lora_k.row_slot = row_slot.data_ptr<int>();
-    }
+    if (lora_in_fc1) base.fc1.lora_k = lora_k_operands(lora13, lora_t.data_ptr(), row_slot.data_ptr<int>(), d, 2 * I);
     base.fc2 = fc2_params;
-    if (lora_in_fc2) {
-      base.fc2.lora_k = lora_k_operands(lora2, lora_t.data_ptr(), d, H);
-      base.fc2.lora_k.row_slot = row_slot.data_ptr<int>();
-    }
+    if (lora_in_fc2) base.fc2.lora_k = lora_k_operands(lora2, lora_t.data_ptr(), row_slot.data_ptr<int>(), d, H);
     prepare_base_gemms(base, x.options(), sm_count, rp);
   }
   C10_CUDA_CHECK(mc::launch_routing(rp, stream));
