@@ -584,6 +584,10 @@ def _lora_k_env(monkeypatch, tile=None):
     monkeypatch.delenv("MOELORA_GATED_FC1", raising=False)
     monkeypatch.setenv("MOELORA_LORA_IN_GEMM", "1")
     monkeypatch.setenv("MOELORA_LORA_OVERLAP", "0")
+    # t from lora_k_operand.cu, counted by name, at the rule's split counts; the one-split shrink writing t itself
+    # (the default where the rule gives one split) has its own tests (_shrink_t_env).
+    monkeypatch.setenv("MOELORA_LORA_SHRINK_T", "0")
+    monkeypatch.delenv("MOELORA_LORA_SHRINK_SPLITS", raising=False)
     if tile is None:
         monkeypatch.delenv("MOELORA_GEMM_TILE", raising=False)
     else:
@@ -638,8 +642,10 @@ def test_lora_in_gemm_rule(monkeypatch):
     64 / 128; not at other ranks."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the LoRA inside the GEMM is the sm90 CUTLASS GEMM's")
-    for name in ("MOELORA_PORTABLE", "MOELORA_LORA_IN_GEMM", "MOELORA_LORA_OVERLAP", "MOELORA_GEMM_TILE"):
+    for name in ("MOELORA_PORTABLE", "MOELORA_LORA_IN_GEMM", "MOELORA_LORA_OVERLAP", "MOELORA_GEMM_TILE",
+                 "MOELORA_LORA_SHRINK_SPLITS"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MOELORA_LORA_SHRINK_T", "0")  # t's kernel counted by name
     cases = [
         (make_case(512, 2048, 256, 8, 2, 4, 64, seed=6), (2, 2, False)),   # t_cols 256: fc1 K 2048, fc2 K 256
         (make_case(512, 1024, 256, 8, 2, 8, 64, seed=6), (1, 1, True)),    # t_cols 512: fc2 K 256, its expand
@@ -710,16 +716,114 @@ def test_lora_in_gemm_misaligned_adapters(monkeypatch):
     assert rel_err(out, moelora_ext.fused_moe(**args)) < TOL[torch.bfloat16] / 2
 
 
-@pytest.mark.parametrize("rank", [16, 64])
-def test_lora_in_gemm_graph_replay(rank, monkeypatch):
-    """The LoRA inside the GEMMs under CUDA-graph capture: replays with new tokens, routing, slots and adapter
-    weights written in place equal eager calls bit for bit and match the reference."""
+def _shrink_t_env(monkeypatch, tile=None):
+    """_lora_k_env with one K split and the shrink writing t itself (the default wherever the rule gives one split)."""
+    _lora_k_env(monkeypatch, tile)
+    monkeypatch.delenv("MOELORA_LORA_SHRINK_T")
+    monkeypatch.setenv("MOELORA_LORA_SHRINK_SPLITS", "1")
+
+
+def _check_shrink_t(args, monkeypatch):
+    """The call with the shrink writing t (no t kernel, two LoRA GEMMs, no expand) on a poisoned allocator: matches
+    the reference, equals bit for bit the same call with t from lora_k_operand.cu (MOELORA_LORA_SHRINK_T=0, the
+    same one split), and its rows without an adapter equal the call without LoRA."""
+    dtype = args["hidden_states"].dtype
+    poison_allocator()
+    got, operands, gemms, expanded = _lora_k_kernels(args)
+    assert (operands, gemms, expanded) == (0, 2, False)
+    assert rel_err(got, fused_moe_reference(**args)) < TOL[dtype]
+    monkeypatch.setenv("MOELORA_LORA_SHRINK_T", "0")
+    poison_allocator()
+    kernel, operands, gemms, expanded = _lora_k_kernels(args)
+    assert (operands, gemms, expanded) == (2, 2, False)
+    assert torch.equal(got, kernel)
+    monkeypatch.delenv("MOELORA_LORA_SHRINK_T")
+    plain = args["token_lora_ids"] == -1
+    assert torch.equal(got[plain], moelora_ext.fused_moe(**_base_args(args))[plain])
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tile", ["small", "large", "large_pp"])
+@pytest.mark.parametrize("shape", LORA_K_SHAPES, ids=lambda s: "T{}_H{}_I{}_E{}_k{}_S{}_R{}".format(*s))
+def test_lora_in_gemm_shrink_writes_t(shape, tile, dtype, monkeypatch):
+    """With one K split the shrink writes t itself (each row's scaled sums in its slot's columns, zeros in the
+    others and in each expert's rows without an adapter): the same bits as t from its own kernel, on both shrink
+    paths (few rows per segment: the default here; 64-row tiles: MOELORA_LORA_FEW_ROWS=0), every ranks' layout and
+    S R short of t's columns."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the LoRA inside the GEMM is the sm90 CUTLASS GEMM's")
-    _lora_k_env(monkeypatch)
+    _shrink_t_env(monkeypatch, tile)
+    T, H, I, E, k, S, R = shape
+    args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=T + R + 1)
+    _check_shrink_t(args, monkeypatch)
+    monkeypatch.setenv("MOELORA_LORA_FEW_ROWS", "0")
+    _check_shrink_t(args, monkeypatch)
+
+
+@pytest.mark.parametrize("rank", [16, 64])
+@pytest.mark.parametrize("slots", ["one", "none", "clustered", "some_experts"])
+def test_lora_in_gemm_shrink_writes_t_slots(slots, rank, monkeypatch):
+    """The shrink writing t with the slots of test_lora_in_gemm_skipped_tiles, and experts whose rows all lack an
+    adapter (some_experts: 1 in 32 tokens with one; their rows of t are never written, and their tiles hold no
+    slot): the same bits as t from its own kernel."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the LoRA inside the GEMM is the sm90 CUTLASS GEMM's")
+    _shrink_t_env(monkeypatch)
+    T, S, E, k = 700, 8, 16, 2
+    args = make_case(T, 256, 192, E, k, S, rank, seed=rank + len(slots))
+    g = torch.Generator(device="cpu").manual_seed(9)
+    if slots == "one":
+        ids = torch.full((T,), S - 2, dtype=torch.int32)
+    elif slots == "none":
+        ids = torch.full((T,), -1, dtype=torch.int32)
+    elif slots == "clustered":
+        ids = torch.where(torch.rand(T, generator=g) < 0.9, torch.randint(0, 2, (T,), generator=g),
+                          torch.full((T,), S - 1)).to(torch.int32)
+        ids[torch.rand(T, generator=g) < 0.1] = -1
+    else:
+        ids = torch.where(torch.rand(T, generator=g) < 1 / 32, torch.full((T,), 3), torch.full((T,), -1)).to(torch.int32)
+        topk = args["topk_ids"].long().cpu()
+        routed = topk[(topk >= 0) & (topk < E)]
+        with_adapter = topk[(ids >= 0)[:, None].expand_as(topk) & (topk >= 0) & (topk < E)]
+        assert len(set(routed.tolist()) - set(with_adapter.tolist())) > 0, "every routed expert has adapter rows"
+    args["token_lora_ids"] = ids.cuda()
+    _check_shrink_t(args, monkeypatch)
+    monkeypatch.setenv("MOELORA_LORA_FEW_ROWS", "0")
+    _check_shrink_t(args, monkeypatch)
+
+
+def test_lora_in_gemm_shrink_t_rule(monkeypatch):
+    """By default the shrink writes t where the split rule gives one K split (enough m-tiles to fill the GPU: here
+    1056 on an H100's 132 SMs), and t's kernel runs for more splits (MOELORA_LORA_SHRINK_SPLITS=2)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the LoRA inside the GEMM is the sm90 CUTLASS GEMM's")
+    for name in ("MOELORA_PORTABLE", "MOELORA_LORA_IN_GEMM", "MOELORA_LORA_OVERLAP", "MOELORA_GEMM_TILE",
+                 "MOELORA_LORA_SHRINK_T", "MOELORA_LORA_SHRINK_SPLITS", "MOELORA_LORA_SHRINK_WAVES"):
+        monkeypatch.delenv(name, raising=False)
+    args = make_case(256, 256, 128, 128, 8, 8, 16, seed=12)  # 2048 rows, 1024 (expert, slot) segments
+    for splits, expected in [(None, (0, 2, False)), ("2", (2, 2, False))]:
+        if splits is not None:
+            monkeypatch.setenv("MOELORA_LORA_SHRINK_SPLITS", splits)
+        poison_allocator()
+        out, *kernels = _lora_k_kernels(args)
+        assert tuple(kernels) == expected, splits
+        assert rel_err(out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("shrink_t", [False, True], ids=["t_kernel", "shrink_t"])
+@pytest.mark.parametrize("rank", [16, 64])
+def test_lora_in_gemm_graph_replay(rank, shrink_t, monkeypatch):
+    """The LoRA inside the GEMMs under CUDA-graph capture: replays with new tokens, routing, slots and adapter
+    weights written in place equal eager calls bit for bit and match the reference. With the shrink writing t
+    (shrink_t) each replay finds the last one's t in the graph's memory, which rows now in other slots or without an
+    adapter must not read."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the LoRA inside the GEMM is the sm90 CUTLASS GEMM's")
+    (_shrink_t_env if shrink_t else _lora_k_env)(monkeypatch)
     args = make_case(333, 256, 128, 16, 4, 8, rank, seed=8)
     graph, static_out = capture_graph(args)
-    assert _lora_k_kernels(args)[1:] == (2, 2, False)
+    assert _lora_k_kernels(args)[1:] == ((0 if shrink_t else 2), 2, False)
     for seed in range(9, 13):
         _rewrite_inputs(args, seed)
         static_out.fill_(float("nan"))
@@ -733,6 +837,7 @@ def test_lora_in_gemm_graph_replay(rank, monkeypatch):
     ("MOELORA_GEMV_AVG_ROWS", "1e3"), ("MOELORA_LORA_OVERLAP_SMS", "x:16"), ("MOELORA_LORA_OVERLAP_SMS", "12:"),
     ("MOELORA_LORA_OVERLAP_SMS", "2000000"), ("MOELORA_ROUTING_GATHER_PAIRS", "32"),
     ("MOELORA_ROUTING_GATHER_PAIRS", "x"), ("MOELORA_LORA_IN_GEMM", "2"), ("MOELORA_LORA_IN_GEMM", "1/on"),
+    ("MOELORA_LORA_SHRINK_SPLITS", "one"),
 ])
 def test_malformed_integer_knob_rejected(name, value, monkeypatch):
     """An integer knob that is set but not an integer in [0, 2^20] (or not one it takes: the gather block's 0, 8

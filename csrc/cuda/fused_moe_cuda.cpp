@@ -194,9 +194,16 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
     ws.buf = at::empty({ws.k_splits_fc1 + ws.k_splits_fc2, pairs, d.R}, act_options.dtype(at::kFloat));
   } else if (ws.lora_kernels) {
     // MOELORA_LORA_SHRINK_WAVES=N (default 2): the shrink's split-K target, for measuring (NOTES.md v9).
+    // MOELORA_LORA_SHRINK_SPLITS=N (N >= 1) sets the split count itself, up to one per 32 of K (to measure, and for
+    // the tests of the one-split shrink writing t).
     const int waves = std::max(1, env_int("MOELORA_LORA_SHRINK_WAVES", mc::kLoraShrinkWaves));
-    ws.k_splits_fc1 = mc::lora_k_splits(static_cast<int>(d.H), pairs, active, sm_count, waves);
-    ws.k_splits_fc2 = mc::lora_k_splits(static_cast<int>(d.I), pairs, active, sm_count, waves);
+    const int forced = env_int("MOELORA_LORA_SHRINK_SPLITS", 0);
+    auto split_count = [&](int K) {
+      return forced > 0 ? (K + mc::lora_k_chunk(K, forced) - 1) / mc::lora_k_chunk(K, forced)
+                        : mc::lora_k_splits(K, pairs, active, sm_count, waves);
+    };
+    ws.k_splits_fc1 = split_count(static_cast<int>(d.H));
+    ws.k_splits_fc2 = split_count(static_cast<int>(d.I));
     const int64_t splits = std::max(ws.k_splits_fc1, ws.k_splits_fc2);
     ws.buf = at::empty({splits, pairs, d.R}, act_options.dtype(at::kFloat));
   } else {
@@ -380,11 +387,20 @@ struct ShrinkRows {
   const int* rows = nullptr;
 };
 
-// The LoRA shrink kernel (lora_gemm.cu): ws.buf[ks, r, :R] = input[r, K-chunk ks] @ A[slot, e][:, chunk]^T.
+// The shrink writing the GEMM's t itself (LoraShrinkParams::t; t nullptr: its partial sums).
+struct ShrinkIntoT {
+  void* t = nullptr;
+  int t_cols = 0;
+  const float* scale = nullptr;
+};
+
+// The LoRA shrink kernel (lora_gemm.cu): ws.buf[ks, r, :R] = input[r, K-chunk ks] @ A[slot, e][:, chunk]^T, or
+// with `into` (one K split) t.
 mc::LoraShrinkParams run_lora_shrink(const LoraSide& side, const at::Tensor& input, const ShrinkRows& shrink_rows,
                                      LoraWorkspace& ws, int k_splits, const at::Tensor& bucket_offsets,
                                      const at::Tensor& lora_tile_prefix, const at::Tensor& lora_tile_segment,
-                                     const FusedMoeDims& d, int K, int sm_count, cudaStream_t stream) {
+                                     const FusedMoeDims& d, int K, int sm_count, cudaStream_t stream,
+                                     const ShrinkIntoT& into = {}) {
   const int64_t R = d.R;
   const AdapterStrides sa = adapter_strides(side.shared_a, R * K, d.E);
   mc::LoraShrinkParams s{};
@@ -402,17 +418,25 @@ mc::LoraShrinkParams run_lora_shrink(const LoraSide& side, const at::Tensor& inp
   s.max_rows = static_cast<int>(d.T * d.k); s.max_active_segments = static_cast<int>(d.E * d.S);
   s.few_rows_max = ws.few_rows_max;
   s.tiles_kernel = ws.tiles_kernel;
+  s.t = into.t; s.t_cols = into.t_cols; s.slot_scale = into.scale;
   s.dtype = to_dtype(input.scalar_type());
   C10_CUDA_CHECK(mc::launch_lora_shrink(s, sm_count, stream));
   return s;
 }
 
-// The LoRA inside the next base GEMM: the shrink, then t (lora_k_operand.cu) from its split-K sums.
+// The LoRA inside the next base GEMM: t from the shrink. With one K split the shrink writes t itself (lora_t_rows.cuh;
+// the same bits, one kernel and t's fp32 round trip less: 2 x 7 µs at qwen3 T=1024, NOTES.md v26) unless
+// MOELORA_LORA_SHRINK_T=0; otherwise lora_k_operand.cu sums its split-K partials into t.
 void run_lora_shrink_to_t(const LoraSide& side, const at::Tensor& input, const ShrinkRows& shrink_rows,
                           LoraWorkspace& ws, int k_splits, const at::Tensor& bucket_offsets,
                           const at::Tensor& lora_tile_prefix, const at::Tensor& lora_tile_segment,
                           const at::Tensor& row_slot, const at::Tensor& expert_offsets, const float* scalings,
                           at::Tensor& t, const FusedMoeDims& d, int K, int sm_count, cudaStream_t stream) {
+  if (k_splits == 1 && !env_zero("MOELORA_LORA_SHRINK_T")) {
+    run_lora_shrink(side, input, shrink_rows, ws, k_splits, bucket_offsets, lora_tile_prefix, lora_tile_segment, d,
+                    K, sm_count, stream, ShrinkIntoT{t.data_ptr(), static_cast<int>(t.size(1)), scalings});
+    return;
+  }
   run_lora_shrink(side, input, shrink_rows, ws, k_splits, bucket_offsets, lora_tile_prefix, lora_tile_segment, d, K,
                   sm_count, stream);
   mc::LoraKOperandParams o{};

@@ -25,6 +25,7 @@
 #include "activation.cuh"
 #include "cuda_utils.cuh"
 #include "lora_rows_mma.cuh"
+#include "lora_t_rows.cuh"
 #include "pdl.cuh"
 #include "smem_tiles.cuh"
 #include "stages.h"
@@ -95,6 +96,12 @@ struct ShrinkShape {
                 "room for the few-rows path's reduction");
 };
 
+// Where the rows of a segment of slot `slot` go in t when the shrink writes it (p.t nullptr: nowhere).
+__device__ __forceinline__ TRowsOut t_rows_out(const LoraShrinkParams& p, int slot) {
+  if (p.t == nullptr) return {};
+  return {p.t, p.t_cols, slot * p.R, p.slot_scale != nullptr ? p.slot_scale[slot] : 1.f};
+}
+
 // kTokenRows: p.x_rows is set (fc1 reads the hidden states by token).
 template <typename T, int RP, bool kLargeSegments, bool kTokenRows, bool kTilesOnly>
 __global__ void __launch_bounds__(kThreads, (ShrinkShape<RP, kLargeSegments, kTilesOnly>::kBlocks))
@@ -128,12 +135,18 @@ __global__ void __launch_bounds__(kThreads, (ShrinkShape<RP, kLargeSegments, kTi
     const int k_end = min(p.K, k_begin + p.k_chunk);
     const int k_tiles = ceil_div(k_end - k_begin, kBK);
     const T* a_src = Abase + st.expert * p.a_expert_stride + st.slot * p.a_slot_stride;  // [R, K]
+    if (p.t != nullptr) {  // one K split, writing t: the first tile of an expert's first adapter segment also
+                           // zeroes the expert's rows without an adapter (its first bucket), which no item covers
+      const int none = seg - (seg % p.seg_per_expert);
+      if (p.slot_base == -1 && mt == p.tile_prefix[seg] && p.row_offsets[none + 1] == p.row_offsets[seg])
+        zero_t_rows<T>(p.t, p.t_cols, p.row_offsets[none], p.row_offsets[none + 1], threadIdx.x, kThreads);
+    }
     if constexpr (!kTilesOnly) {
       if (st.few_rows) {  // few rows: swapped-operand mma path (lora_rows_mma.cuh)
         lora_few_rows::shrink_tile<T, RP, kWarps, kTokenRows>(X, p.ldx, p.x_rows, a_src, p.K, p.R, st.row0, st.rows,
                                                               k_begin, k_end, vec,
                                                               p.partial + static_cast<int64_t>(ks) * p.max_rows * p.R,
-                                                              ctile);
+                                                              t_rows_out(p, st.slot), ctile);
         continue;
       }
     }
@@ -200,10 +213,15 @@ __global__ void __launch_bounds__(kThreads, (ShrinkShape<RP, kLargeSegments, kTi
         wmma::store_matrix_sync(ctile + warp * 16 * Shape::kLdc + j * 16, acc[j], Shape::kLdc, wmma::mem_row_major);
     }
     __syncthreads();
-    float* dst = p.partial + (static_cast<int64_t>(ks) * p.max_rows + st.row0) * p.R;
-    for (int c = threadIdx.x; c < st.rows * p.R; c += kThreads) {
-      const int r = c / p.R, col = c % p.R;
-      dst[c] = ctile[r * Shape::kLdc + col];
+    if (p.t != nullptr) {
+      write_t_rows<T>(t_rows_out(p, st.slot), st.row0, st.rows, p.R,
+                      [&](int r, int j) { return ctile[r * Shape::kLdc + j]; }, threadIdx.x, kThreads);
+    } else {
+      float* dst = p.partial + (static_cast<int64_t>(ks) * p.max_rows + st.row0) * p.R;
+      for (int c = threadIdx.x; c < st.rows * p.R; c += kThreads) {
+        const int r = c / p.R, col = c % p.R;
+        dst[c] = ctile[r * Shape::kLdc + col];
+      }
     }
     __syncthreads();  // ctile aliases the next item's pipeline buffers
   }
@@ -581,6 +599,7 @@ int lora_k_splits(int K, int max_rows, int max_active_segments, int sm_count, in
 cudaError_t launch_lora_shrink(const LoraShrinkParams& p, int sm_count, cudaStream_t stream) {
   if (p.max_rows == 0 || p.R == 0) return cudaSuccess;
   if (p.R > kLoraMaxRank) return cudaErrorInvalidValue;
+  if (p.t != nullptr && (p.k_splits != 1 || p.R % 8 != 0 || p.t_cols % 8 != 0)) return cudaErrorInvalidValue;
   cudaError_t err = cudaSuccess;
   dispatch_padded_rank(p.R, [&](auto rp) {
     err = p.dtype == DType::BF16 ? launch_shrink_typed<__nv_bfloat16, decltype(rp)::value>(p, sm_count, stream)

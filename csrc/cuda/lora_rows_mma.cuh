@@ -18,6 +18,7 @@
 
 #include "activation.cuh"
 #include "cuda_utils.cuh"
+#include "lora_t_rows.cuh"
 #include "mma_operands.cuh"
 #include "stages.h"
 
@@ -57,6 +58,7 @@ constexpr bool kRowPairs = RP <= kLoraRowPairsMaxRank;
 // (X's row x_rows[row0 + r] instead with kTokenRows, LoraShrinkParams::x_rows),
 // j < R. mma: M = 16 adapter rows j, N = 8 token rows, K = k. Warp w takes the 32-wide k blocks w, w + kWarps,
 // ...; the warps' sums meet in shared memory (`red`: shrink_red_floats) and are added in warp order.
+// With t_out.t set they go to t instead (lora_t_rows.cuh; one K split).
 // red's rows are kRedLd = RP + 4 floats apart: a lane writes token rows 2q, 2q + 1 of column g, and with a
 // row stride of RP the four q of one g hit the same bank (4-way conflicts, Nsight Compute, NOTES.md v10).
 template <int RP>
@@ -67,7 +69,7 @@ constexpr int shrink_red_floats() { return kWarps * 2 * kRowGroup * kRedLd<RP>; 
 template <typename T, int RP, int kWarps, int NG, bool kTokenRows>
 __device__ void shrink_pass(const T* __restrict__ X, int64_t ldx, const int* __restrict__ x_rows,
                             const T* __restrict__ A, int64_t lda, int R, int row0, int rows, int k_begin, int k_end,
-                            bool vec, float* __restrict__ partial, float* red) {
+                            bool vec, float* __restrict__ partial, const TRowsOut& t_out, float* red) {
   constexpr int JB = RP / 16;                                   // 16-row blocks of A
   constexpr int U = JB >= 4 ? 1 : (JB == 2 ? 2 : 4);            // k blocks in flight per warp
   constexpr int kRedRows = 2 * kRowGroup;
@@ -127,12 +129,17 @@ __device__ void shrink_pass(const T* __restrict__ X, int64_t ldx, const int* __r
       dst[ld + 8] = c[jb][ng][3];
     }
   __syncthreads();
-  for (int e = threadIdx.x; e < rows * R; e += kWarps * 32) {
-    const int r = e / R, j = e % R;
+  auto sum_of = [&](int r, int j) {
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) v += red[(w * kRedRows + r) * kRedLd<RP> + j];
-    partial[static_cast<int64_t>(row0 + r) * R + j] = v;
+    return v;
+  };
+  if (t_out.t != nullptr) {
+    write_t_rows<T>(t_out, row0, rows, R, sum_of, threadIdx.x, kWarps * 32);
+  } else {
+    for (int e = threadIdx.x; e < rows * R; e += kWarps * 32)
+      partial[static_cast<int64_t>(row0 + e / R) * R + e % R] = sum_of(e / R, e % R);
   }
   __syncthreads();  // red is rewritten by the next pass / reused by the caller
 }
@@ -140,19 +147,19 @@ __device__ void shrink_pass(const T* __restrict__ X, int64_t ldx, const int* __r
 template <typename T, int RP, int kWarps, bool kTokenRows>
 __device__ void shrink_tile(const T* __restrict__ X, int64_t ldx, const int* __restrict__ x_rows,
                             const T* __restrict__ A, int64_t lda, int R, int row0, int rows, int k_begin, int k_end,
-                            bool vec, float* __restrict__ partial, float* red) {
+                            bool vec, float* __restrict__ partial, const TRowsOut& t_out, float* red) {
   for (int g0 = 0; g0 < rows;) {
     const int left = rows - g0;
     if constexpr (kRowPairs<RP>) {
       if (left > kRowGroup) {
         shrink_pass<T, RP, kWarps, 2, kTokenRows>(X, ldx, x_rows, A, lda, R, row0 + g0, min(left, 2 * kRowGroup),
-                                                  k_begin, k_end, vec, partial, red);
+                                                  k_begin, k_end, vec, partial, t_out, red);
         g0 += 2 * kRowGroup;
         continue;
       }
     }
     shrink_pass<T, RP, kWarps, 1, kTokenRows>(X, ldx, x_rows, A, lda, R, row0 + g0, min(left, kRowGroup), k_begin,
-                                              k_end, vec, partial, red);
+                                              k_end, vec, partial, t_out, red);
     g0 += kRowGroup;
   }
 }

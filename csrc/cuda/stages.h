@@ -186,6 +186,14 @@ struct LoraShrinkParams {
   // With few_rows_max == 0 and R <= kLoraTilesMaxRank: the tiles-only kernel (lora_gemm.cu), else the default
   // kernel's 64-row path (MOELORA_LORA_TILES_KERNEL=0; the same bits).
   bool tiles_kernel = true;
+  // The LoRA inside the next base GEMM, with one K split (k_splits == 1): t != nullptr has the shrink write that
+  // GEMM's A operand t itself instead of `partial` (what lora_k_operand.cu would make of it, the same bits): each
+  // segment row's slot_scale[slot] * sums rounded in its slot's R columns, zeros in its other t_cols. Each
+  // expert's rows without an adapter are zeroed by the item of its first adapter tile; an expert without adapter
+  // rows is not written (its GEMM tiles hold no slot and read none of t).
+  void* t = nullptr;
+  int t_cols = 0;                           // multiple of 8, at least S R
+  const float* slot_scale = nullptr;        // [S] or nullptr for 1
   DType dtype;
 };
 struct LoraExpandParams {
