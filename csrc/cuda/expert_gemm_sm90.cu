@@ -91,8 +91,7 @@ bool expert_gemm_sm90_gated_supported(const ExpertGemmParams& p) {
 
 bool expert_gemm_sm90_lora_k_supported(const ExpertGemmParams& p) {
   const LoraKOperands& l = p.lora_k;
-  const bool rank_ok = l.R == 16 || l.R == 32 || l.R == 64 || l.R == 128;
-  return built_for_sm90() && pick_tile(p) != ExpertGemmConfig::SwapAB32 && rank_ok && l.S > 0 &&
+  return built_for_sm90() && pick_tile(p) != ExpertGemmConfig::SwapAB32 && expert_gemm_lora_k_rank(l.R) && l.S > 0 &&
          l.t_cols == expert_gemm_lora_k_cols(l.S, l.R);
 }
 

@@ -29,7 +29,7 @@ enum class GatedOutput { None, Silu, Gelu };
 // The LoRA inside the GEMM (t != nullptr): the K loop runs on past the weight's K over t_cols more columns,
 //   D[r] = A[r] @ W[e]^T + t[r] @ Bcat[e]^T,  Bcat[e][n, s R + r'] = B[s, e][n, r'],
 // so that with t[r] = scale[slot] * (A[slot, e] @ x_r) in the R columns of the row's slot (zeros elsewhere and for
-// rows without an adapter: lora_k_operand.cu) the GEMM adds the row's LoRA delta before its epilogue (fc1: before
+// rows without an adapter: the shrink, lora_t_rows.cuh, or lora_k_operand.cu) the GEMM adds the row's LoRA delta before its epilogue (fc1: before
 // the gated activation; fc2: no read-modify-write of D). Row-side tiles only: expert_gemm_sm90_lora_k_supported.
 struct LoraKOperands {
   const void* t = nullptr;            // [rows, t_cols], rows as A's
@@ -37,7 +37,7 @@ struct LoraKOperands {
   const void* b = nullptr;            // the adapters' B: [S, E, N, R], or [S, N, R] shared by the experts
   int64_t b_expert_stride = 0;        // elements: N * R, or 0 when shared
   int64_t b_slot_stride = 0;          // elements: E * N * R, or N * R when shared
-  int S = 0, R = 0;                   // R in {16, 32, 64, 128}
+  int S = 0, R = 0;                   // expert_gemm_lora_k_rank(R)
   const int* row_slot = nullptr;      // device [rows]: each sorted row's slot (-1: none); a tile's LoRA k tiles of
                                       // slots none of its rows has are skipped
 };
@@ -68,6 +68,9 @@ bool expert_gemm_sm90_gated_supported(const ExpertGemmParams& p);
 bool expert_gemm_sm90_lora_k_supported(const ExpertGemmParams& p);
 // t_cols for S slots of rank R.
 inline int expert_gemm_lora_k_cols(int S, int R) { return (S * R + 127) / 128 * 128; }
+// The ranks whose LoRA k tiles the GEMM lays out (expert_gemm_sm90_mainloop.cuh: 16 / 32 in 32- / 64-byte swizzled
+// boxes per slot, 64 / 128 in 64-rank panels); the host rule and the kernel's can_implement both ask this.
+constexpr bool expert_gemm_lora_k_rank(int R) { return R == 16 || R == 32 || R == 64 || R == 128; }
 
 // Two steps, so the tables of several GEMMs that share expert_offsets (fc1 and fc2) are written by one
 // launch before the first of them runs:
