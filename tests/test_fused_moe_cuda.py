@@ -815,34 +815,6 @@ def test_lora_in_gemm_shrink_t_rule(monkeypatch):
 
 @pytest.mark.parametrize("shrink_t", [False, True], ids=["t_kernel", "shrink_t"])
 @pytest.mark.parametrize("rank", [16, 64])
-def test_lora_in_gemm_pdl(rank, shrink_t, monkeypatch):
-    """The GEMMs with the LoRA inside are launched with PDL behind t's shrink (or t's kernel) and wait for it only
-    before their first LoRA k tile: eager calls and graph replays with new inputs each time give the same bits as
-    plain launches (MOELORA_LORA_GEMM_PDL=0) and match the reference."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the LoRA inside the GEMM is the sm90 CUTLASS GEMM's")
-    (_shrink_t_env if shrink_t else _lora_k_env)(monkeypatch)
-    monkeypatch.delenv("MOELORA_PDL", raising=False)
-    monkeypatch.delenv("MOELORA_LORA_GEMM_PDL", raising=False)
-    args = make_case(1500, 512, 256, 16, 4, 8, rank, seed=rank + shrink_t)
-    graph, static_out = capture_graph(args)
-    for seed in range(3):
-        if seed:
-            _rewrite_inputs(args, 60 + seed)
-        poison_allocator()
-        eager = moelora_ext.fused_moe(**args)
-        static_out.fill_(float("nan"))
-        graph.replay()
-        monkeypatch.setenv("MOELORA_LORA_GEMM_PDL", "0")
-        poison_allocator()
-        plain = moelora_ext.fused_moe(**args)
-        monkeypatch.delenv("MOELORA_LORA_GEMM_PDL")
-        assert torch.equal(eager, plain) and torch.equal(static_out, plain), f"seed {seed}"
-        assert rel_err(plain, fused_moe_reference(**args)) < TOL[torch.bfloat16]
-
-
-@pytest.mark.parametrize("shrink_t", [False, True], ids=["t_kernel", "shrink_t"])
-@pytest.mark.parametrize("rank", [16, 64])
 def test_lora_in_gemm_graph_replay(rank, shrink_t, monkeypatch):
     """The LoRA inside the GEMMs under CUDA-graph capture: replays with new tokens, routing, slots and adapter
     weights written in place equal eager calls bit for bit and match the reference. With the shrink writing t

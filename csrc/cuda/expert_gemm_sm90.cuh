@@ -116,18 +116,12 @@ using SwapAB32Tile = TileConfig<Shape<_128, _32, _128>, false, true>;
 
 // The CUTLASS kernel, entered through pdl_begin(): this CUTLASS version's sm90 ptr-array kernels have no
 // grid-dependency control of their own, and a kernel launched with the PDL attribute (pdl.cuh) must wait
-// for its predecessor before reading memory -- at its start, unless its main loop waits itself before what
-// depends on that kernel (ExpertMainloop::kDefersGridWait: the LoRA inside the GEMM). Everything else (Params,
-// shared storage, launch bounds) is the base kernel's.
-template <class Mainloop>
-constexpr bool defers_grid_wait() {
-  if constexpr (requires { Mainloop::kDefersGridWait; }) return Mainloop::kDefersGridWait;
-  return false;
-}
+// for its predecessor before reading memory. Everything else (Params, shared storage, launch bounds) is the
+// base kernel's.
 template <class Base>
 struct PdlWaitKernel : Base {
   CUTLASS_DEVICE void operator()(typename Base::Params const& params, char* smem) {
-    if constexpr (!defers_grid_wait<typename Base::CollectiveMainloop>()) pdl_begin();
+    pdl_begin();
     Base::operator()(params, smem);
   }
 };

@@ -35,7 +35,6 @@
 #include "cutlass/cuda_host_adapter.hpp"
 #include "cutlass/cutlass.h"
 #include "expert_gemm_sm90.h"
-#include "pdl.cuh"
 
 namespace moelora::cuda::detail {
 
@@ -101,13 +100,6 @@ struct ExpertMainloop : Base {
   static_assert(narrow_layout_ok<16>() && narrow_layout_ok<32>(), "narrow LoRA stages: slot-major rows of R columns");
 
   static constexpr uint64_t kCacheHint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);  // CuTe's default
-
-  // With the LoRA the kernel does not wait for the kernel before it (t's shrink, launched just before it) at its
-  // start (PdlWaitKernel): only t depends on that kernel, so the producer waits before its first LoRA k tile, and a
-  // CTA launched with PDL as SMs free up in the shrink's last wave streams its first weight k tiles meanwhile (it
-  // writes nothing before: its epilogues follow its LoRA k tiles). What it reads before the wait -- the weights, the
-  // rows A (gathered, or fc1's h), the routing's tables and row slots -- was written before the shrink began.
-  static constexpr bool kDefersGridWait = kLoraK;
 
   // One W box: (kBoxN, BLK_K) of Base's stage layout, and its TMA.
   using BoxTileShape = Shape<Int<kTileM>, Int<kBoxN>, Int<kTileK>>;
@@ -298,18 +290,12 @@ struct ExpertMainloop : Base {
       }
     }
 
-    bool waited = false;  // for the kernel launched before this one (kDefersGridWait)
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count) {
       const int kt = *k_tile_iter;
       const bool weight_tile = !kLoraK || kt < params.k_tiles_weight;
       bool active = true;
       if constexpr (kLoraK) {
-        if (!weight_tile && !waited) {
-          pdl_wait();
-          pdl_trigger();
-          waited = true;
-        }
         if (!weight_tile) {  // the tile's columns [c0, c0 + kTileK) of t are slots [c0 / R, (c0 + kTileK - 1) / R]
           const int c0 = (kt - params.k_tiles_weight) * kTileK;
           active = c0 / params.lora.rank <= slot_hi && (c0 + kTileK - 1) / params.lora.rank >= slot_lo;

@@ -611,10 +611,6 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const int sm_count = device_attribute(cudaDevAttrMultiProcessorCount, device);
   const bool decode = use_decode_gemv(d);
   const bool pdl_tail = use_pdl_tail(device);  // the activation's and the finalize's launches (below)
-  // The GEMMs with the LoRA inside, launched with PDL behind t's shrink: they wait for it only before their first LoRA
-  // k tile (ExpertMainloop::kDefersGridWait), so their CTAs start streaming weights as the shrink's last wave frees
-  // SMs. MOELORA_LORA_GEMM_PDL=0 launches them plainly, to compare.
-  const bool lora_gemm_pdl = pdl_tail && !env_zero("MOELORA_LORA_GEMM_PDL");
   const mc::ScopedLaunchPolicy launch_policy(use_pdl(pdl_tail, d, decode));
   const mc::ActivationKind act = d.activation == Activation::Silu ? mc::ActivationKind::Silu : mc::ActivationKind::Gelu;
 
@@ -812,7 +808,6 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
       run_lora_shrink_to_t(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, bucket_offsets,
                            lora_tile_prefix, lora_tile_segment, row_slot, expert_offsets, scale_ptr, lora_t, d, H,
                            sm_count, stream);
-      const mc::ScopedLaunchPolicy gemm_policy(lora_gemm_pdl);
       run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
     } else {
       run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
@@ -857,7 +852,6 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   } else if (lora_in_fc2) {
     run_lora_shrink_to_t(lora2, h, ShrinkRows{}, lora_ws, lora_ws.k_splits_fc2, bucket_offsets, lora_tile_prefix,
                          lora_tile_segment, row_slot, expert_offsets, scale_ptr, lora_t, d, I, sm_count, stream);
-    const mc::ScopedLaunchPolicy gemm_policy(lora_gemm_pdl);
     run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
   } else {
     run_base_gemm(base, 1, expert_tile_prefix, d, sm_count, stream);
