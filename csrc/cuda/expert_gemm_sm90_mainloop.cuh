@@ -280,13 +280,12 @@ struct ExpertMainloop : Base {
     // With the LoRA: the slots of this tile's rows. Rows are sorted by slot within an expert (the routing's
     // buckets, no adapter first), so they are [first row's slot, last row's slot]; a LoRA k tile holding none of
     // them multiplies zeros of t, and the consumer skips it.
-    // The two loads are issued here and first used at the LoRA k tiles, after the weight's (their latency hidden).
     int slot_lo = 0, slot_hi = -1;
     if constexpr (kLoraK) {
       const int row0 = static_cast<int>(m_coord) * kTileM;
       const int last = min(row0 + kTileM, group_rows_) - 1;
       if (last >= row0) {
-        slot_lo = params.lora.row_slot[group_first_row_ + row0];
+        slot_lo = max(params.lora.row_slot[group_first_row_ + row0], 0);
         slot_hi = params.lora.row_slot[group_first_row_ + last];
       }
     }
@@ -299,7 +298,7 @@ struct ExpertMainloop : Base {
       if constexpr (kLoraK) {
         if (!weight_tile) {  // the tile's columns [c0, c0 + kTileK) of t are slots [c0 / R, (c0 + kTileK - 1) / R]
           const int c0 = (kt - params.k_tiles_weight) * kTileK;
-          active = c0 / params.lora.rank <= slot_hi && (c0 + kTileK - 1) / params.lora.rank >= max(slot_lo, 0);
+          active = c0 / params.lora.rank <= slot_hi && (c0 + kTileK - 1) / params.lora.rank >= slot_lo;
         }
         // Before the arrive (in producer_acquire), which releases it to the consumer's wait. The consumer's phase
         // of this use is the producer's flipped.
@@ -365,15 +364,13 @@ struct ExpertMainloop : Base {
       }
       warpgroup_fence_operand(accum);
       // `count` k tiles through B fragments `frag_b`. One loop per B layout: a layout chosen per k tile inside the
-      // loop makes the compiler serialize the wgmmas (ptxas C7519, "warpgroup.arrive is injected"). The weight's
-      // k tiles are all multiplied (kFlags false: no flag read, no branch); the LoRA's by their flags.
-      auto k_tiles = [&](auto const& frag_b, int count, auto flags) {
-        constexpr bool kFlags = decltype(flags)::value;
+      // loop makes the compiler serialize the wgmmas (ptxas C7519, "warpgroup.arrive is injected").
+      auto k_tiles = [&](auto const& frag_b, int count) {
         CUTLASS_PRAGMA_NO_UNROLL
         for (; count > 0; --count) {
           pipeline.consumer_wait(smem_pipe_read, pipeline.consumer_try_wait(smem_pipe_read));
           const int read_stage = smem_pipe_read.index();
-          if (!kFlags || shared_tensors.k_tile_active[read_stage][smem_pipe_read.phase()]) {  // uniform
+          if (shared_tensors.k_tile_active[read_stage][smem_pipe_read.phase()]) {  // the same for the warpgroup
             warpgroup_fence_operand(accum);
             warpgroup_arrive();
             cute::gemm(tiled_mma, tCrA(_, _, _, read_stage), frag_b(_, _, _, read_stage), accum);
@@ -388,15 +385,16 @@ struct ExpertMainloop : Base {
           ++smem_pipe_release;
         }
       };
-      // The weight's k tiles, then the LoRA's (ranks 16 / 32 through their own layout).
-      const int weight_left = max(min(k_tile_count, params.k_tiles_weight - 1), 0);
-      k_tiles(tCrB, weight_left, cute::false_type{});
-      if (params.lora.rank >= kPanelK)
-        k_tiles(tCrB, k_tile_count - weight_left, cute::true_type{});
-      else if (params.lora.rank == 16)
-        k_tiles(tCrB16, k_tile_count - weight_left, cute::true_type{});
-      else
-        k_tiles(tCrB32, k_tile_count - weight_left, cute::true_type{});
+      if (params.lora.rank >= kPanelK) {
+        k_tiles(tCrB, k_tile_count);
+      } else {  // the weight's k tiles, then the LoRA's of ranks 16 / 32 through their layout
+        const int weight_left = max(min(k_tile_count, params.k_tiles_weight - 1), 0);
+        k_tiles(tCrB, weight_left);
+        if (params.lora.rank == 16)
+          k_tiles(tCrB16, k_tile_count - weight_left);
+        else
+          k_tiles(tCrB32, k_tile_count - weight_left);
+      }
       warpgroup_fence_operand(accum);
     }
   }
