@@ -662,6 +662,23 @@ def test_lora_in_gemm_rule(monkeypatch):
         assert rel_err(out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
 
 
+def _slot_pattern_ids(slots, T, S, seed, sparse):
+    """token_lora_ids [T] of a slot pattern: every token in slot S - 2 ("one"); none with an adapter ("none"); 9 in 10
+    in slots 0-1, the rest in slot S - 1, then 1 in 10 set to none ("clustered"); otherwise a fraction `sparse` of
+    the tokens in slot 3 and the rest without (the last bucket of each expert, or none of some experts' rows)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    if slots == "one":
+        return torch.full((T,), S - 2, dtype=torch.int32)
+    if slots == "none":
+        return torch.full((T,), -1, dtype=torch.int32)
+    if slots == "clustered":
+        ids = torch.where(torch.rand(T, generator=g) < 0.9, torch.randint(0, 2, (T,), generator=g),
+                          torch.full((T,), S - 1)).to(torch.int32)
+        ids[torch.rand(T, generator=g) < 0.1] = -1
+        return ids
+    return torch.where(torch.rand(T, generator=g) < sparse, torch.full((T,), 3), torch.full((T,), -1)).to(torch.int32)
+
+
 @pytest.mark.parametrize("tile", ["small", "large"])
 @pytest.mark.parametrize("rank", [16, 32, 64])
 @pytest.mark.parametrize("slots", ["one", "none", "clustered", "last_rows"])
@@ -677,18 +694,7 @@ def test_lora_in_gemm_skipped_tiles(slots, rank, tile, monkeypatch):
     _lora_k_env(monkeypatch, tile)
     T, S = 700, 8
     args = make_case(T, 256, 192, 4, 2, S, rank, seed=rank + len(slots))
-    g = torch.Generator(device="cpu").manual_seed(7)
-    if slots == "one":
-        ids = torch.full((T,), S - 2, dtype=torch.int32)
-    elif slots == "none":
-        ids = torch.full((T,), -1, dtype=torch.int32)
-    elif slots == "clustered":
-        ids = torch.where(torch.rand(T, generator=g) < 0.9, torch.randint(0, 2, (T,), generator=g),
-                          torch.full((T,), S - 1)).to(torch.int32)
-        ids[torch.rand(T, generator=g) < 0.1] = -1
-    else:  # "last_rows": 1 in 16 tokens with an adapter (the last bucket of each expert)
-        ids = torch.where(torch.rand(T, generator=g) < 1 / 16, torch.full((T,), 3), torch.full((T,), -1)).to(torch.int32)
-    args["token_lora_ids"] = ids.cuda()
+    args["token_lora_ids"] = _slot_pattern_ids(slots, T, S, seed=7, sparse=1 / 16).cuda()
     got = check(args, torch.bfloat16)
     assert _lora_k_kernels(args)[1:] == (2, 2, False)
     plain = args["token_lora_ids"] == -1
@@ -772,17 +778,8 @@ def test_lora_in_gemm_shrink_writes_t_slots(slots, rank, monkeypatch):
     _shrink_t_env(monkeypatch)
     T, S, E, k = 700, 8, 16, 2
     args = make_case(T, 256, 192, E, k, S, rank, seed=rank + len(slots))
-    g = torch.Generator(device="cpu").manual_seed(9)
-    if slots == "one":
-        ids = torch.full((T,), S - 2, dtype=torch.int32)
-    elif slots == "none":
-        ids = torch.full((T,), -1, dtype=torch.int32)
-    elif slots == "clustered":
-        ids = torch.where(torch.rand(T, generator=g) < 0.9, torch.randint(0, 2, (T,), generator=g),
-                          torch.full((T,), S - 1)).to(torch.int32)
-        ids[torch.rand(T, generator=g) < 0.1] = -1
-    else:
-        ids = torch.where(torch.rand(T, generator=g) < 1 / 32, torch.full((T,), 3), torch.full((T,), -1)).to(torch.int32)
+    ids = _slot_pattern_ids(slots, T, S, seed=9, sparse=1 / 32)
+    if slots == "some_experts":
         topk = args["topk_ids"].long().cpu()
         routed = topk[(topk >= 0) & (topk < E)]
         with_adapter = topk[(ids >= 0)[:, None].expand_as(topk) & (topk >= 0) & (topk < E)]

@@ -425,7 +425,7 @@ mc::LoraShrinkParams run_lora_shrink(const LoraSide& side, const at::Tensor& inp
 }
 
 // The LoRA inside the next base GEMM: t from the shrink. With one K split the shrink writes t itself (lora_t_rows.cuh;
-// the same bits, one kernel and t's fp32 round trip less: 2 x 7 µs at qwen3 T=1024, NOTES.md v26) unless
+// the same bits, one kernel and t's fp32 round trip less: 2 x 6.5 µs at qwen3 T=1024, NOTES.md v26) unless
 // MOELORA_LORA_SHRINK_T=0; otherwise lora_k_operand.cu sums its split-K partials into t.
 void run_lora_shrink_to_t(const LoraSide& side, const at::Tensor& input, const ShrinkRows& shrink_rows,
                           LoraWorkspace& ws, int k_splits, const at::Tensor& bucket_offsets,
