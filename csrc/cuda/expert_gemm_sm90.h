@@ -29,8 +29,9 @@ enum class GatedOutput { None, Silu, Gelu };
 // The LoRA inside the GEMM (t != nullptr): the K loop runs on past the weight's K over t_cols more columns,
 //   D[r] = A[r] @ W[e]^T + t[r] @ Bcat[e]^T,  Bcat[e][n, s R + r'] = B[s, e][n, r'],
 // so that with t[r] = scale[slot] * (A[slot, e] @ x_r) in the R columns of the row's slot (zeros elsewhere and for
-// rows without an adapter: the shrink, lora_t_rows.cuh, or lora_k_operand.cu) the GEMM adds the row's LoRA delta before its epilogue (fc1: before
-// the gated activation; fc2: no read-modify-write of D). Row-side tiles only: expert_gemm_sm90_lora_k_supported.
+// rows without an adapter: the shrink, lora_t_rows.cuh, or lora_k_operand.cu) the GEMM adds the row's LoRA delta
+// before its epilogue (fc1: before the gated activation; fc2: no read-modify-write of D). Row-side tiles only:
+// expert_gemm_sm90_lora_k_supported.
 struct LoraKOperands {
   const void* t = nullptr;            // [rows, t_cols], rows as A's
   int t_cols = 0;                     // S * R rounded up to a multiple of 128

@@ -10,9 +10,10 @@
 //    into the first up rows (columns >= I, computed and never stored) and its up box past 2I (TMA zero-fills).
 //  * kLoraK (the LoRA inside the GEMM): the K loop runs on past the weight's K tiles over the LoRA's:
 //      acc += t[rows, S R] @ Bcat[e]^T,  Bcat[e][n, s R + r] = B[s, e][n, r]
-//    with t a row's scale * (its shrink output) in its slot's R columns and zeros elsewhere (lora_k_operand.cu),
-//    so the accumulators hold x W^T + scale B (A x) before the epilogue: fc1's gated epilogue sees gate and up
-//    with their delta, fc2's plain epilogue stores y with it, and neither LoRA expand kernel runs.
+//    with t a row's scale * (its shrink output) in its slot's R columns and zeros elsewhere (written by the shrink,
+//    or by lora_k_operand.cu), so the accumulators hold x W^T + scale B (A x) before the epilogue: fc1's gated
+//    epilogue sees gate and up with their delta, fc2's plain epilogue stores y with it, and neither LoRA expand
+//    kernel runs.
 //    - Ranks 64 / 128: each 64-column panel of a LoRA k tile is 64 ranks of one slot, one TMA box (64 ranks, 1 slot,
 //      rows) of B[s, e] whose 128-byte rows land as the W tiles' do, and the consumer reads it as a W tile.
 //    - Ranks 16 / 32: a box of R ranks has 32- / 64-byte rows, which do not land as a slice of the W tiles'

@@ -199,8 +199,7 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
     const int waves = std::max(1, env_int("MOELORA_LORA_SHRINK_WAVES", mc::kLoraShrinkWaves));
     const int forced = env_int("MOELORA_LORA_SHRINK_SPLITS", 0);
     auto split_count = [&](int K) {
-      return forced > 0 ? (K + mc::lora_k_chunk(K, forced) - 1) / mc::lora_k_chunk(K, forced)
-                        : mc::lora_k_splits(K, pairs, active, sm_count, waves);
+      return forced > 0 ? mc::lora_k_split_count(K, forced) : mc::lora_k_splits(K, pairs, active, sm_count, waves);
     };
     ws.k_splits_fc1 = split_count(static_cast<int>(d.H));
     ws.k_splits_fc2 = split_count(static_cast<int>(d.I));
@@ -225,7 +224,7 @@ bool use_gated_fc1(const mc::ExpertGemmParams& fc1) {
 }
 
 // The LoRA inside a base GEMM (expert_gemm_sm90_mainloop.cuh; ranks 16, 32, 64, 128): the shrink's output goes into t
-// (lora_k_operand.cu) and the GEMM's K loop runs on over t and the adapters' B, so no expand kernel runs; fc1's
+// (run_lora_shrink_to_t) and the GEMM's K loop runs on over t and the adapters' B, so no expand kernel runs; fc1's
 // delta reaches its gated epilogue and fc2's y gets no read-modify-write. t holds every slot's columns (S R, zero
 // but in the row's slot); a tile of rows multiplies only the LoRA k tiles that hold one of its rows' slots (rows
 // are sorted by slot), so the GEMM does up to S times the LoRA's own MMA work where a tile holds many slots. Per

@@ -593,8 +593,10 @@ int lora_k_splits(int K, int max_rows, int max_active_segments, int sm_count, in
   // Enough (m-tile, K-chunk) items to fill the GPU, but chunks of at least 4 K-steps of 32.
   const int splits =
       std::min(splits_to_fill(max_rows, max_active_segments, sm_count, waves), std::max(1, ceil_div(K, 128)));
-  return ceil_div(K, lora_k_chunk(K, splits));
+  return lora_k_split_count(K, splits);
 }
+
+int lora_k_split_count(int K, int splits) { return ceil_div(K, lora_k_chunk(K, splits)); }
 
 cudaError_t launch_lora_shrink(const LoraShrinkParams& p, int sm_count, cudaStream_t stream) {
   if (p.max_rows == 0 || p.R == 0) return cudaSuccess;

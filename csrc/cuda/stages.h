@@ -223,6 +223,8 @@ struct LoraExpandParams {
 constexpr int kLoraShrinkWaves = 2;
 int lora_k_splits(int K, int max_rows, int max_active_segments, int sm_count, int waves = kLoraShrinkWaves);
 int lora_k_chunk(int K, int k_splits);
+// The K-chunks of lora_k_chunk(K, splits) that cover K: the launch's split count for `splits` wanted.
+int lora_k_split_count(int K, int splits);
 cudaError_t launch_lora_shrink(const LoraShrinkParams& p, int sm_count, cudaStream_t stream);
 cudaError_t launch_lora_expand(const LoraExpandParams& p, int sm_count, cudaStream_t stream);
 
