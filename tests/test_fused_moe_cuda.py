@@ -810,19 +810,94 @@ def test_lora_in_gemm_shrink_t_rule(monkeypatch):
         assert rel_err(out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("shrink_t", [False, True], ids=["t_kernel", "shrink_t"])
+def _permute_launches(args):
+    """(the call's output, how many row-map launches and how many copy launches of the permute it made)."""
+    out, names = launched_kernels(args)
+    return out, sum("permute_rows_kernel" in n for n in names), sum("permute_kernel" in n for n in names)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", ["t_kernel", "shrink_t", "expand"])
+@pytest.mark.parametrize("shape", LORA_K_SHAPES, ids=lambda s: "T{}_H{}_I{}_E{}_k{}_S{}_R{}".format(*s))
+def test_lora_shrink_beside_permute(shape, path, dtype, monkeypatch):
+    """fc1's LoRA shrink runs on a second stream beside the permute's copy, after the permute's row maps (two
+    permute launches): it matches the reference and equals bit for bit the call with both on one stream
+    (MOELORA_LORA_SHRINK_BESIDE_PERMUTE=0: one permute launch), on a poisoned allocator. For the LoRA inside fc1's
+    GEMM with t from the shrink itself or from t's kernel (both on the second stream), and for the expand kernels
+    after the GEMM (the shrink's partial sums in the workspace; split K where the rule gives it).
+    MOELORA_ROUTING_GATHER=0 keeps the permute a kernel of its own at these sizes."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the serial LoRA runs beside the sm90 CUTLASS GEMMs")
+    (_shrink_t_env if path == "shrink_t" else _lora_k_env)(monkeypatch)
+    if path == "expand":
+        monkeypatch.setenv("MOELORA_LORA_IN_GEMM", "0")
+    monkeypatch.setenv("MOELORA_ROUTING_GATHER", "0")
+    monkeypatch.delenv("MOELORA_LORA_SHRINK_BESIDE_PERMUTE", raising=False)
+    monkeypatch.delenv("MOELORA_LORA_TOKEN_ROWS", raising=False)
+    T, H, I, E, k, S, R = shape
+    args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=T + R + 2)
+    poison_allocator()
+    beside, rows, copies = _permute_launches(args)
+    assert (rows, copies) == (1, 1)
+    assert rel_err(beside, fused_moe_reference(**args)) < TOL[dtype]
+    expected = {"t_kernel": (2, 2, False), "shrink_t": (0, 2, False), "expand": (0, 0, True)}[path]
+    assert _lora_k_kernels(args)[1:] == expected
+    monkeypatch.setenv("MOELORA_LORA_SHRINK_BESIDE_PERMUTE", "0")
+    poison_allocator()
+    serial, rows, copies = _permute_launches(args)
+    assert (rows, copies) == (0, 1)
+    assert torch.equal(beside, serial)
+
+
+def test_lora_shrink_beside_permute_rule(monkeypatch):
+    """By default fc1's shrink runs beside the permute's copy wherever the LoRA runs after the base GEMMs or inside
+    them (not beside them) and the permute is a kernel of its own (more than 2048 pairs); not where the routing
+    gathers the rows (up to 2048 pairs), with the LoRA beside the GEMMs (MOELORA_LORA_OVERLAP=1), or with the
+    shrink on the gathered rows (MOELORA_LORA_TOKEN_ROWS=0). Every case matches the reference."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the LoRA inside the GEMM is the sm90 CUTLASS GEMM's")
+    for name in ("MOELORA_PORTABLE", "MOELORA_LORA_IN_GEMM", "MOELORA_LORA_OVERLAP", "MOELORA_GEMM_TILE",
+                 "MOELORA_LORA_SHRINK_T", "MOELORA_LORA_SHRINK_SPLITS", "MOELORA_ROUTING_GATHER",
+                 "MOELORA_LORA_TOKEN_ROWS", "MOELORA_LORA_SHRINK_BESIDE_PERMUTE"):
+        monkeypatch.delenv(name, raising=False)
+    large = make_case(600, 256, 256, 32, 4, 8, 16, seed=13)  # 2400 pairs, 75 per expert
+    small = make_case(500, 256, 256, 32, 4, 8, 16, seed=13)  # 2000 pairs: the routing gathers
+    cases = [(large, {}, (1, 1)), (small, {}, (0, 0)), (large, {"MOELORA_LORA_IN_GEMM": "0"}, (1, 1)),
+             (large, {"MOELORA_LORA_IN_GEMM": "0/1"}, (1, 1)), (large, {"MOELORA_LORA_OVERLAP": "1"}, (0, 1)),
+             (large, {"MOELORA_LORA_TOKEN_ROWS": "0"}, (0, 1))]
+    for args, env, expected in cases:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        poison_allocator()
+        out, *launches = _permute_launches(args)
+        assert tuple(launches) == expected, env
+        assert rel_err(out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
+        for name in env:
+            monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize("variant", ["t_kernel", "shrink_t", "beside_permute", "beside_permute_pdl"])
 @pytest.mark.parametrize("rank", [16, 64])
-def test_lora_in_gemm_graph_replay(rank, shrink_t, monkeypatch):
+def test_lora_in_gemm_graph_replay(rank, variant, monkeypatch):
     """The LoRA inside the GEMMs under CUDA-graph capture: replays with new tokens, routing, slots and adapter
     weights written in place equal eager calls bit for bit and match the reference. With the shrink writing t
     (shrink_t) each replay finds the last one's t in the graph's memory, which rows now in other slots or without an
-    adapter must not read."""
+    adapter must not read. beside_permute: the shrink on the second stream beside the permute's copy (the fork and
+    join captured as graph edges), also with every launch on PDL (MOELORA_PDL=1)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the LoRA inside the GEMM is the sm90 CUTLASS GEMM's")
+    shrink_t = variant != "t_kernel"
     (_shrink_t_env if shrink_t else _lora_k_env)(monkeypatch)
+    beside = variant.startswith("beside_permute")
+    monkeypatch.delenv("MOELORA_LORA_SHRINK_BESIDE_PERMUTE", raising=False)
+    if beside:
+        monkeypatch.setenv("MOELORA_ROUTING_GATHER", "0")
+    if variant.endswith("pdl"):
+        monkeypatch.setenv("MOELORA_PDL", "1")
     args = make_case(333, 256, 128, 16, 4, 8, rank, seed=8)
     graph, static_out = capture_graph(args)
     assert _lora_k_kernels(args)[1:] == ((0 if shrink_t else 2), 2, False)
+    assert _permute_launches(args)[1:] == ((1, 1) if beside else (0, 0))
     for seed in range(9, 13):
         _rewrite_inputs(args, seed)
         static_out.fill_(float("nan"))

@@ -275,9 +275,18 @@ bool use_lora_in_gemm(mc::ExpertGemmParams g, int knob, const LoraSide& side, co
 // MB at T=4096). Measured (benchmarks/NOTES.md v13): fc1's shrink 4-9 µs faster at T=4096, but 2-5 µs slower
 // where the copy fits the L2 anyway (mixtral / gpt-oss T=1024, 17-24 MB) and the row index is one more load.
 // MOELORA_LORA_TOKEN_ROWS=0 / =1 turns it off / on whatever the size. Same values in the same order: same bits.
-bool use_token_rows_shrink(int64_t gathered_bytes, int device) {
+// `beside_permute`: the shrink would run beside the permute's copy (below), which it can only on token rows.
+//
+// fc1's LoRA shrink beside the permute's copy: the serial LoRA's fc1 shrink (into t for the LoRA inside fc1's GEMM,
+// or into ws.buf for the expand after it) needs the row maps (row_token, row_slot) and the routing's tables, not the
+// gathered rows. So where the permute is a kernel of its own (not folded into the routing), it runs in two
+// launches, the row maps (a thread per pair) and the copy, and the shrink runs on a second stream beside the copy,
+// joined before fc1's GEMM. They are bound by different things:
+// the copy by HBM, the shrink by latency, with SMs idle in its last partial wave (NOTES.md v26-v27).
+// MOELORA_LORA_SHRINK_BESIDE_PERMUTE=0 keeps them in one stream, one after the other. Same kernels: same bits.
+bool use_token_rows_shrink(int64_t gathered_bytes, int device, bool beside_permute) {
   return env_switch("MOELORA_LORA_TOKEN_ROWS",
-                    gathered_bytes > device_attribute(cudaDevAttrL2CacheSize, device) / 2);
+                    beside_permute || gathered_bytes > device_attribute(cudaDevAttrL2CacheSize, device) / 2);
 }
 
 // LoRA overlapped with the base GEMMs (benchmarks/NOTES.md v16). With few rows per expert the base GEMMs stream
@@ -395,11 +404,10 @@ struct ShrinkIntoT {
 
 // The LoRA shrink kernel (lora_gemm.cu): ws.buf[ks, r, :R] = input[r, K-chunk ks] @ A[slot, e][:, chunk]^T, or
 // with `into` (one K split) t.
-mc::LoraShrinkParams run_lora_shrink(const LoraSide& side, const at::Tensor& input, const ShrinkRows& shrink_rows,
-                                     LoraWorkspace& ws, int k_splits, const at::Tensor& bucket_offsets,
-                                     const at::Tensor& lora_tile_prefix, const at::Tensor& lora_tile_segment,
-                                     const FusedMoeDims& d, int K, int sm_count, cudaStream_t stream,
-                                     const ShrinkIntoT& into = {}) {
+void run_lora_shrink(const LoraSide& side, const at::Tensor& input, const ShrinkRows& shrink_rows, LoraWorkspace& ws,
+                     int k_splits, const at::Tensor& bucket_offsets, const at::Tensor& lora_tile_prefix,
+                     const at::Tensor& lora_tile_segment, const FusedMoeDims& d, int K, int sm_count,
+                     cudaStream_t stream, const ShrinkIntoT& into = {}) {
   const int64_t R = d.R;
   const AdapterStrides sa = adapter_strides(side.shared_a, R * K, d.E);
   mc::LoraShrinkParams s{};
@@ -420,7 +428,6 @@ mc::LoraShrinkParams run_lora_shrink(const LoraSide& side, const at::Tensor& inp
   s.t = into.t; s.t_cols = into.t_cols; s.slot_scale = into.scale;
   s.dtype = to_dtype(input.scalar_type());
   C10_CUDA_CHECK(mc::launch_lora_shrink(s, sm_count, stream));
-  return s;
 }
 
 // The LoRA inside the next base GEMM: t from the shrink. With one K split the shrink writes t itself (lora_t_rows.cuh;
@@ -450,37 +457,40 @@ void run_lora_shrink_to_t(const LoraSide& side, const at::Tensor& input, const S
 
 // out += scale[slot] * B @ (A @ input) per (expert, slot) segment, on the base GEMM's output (`scalings`
 // nullptr: 1). With `gated` (fc1, lora_gemm.cu kernels) out is gu, left as the base GEMM wrote it, and the
-// expand writes h of the rows with an adapter.
+// expand writes h of the rows with an adapter. `shrunk`: the lora_gemm.cu shrink has already run (into ws.buf,
+// beside the permute's copy), only the expand runs.
 void run_lora(const LoraSide& side, const at::Tensor& input, const ShrinkRows& shrink_rows, LoraWorkspace& ws,
               int k_splits, const GatedExpandOut* gated, at::Tensor& out,
               const at::Tensor& bucket_offsets, const at::Tensor& lora_tile_prefix,
               const at::Tensor& lora_tile_segment, const float* scalings,
-              const FusedMoeDims& d, int N, int K, int sm_count, cudaStream_t stream) {
+              const FusedMoeDims& d, int N, int K, int sm_count, cudaStream_t stream, bool shrunk = false) {
   const int64_t R = d.R;
   const int pairs = static_cast<int>(d.T * d.k);
   const int nseg = static_cast<int>(d.E * (d.S + 1));
   const int active = static_cast<int>(d.E * d.S);
   const AdapterStrides sa = adapter_strides(side.shared_a, R * K, d.E), sb = adapter_strides(side.shared_b, N * R, d.E);
   if (ws.lora_kernels) {
-    const mc::LoraShrinkParams s = run_lora_shrink(side, input, shrink_rows, ws, k_splits, bucket_offsets,
-                                                   lora_tile_prefix, lora_tile_segment, d, K, sm_count, stream);
+    if (!shrunk)
+      run_lora_shrink(side, input, shrink_rows, ws, k_splits, bucket_offsets, lora_tile_prefix, lora_tile_segment, d,
+                      K, sm_count, stream);
 
     mc::LoraExpandParams e{};
-    e.partial = s.partial; e.k_splits = k_splits;
+    e.partial = ws.buf.data_ptr<float>(); e.k_splits = k_splits;
     e.B = side.b.data_ptr();
     e.b_expert_stride = sb.expert; e.b_slot_stride = sb.slot;
     e.D = out.data_ptr(); e.ldd = N;
     e.slot_scale = scalings;
-    e.row_offsets = s.row_offsets; e.tile_prefix = s.tile_prefix; e.tile_segment = s.tile_segment;
-    e.nseg = nseg; e.seg_per_expert = s.seg_per_expert; e.slot_base = -1;
-    e.R = s.R; e.N = N;
+    e.row_offsets = bucket_offsets.data_ptr<int>(); e.tile_prefix = lora_tile_prefix.data_ptr<int>();
+    e.tile_segment = lora_tile_segment.data_ptr<int>();
+    e.nseg = nseg; e.seg_per_expert = static_cast<int>(d.S + 1); e.slot_base = -1;
+    e.R = static_cast<int>(R); e.N = N;
     if (gated != nullptr) {  // N = 2I columns of gu become I columns of h, each with its gate and up B rows
       e.h = gated->h->data_ptr(); e.ldh = N / 2; e.up_col = N / 2; e.activation = gated->kind;
       e.N = N / 2;
     }
     e.max_rows = pairs; e.max_active_segments = active; e.few_rows_max = ws.expand_few_rows_max;
     e.tiles_kernel = ws.tiles_kernel;
-    e.dtype = s.dtype;
+    e.dtype = to_dtype(input.scalar_type());
     C10_CUDA_CHECK(mc::launch_lora_expand(e, sm_count, stream));
     return;
   }
@@ -682,14 +692,27 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   // and the LoRA-in-GEMM operand read a row's slot there.
   const bool need_row_slot = (decode && d.has_lora) || lora_in_fc1 || lora_in_fc2;
   at::Tensor row_slot = at::empty({need_row_slot ? pairs : 0}, iopt);
+  // A one-kernel routing also does the permute stage (one launch less; its other blocks copy the rows while the
+  // first one plans). MOELORA_ROUTING_GATHER=0 keeps the permute kernel above decode sizes, to compare.
+  // MOELORA_ROUTING_FEW_PAIRS=0: the one-block kernel also for the fewest pairs (kept to compare, NOTES.md v12).
+  const int few_pairs_max = env_zero("MOELORA_ROUTING_FEW_PAIRS") ? 0 : mc::kFewPairsMax;
+  const bool gather_in_routing = mc::routing_can_gather(pairs, nbuckets, few_pairs_max) &&
+                                 (decode || !env_zero("MOELORA_ROUTING_GATHER"));
+  // fc1's LoRA shrink (into the GEMM's t, or ws.buf for the expand) beside the permute's copy (see
+  // use_token_rows_shrink); it reads token rows.
+  const bool beside_permute = serial_lora && !gather_in_routing && !env_zero("MOELORA_LORA_SHRINK_BESIDE_PERMUTE");
   // Each sorted row's token, recorded by the permute, for fc1's LoRA shrink (ShrinkRows).
-  const bool token_rows_shrink = d.has_lora && !decode && lora_ws.lora_kernels &&
-                                 use_token_rows_shrink(static_cast<int64_t>(pairs) * H * x.element_size(), device);
+  const bool token_rows_shrink =
+      d.has_lora && !decode && lora_ws.lora_kernels &&
+      use_token_rows_shrink(static_cast<int64_t>(pairs) * H * x.element_size(), device, beside_permute);
+  const bool shrink_beside_permute = beside_permute && token_rows_shrink;
   at::Tensor row_token = at::empty({token_rows_shrink ? pairs : 0}, iopt);
   // Overlapped LoRA: the deltas and the second stream.
   at::Tensor gu_delta = at::empty({overlap ? pairs : 0, 2 * I}, x.options());
   at::Tensor y_delta = at::empty({overlap ? pairs : 0, H}, x.options());
-  const cudaStream_t lora_stream = overlap ? c10::cuda::getStreamFromPool(false, device).stream() : stream;
+  // The second stream: the overlapped LoRA's, or fc1's shrink beside the permute's copy.
+  const cudaStream_t lora_stream =
+      overlap || shrink_beside_permute ? c10::cuda::getStreamFromPool(false, device).stream() : stream;
   // The SMs each base GEMM runs on, sm_count but beside an overlapped LoRA (decided, and MOELORA_LORA_OVERLAP_SMS
   // checked, before anything is queued).
   const std::array<int, 2> gemm_sms =
@@ -715,12 +738,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     rp.fill_count = static_cast<int>(lora_ws.buf.numel());
     rp.fill_value = mc::kLoraTPending;
   }
-  // MOELORA_ROUTING_FEW_PAIRS=0: the one-block kernel also for the fewest pairs (kept to compare, NOTES.md v12).
-  rp.few_pairs_max = env_zero("MOELORA_ROUTING_FEW_PAIRS") ? 0 : mc::kFewPairsMax;
-  // A one-kernel routing also does the permute stage (one launch less; its other blocks copy the rows while the
-  // first one plans). MOELORA_ROUTING_GATHER=0 keeps the permute kernel above decode sizes, to compare.
-  const bool gather_in_routing = mc::routing_can_gather(pairs, nbuckets, rp.few_pairs_max) &&
-                                 (decode || !env_zero("MOELORA_ROUTING_GATHER"));
+  rp.few_pairs_max = few_pairs_max;
   if (gather_in_routing) {
     rp.gather_hidden = x.data_ptr(); rp.gather_permuted = permuted.data_ptr();
     rp.gather_pair_row = pair_row.data_ptr<int>(); rp.H = H;
@@ -767,7 +785,37 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   pp.pair_row = pair_row.data_ptr<int>(); pp.permuted = permuted.data_ptr(); pp.dtype = to_dtype(dtype);
   pp.row_slot = need_row_slot ? row_slot.data_ptr<int>() : nullptr;
   pp.row_token = token_rows_shrink ? row_token.data_ptr<int>() : nullptr;
-  if (!gather_in_routing) C10_CUDA_CHECK(mc::launch_permute(pp, stream));
+
+  // fc1's LoRA shrink of the serial LoRA: into t for the LoRA inside fc1's GEMM, or into ws.buf for the expand.
+  ShrinkRows fc1_rows;
+  if (token_rows_shrink) fc1_rows = {x.data_ptr(), H, row_token.data_ptr<int>()};
+  auto fc1_shrink = [&](cudaStream_t s) {
+    if (lora_in_fc1)
+      run_lora_shrink_to_t(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, bucket_offsets,
+                           lora_tile_prefix, lora_tile_segment, row_slot, expert_offsets, scale_ptr, lora_t, d, H,
+                           sm_count, s);
+    else
+      run_lora_shrink(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, bucket_offsets, lora_tile_prefix,
+                      lora_tile_segment, d, H, sm_count, s);
+  };
+  if (shrink_beside_permute) {
+    // The row maps, then the shrink on the second stream beside the copy; joined before fc1's GEMM.
+    pp.stage = mc::PermuteParams::Stage::Rows;
+    C10_CUDA_CHECK(mc::launch_permute(pp, stream));
+    StreamEvent forked, joined;
+    forked.record(stream);
+    forked.block(lora_stream);
+    {
+      const mc::ScopedLaunchPolicy plain(false);  // its first kernel follows the fork's event wait
+      fc1_shrink(lora_stream);
+    }
+    joined.record(lora_stream);
+    pp.stage = mc::PermuteParams::Stage::Copy;
+    C10_CUDA_CHECK(mc::launch_permute(pp, stream));
+    joined.block(stream);
+  } else if (!gather_in_routing) {
+    C10_CUDA_CHECK(mc::launch_permute(pp, stream));
+  }
 
   // The base GEMM `which` on its SMs, and lora_work() beside it on the LoRA stream: forked after what this
   // stream has queued, joined before what follows. The GEMM is queued first so that its CTAs take their SMs.
@@ -794,8 +842,6 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     gemv.N = 2 * I; gemv.K = H; gemv.gated = true;
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
   } else {
-    ShrinkRows fc1_rows;
-    if (token_rows_shrink) fc1_rows = {x.data_ptr(), H, row_token.data_ptr<int>()};
     const GatedExpandOut gated{&h, act};
     if (overlap) {
       gemm_beside(0, [&] {
@@ -804,15 +850,14 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
                  bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, lora_stream);
       });
     } else if (lora_in_fc1) {
-      run_lora_shrink_to_t(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, bucket_offsets,
-                           lora_tile_prefix, lora_tile_segment, row_slot, expert_offsets, scale_ptr, lora_t, d, H,
-                           sm_count, stream);
+      if (!shrink_beside_permute) fc1_shrink(stream);
       run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
     } else {
       run_base_gemm(base, 0, expert_tile_prefix, d, sm_count, stream);
       if (d.has_lora)
         run_lora(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, fused_act ? &gated : nullptr, gu,
-                 bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, stream);
+                 bucket_offsets, lora_tile_prefix, lora_tile_segment, scale_ptr, d, 2 * I, H, sm_count, stream,
+                 shrink_beside_permute);
     }
     if (!gated_fc1) {  // the gated GEMM wrote h itself
       mc::ActivationParams ap{};

@@ -104,6 +104,9 @@ struct PermuteParams {
   int* row_slot;             // [T*k] out, or nullptr: the adapter slot of each sorted row (-1: none)
   int* row_token;            // [T*k] out, or nullptr: the token of each sorted row (LoraShrinkParams::x_rows)
   DType dtype;
+  // What launch_permute runs. Rows then Copy (two launches) lets fc1's LoRA shrink, which needs only the row
+  // indices (row_token, row_slot), run on a second stream beside the copy.
+  enum class Stage { RowsAndCopy, Rows, Copy } stage;
 };
 cudaError_t launch_permute(const PermuteParams& p, cudaStream_t stream);
 
