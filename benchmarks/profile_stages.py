@@ -122,6 +122,22 @@ def kernel_breakdown(fns, flush, iters: int) -> list[tuple[str, int, float]]:
     return rows
 
 
+def kernel_timeline(fn, flush) -> list[tuple[str, float, float]]:
+    """(kernel name, start µs after the first kernel's start, µs) of one eager call, in start order: what runs on
+    the op's second stream shows up as kernels that start before the previous one ends."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()  # warm (allocator, tensor maps)
+    flush.add_(1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    evs = sorted((ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
+                 if ev.device_type.name == "CUDA" and not ev.name.startswith("Memcpy"))
+    t0 = evs[0][0] if evs else 0
+    return [(name, start - t0, end - start) for start, end, name in evs]
+
+
 def short(name: str, width: int = 70) -> str:
     name = name.replace("moelora::cuda::", "").replace("(anonymous namespace)::", "")
     return name if len(name) <= width else name[: width - 3] + "..."
@@ -141,6 +157,8 @@ def main(argv=None):
                     help="queue the timed replays without synchronizing between them (as bench_moe.py)")
     ap.add_argument("--layers", type=int, default=1,
                     help="time a stack of this many layers with their own weights (times per layer)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also one eager LoRA call's kernels with their start times (overlap across streams)")
     ap.add_argument("--json", default=None, help="write the numbers here")
     ap.add_argument("--ncu", action="store_true",
                     help="for Nsight Compute: one eager LoRA call per (shape, T, variant) between "
@@ -205,6 +223,7 @@ def main(argv=None):
                                                                       max(5, args.iters // 2))
                     base_rows = kernel_breakdown([call(b, False) for b in batches], flush,
                                                  max(5, args.iters // 2)) if args.base_kernels else []
+                    timeline = kernel_timeline(call(batches[0], True), flush) if args.timeline else []
                 ovh = 100.0 * (lora / base - 1.0)
                 per = f" per layer of {nl}" if nl > 1 else ""
                 print(f"\n## {sname} T={T} [{vname}] graph{per}: base {base:.1f} µs, lora {lora:.1f} µs "
@@ -218,6 +237,8 @@ def main(argv=None):
                     print(f"  {us:8.1f} µs  x{n}  {short(name)}  [base]")
                 if base_rows:
                     print(f"  {sum(r[2] for r in base_rows):8.1f} µs  sum of kernel times (eager base call)")
+                for name, start, us in timeline:
+                    print(f"  at {start:8.1f} µs for {us:8.1f} µs  {short(name)}  [timeline]")
                 out.append(dict(shape=sname, T=T, variant=vname, env=env, layers=nl, base_us=base, lora_us=lora,
                                 kernels=[dict(name=n_, launches=c_, us=u_) for n_, c_, u_ in rows],
                                 base_kernels=[dict(name=n_, launches=c_, us=u_) for n_, c_, u_ in base_rows]))

@@ -152,7 +152,7 @@ struct LoraWorkspace {
   int few_rows_max = mc::kLoraFewRows;  // MOELORA_LORA_FEW_ROWS overrides (0: 64-row tiles only; large: none)
   int expand_few_rows_max = mc::kLoraFewRows;  // the expand's own threshold: MOELORA_LORA_EXPAND_FEW_ROWS
   bool tiles_kernel = true;  // the tiles-only LoRA kernels where few_rows_max == 0 (MOELORA_LORA_TILES_KERNEL=0: off)
-  at::Tensor buf;
+  at::Tensor buf;  // the shrinks' fp32 partial sums: allocate_partials, or at decode make_lora_workspace
   int k_splits_fc1 = 1, k_splits_fc2 = 1;
 };
 
@@ -203,12 +203,25 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
     };
     ws.k_splits_fc1 = split_count(static_cast<int>(d.H));
     ws.k_splits_fc2 = split_count(static_cast<int>(d.I));
-    const int64_t splits = std::max(ws.k_splits_fc1, ws.k_splits_fc2);
-    ws.buf = at::empty({splits, pairs, d.R}, act_options.dtype(at::kFloat));
+    // buf (the shrinks' partial sums) once the call knows which shrinks write t themselves (allocate_partials).
   } else {
     ws.buf = at::empty({pairs, d.R}, act_options);
   }
   return ws;
+}
+
+// Whether the LoRA shrink with this many K splits writes the GEMM's t itself (LoRA inside the GEMM): with one split
+// unless MOELORA_LORA_SHRINK_T=0 (lora_t_rows.cuh; the same bits as lora_k_operand.cu, one kernel and t's fp32 round
+// trip less: 2 x 6.5 µs at qwen3 T=1024, NOTES.md v26).
+bool shrink_writes_t(int k_splits) { return k_splits == 1 && !env_zero("MOELORA_LORA_SHRINK_T"); }
+
+// The lora_gemm.cu shrinks' fp32 partial sums, [K splits, pairs, R], shared by fc1 and fc2 (fc2's shrink runs after
+// fc1's LoRA has read them): none for a side whose shrink writes the GEMM's t itself (`into_t`).
+void allocate_partials(LoraWorkspace& ws, const FusedMoeDims& d, const at::TensorOptions& act_options,
+                       const bool (&into_t)[2]) {
+  const int64_t fc1 = into_t[0] && shrink_writes_t(ws.k_splits_fc1) ? 0 : ws.k_splits_fc1;
+  const int64_t fc2 = into_t[1] && shrink_writes_t(ws.k_splits_fc2) ? 0 : ws.k_splits_fc2;
+  ws.buf = at::empty({std::max(fc1, fc2), d.T * d.k, d.R}, act_options.dtype(at::kFloat));
 }
 
 // fc1's LoRA expand writes h itself (activation fused) unless MOELORA_LORA_FUSED_ACT=0 (kept to compare).
@@ -430,15 +443,14 @@ void run_lora_shrink(const LoraSide& side, const at::Tensor& input, const Shrink
   C10_CUDA_CHECK(mc::launch_lora_shrink(s, sm_count, stream));
 }
 
-// The LoRA inside the next base GEMM: t from the shrink. With one K split the shrink writes t itself (lora_t_rows.cuh;
-// the same bits, one kernel and t's fp32 round trip less: 2 x 6.5 µs at qwen3 T=1024, NOTES.md v26) unless
-// MOELORA_LORA_SHRINK_T=0; otherwise lora_k_operand.cu sums its split-K partials into t.
+// The LoRA inside the next base GEMM: t from the shrink, itself where shrink_writes_t, otherwise from its split-K
+// partials summed by lora_k_operand.cu.
 void run_lora_shrink_to_t(const LoraSide& side, const at::Tensor& input, const ShrinkRows& shrink_rows,
                           LoraWorkspace& ws, int k_splits, const at::Tensor& bucket_offsets,
                           const at::Tensor& lora_tile_prefix, const at::Tensor& lora_tile_segment,
                           const at::Tensor& row_slot, const at::Tensor& expert_offsets, const float* scalings,
                           at::Tensor& t, const FusedMoeDims& d, int K, int sm_count, cudaStream_t stream) {
-  if (k_splits == 1 && !env_zero("MOELORA_LORA_SHRINK_T")) {
+  if (shrink_writes_t(k_splits)) {
     run_lora_shrink(side, input, shrink_rows, ws, k_splits, bucket_offsets, lora_tile_prefix, lora_tile_segment, d,
                     K, sm_count, stream, ShrinkIntoT{t.data_ptr(), static_cast<int>(t.size(1)), scalings});
     return;
@@ -677,6 +689,10 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   }
   const bool lora_in_fc1 = serial_lora && use_lora_in_gemm(fc1_params, lora_in_knob[0], lora13, d);
   const bool lora_in_fc2 = serial_lora && use_lora_in_gemm(fc2_params, lora_in_knob[1], lora2, d);
+  if (d.has_lora && !decode && lora_ws.lora_kernels) {
+    const bool into_t[2] = {lora_in_fc1, lora_in_fc2};
+    allocate_partials(lora_ws, d, x.options(), into_t);
+  }
   // fc1's GEMM with the activation in its epilogue (writes h; no gu, no activation stage): without LoRA, or with
   // fc1's LoRA inside it.
   const bool gated_fc1 = sm90_gemms && (!d.has_lora || lora_in_fc1) && use_gated_fc1(fc1_params);
