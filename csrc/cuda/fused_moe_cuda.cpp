@@ -288,18 +288,24 @@ bool use_lora_in_gemm(mc::ExpertGemmParams g, int knob, const LoraSide& side, co
 // MB at T=4096). Measured (benchmarks/NOTES.md v13): fc1's shrink 4-9 µs faster at T=4096, but 2-5 µs slower
 // where the copy fits the L2 anyway (mixtral / gpt-oss T=1024, 17-24 MB) and the row index is one more load.
 // MOELORA_LORA_TOKEN_ROWS=0 / =1 turns it off / on whatever the size. Same values in the same order: same bits.
-// `beside_permute`: the shrink would run beside the permute's copy (below), which it can only on token rows.
-//
-// fc1's LoRA shrink beside the permute's copy: the serial LoRA's fc1 shrink (into t for the LoRA inside fc1's GEMM,
-// or into ws.buf for the expand after it) needs the row maps (row_token, row_slot) and the routing's tables, not the
-// gathered rows. So where the permute is a kernel of its own (not folded into the routing), it runs in two
-// launches, the row maps (a thread per pair) and the copy, and the shrink runs on a second stream beside the copy,
-// joined before fc1's GEMM. They are bound by different things:
-// the copy by HBM, the shrink by latency, with SMs idle in its last partial wave (NOTES.md v26-v27).
-// MOELORA_LORA_SHRINK_BESIDE_PERMUTE=0 keeps them in one stream, one after the other. Same kernels: same bits.
+// `beside_permute` (use_shrink_beside_permute): the shrink would run beside the permute's copy, which it can only on
+// token rows.
 bool use_token_rows_shrink(int64_t gathered_bytes, int device, bool beside_permute) {
   return env_switch("MOELORA_LORA_TOKEN_ROWS",
                     beside_permute || gathered_bytes > device_attribute(cudaDevAttrL2CacheSize, device) / 2);
+}
+
+// fc1's LoRA shrink beside the permute's copy. The shrink of the LoRA after or inside the base GEMMs (`serial_lora`:
+// into t for the LoRA inside fc1's GEMM, or into ws.buf for the expand) needs the row maps (row_token, row_slot) and
+// the routing's tables, not the gathered rows. So where the permute is a kernel of its own (not folded into the
+// routing: `gather_in_routing`), it runs in two launches, the row maps (a thread per pair) and the copy, and the
+// shrink runs on a second stream beside the copy, joined before fc1's GEMM. Measured on the H100 (rank 16, graph
+// replays, NOTES.md v27): qwen3 T=4096 / 16384 -5..-10 / -20..-60 µs, gpt-oss and mixtral within the spread. Both
+// kernels stream HBM and slow each other (qwen3 T=4096: the shrink 62 -> 91 µs, the copy 58 -> 68), so what is won is
+// about the shrink's idle last wave. MOELORA_LORA_SHRINK_BESIDE_PERMUTE=0 keeps them on one stream, one after the
+// other. The same kernels either way: the same bits.
+bool use_shrink_beside_permute(bool serial_lora, bool gather_in_routing) {
+  return serial_lora && !gather_in_routing && !env_zero("MOELORA_LORA_SHRINK_BESIDE_PERMUTE");
 }
 
 // LoRA overlapped with the base GEMMs (benchmarks/NOTES.md v16). With few rows per expert the base GEMMs stream
@@ -714,9 +720,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const int few_pairs_max = env_zero("MOELORA_ROUTING_FEW_PAIRS") ? 0 : mc::kFewPairsMax;
   const bool gather_in_routing = mc::routing_can_gather(pairs, nbuckets, few_pairs_max) &&
                                  (decode || !env_zero("MOELORA_ROUTING_GATHER"));
-  // fc1's LoRA shrink (into the GEMM's t, or ws.buf for the expand) beside the permute's copy (see
-  // use_token_rows_shrink); it reads token rows.
-  const bool beside_permute = serial_lora && !gather_in_routing && !env_zero("MOELORA_LORA_SHRINK_BESIDE_PERMUTE");
+  // fc1's LoRA shrink on the second stream beside the permute's copy; it reads token rows.
+  const bool beside_permute = use_shrink_beside_permute(serial_lora, gather_in_routing);
   // Each sorted row's token, recorded by the permute, for fc1's LoRA shrink (ShrinkRows).
   const bool token_rows_shrink =
       d.has_lora && !decode && lora_ws.lora_kernels &&
