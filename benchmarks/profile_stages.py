@@ -138,6 +138,34 @@ def kernel_timeline(fn, flush) -> list[tuple[str, float, float]]:
     return [(name, start - t0, end - start) for start, end, name in evs]
 
 
+def interleaved(variants, batches, call, flush, iters: int, nl: int, sname: str, T: int) -> list[dict]:
+    """--interleave: every variant's base and LoRA graphs captured under its environment, then replayed in turn (base,
+    LoRA, next variant, ...) `iters` times, each replay synchronized after an L2 flush; medians per variant."""
+    graphs = {}
+    for vname, env in variants:
+        with Env(env):
+            graphs[vname] = tuple([graph_of(call(b, lora)) for b in batches] for lora in (False, True))
+    times = {vname: ([], []) for vname in graphs}
+    for i in range(iters):
+        for vname, pair in graphs.items():
+            for which, gs in enumerate(pair):
+                flush.add_(1)
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                gs[i % len(gs)].replay()
+                b.record()
+                b.synchronize()
+                times[vname][which].append(a.elapsed_time(b) * 1e3)
+    rows = []
+    for vname, env in variants:
+        base, lora = (statistics.median(t) / nl for t in times[vname])
+        print(f"\n## {sname} T={T} [{vname}] interleaved graph: base {base:.1f} µs, lora {lora:.1f} µs "
+              f"(+{100.0 * (lora / base - 1.0):.0f}%)", flush=True)
+        rows.append(dict(shape=sname, T=T, variant=vname, env=env, layers=nl, base_us=base, lora_us=lora,
+                         interleaved=True))
+    return rows
+
+
 def short(name: str, width: int = 70) -> str:
     name = name.replace("moelora::cuda::", "").replace("(anonymous namespace)::", "")
     return name if len(name) <= width else name[: width - 3] + "..."
@@ -159,6 +187,9 @@ def main(argv=None):
                     help="time a stack of this many layers with their own weights (times per layer)")
     ap.add_argument("--timeline", action="store_true",
                     help="also one eager LoRA call's kernels with their start times (overlap across streams)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="capture every variant's graphs first, then alternate their replays (each iteration replays "
+                         "every variant once, so clock and power drift hit them alike); graph totals only")
     ap.add_argument("--json", default=None, help="write the numbers here")
     ap.add_argument("--ncu", action="store_true",
                     help="for Nsight Compute: one eager LoRA call per (shape, T, variant) between "
@@ -201,6 +232,10 @@ def main(argv=None):
                     return y
                 return run
 
+            if args.interleave and not args.ncu:
+                out += interleaved(variants, batches, call, flush, args.iters, nl, sname, T)
+                torch.cuda.empty_cache()
+                continue
             for vname, env in variants:
                 if args.ncu:
                     with Env(env):

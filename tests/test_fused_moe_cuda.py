@@ -906,6 +906,111 @@ def test_lora_in_gemm_graph_replay(rank, variant, monkeypatch):
         assert rel_err(static_out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
 
 
+# fc1 gathering the tokens' rows itself (no permute copy): more than 2048 pairs (the permute a kernel of its own) and
+# more than 128 rows per expert on average (the LargeM tile), so the rule takes it by default.
+GATHER_SHAPES = [
+    # T,    H,    I,   E, k, S,  R
+    (700, 256, 192, 8, 4, 8, 16),       # skewed: experts from empty to many 128-row tiles, partial last tiles
+    (600, 264, 128, 4, 4, 4, 64),       # K = 264: the last k tile's 56 columns past K zero-filled; rank 64
+    (1100, 512, 256, 16, 2, 3, 32),     # rank 32, S R = 96 of t's 128 columns
+    (4096, 2048, 768, 128, 8, 8, 16),   # qwen3-30b-a3b at T = 4096
+]
+_GATHER_KNOBS = ("MOELORA_PORTABLE", "MOELORA_LORA_IN_GEMM", "MOELORA_LORA_OVERLAP", "MOELORA_GEMM_TILE",
+                 "MOELORA_LORA_SHRINK_T", "MOELORA_LORA_SHRINK_SPLITS", "MOELORA_ROUTING_GATHER",
+                 "MOELORA_LORA_TOKEN_ROWS", "MOELORA_LORA_SHRINK_BESIDE_PERMUTE", "MOELORA_GATHER_IN_FC1",
+                 "MOELORA_GATED_FC1", "MOELORA_PDL")
+
+
+def _gather_env(monkeypatch, lora):
+    """The rule's defaults; with adapters the LoRA inside fc1's GEMM (the gated GEMM that gathers), t from the shrink
+    itself (shrink_t, one K split) or from t's kernel (t_kernel)."""
+    for name in _GATHER_KNOBS:
+        monkeypatch.delenv(name, raising=False)
+    if lora != "none":
+        monkeypatch.setenv("MOELORA_LORA_IN_GEMM", "1")
+        monkeypatch.setenv("MOELORA_LORA_OVERLAP", "0")
+        monkeypatch.setenv("MOELORA_LORA_SHRINK_SPLITS", "1")
+    if lora == "t_kernel":
+        monkeypatch.setenv("MOELORA_LORA_SHRINK_T", "0")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lora", ["none", "shrink_t", "t_kernel"])
+@pytest.mark.parametrize("shape", GATHER_SHAPES, ids=lambda s: "T{}_H{}_I{}_E{}_k{}_S{}_R{}".format(*s))
+def test_gather_in_fc1(shape, lora, dtype, monkeypatch):
+    """fc1's GEMM reads the tokens' rows itself (cp.async gather into its swizzled A stages): the permute writes only
+    the row maps (no copy launch), the output matches the reference, and it equals bit for bit the call with the
+    permute's copy (MOELORA_GATHER_IN_FC1=0), on a poisoned allocator: the same A tiles, the same MMAs. With adapters
+    (the LoRA inside the GEMM: t's k tiles by TMA after the gathered weight k tiles) and without."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the gather is the sm90 CUTLASS GEMM's")
+    _gather_env(monkeypatch, lora)
+    T, H, I, E, k, S, R = shape
+    if lora == "none":
+        S = R = 0
+    args = make_case(T, H, I, E, k, S, R, dtype=dtype, seed=T + R + 5)
+    poison_allocator()
+    gathered, rows, copies = _permute_launches(args)
+    assert (rows, copies) == (1, 0)
+    assert rel_err(gathered, fused_moe_reference(**args)) < TOL[dtype]
+    if lora != "none":
+        assert _lora_k_kernels(args)[1:] == ((2 if lora == "t_kernel" else 0), 2, False)
+    monkeypatch.setenv("MOELORA_GATHER_IN_FC1", "0")
+    poison_allocator()
+    copied, rows, copies = _permute_launches(args)
+    assert copies == 1
+    assert torch.equal(gathered, copied)
+
+
+def test_gather_in_fc1_rule(monkeypatch):
+    """By default fc1 gathers the tokens' rows where the permute is a kernel of its own (more than 2048 pairs) and
+    fc1 is the gated GEMM on the LargeM tile (more than 128 rows per expert), with adapters or without. Not where
+    the routing gathers (up to 2048 pairs), on the 64-row pingpong tile, without the gated GEMM
+    (MOELORA_GATED_FC1=0, or the LoRA's expand kernels), with the shrink on the gathered rows
+    (MOELORA_LORA_TOKEN_ROWS=0) or with MOELORA_GATHER_IN_FC1=0. (row-map launches, copy launches) of the permute;
+    every case matches the reference."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the gather is the sm90 CUTLASS GEMM's")
+    _gather_env(monkeypatch, "none")
+    lora = make_case(700, 256, 192, 8, 4, 8, 16, seed=14)       # 2800 pairs, 350 rows per expert
+    base = make_case(700, 256, 192, 8, 4, seed=14)
+    small = make_case(500, 256, 192, 8, 4, 8, 16, seed=14)      # 2000 pairs: the routing gathers
+    cases = [(lora, {}, (1, 0)), (base, {}, (1, 0)), (small, {}, (0, 0)),
+             (lora, {"MOELORA_GATHER_IN_FC1": "0"}, (1, 1)), (base, {"MOELORA_GATHER_IN_FC1": "0"}, (0, 1)),
+             (lora, {"MOELORA_GEMM_TILE": "large_pp"}, (1, 1)), (base, {"MOELORA_GATED_FC1": "0"}, (0, 1)),
+             (lora, {"MOELORA_LORA_IN_GEMM": "0"}, (1, 1)), (lora, {"MOELORA_LORA_TOKEN_ROWS": "0"}, (0, 1))]
+    for args, env, expected in cases:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        poison_allocator()
+        out, *launches = _permute_launches(args)
+        assert tuple(launches) == expected, env
+        assert rel_err(out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
+        for name in env:
+            monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize("variant", ["shrink_t", "t_kernel", "pdl"])
+def test_gather_in_fc1_graph_replay(variant, monkeypatch):
+    """fc1's gather under CUDA-graph capture: replays with new tokens, routing, slots and adapter weights written in
+    place equal eager calls bit for bit and match the reference (the row maps are the graph's, rewritten by each
+    replay's permute). pdl: every launch on PDL (MOELORA_PDL=1), so fc1's GEMM waits on the row maps' kernel."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the gather is the sm90 CUTLASS GEMM's")
+    _gather_env(monkeypatch, "t_kernel" if variant == "t_kernel" else "shrink_t")
+    if variant == "pdl":
+        monkeypatch.setenv("MOELORA_PDL", "1")
+    args = make_case(700, 256, 192, 8, 4, 8, 16, seed=8)
+    graph, static_out = capture_graph(args)
+    assert _permute_launches(args)[1:] == (1, 0)
+    for seed in range(9, 13):
+        _rewrite_inputs(args, seed)
+        static_out.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(static_out, moelora_ext.fused_moe(**args)), f"replay differs from eager (seed {seed})"
+        assert rel_err(static_out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("name,value", [
     ("MOELORA_LORA_FEW_ROWS", "abc"), ("MOELORA_LORA_EXPAND_FEW_ROWS", "16 rows"), ("MOELORA_LORA_SHRINK_WAVES", "-1"),
     ("MOELORA_GEMV_AVG_ROWS", "1e3"), ("MOELORA_LORA_OVERLAP_SMS", "x:16"), ("MOELORA_LORA_OVERLAP_SMS", "12:"),
