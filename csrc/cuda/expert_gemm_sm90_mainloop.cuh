@@ -174,10 +174,9 @@ struct ExpertMainloop : Base {
     uint8_t k_tile_active[kStages][2];
   };
   using LoraOrBaseStorage = cute::conditional_t<kLoraK, LoraTensorStorage, typename Base::TensorStorage>;
-  // With the gathered rows, the current tile's rows' tokens (-1 past the group's rows), written and read by the
-  // producer warp alone.
+  // With the gathered rows, the current tile's rows' addresses in x, written and read by the producer warp alone.
   struct GatherTensorStorage : LoraOrBaseStorage {
-    int gather_token[kTileM];
+    const InternalElementA* gather_row[kTileM];
   };
   using TensorStorage = cute::conditional_t<kGatherA, GatherTensorStorage, LoraOrBaseStorage>;
 
@@ -411,23 +410,26 @@ struct ExpertMainloop : Base {
     Tensor tW1g = tma_w.partition_S(gW1);
     Tensor tW1s = tma_w.partition_D(sW1);
 
-    // The tile's rows' tokens into shared memory (after the warp's reads of the last tile's). Copy j of a lane is
-    // chunk c % kChunks of row c / kChunks (c = 32 j + lane: 8 lanes per 128-byte panel row, 4 whole lines per warp
-    // instruction), its token read back from there per k tile (a volatile load: hoisted out of the k loop, the
-    // copies' tokens take more than the producer's 40 registers). The LoRA variant spills a few words in the
-    // leader's LoRA k tiles (ptxas: 76 bytes; none without the LoRA).
+    // The tile's rows' addresses in x into shared memory (after the warp's reads of the last tile's). Rows past the
+    // group read token 0's row: their accumulator rows are never stored (the epilogue stops at the group's rows), and
+    // a GEMM's output rows depend only on their own input rows.
+    // Copy j of a lane is chunk c % kChunks of row c / kChunks (c = 32 j + lane: 8 lanes per 128-byte panel row, 4
+    // whole lines per warp instruction); its row's address is read back per copy (a volatile shared load, 4 copies
+    // in flight). The producer has 40 registers: copies chained through the row tokens, the parameters and the
+    // address arithmetic each took ~200 cycles one after the other (ncu, v28 run 5), 3x slower than fc1 on the copy.
     constexpr int kChunks = kTileK / 8;                  // 16-byte chunks per row
     constexpr int kCopies = kTileM * kChunks / 32;       // per lane and stage
-    constexpr int kUnroll = 8;  // copies in flight per step: all 32 unrolled spill (their addresses)
-    static_assert(32 % kChunks == 0 || kChunks % 32 == 0, "a lane's chunk column is fixed");
+    static_assert(32 % kChunks == 0, "a lane's chunk column is fixed");
     const int row0 = static_cast<int>(m_coord) * kTileM;
     __syncwarp();
     CUTLASS_PRAGMA_UNROLL
-    for (int r = lane; r < kTileM; r += 32)
-      shared_tensors.gather_token[r] =
-          row0 + r < group_rows_ ? params.gather.row_token[group_first_row_ + row0 + r] : -1;
+    for (int r = lane; r < kTileM; r += 32) {
+      const int t = row0 + r < group_rows_ ? params.gather.row_token[group_first_row_ + row0 + r] : 0;
+      shared_tensors.gather_row[r] = params.gather.x + static_cast<int64_t>(t) * params.gather.ld;
+    }
     __syncwarp();
-    const uint32_t smem_token = cute::cast_smem_ptr_to_uint(&shared_tensors.gather_token[0]);
+    const uint32_t smem_rows = cute::cast_smem_ptr_to_uint(&shared_tensors.gather_row[0]);
+    const int lane_col = (lane % kChunks) * 8;           // this lane's column within a k tile
     int slot_lo = 0, slot_hi = -1;  // as in load()
     if constexpr (kLoraK) {
       const int last = min(row0 + kTileM, group_rows_) - 1;
@@ -448,17 +450,20 @@ struct ExpertMainloop : Base {
         }
         const uint32_t stage_a = smem_a + stage * kStageBytesA;
         const int col0 = kt * kTileK;
-#pragma unroll kUnroll
+        // Past K (the last k tile when K is not a multiple of kTileK) a chunk is zero-filled.
+        const bool k_full = col0 + kTileK <= k_weight;
+        const uint32_t src_bytes = k_full || col0 + lane_col < k_weight ? 16 : 0;
+        const int64_t col_bytes = static_cast<int64_t>(src_bytes ? col0 + lane_col : 0) * sizeof(InternalElementA);
+#pragma unroll 4
         for (int j = 0; j < kCopies; ++j) {
-          const int c = 32 * j + lane, row = c / kChunks, col = (c % kChunks) * 8;
-          int t;
-          asm volatile("ld.shared.b32 %0, [%1];" : "=r"(t) : "r"(smem_token + 4 * row));
-          const bool valid = t >= 0 && col0 + col < k_weight;
-          const InternalElementA* src =
-              valid ? params.gather.x + static_cast<int64_t>(t) * params.gather.ld + col0 + col : params.gather.x;
-          const uint32_t plain = stage_a + static_cast<uint32_t>(PlainLayoutA{}(row, col, 0)) * sizeof(InternalElementA);
+          const int row = (32 * j + lane) / kChunks;
+          uint64_t row_addr;
+          asm volatile("ld.shared.u64 %0, [%1];" : "=l"(row_addr) : "r"(smem_rows + 8 * row));
+          const uint32_t plain =
+              stage_a + static_cast<uint32_t>(PlainLayoutA{}(row, lane_col, 0)) * sizeof(InternalElementA);
           const uint32_t dst = plain ^ (((plain >> 7) & 7u) << 4);  // 128-byte swizzle
-          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(row_addr + col_bytes),
+                       "r"(src_bytes)
                        : "memory");
         }
         cutlass::arch::cpasync_barrier_arrive(
