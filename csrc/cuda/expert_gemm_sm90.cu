@@ -95,16 +95,11 @@ bool expert_gemm_sm90_lora_k_supported(const ExpertGemmParams& p) {
          l.t_cols == expert_gemm_lora_k_cols(l.S, l.R);
 }
 
-bool expert_gemm_sm90_gather_supported(const ExpertGemmParams& p) {
-  return p.gated != GatedOutput::None && expert_gemm_sm90_gated_supported(p) && pick_tile(p) == ExpertGemmConfig::LargeM;
-}
-
 namespace {
-// p's gated output, LoRA and gathered rows, where it asks for them, are ones its tile has.
+// p's gated output and LoRA, where it asks for them, are ones its tile has.
 bool variant_supported(const ExpertGemmParams& p) {
   return (p.gated == GatedOutput::None || expert_gemm_sm90_gated_supported(p)) &&
-         (p.lora_k.t == nullptr || expert_gemm_sm90_lora_k_supported(p)) &&
-         (p.gather.x == nullptr || expert_gemm_sm90_gather_supported(p));
+         (p.lora_k.t == nullptr || expert_gemm_sm90_lora_k_supported(p));
 }
 }  // namespace
 
@@ -174,7 +169,6 @@ ExpertGemmConfig expert_gemm_sm90_auto_config(const ExpertGemmParams& p) { retur
 size_t expert_gemm_sm90_workspace_bytes(int, int) { return 0; }
 bool expert_gemm_sm90_gated_supported(const ExpertGemmParams&) { return false; }
 bool expert_gemm_sm90_lora_k_supported(const ExpertGemmParams&) { return false; }
-bool expert_gemm_sm90_gather_supported(const ExpertGemmParams&) { return false; }
 cudaError_t expert_gemm_sm90_prepare(const ExpertGemmParams*, void* const*, int, size_t, int, cudaStream_t) {
   return cudaErrorNotSupported;
 }

@@ -128,8 +128,7 @@ struct PdlWaitKernel : Base {
 
 // kGated: fc1 with its gated activation in the epilogue (expert_gemm_sm90_gated_epilogue.cuh); kLoraK: the LoRA
 // inside the GEMM, as more k tiles (expert_gemm_sm90_mainloop.cuh). Both: row-side tiles only.
-// kGatherA: A's rows gathered from the tokens' rows (expert_gemm_sm90_mainloop.cuh), gated fc1 only.
-template <class Element, class Tile, bool kGated = false, bool kLoraK = false, bool kGatherA = false>
+template <class Element, class Tile, bool kGated = false, bool kLoraK = false>
 struct ExpertGemmKernel {
   static_assert(!((kGated || kLoraK) && Tile::kSwapAB), "the gated and LoRA main loops need the weight's rows on N");
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // per group <M, N, K>
@@ -143,8 +142,6 @@ struct ExpertGemmKernel {
   static constexpr bool kSwapAB = Tile::kSwapAB;
   static constexpr bool kGatedOutput = kGated;
   static constexpr bool kLoraInGemm = kLoraK;
-  static constexpr bool kGatherRows = kGatherA;
-  static_assert(!kGatherA || kGated, "the gathered rows are the gated fc1's");
   static constexpr bool kCustomMainloop = kGated || kLoraK;
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16 B (TMA)
 
@@ -168,7 +165,7 @@ struct ExpertGemmKernel {
           sizeof(typename CollectiveEpilogue::SharedStorage) + (kLoraK ? 384 : 0))>,
       typename Tile::KernelSchedule>::CollectiveOp;
   using CollectiveMainloop =
-      cute::conditional_t<kCustomMainloop, ExpertMainloop<BuiltMainloop, kGated, kLoraK, kGatherA>, BuiltMainloop>;
+      cute::conditional_t<kCustomMainloop, ExpertMainloop<BuiltMainloop, kGated, kLoraK>, BuiltMainloop>;
 
   using Kernel =
       PdlWaitKernel<cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>>;
@@ -217,9 +214,9 @@ inline char* aligned_workspace(void* workspace) {
 // The tables of p in the workspace as plain data (ExpertGemmTables): the device-side writer
 // (write_expert_gemm_tables) fills CUTLASS's per-group shape and stride types as raw ints, which the asserts
 // below pin down.
-template <class Element, class Tile, bool kGated, bool kLoraK, bool kGatherA = false>
+template <class Element, class Tile, bool kGated, bool kLoraK>
 ExpertGemmTables make_tables(const ExpertGemmParams& p, void* workspace) {
-  using K = ExpertGemmKernel<Element, Tile, kGated, kLoraK, kGatherA>;
+  using K = ExpertGemmKernel<Element, Tile, kGated, kLoraK>;
   using RowMajorStride = cute::Stride<int64_t, cute::Int<1>, cute::Int<0>>;  // one dynamic stride: mode 0
   using ColMajorStride = cute::Stride<cute::Int<1>, int64_t, cute::Int<0>>;  // one dynamic stride: mode 1
   static_assert(sizeof(typename K::Shape3) == 3 * sizeof(int), "group shape = {M, N, K} ints");
@@ -289,8 +286,6 @@ typename K::Gemm::Arguments make_arguments(const GroupTableLayout& l, char* ws, 
         lora.expert_offsets = p->expert_offsets;
         lora.row_slot = o.row_slot;
       }
-      if constexpr (K::kGatherRows)
-        args.mainloop.gather = {p->gather.x, p->gather.row_token, p->expert_offsets, static_cast<int64_t>(p->K)};
     }
   }
   if constexpr (K::kGatedOutput) {
@@ -311,9 +306,9 @@ typename K::Gemm::Arguments make_arguments(const GroupTableLayout& l, char* ws, 
   return args;
 }
 
-template <class Element, class Tile, bool kGated, bool kLoraK, bool kGatherA = false>
+template <class Element, class Tile, bool kGated, bool kLoraK>
 size_t expert_gemm_workspace_bytes(int num_experts, int sm_count) {
-  using K = ExpertGemmKernel<Element, Tile, kGated, kLoraK, kGatherA>;
+  using K = ExpertGemmKernel<Element, Tile, kGated, kLoraK>;
   if (num_experts <= 0 || sm_count <= 0) return 0;
   const GroupTableLayout l = GroupTableLayout::make<K>(num_experts);
   // CUTLASS's workspace here depends only on sm_count (per-SM TMA descriptor copies), not on the routing;
@@ -322,29 +317,27 @@ size_t expert_gemm_workspace_bytes(int num_experts, int sm_count) {
   return l.end + GroupTableLayout::up(K::Gemm::get_workspace_size(args)) + GroupTableLayout::kAlign;
 }
 
-template <class Element, class Tile, bool kGated, bool kLoraK, bool kGatherA = false>
+template <class Element, class Tile, bool kGated, bool kLoraK>
 cudaError_t check_params(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count) {
-  using K = ExpertGemmKernel<Element, Tile, kGated, kLoraK, kGatherA>;
+  using K = ExpertGemmKernel<Element, Tile, kGated, kLoraK>;
   if (p.num_experts <= 0 || sm_count <= 0 || p.N <= 0 || p.K <= 0) return cudaErrorInvalidValue;
   // TMA: 16-byte aligned rows and base pointers (gated: D's rows of N/2, and the up rows start at row N/2).
   if (p.N % K::kAlign != 0 || p.K % K::kAlign != 0) return cudaErrorInvalidValue;
   if (kGated && (p.N / 2) % K::kAlign != 0) return cudaErrorInvalidValue;
   if ((reinterpret_cast<uintptr_t>(p.A) | reinterpret_cast<uintptr_t>(p.W) | reinterpret_cast<uintptr_t>(p.D)) % 16)
     return cudaErrorInvalidValue;
-  if (kGatherA && (p.gather.row_token == nullptr || reinterpret_cast<uintptr_t>(p.gather.x) % 16 != 0))
-    return cudaErrorInvalidValue;
   if (workspace == nullptr ||
-      workspace_bytes < expert_gemm_workspace_bytes<Element, Tile, kGated, kLoraK, kGatherA>(p.num_experts, sm_count))
+      workspace_bytes < expert_gemm_workspace_bytes<Element, Tile, kGated, kLoraK>(p.num_experts, sm_count))
     return cudaErrorInvalidValue;
   return cudaSuccess;
 }
 
 // The grouped GEMM over tables written on this stream (write_expert_gemm_tables).
-template <class Element, class Tile, bool kGated, bool kLoraK, bool kGatherA = false>
+template <class Element, class Tile, bool kGated, bool kLoraK>
 cudaError_t expert_gemm_run(const ExpertGemmParams& p, void* workspace, size_t workspace_bytes, int sm_count,
                             cudaStream_t stream) {
-  using K = ExpertGemmKernel<Element, Tile, kGated, kLoraK, kGatherA>;
-  if (cudaError_t err = check_params<Element, Tile, kGated, kLoraK, kGatherA>(p, workspace, workspace_bytes, sm_count);
+  using K = ExpertGemmKernel<Element, Tile, kGated, kLoraK>;
+  if (cudaError_t err = check_params<Element, Tile, kGated, kLoraK>(p, workspace, workspace_bytes, sm_count);
       err != cudaSuccess)
     return err;
   char* ws = aligned_workspace(workspace);
@@ -376,24 +369,18 @@ auto with_tile(ExpertGemmConfig tile, F&& f) {
   }
 }
 
-// f.template operator()<Tile, kGated, kLoraK, kGatherA>(): the GEMM of p's tile with its output (plain or gated), its
-// LoRA (none, or inside the GEMM) and its rows (A's, or gathered: gated LargeM only). The swapped tile has none of
-// these (expert_gemm_sm90_{gated,lora_k,gather}_supported keep callers off them); it runs plain there, never reached.
+// f.template operator()<Tile, kGated, kLoraK>(): the GEMM of p's tile with its output (plain or gated) and its LoRA
+// (none, or inside the GEMM). The swapped tile has neither (expert_gemm_sm90_gated_supported /
+// expert_gemm_sm90_lora_k_supported keep callers off it); it runs plain there, never reached.
 template <class F>
-auto with_tile_variant(ExpertGemmConfig tile, bool gated, bool lora_k, bool gather, F&& f) {
+auto with_tile_variant(ExpertGemmConfig tile, bool gated, bool lora_k, F&& f) {
   return with_tile(tile, [&]<class Tile>() {
     if constexpr (!Tile::kSwapAB) {
-      if constexpr (is_same_v<Tile, LargeMTile>) {
-        if (gated && gather) {
-          if (lora_k) return f.template operator()<Tile, true, true, true>();
-          return f.template operator()<Tile, true, false, true>();
-        }
-      }
-      if (gated && lora_k) return f.template operator()<Tile, true, true, false>();
-      if (gated) return f.template operator()<Tile, true, false, false>();
-      if (lora_k) return f.template operator()<Tile, false, true, false>();
+      if (gated && lora_k) return f.template operator()<Tile, true, true>();
+      if (gated) return f.template operator()<Tile, true, false>();
+      if (lora_k) return f.template operator()<Tile, false, true>();
     }
-    return f.template operator()<Tile, false, false, false>();
+    return f.template operator()<Tile, false, false>();
   });
 }
 
@@ -401,17 +388,11 @@ auto with_tile_variant(ExpertGemmConfig tile, bool gated, bool lora_k, bool gath
 // declares it defined in another (SwapAB32, LargeMPingpong, the gated and the LoRA GEMMs compile in TUs of their
 // own, in parallel: expert_gemm_sm90_swap.cu, expert_gemm_sm90_pingpong.cu, expert_gemm_sm90_gated_*.cu,
 // expert_gemm_sm90_lora_*.cu).
-#define MOELORA_EXPERT_GEMM_INSTANTIATE_ONE(EXTERN, ELEMENT, TILE, GATED, LORA_K) \
-  MOELORA_EXPERT_GEMM_INSTANTIATE_ROWS(EXTERN, ELEMENT, TILE, GATED, LORA_K, false)
-#define MOELORA_EXPERT_GEMM_INSTANTIATE_ROWS(EXTERN, ELEMENT, TILE, GATED, LORA_K, GATHER)                            \
-  EXTERN template size_t expert_gemm_workspace_bytes<ELEMENT, TILE, GATED, LORA_K, GATHER>(int, int);                 \
-  EXTERN template ExpertGemmTables make_tables<ELEMENT, TILE, GATED, LORA_K, GATHER>(const ExpertGemmParams&, void*); \
-  EXTERN template cudaError_t expert_gemm_run<ELEMENT, TILE, GATED, LORA_K, GATHER>(const ExpertGemmParams&, void*,   \
-                                                                                    size_t, int, cudaStream_t);
-// The gathered-rows GEMMs (gated LargeM, without and with the LoRA inside; expert_gemm_sm90_gather_*.cu).
-#define MOELORA_EXPERT_GEMM_INSTANTIATE_GATHER(EXTERN, ELEMENT)                            \
-  MOELORA_EXPERT_GEMM_INSTANTIATE_ROWS(EXTERN, ELEMENT, LargeMTile, true, false, true) \
-  MOELORA_EXPERT_GEMM_INSTANTIATE_ROWS(EXTERN, ELEMENT, LargeMTile, true, true, true)
+#define MOELORA_EXPERT_GEMM_INSTANTIATE_ONE(EXTERN, ELEMENT, TILE, GATED, LORA_K)                              \
+  EXTERN template size_t expert_gemm_workspace_bytes<ELEMENT, TILE, GATED, LORA_K>(int, int);                  \
+  EXTERN template ExpertGemmTables make_tables<ELEMENT, TILE, GATED, LORA_K>(const ExpertGemmParams&, void*);  \
+  EXTERN template cudaError_t expert_gemm_run<ELEMENT, TILE, GATED, LORA_K>(const ExpertGemmParams&, void*,    \
+                                                                            size_t, int, cudaStream_t);
 #define MOELORA_EXPERT_GEMM_INSTANTIATE(EXTERN, ELEMENT, TILE) \
   MOELORA_EXPERT_GEMM_INSTANTIATE_ONE(EXTERN, ELEMENT, TILE, false, false)
 // One variant (gated, LoRA) of the three row-side tiles.
@@ -423,30 +404,30 @@ auto with_tile_variant(ExpertGemmConfig tile, bool gated, bool lora_k, bool gath
 #define MOELORA_EXPERT_GEMM_INSTANTIATE_VARIANTS(EXTERN, ELEMENT)                                              \
   MOELORA_EXPERT_GEMM_INSTANTIATE_ROW_TILES(EXTERN, ELEMENT, true, false)                                      \
   MOELORA_EXPERT_GEMM_INSTANTIATE_ROW_TILES(EXTERN, ELEMENT, true, true)                                       \
-  MOELORA_EXPERT_GEMM_INSTANTIATE_ROW_TILES(EXTERN, ELEMENT, false, true)                                      \
-  MOELORA_EXPERT_GEMM_INSTANTIATE_GATHER(EXTERN, ELEMENT)
+  MOELORA_EXPERT_GEMM_INSTANTIATE_ROW_TILES(EXTERN, ELEMENT, false, true)
 
 // Per-dtype entry points (expert_gemm_sm90_{bf16,fp16}.cu define them for their element type).
 #define MOELORA_EXPERT_GEMM_DEFINE(NAME, ELEMENT)                                                              \
   size_t expert_gemm_sm90_##NAME##_workspace(ExpertGemmConfig tile, bool gated, bool lora_k, int num_experts,  \
                                              int sm_count) {                                                   \
-    return with_tile_variant(tile, gated, lora_k, false, [&]<class Tile, bool kGated, bool kLoraK, bool kGather>() { \
-      return expert_gemm_workspace_bytes<ELEMENT, Tile, kGated, kLoraK, kGather>(num_experts, sm_count);      \
+    return with_tile_variant(tile, gated, lora_k, [&]<class Tile, bool kGated, bool kLoraK>() {               \
+      return expert_gemm_workspace_bytes<ELEMENT, Tile, kGated, kLoraK>(num_experts, sm_count);                \
     });                                                                                                        \
   }                                                                                                            \
   ExpertGemmTables expert_gemm_sm90_##NAME##_tables(ExpertGemmConfig tile, const ExpertGemmParams& p,          \
                                                     void* workspace) {                                         \
-    return with_tile_variant(tile, p.gated != GatedOutput::None, p.lora_k.t != nullptr, p.gather.x != nullptr, \
-                             [&]<class Tile, bool kGated, bool kLoraK, bool kGather>() {                       \
-                               return make_tables<ELEMENT, Tile, kGated, kLoraK, kGather>(p, workspace);       \
+    return with_tile_variant(tile, p.gated != GatedOutput::None, p.lora_k.t != nullptr,                       \
+                             [&]<class Tile, bool kGated, bool kLoraK>() {                                     \
+                               return make_tables<ELEMENT, Tile, kGated, kLoraK>(p, workspace);                \
                              });                                                                               \
   }                                                                                                            \
   cudaError_t expert_gemm_sm90_##NAME##_run(ExpertGemmConfig tile, const ExpertGemmParams& p, void* workspace,\
                                             size_t workspace_bytes, int sm_count, cudaStream_t stream) {      \
-    return with_tile_variant(tile, p.gated != GatedOutput::None, p.lora_k.t != nullptr, p.gather.x != nullptr, \
-                             [&]<class Tile, bool kGated, bool kLoraK, bool kGather>() {                       \
-                               return expert_gemm_run<ELEMENT, Tile, kGated, kLoraK, kGather>(                 \
-                                   p, workspace, workspace_bytes, sm_count, stream);                           \
+    return with_tile_variant(tile, p.gated != GatedOutput::None, p.lora_k.t != nullptr,                       \
+                             [&]<class Tile, bool kGated, bool kLoraK>() {                                     \
+                               return expert_gemm_run<ELEMENT, Tile, kGated, kLoraK>(p, workspace,             \
+                                                                                     workspace_bytes,          \
+                                                                                     sm_count, stream);        \
                              });                                                                               \
   }
 

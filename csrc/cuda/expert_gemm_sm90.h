@@ -43,13 +43,6 @@ struct LoraKOperands {
                                       // slots none of its rows has are skipped
 };
 
-// A's rows read in place (x != nullptr): sorted row r is x[row_token[r]] (fc1 without the permute's copy; A is not
-// read). The row-side LargeM tile of the gated fc1 only: see expert_gemm_sm90_gather_supported.
-struct GatherRows {
-  const void* x = nullptr;            // [tokens, K] row-major, 16-byte aligned
-  const int* row_token = nullptr;     // device [rows]: each sorted row's token
-};
-
 struct ExpertGemmParams {
   const void* A;               // [rows, K] row-major, rows sorted by expert
   const void* W;               // [E, N, K] row-major (weight of expert e = W + e*N*K)
@@ -61,7 +54,6 @@ struct ExpertGemmParams {
   ExpertGemmConfig config = ExpertGemmConfig::Auto;  // Auto: chosen from rows_hint / num_experts
   GatedOutput gated = GatedOutput::None;             // None: D = A @ W[e]^T [rows, N]
   LoraKOperands lora_k;                              // t == nullptr: no LoRA in the GEMM
-  GatherRows gather;                                 // x == nullptr: A's sorted rows
 };
 
 bool expert_gemm_sm90_compiled();                                   // false when built without sm90a CUTLASS
@@ -75,9 +67,6 @@ bool expert_gemm_sm90_gated_supported(const ExpertGemmParams& p);
 // Whether p can run with the LoRA inside (host only, from shapes): a row-side tile, R 64 or 128 and t_cols a
 // multiple of 128 holding S * R columns.
 bool expert_gemm_sm90_lora_k_supported(const ExpertGemmParams& p);
-// Whether p can read A's rows in place (GatherRows; host only, from shapes): a gated output on the LargeM tile (the
-// size rule's choice above 128 rows per expert), where the permute's copy is a kernel of its own.
-bool expert_gemm_sm90_gather_supported(const ExpertGemmParams& p);
 // t_cols for S slots of rank R.
 inline int expert_gemm_lora_k_cols(int S, int R) { return (S * R + 127) / 128 * 128; }
 // The ranks whose LoRA k tiles the GEMM lays out (expert_gemm_sm90_mainloop.cuh: 16 / 32 in 32- / 64-byte swizzled

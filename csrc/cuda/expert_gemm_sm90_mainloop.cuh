@@ -24,13 +24,6 @@
 //    so a tile of rows holds a range of slots: the producer loads the adapters' boxes of the other slots out of
 //    bounds (zeros, no traffic), and a LoRA k tile with none of the tile's slots is not multiplied at all.
 //
-//  * kGatherA (fc1 reading the tokens' rows in place, no permute copy): A's rows are gathered from x, sorted row r
-//    of the group being x[row_token[r]]. Hopper's TMA has no row gather, so the producer warp loads A's stage with
-//    cp.async (16 bytes a lane, 8 lanes per 128-byte row, zero-filled past the group's rows and past K) into A's
-//    swizzled layout, and its lanes arrive on the stage's barrier when their copies land (cp.async.mbarrier.arrive,
-//    which holds the phase open until then). The W boxes stay TMA loads, so the barrier's transaction count is
-//    B's bytes only; LoRA k tiles (t by TMA) add A's bytes to it.
-//
 // Per group (expert) the producer writes into the CTA's tensor maps: A's and W's addresses and A's rows (Base's
 // job), and with kLoraK t's address (its first row: expert_offsets[e]) and rows, and the adapters' address for
 // expert e. The group problem's K is the weight's K tiles plus t's columns (make_tables), so Base's consumer and
@@ -60,15 +53,7 @@ struct LoraKArguments {
   int k_weight = 0;                  // the weight's K (A's and W's columns)
 };
 
-// Where a kGatherA GEMM reads A's rows (host arguments; expert_gemm_sm90.h GatherRows).
-struct GatherArguments {
-  const void* x = nullptr;           // [tokens, ld]: the tokens' rows
-  const int* row_token = nullptr;    // device [rows]: each sorted row's token
-  const int* expert_offsets = nullptr;  // device [E + 1]: each group's first sorted row
-  int64_t ld = 0;                    // x's row stride (elements)
-};
-
-template <class Base, bool kGated, bool kLoraK, bool kGatherA = false>
+template <class Base, bool kGated, bool kLoraK>
 struct ExpertMainloop : Base {
   using typename Base::TileShape;
   using typename Base::InternalElementA;
@@ -143,28 +128,14 @@ struct ExpertMainloop : Base {
   };
   struct NoLoraK {};
 
-  // A's stage as cp.async writes it (kGatherA): panel-major rows of 64 columns (128 bytes), 128-byte swizzle (the
-  // 16-byte chunk c of row r at c ^ (r % 8), on the shared address as TMA applies it).
-  using PlainLayoutA = decltype(get_nonswizzle_portion(SmemLayoutA{}));
-  static constexpr int kStageBytesA = kTileM * kTileK * int(sizeof(InternalElementA));
-  struct GatherState {
-    const InternalElementA* x;
-    const int* row_token;
-    const int* expert_offsets;
-    int64_t ld;
-  };
-  struct NoGather {};
-
   struct Arguments : Base::Arguments {
     LoraKArguments lora;
-    GatherArguments gather;
   };
   struct Params : Base::Params {
     TmaW tma_w;
     int k_weight;
     int k_tiles_weight;
     cute::conditional_t<kLoraK, LoraKState, NoLoraK> lora;
-    cute::conditional_t<kGatherA, GatherState, NoGather> gather;
   };
 
   // With the LoRA, each stage also carries whether its k tile is to be multiplied (the producer's flag, per stage
@@ -173,12 +144,7 @@ struct ExpertMainloop : Base {
   struct LoraTensorStorage : Base::TensorStorage {
     uint8_t k_tile_active[kStages][2];
   };
-  using LoraOrBaseStorage = cute::conditional_t<kLoraK, LoraTensorStorage, typename Base::TensorStorage>;
-  // With the gathered rows, the current tile's rows' addresses in x, written and read by the producer warp alone.
-  struct GatherTensorStorage : LoraOrBaseStorage {
-    const InternalElementA* gather_row[kTileM];
-  };
-  using TensorStorage = cute::conditional_t<kGatherA, GatherTensorStorage, LoraOrBaseStorage>;
+  using TensorStorage = cute::conditional_t<kLoraK, LoraTensorStorage, typename Base::TensorStorage>;
 
   struct LoraTensorMaps : Base::TensorMapStorage {
     cute::TmaDescriptor smem_tensormap_T;
@@ -201,18 +167,7 @@ struct ExpertMainloop : Base {
     Tensor tensor_w = make_tensor(ptr_w, make_layout(make_shape(1, 1, 1), InternalStrideB{}));
     Params p{Base::to_underlying_arguments(problem_shapes, args, workspace),
              make_tma_copy(SM90_TMA_LOAD{}, tensor_w, SmemLayoutBBox{}, make_shape(Int<kBoxN>{}, Int<kTileK>{}), _1{}),
-             args.lora.k_weight, (args.lora.k_weight + kTileK - 1) / kTileK, {}, {}};
-    if constexpr (kGatherA) {
-      static_assert(PlainLayoutA{}(1, 0, 0) == kPanelK && PlainLayoutA{}(0, 1, 0) == 1 &&
-                        PlainLayoutA{}(0, 0, 1) == kTileM * kTileK &&
-                        (kPanels == 1 || PlainLayoutA{}(0, kPanelK, 0) == kTileM * kPanelK),
-                    "A stages: panel-major rows of 64 columns");
-      static_assert(is_same_v<decltype(get_swizzle_portion(SmemLayoutA{})), Swizzle<3, 4, 3>>,
-                    "A stages: 128-byte swizzle");
-      p.gather = {static_cast<InternalElementA const*>(args.gather.x), args.gather.row_token,
-                  args.gather.expert_offsets, args.gather.ld};
-      p.tma_transaction_bytes -= kStageBytesA;  // A's stage comes by cp.async, not TMA (load_gathered)
-    }
+             args.lora.k_weight, (args.lora.k_weight + kTileK - 1) / kTileK, {}};
     if constexpr (kLoraK) {
       const LoraKArguments& l = args.lora;
       auto const* ptr_t = static_cast<InternalElementA const*>(l.t);
@@ -255,16 +210,6 @@ struct ExpertMainloop : Base {
         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   }
 
-  static bool gather_args_ok(Arguments const& args) {
-    if constexpr (!kGatherA) {
-      return true;
-    } else {
-      const GatherArguments& g = args.gather;
-      return g.x != nullptr && g.row_token != nullptr && g.expert_offsets != nullptr && reinterpret_cast<uintptr_t>(g.x) % 16 == 0 && g.ld % 8 == 0 &&
-             g.ld >= args.lora.k_weight;
-    }
-  }
-
   static bool lora_args_ok(Arguments const& args) {
     if constexpr (!kLoraK) {
       return args.lora.k_weight > 0;
@@ -282,7 +227,7 @@ struct ExpertMainloop : Base {
 
   template <class ProblemShape>
   static bool can_implement(ProblemShape problem_shapes, Arguments const& args) {
-    return Base::can_implement(problem_shapes, args) && lora_args_ok(args) && gather_args_ok(args);
+    return Base::can_implement(problem_shapes, args) && lora_args_ok(args);
   }
 
   // Base's (gA, gB) (the kernel reads tile counts from them), the W boxes (gate and up halves when gated, both the
@@ -312,11 +257,6 @@ struct ExpertMainloop : Base {
                            LoadInputs const& load_inputs, TensorMaps const& input_tensormaps,
                            BlockCoord const& blk_coord, KTileIterator k_tile_iter, int k_tile_count, int /*thread_idx*/,
                            uint32_t /*block_rank_in_cluster*/, TensorStorage& shared_tensors) {
-    if constexpr (kGatherA) {
-      load_gathered(params, pipeline, smem_pipe_write, load_inputs, input_tensormaps, blk_coord, k_tile_iter,
-                    k_tile_count, shared_tensors);
-      return;
-    }
     if (!cute::elect_one_sync()) return;
     Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});          // (BLK_M,BLK_K,PIPE)
     Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});          // (BLK_N,BLK_K,PIPE)
@@ -378,116 +318,6 @@ struct ExpertMainloop : Base {
         // the TMA zero-fills without reading memory.
         load_lora_tile(params, load_inputs, input_tensormaps, *barrier, m_coord, n_coord, l_coord,
                        kt - params.k_tiles_weight, active, slot_lo, slot_hi, stage, shared_tensors);
-      }
-      ++k_tile_iter;
-      ++smem_pipe_write;
-    }
-  }
-
-  // Producer with A's rows gathered (kGatherA; the whole warp). A weight k tile: every lane waits for the stage to be
-  // free and issues its share of A's 16-byte copies from the tokens' rows into A's swizzled stage, then arrives on
-  // the stage's barrier when they land (cp.async.mbarrier.arrive: one more arrival each, completed by the copies);
-  // after that lane 0, the pipeline's leader, arrives expecting W's bytes and loads W's boxes by TMA. So the phase
-  // completes once every copy and every box has landed. A LoRA k tile is the leader's alone, as in load(), with A's
-  // bytes (t's box) added to the transaction.
-  template <class LoadInputs, class TensorMaps, class KTileIterator, class BlockCoord>
-  CUTLASS_DEVICE void load_gathered(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
-                                    LoadInputs const& load_inputs, TensorMaps const& input_tensormaps,
-                                    BlockCoord const& blk_coord, KTileIterator k_tile_iter, int k_tile_count,
-                                    TensorStorage& shared_tensors) {
-    const int lane = cutlass::canonical_lane_idx();
-    const bool leader = lane == 0;  // the pipeline's is_leader: thread 0 of the producer warpgroup
-    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});          // (BLK_N,BLK_K,PIPE)
-    Tensor sB_boxes = flat_divide(sB, Shape<Int<kBoxN>>{});                        // (kBoxN,BLK_N/kBoxN,BLK_K,PIPE)
-    Tensor sW0 = sB_boxes(_, 0, _, _);
-    Tensor sW1 = sB_boxes(_, kGated ? 1 : 0, _, _);
-    auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
-    Tensor gW0 = get<2>(load_inputs)(_, _, n_coord, _, l_coord);                                   // (kBoxN,BLK_K,k)
-    Tensor gW1 = get<3>(load_inputs)(_, _, n_coord, _, l_coord);
-    auto tma_w = params.tma_w.get_slice(0);
-    Tensor tW0g = tma_w.partition_S(gW0);
-    Tensor tW0s = tma_w.partition_D(sW0);
-    Tensor tW1g = tma_w.partition_S(gW1);
-    Tensor tW1s = tma_w.partition_D(sW1);
-
-    // The tile's rows' addresses in x into shared memory (after the warp's reads of the last tile's). Rows past the
-    // group read token 0's row: their accumulator rows are never stored (the epilogue stops at the group's rows), and
-    // a GEMM's output rows depend only on their own input rows.
-    // Copy j of a lane is chunk c % kChunks of row c / kChunks (c = 32 j + lane: 8 lanes per 128-byte panel row, 4
-    // whole lines per warp instruction); its row's address is read back per copy (a volatile shared load, 4 copies
-    // in flight). The producer has 40 registers: copies chained through the row tokens, the parameters and the
-    // address arithmetic each took ~200 cycles one after the other (ncu, v28 run 5), 3x slower than fc1 on the copy.
-    constexpr int kChunks = kTileK / 8;                  // 16-byte chunks per row
-    constexpr int kCopies = kTileM * kChunks / 32;       // per lane and stage
-    static_assert(32 % kChunks == 0, "a lane's chunk column is fixed");
-    const int row0 = static_cast<int>(m_coord) * kTileM;
-    __syncwarp();
-    CUTLASS_PRAGMA_UNROLL
-    for (int r = lane; r < kTileM; r += 32) {
-      const int t = row0 + r < group_rows_ ? params.gather.row_token[group_first_row_ + row0 + r] : 0;
-      shared_tensors.gather_row[r] = params.gather.x + static_cast<int64_t>(t) * params.gather.ld;
-    }
-    __syncwarp();
-    const uint32_t smem_rows = cute::cast_smem_ptr_to_uint(&shared_tensors.gather_row[0]);
-    const int lane_col = (lane % kChunks) * 8;           // this lane's column within a k tile
-    int slot_lo = 0, slot_hi = -1;  // as in load()
-    if constexpr (kLoraK) {
-      const int last = min(row0 + kTileM, group_rows_) - 1;
-      if (last >= row0) {
-        slot_lo = max(params.lora.row_slot[group_first_row_ + row0], 0);
-        slot_hi = params.lora.row_slot[group_first_row_ + last];
-      }
-    }
-    const uint32_t smem_a = cute::cast_smem_ptr_to_uint(shared_tensors.smem_A.data());
-    const int k_weight = params.k_weight;
-
-    CUTLASS_PRAGMA_NO_UNROLL
-    for (; k_tile_count > 0; --k_tile_count) {
-      const int kt = *k_tile_iter;
-      const int stage = smem_pipe_write.index();
-      if (!kLoraK || kt < params.k_tiles_weight) {
-        while (!(pipeline.producer_try_acquire(smem_pipe_write) == cutlass::BarrierStatus::WaitDone)) {
-        }
-        const uint32_t stage_a = smem_a + stage * kStageBytesA;
-        const int col0 = kt * kTileK;
-        // Past K (the last k tile when K is not a multiple of kTileK) a chunk is zero-filled.
-        const bool k_full = col0 + kTileK <= k_weight;
-        const uint32_t src_bytes = k_full || col0 + lane_col < k_weight ? 16 : 0;
-        const int64_t col_bytes = static_cast<int64_t>(src_bytes ? col0 + lane_col : 0) * sizeof(InternalElementA);
-#pragma unroll 4
-        for (int j = 0; j < kCopies; ++j) {
-          const int row = (32 * j + lane) / kChunks;
-          uint64_t row_addr;
-          asm volatile("ld.shared.u64 %0, [%1];" : "=l"(row_addr) : "r"(smem_rows + 8 * row));
-          const uint32_t plain =
-              stage_a + static_cast<uint32_t>(PlainLayoutA{}(row, lane_col, 0)) * sizeof(InternalElementA);
-          const uint32_t dst = plain ^ (((plain >> 7) & 7u) << 4);  // 128-byte swizzle
-          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(row_addr + col_bytes),
-                       "r"(src_bytes)
-                       : "memory");
-        }
-        cutlass::arch::cpasync_barrier_arrive(
-            reinterpret_cast<uint64_t const*>(pipeline.producer_get_barrier(smem_pipe_write)));
-        __syncwarp();
-        if (leader) {
-          if constexpr (kLoraK) shared_tensors.k_tile_active[stage][smem_pipe_write.phase() ^ 1] = true;
-          pipeline.producer_acquire(smem_pipe_write, {cutlass::BarrierStatus::WaitDone});  // arrive; W's bytes
-          auto* barrier = pipeline.producer_get_barrier(smem_pipe_write);
-          copy(params.tma_w.with(get<1>(input_tensormaps), *barrier, 0), tW0g(_, _, _, kt), tW0s(_, _, _, stage));
-          if constexpr (kGated)
-            copy(params.tma_w.with(get<1>(input_tensormaps), *barrier, 0), tW1g(_, _, _, kt), tW1s(_, _, _, stage));
-        }
-      } else if constexpr (kLoraK) {
-        if (leader) {
-          const int c0 = (kt - params.k_tiles_weight) * kTileK;
-          const bool active = c0 / params.lora.rank <= slot_hi && (c0 + kTileK - 1) / params.lora.rank >= slot_lo;
-          shared_tensors.k_tile_active[stage][smem_pipe_write.phase() ^ 1] = active;
-          pipeline.producer_acquire(smem_pipe_write);
-          pipeline.producer_expect_transaction(smem_pipe_write, kStageBytesA);  // t's box in A's place
-          load_lora_tile(params, load_inputs, input_tensormaps, *pipeline.producer_get_barrier(smem_pipe_write),
-                         m_coord, n_coord, l_coord, kt - params.k_tiles_weight, active, slot_lo, slot_hi, stage,
-                         shared_tensors);
-        }
       }
       ++k_tile_iter;
       ++smem_pipe_write;
@@ -641,11 +471,7 @@ struct ExpertMainloop : Base {
   CUTLASS_DEVICE void tensormaps_perform_update(TensorMapStorage& shared_tensormaps, Params const& params,
                                                 TensorMaps const&, ProblemShape_MNKL problem_shape_mnkl,
                                                 int32_t next_group) {
-    // The group's rows, for load()'s tile slot ranges and gathered rows (every lane: load elects its own).
-    if constexpr (kGatherA) {
-      group_first_row_ = params.gather.expert_offsets[next_group];
-      group_rows_ = get<0>(problem_shape_mnkl);
-    } else if constexpr (kLoraK) {
+    if constexpr (kLoraK) {  // the group's rows, for load()'s tile slot ranges (every lane: load elects its own)
       group_first_row_ = params.lora.expert_offsets[next_group];
       group_rows_ = get<0>(problem_shape_mnkl);
     }

@@ -308,19 +308,6 @@ bool use_shrink_beside_permute(bool serial_lora, bool gather_in_routing) {
   return serial_lora && !gather_in_routing && !env_zero("MOELORA_LORA_SHRINK_BESIDE_PERMUTE");
 }
 
-// fc1 reads the tokens' rows in place: its producer warp gathers A's rows from the hidden states by cp.async
-// (expert_gemm_sm90_mainloop.cuh kGatherA), so the permute writes only the row maps and its copy (pairs x H written,
-// read back by fc1: 134 MB each way at qwen3 T=4096) does not run. Where the permute is a kernel of its own (not
-// folded into the routing: `gather_in_routing`) and fc1 is the gated GEMM on the LargeM tile (more than 128 rows per
-// expert): expert_gemm_sm90_gather_supported. The tile's bytes and MMAs are the same as from the copy: the same
-// bits. With adapters, fc1's shrink must read token rows too (use_token_rows_shrink). MOELORA_GATHER_IN_FC1=0 keeps
-// the copy, to compare.
-bool use_gather_in_fc1(mc::ExpertGemmParams fc1, bool gated_fc1, bool gather_in_routing) {
-  fc1.gated = mc::GatedOutput::Silu;  // the tile rule's question (the activation does not matter)
-  return gated_fc1 && !gather_in_routing && !env_zero("MOELORA_GATHER_IN_FC1") &&
-         mc::expert_gemm_sm90_gather_supported(fc1);
-}
-
 // LoRA overlapped with the base GEMMs (benchmarks/NOTES.md v16). With few rows per expert the base GEMMs stream
 // the expert weights for hundreds of µs and keep enough bytes in flight on fewer SMs, while the LoRA kernels are
 // short and latency-bound. So each LoRA pair runs on a second stream beside its base GEMM, which gets
@@ -733,19 +720,14 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const int few_pairs_max = env_zero("MOELORA_ROUTING_FEW_PAIRS") ? 0 : mc::kFewPairsMax;
   const bool gather_in_routing = mc::routing_can_gather(pairs, nbuckets, few_pairs_max) &&
                                  (decode || !env_zero("MOELORA_ROUTING_GATHER"));
-  // fc1 gathering the tokens' rows itself (no permute copy), or else fc1's LoRA shrink on the second stream beside
-  // the permute's copy; both read token rows.
-  const bool gather_fc1_wanted = use_gather_in_fc1(fc1_params, gated_fc1, gather_in_routing);
-  const bool beside_permute = !gather_fc1_wanted && use_shrink_beside_permute(serial_lora, gather_in_routing);
-  // Each sorted row's token, recorded by the permute, for fc1's LoRA shrink (ShrinkRows) and fc1's gather.
+  // fc1's LoRA shrink on the second stream beside the permute's copy; it reads token rows.
+  const bool beside_permute = use_shrink_beside_permute(serial_lora, gather_in_routing);
+  // Each sorted row's token, recorded by the permute, for fc1's LoRA shrink (ShrinkRows).
   const bool token_rows_shrink =
       d.has_lora && !decode && lora_ws.lora_kernels &&
-      use_token_rows_shrink(static_cast<int64_t>(pairs) * H * x.element_size(), device,
-                            beside_permute || gather_fc1_wanted);
-  // MOELORA_LORA_TOKEN_ROWS=0 (the shrink on the gathered rows) keeps the copy.
-  const bool gather_in_fc1 = gather_fc1_wanted && (!d.has_lora || token_rows_shrink);
+      use_token_rows_shrink(static_cast<int64_t>(pairs) * H * x.element_size(), device, beside_permute);
   const bool shrink_beside_permute = beside_permute && token_rows_shrink;
-  at::Tensor row_token = at::empty({token_rows_shrink || gather_in_fc1 ? pairs : 0}, iopt);
+  at::Tensor row_token = at::empty({token_rows_shrink ? pairs : 0}, iopt);
   // Overlapped LoRA: the deltas and the second stream.
   at::Tensor gu_delta = at::empty({overlap ? pairs : 0, 2 * I}, x.options());
   at::Tensor y_delta = at::empty({overlap ? pairs : 0, H}, x.options());
@@ -800,7 +782,6 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     if (!gated_fc1) base.fc1.D = gu.data_ptr();
     if (gated_fc1) base.fc1.gated = act == mc::ActivationKind::Silu ? mc::GatedOutput::Silu : mc::GatedOutput::Gelu;
     if (lora_in_fc1) base.fc1.lora_k = lora_k_operands(lora13, lora_t.data_ptr(), row_slot.data_ptr<int>(), d, 2 * I);
-    if (gather_in_fc1) base.fc1.gather = {x.data_ptr(), row_token.data_ptr<int>()};
     base.fc2 = fc2_params;
     if (lora_in_fc2) base.fc2.lora_k = lora_k_operands(lora2, lora_t.data_ptr(), row_slot.data_ptr<int>(), d, H);
     prepare_base_gemms(base, x.options(), sm_count, rp);
@@ -824,7 +805,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   pp.T = rp.T; pp.k = rp.k; pp.E = E; pp.S = S; pp.H = H;
   pp.pair_row = pair_row.data_ptr<int>(); pp.permuted = permuted.data_ptr(); pp.dtype = to_dtype(dtype);
   pp.row_slot = need_row_slot ? row_slot.data_ptr<int>() : nullptr;
-  pp.row_token = token_rows_shrink || gather_in_fc1 ? row_token.data_ptr<int>() : nullptr;
+  pp.row_token = token_rows_shrink ? row_token.data_ptr<int>() : nullptr;
 
   // fc1's LoRA shrink of the serial LoRA: into t for the LoRA inside fc1's GEMM, or into ws.buf for the expand.
   ShrinkRows fc1_rows;
@@ -853,9 +834,6 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
     pp.stage = mc::PermuteParams::Stage::Copy;
     C10_CUDA_CHECK(mc::launch_permute(pp, stream));
     joined.block(stream);
-  } else if (gather_in_fc1) {
-    pp.stage = mc::PermuteParams::Stage::Rows;  // fc1 reads the tokens' rows itself
-    C10_CUDA_CHECK(mc::launch_permute(pp, stream));
   } else if (!gather_in_routing) {
     C10_CUDA_CHECK(mc::launch_permute(pp, stream));
   }
