@@ -80,19 +80,24 @@ def graph_of(fn):
     return g
 
 
+def flushed_replay(graph, flush):
+    """Flush the L2, then replay `graph` between two timing events (returned, not waited for)."""
+    flush.add_(1)
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    graph.replay()
+    b.record()
+    return a, b
+
+
 def replay_us(graphs, flush, iters: int, back_to_back: bool = False) -> float:
     """Median µs of one replay. Each replay is synchronized before the next is queued unless back_to_back
     (then the GPU runs them one after another, as bench_moe.py times them)."""
     evs = []
     for i in range(iters):
-        flush.add_(1)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graphs[i % len(graphs)].replay()
-        b.record()
+        evs.append(flushed_replay(graphs[i % len(graphs)], flush))
         if not back_to_back:
-            b.synchronize()
-        evs.append((a, b))
+            evs[-1][1].synchronize()
     torch.cuda.synchronize()
     return statistics.median(a.elapsed_time(b) * 1e3 for a, b in evs)
 
@@ -149,11 +154,7 @@ def interleaved(variants, batches, call, flush, iters: int, nl: int, sname: str,
     for i in range(iters):
         for vname, pair in graphs.items():
             for which, gs in enumerate(pair):
-                flush.add_(1)
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                gs[i % len(gs)].replay()
-                b.record()
+                a, b = flushed_replay(gs[i % len(gs)], flush)
                 b.synchronize()
                 times[vname][which].append(a.elapsed_time(b) * 1e3)
     rows = []
