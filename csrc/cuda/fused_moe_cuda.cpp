@@ -153,6 +153,7 @@ struct LoraWorkspace {
   int expand_few_rows_max = mc::kLoraFewRows;  // the expand's own threshold: MOELORA_LORA_EXPAND_FEW_ROWS
   bool tiles_kernel = true;  // the tiles-only LoRA kernels where few_rows_max == 0 (MOELORA_LORA_TILES_KERNEL=0: off)
   at::Tensor buf;  // the shrinks' fp32 partial sums: allocate_partials, or at decode make_lora_workspace
+  bool partials_pending = false;  // buf is allocate_partials' to size (the lora_gemm.cu shrinks, not at decode)
   int k_splits_fc1 = 1, k_splits_fc2 = 1;
 };
 
@@ -204,6 +205,7 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
     ws.k_splits_fc1 = split_count(static_cast<int>(d.H));
     ws.k_splits_fc2 = split_count(static_cast<int>(d.I));
     // buf (the shrinks' partial sums) once the call knows which shrinks write t themselves (allocate_partials).
+    ws.partials_pending = true;
   } else {
     ws.buf = at::empty({pairs, d.R}, act_options);
   }
@@ -216,9 +218,12 @@ LoraWorkspace make_lora_workspace(const FusedMoeDims& d, const at::TensorOptions
 bool shrink_writes_t(int k_splits) { return k_splits == 1 && !env_zero("MOELORA_LORA_SHRINK_T"); }
 
 // The lora_gemm.cu shrinks' fp32 partial sums, [K splits, pairs, R], shared by fc1 and fc2 (fc2's shrink runs after
-// fc1's LoRA has read them): none for a side whose shrink writes the GEMM's t itself (`into_t`).
+// fc1's LoRA has read them): none for a side whose shrink writes the GEMM's t itself (`into_t`). Only where
+// make_lora_workspace left them pending.
 void allocate_partials(LoraWorkspace& ws, const FusedMoeDims& d, const at::TensorOptions& act_options,
                        const bool (&into_t)[2]) {
+  if (!ws.partials_pending) return;
+  ws.partials_pending = false;
   const int64_t fc1 = into_t[0] && shrink_writes_t(ws.k_splits_fc1) ? 0 : ws.k_splits_fc1;
   const int64_t fc2 = into_t[1] && shrink_writes_t(ws.k_splits_fc2) ? 0 : ws.k_splits_fc2;
   ws.buf = at::empty({std::max(fc1, fc2), d.T * d.k, d.R}, act_options.dtype(at::kFloat));
@@ -695,10 +700,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   }
   const bool lora_in_fc1 = serial_lora && use_lora_in_gemm(fc1_params, lora_in_knob[0], lora13, d);
   const bool lora_in_fc2 = serial_lora && use_lora_in_gemm(fc2_params, lora_in_knob[1], lora2, d);
-  if (d.has_lora && !decode && lora_ws.lora_kernels) {
-    const bool into_t[2] = {lora_in_fc1, lora_in_fc2};
-    allocate_partials(lora_ws, d, x.options(), into_t);
-  }
+  const bool into_t[2] = {lora_in_fc1, lora_in_fc2};
+  allocate_partials(lora_ws, d, x.options(), into_t);
   // fc1's GEMM with the activation in its epilogue (writes h; no gu, no activation stage): without LoRA, or with
   // fc1's LoRA inside it.
   const bool gated_fc1 = sm90_gemms && (!d.has_lora || lora_in_fc1) && use_gated_fc1(fc1_params);
@@ -819,39 +822,37 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
       run_lora_shrink(lora13, permuted, fc1_rows, lora_ws, lora_ws.k_splits_fc1, bucket_offsets, lora_tile_prefix,
                       lora_tile_segment, d, H, sm_count, s);
   };
-  if (shrink_beside_permute) {
-    // The row maps, then the shrink on the second stream beside the copy; joined before fc1's GEMM.
-    pp.stage = mc::PermuteParams::Stage::Rows;
-    C10_CUDA_CHECK(mc::launch_permute(pp, stream));
+  // main_work() on this stream and lora_work() beside it on the LoRA stream: forked after what this stream has
+  // queued, joined before what follows. `main_first` queues main_work's launches before the LoRA's (a base GEMM
+  // takes its SMs first), else after them (the shrink starts before the permute's copy). The LoRA stream's
+  // launches are plain: its first kernel follows the fork's event wait, not a kernel.
+  auto run_beside = [&](auto&& main_work, auto&& lora_work, bool main_first) {
     StreamEvent forked, joined;
     forked.record(stream);
+    if (main_first) main_work();
     forked.block(lora_stream);
     {
-      const mc::ScopedLaunchPolicy plain(false);  // its first kernel follows the fork's event wait
-      fc1_shrink(lora_stream);
-    }
-    joined.record(lora_stream);
-    pp.stage = mc::PermuteParams::Stage::Copy;
-    C10_CUDA_CHECK(mc::launch_permute(pp, stream));
-    joined.block(stream);
-  } else if (!gather_in_routing) {
-    C10_CUDA_CHECK(mc::launch_permute(pp, stream));
-  }
-
-  // The base GEMM `which` on its SMs, and lora_work() beside it on the LoRA stream: forked after what this
-  // stream has queued, joined before what follows. The GEMM is queued first so that its CTAs take their SMs.
-  auto gemm_beside = [&](int which, auto&& lora_work) {
-    StreamEvent forked, joined;
-    forked.record(stream);
-    run_base_gemm(base, which, expert_tile_prefix, d, gemm_sms[which], stream);
-    forked.block(lora_stream);
-    {
-      // Plain launches on the LoRA stream: its first kernel follows the fork's event wait, not a kernel.
       const mc::ScopedLaunchPolicy plain(false);
       lora_work();
     }
     joined.record(lora_stream);
+    if (!main_first) main_work();
     joined.block(stream);
+  };
+
+  if (shrink_beside_permute) {
+    // The row maps, then the shrink on the second stream beside the copy; joined before fc1's GEMM.
+    pp.stage = mc::PermuteParams::Stage::Rows;
+    C10_CUDA_CHECK(mc::launch_permute(pp, stream));
+    pp.stage = mc::PermuteParams::Stage::Copy;
+    run_beside([&] { C10_CUDA_CHECK(mc::launch_permute(pp, stream)); }, [&] { fc1_shrink(lora_stream); }, false);
+  } else if (!gather_in_routing) {
+    C10_CUDA_CHECK(mc::launch_permute(pp, stream));
+  }
+
+  // The base GEMM `which` on its SMs, and lora_work() beside it on the LoRA stream (the GEMM queued first).
+  auto gemm_beside = [&](int which, auto&& lora_work) {
+    run_beside([&] { run_base_gemm(base, which, expert_tile_prefix, d, gemm_sms[which], stream); }, lora_work, true);
   };
 
   // ---- 3-5. fc1 + LoRA, activation -----------------------------------------------------------------
