@@ -1069,6 +1069,87 @@ def test_few_pairs_routing_bit_identical(shape, int64_ids, gemm_path, monkeypatc
     assert torch.equal(moelora_ext.fused_moe(**args), few)
 
 
+ROUTING_BESIDE_SHAPES = [
+    # T,  H,    I,   E,  k, S,  R     decode (T <= 4) with at most 32 pairs: fc1's GEMV routes its own rows
+    (1, 2048, 768, 128, 8, 8, 16),   # qwen3
+    (1, 2880, 2880, 32, 4, 4, 64),   # gpt-oss sizes, rank 64 (two shrink rank blocks)
+    (4, 256, 128, 16, 8, 4, 16),     # 32 pairs
+    (3, 200, 72, 4, 4, 3, 8),        # several pairs per expert and bucket; columns not a CTA's multiple
+    (2, 4096, 1024, 8, 2, 2, 128),   # long K: the shrink over two K ranges
+    (2, 256, 128, 256, 8, 40, 16),   # 10496 buckets
+    (4, 512, 256, 64, 8, 0, 0),      # no LoRA
+]
+
+
+@pytest.mark.parametrize("pdl", [None, "1"])
+@pytest.mark.parametrize("int64_ids", [False, True])
+@pytest.mark.parametrize("shape", ROUTING_BESIDE_SHAPES,
+                         ids=lambda s: "T{}_H{}_E{}_k{}_S{}_R{}".format(s[0], s[1], s[3], s[4], s[5], s[6]))
+def test_decode_routing_beside_fc1_bit_identical(shape, int64_ids, pdl, monkeypatch):
+    """At decode with at most 32 pairs fc1's GEMV finds its tile's rows from the ids itself and reads the tokens'
+    rows, beside the routing kernel (expert_gemv.cu route_locally; the routing writes the maps but no rows); its
+    LoRA shrink CTAs likewise. MOELORA_DECODE_ROUTING_BESIDE=0 runs fc1 after the routing on its gathered rows:
+    the same rows in the same order, so the same bits, with dropped ids, tokens without adapter and int64 ids.
+    pdl=1: every launch on PDL (T = 1 has it by default), so fc1 really runs while the routing does."""
+    T, H, I, E, k, S, R = shape
+    args = make_case(T, H, I, E, k, S, R, seed=90 + T + R)
+    if int64_ids:
+        args["topk_ids"] = args["topk_ids"].long()
+    set_knob(monkeypatch, "MOELORA_PDL", pdl)
+    monkeypatch.delenv("MOELORA_DECODE_ROUTING_BESIDE", raising=False)
+    monkeypatch.delenv("MOELORA_ROUTING_FEW_PAIRS", raising=False)
+    beside = check(args, torch.bfloat16)
+    monkeypatch.setenv("MOELORA_DECODE_ROUTING_BESIDE", "0")
+    poison_allocator()
+    assert torch.equal(moelora_ext.fused_moe(**args), beside)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_decode_routing_beside_fc1_edge_routing(lora, monkeypatch):
+    """fc1 routing its own rows at decode, at the edges: every pair in one expert (32 rows: two passes of the
+    GEMV's 16 rows), every expert id dropped (no tile at all: each CTA still waits for the routing before it
+    exits, the output is zeros), and one token of one pair. Each against the reference, with PDL on every launch,
+    and equal to the call after the routing."""
+    monkeypatch.setenv("MOELORA_PDL", "1")
+    S, R = (4, 16) if lora else (0, 0)
+    one_expert = make_case(4, 256, 128, 8, 8, S, R, seed=95, invalid_ids=False)
+    one_expert["topk_ids"].fill_(5)
+    dropped = make_case(2, 256, 128, 8, 4, S, R, seed=96)
+    dropped["topk_ids"].fill_(-1)
+    single = make_case(1, 256, 128, 8, 1, S, R, seed=97, invalid_ids=False)
+    for args in (one_expert, dropped, single):
+        monkeypatch.delenv("MOELORA_DECODE_ROUTING_BESIDE", raising=False)
+        poison_allocator()
+        beside = moelora_ext.fused_moe(**args)
+        if args is dropped:
+            assert torch.count_nonzero(beside) == 0
+        else:
+            assert rel_err(beside, fused_moe_reference(**args)) < TOL[torch.bfloat16]
+        monkeypatch.setenv("MOELORA_DECODE_ROUTING_BESIDE", "0")
+        poison_allocator()
+        assert torch.equal(moelora_ext.fused_moe(**args), beside)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_decode_routing_beside_fc1_graph_replay(lora, monkeypatch):
+    """fc1 routing its own rows under CUDA-graph capture with PDL (T = 1's default): replays with new ids, slots,
+    tokens and weights written in place equal eager calls bit for bit and match the reference."""
+    monkeypatch.delenv("MOELORA_DECODE_ROUTING_BESIDE", raising=False)
+    monkeypatch.delenv("MOELORA_PDL", raising=False)
+    S, R = (8, 16) if lora else (0, 0)
+    args = make_case(1, 2048, 768, 128, 8, S, R, seed=98)
+    graph, static_out = capture_graph(args)
+    for seed in range(99, 103):
+        fresh = make_case(1, 2048, 768, 128, 8, S, R, seed=seed)
+        for name, value in fresh.items():
+            if isinstance(value, torch.Tensor):
+                args[name].copy_(value)
+        static_out.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(static_out, moelora_ext.fused_moe(**args)), f"replay differs from eager (seed {seed})"
+        assert rel_err(static_out, fused_moe_reference(**args)) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("flags", [(True, True, True, True), (False, True, False, True)])
 def test_decode_gemv_shared_outer_bit_identical(flags, gemm_path):
     """The GEMV's fused expand skips the expert offset of a shared B exactly as the expand kernel does."""

@@ -22,10 +22,21 @@
 // holds back a shrink CTA as long as CTAs start in block-index order -- what the GPU does, and what cub's
 // decoupled look-back scans rely on too. (A start ticket from an atomic counter would not rely on it, but
 // costs each CTA a round trip before its first weight load.)
+//
+// fc1 with the routing beside it (ExpertGemvParams::topk_ids set; NOTES.md v29): at decode the routing kernel is
+// 3-4 µs on the critical path before fc1's first weight load, for at most 32 pairs. So fc1's CTAs do not wait for
+// it: each CTA recomputes, from the ids, its own tile's place in the few-pairs routing's order (route_locally;
+// deterministic, pair order within a bucket, so the same rows as the routing's tables), reads X as the tokens'
+// rows and streams its weights while the routing runs. It waits for the routing (griddepcontrol.wait) only after
+// that, before what the routing writes: the shrink's t (its pending marks), the row maps. Each CTA waits before
+// it exits, so fc1's completion still implies the routing's, which fc2 and the finalize rely on.
+#include <climits>
+
 #include "activation.cuh"
 #include "cuda_utils.cuh"
 #include "mma_operands.cuh"
 #include "pdl.cuh"
+#include "routing.cuh"
 #include "stages.h"
 
 namespace moelora::cuda {
@@ -79,16 +90,20 @@ __device__ __forceinline__ WeightRows<T> weight_rows(const T* W, int64_t K, cons
 
 // Sums over k < K of the pass's rows [row0, row0 + rows) of X (row stride ldx) times the CTA's weight rows,
 // into red[warp][jb][j][r] (each warp a quarter of the k blocks).
+// `row_token` (shared memory; nullptr: X's rows are the sorted rows): the X row of each of the pass's rows.
 template <typename T, int NG>
-__device__ __forceinline__ void gemv_pass(const T* X, int64_t ldx, int K, int row0, int rows, const WeightRows<T>& w,
-                                          bool vec, float (*red)[2][16][kPassRows]) {
+__device__ __forceinline__ void gemv_pass(const T* X, int64_t ldx, int K, int row0, int rows, const int* row_token,
+                                          const WeightRows<T>& w, bool vec, float (*red)[2][16][kPassRows]) {
   constexpr int U = kU<NG>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, q = lane % 4;
   const int nkb = ceil_div(K, 32);
   const T* xrow[NG];
 #pragma unroll
-  for (int ng = 0; ng < NG; ++ng) xrow[ng] = X + (row0 + min(8 * ng + g, rows - 1)) * ldx;
+  for (int ng = 0; ng < NG; ++ng) {
+    const int r = min(8 * ng + g, rows - 1);
+    xrow[ng] = X + (row_token != nullptr ? row_token[r] : row0 + r) * ldx;
+  }
   float c[2][NG][4];
 #pragma unroll
   for (int jb = 0; jb < 2; ++jb)
@@ -135,12 +150,61 @@ __device__ __forceinline__ void gemv_pass(const T* X, int64_t ldx, int K, int ro
 
 // One pass over the rows [row0, row0 + rows), rows <= kPassRows: one or two 8-row groups per weight load.
 template <typename T>
-__device__ __forceinline__ void gemv_rows(const T* X, int64_t ldx, int K, int row0, int rows, const WeightRows<T>& w,
-                                          bool vec, float (*red)[2][16][kPassRows]) {
+__device__ __forceinline__ void gemv_rows(const T* X, int64_t ldx, int K, int row0, int rows, const int* row_token,
+                                          const WeightRows<T>& w, bool vec, float (*red)[2][16][kPassRows]) {
   if (rows > kRowGroup)
-    gemv_pass<T, 2>(X, ldx, K, row0, rows, w, vec, red);
+    gemv_pass<T, 2>(X, ldx, K, row0, rows, row_token, w, vec, red);
   else
-    gemv_pass<T, 1>(X, ldx, K, row0, rows, w, vec, red);
+    gemv_pass<T, 1>(X, ldx, K, row0, rows, row_token, w, vec, red);
+}
+
+// The tile of a CTA of fc1 with the routing beside it, found from the ids by every warp alike (only warp 0
+// writes): the few-pairs routing's order (routing.cu routing_few_pairs_kernel), one pair per lane. `lora` false:
+// tile `tile` is the tile-th expert with rows, in ascending order (one kTileRows tile each: at most 32 pairs);
+// true: the tile-th bucket with an adapter (the LoRA m-tiles). tile_s = {expert (-1: no such tile), first sorted
+// row, rows, slot}; token_s / slot_s: each of the tile's rows' token and slot.
+__device__ void route_locally(const ExpertGemvParams& p, int tile, bool lora, int* tile_s, int* token_s,
+                              int* slot_s) {
+  const int lane = threadIdx.x % 32;
+  const bool writer = threadIdx.x < 32;
+  const int pairs = p.T * p.k, per_expert = p.S + 1;
+  const int bucket = lane < pairs ? pair_bucket(p.topk_ids, p.token_slots, lane, p.k, p.E, p.S) : -1;
+  const int key = bucket < 0 ? INT_MAX : bucket;
+  const int expert = bucket < 0 ? INT_MAX : bucket / per_expert;
+  const unsigned earlier = (1u << lane) - 1;
+  const unsigned same_bucket = __match_any_sync(0xffffffffu, key);
+  const unsigned same_expert = __match_any_sync(0xffffffffu, expert);
+  // The lane standing for its tile: the first pair of its expert, or of its bucket with an adapter.
+  const bool leads = bucket >= 0 && (lora ? (same_bucket & earlier) == 0 && bucket_slot(bucket, p.S) >= 0
+                                          : (same_expert & earlier) == 0);
+  int lower = 0, lower_expert = 0, tiles_lower = 0;
+  for (int j = 0; j < pairs; ++j) {  // same trip count in every lane (the shuffles)
+    const int kj = __shfl_sync(0xffffffffu, key, j);
+    const int ej = __shfl_sync(0xffffffffu, expert, j);
+    const bool lj = __shfl_sync(0xffffffffu, leads, j);
+    lower += kj < key;
+    lower_expert += ej < expert;
+    tiles_lower += lj && (lora ? kj < key : ej < expert);
+  }
+  const unsigned found = __ballot_sync(0xffffffffu, leads && tiles_lower == tile);
+  if (found == 0) {
+    if (writer && lane == 0) tile_s[0] = -1;
+    return;
+  }
+  const int lead = __ffs(found) - 1;
+  const int t_key = __shfl_sync(0xffffffffu, key, lead), t_expert = __shfl_sync(0xffffffffu, expert, lead);
+  const int row0 = __shfl_sync(0xffffffffu, lora ? lower : lower_expert, lead);
+  const int row = lower + __popc(same_bucket & earlier);  // this pair's sorted row
+  if (writer && (lora ? key == t_key : expert == t_expert)) {
+    token_s[row - row0] = lane / p.k;
+    slot_s[row - row0] = bucket_slot(bucket, p.S);
+  }
+  if (writer && lane == lead) {
+    tile_s[0] = expert;
+    tile_s[1] = row0;
+    tile_s[2] = __popc(lora ? same_bucket : same_expert);
+    tile_s[3] = bucket_slot(bucket, p.S);
+  }
 }
 
 // Output (weight row j of block jb, token row r) of a pass: the warps' sums added in warp order.
@@ -205,18 +269,34 @@ __device__ __forceinline__ float load_t1(const float* ptr) {
 
 // Shrink CTA `cta` = (m-tile, rank block, K range s): t_s[r, r0 .. r0 + 32) = A[slot, e][r0 .. r0 + 32, range]
 // @ X[r, range] for the rows r of the LoRA m-tile, summed over the warps in warp order (each element stored once,
-// over the routing's pending mark). The expand adds the ranges' t_s in order.
+// over the routing's pending mark). The expand adds the ranges' t_s in order. With the routing beside fc1
+// (p.topk_ids set) the m-tile comes from route_locally, X holds the tokens' rows, and the CTA waits for the
+// routing before its first store (the routing writes the pending marks).
 template <typename T>
-__device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)[2][16][kPassRows]) {
+__device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)[2][16][kPassRows], int* tile_s,
+                                int* token_s, int* slot_s) {
+  const bool routed = p.topk_ids.data != nullptr;
   const int rblocks = lora_rank_blocks(p.R);
   const int split = cta % p.lora_k_splits;
   cta /= p.lora_k_splits;
   const int mt = cta / rblocks, r0 = (cta % rblocks) * 32;
   const int k0 = split * lora_k_chunk(p), klen = max(0, min(lora_k_chunk(p), p.K - k0));
-  if (mt < p.lora_tile_prefix[p.E * p.seg_per_expert]) {
-    const int seg = p.lora_tile_segment[mt];
-    const int tile_row0 = p.bucket_offsets[seg] + (mt - p.lora_tile_prefix[seg]) * kTileRows;
-    const int tile_rows = min(kTileRows, p.bucket_offsets[seg + 1] - tile_row0);
+  int seg = -1, tile_row0 = 0, tile_rows = 0;
+  if (routed) {
+    route_locally(p, mt, true, tile_s, token_s, slot_s);
+    __syncthreads();
+    if (tile_s[0] >= 0) {
+      seg = tile_s[0] * p.seg_per_expert + 1 + tile_s[3];
+      tile_row0 = tile_s[1];
+      tile_rows = tile_s[2];
+    }
+  } else if (mt < p.lora_tile_prefix[p.E * p.seg_per_expert]) {
+    seg = p.lora_tile_segment[mt];
+    tile_row0 = p.bucket_offsets[seg] + (mt - p.lora_tile_prefix[seg]) * kTileRows;
+    tile_rows = min(kTileRows, p.bucket_offsets[seg + 1] - tile_row0);
+  }
+  bool waited = !routed;
+  if (seg >= 0) {
     const int e = seg / p.seg_per_expert, slot = seg % p.seg_per_expert - 1;
     const T* X = static_cast<const T*>(p.X);
     const T* A = static_cast<const T*>(p.lora_A) + e * p.a_expert_stride + slot * p.a_slot_stride;  // [R, K]
@@ -229,7 +309,11 @@ __device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)
     float* t = p.lora_t + split * lora_split_stride(p);
     for (int g0 = 0; g0 < tile_rows; g0 += kPassRows) {
       const int rows = min(kPassRows, tile_rows - g0);
-      gemv_rows(X + k0, p.K, klen, tile_row0 + g0, rows, w, vec, red);
+      gemv_rows(X + k0, p.K, klen, tile_row0 + g0, rows, routed ? token_s + g0 : nullptr, w, vec, red);
+      if (!waited) {
+        pdl_begin();
+        waited = true;
+      }
       __syncthreads();
       for (int o = threadIdx.x; o < 32 * rows; o += kThreads) {
         const int jb = (o % 32) / 16, j = o % 16, r = o / 32, col = r0 + 16 * jb + j;
@@ -239,6 +323,7 @@ __device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)
       __syncthreads();  // red is rewritten by the next pass
     }
   }
+  if (!waited) pdl_begin();  // before it exits (pdl.cuh)
 }
 
 // delta[jb][j][r] = scale[s] * sum_i round(t[row0 + r, i]) * B[s, e][wrow0[jb] + j, i] for the pass's rows r
@@ -302,40 +387,53 @@ __device__ __forceinline__ void lora_delta(const ExpertGemvParams& p, const T* l
 // shrink CTAs' code.
 template <typename T, bool kGated, ActivationKind kAct, bool kLora>
 __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvParams p) {
-  pdl_begin();
+  // fc1 with the routing beside it waits for the routing only after its weight stream (top of this file).
+  const bool routed = p.topk_ids.data != nullptr;
+  bool waited = !routed;
+  if (!routed) pdl_begin();
   __shared__ float red[kWarps][2][16][kPassRows];          // per warp: two 16-row weight blocks x the pass's rows
   __shared__ float delta_s[kLora ? 2 : 1][16][kPassRows];  // LoRA: the pass rows' expand output, scaled
   __shared__ int slot_s[kPassRows];                         // LoRA: each row's adapter slot (-1: none)
-  __shared__ int tile_s[3];                                 // the tile's expert, first row and rows
+  __shared__ int tile_s[4];                                 // the tile's expert, first row, rows (and slot)
+  __shared__ int token_s[kFewPairsMax];                     // routed: each of the tile's rows' token
+  __shared__ int local_slot_s[kFewPairsMax];                // routed: and slot
 
   const int shrink_ctas = lora_shrink_ctas(p);
   int cta = blockIdx.x;
   if constexpr (kLora) {  // the first CTAs are the shrink's (see the top of this file)
     if (cta < shrink_ctas) {
-      lora_shrink_cta<T>(p, cta, red);
+      lora_shrink_cta<T>(p, cta, red, tile_s, token_s, local_slot_s);
       return;
     }
     cta -= shrink_ctas;
   }
 
   // The tile's expert, found by the whole CTA in one round of loads: a binary search over the tile prefix
-  // would be log2(E) dependent loads before the first weight load (several µs at decode, NOTES.md v6).
+  // would be log2(E) dependent loads before the first weight load (several µs at decode, NOTES.md v6). Routed:
+  // from the ids (one round of loads too).
   const int col_blocks = column_blocks<kGated>(p.N);
   const int tile = cta / col_blocks, cb = cta % col_blocks;
-  if (threadIdx.x == 0) tile_s[0] = -1;
-  __syncthreads();
-  for (int i = threadIdx.x; i < p.E; i += kThreads) {
-    const int first = p.expert_tile_prefix[i];
-    if (first <= tile && tile < p.expert_tile_prefix[i + 1]) {  // exactly one expert owns the tile
-      const int row0 = p.expert_offsets[i] + (tile - first) * kTileRows;
-      tile_s[0] = i;
-      tile_s[1] = row0;
-      tile_s[2] = min(kTileRows, p.expert_offsets[i + 1] - row0);
+  if (routed) {
+    route_locally(p, tile, false, tile_s, token_s, local_slot_s);
+  } else {
+    if (threadIdx.x == 0) tile_s[0] = -1;
+    __syncthreads();
+    for (int i = threadIdx.x; i < p.E; i += kThreads) {
+      const int first = p.expert_tile_prefix[i];
+      if (first <= tile && tile < p.expert_tile_prefix[i + 1]) {  // exactly one expert owns the tile
+        const int row0 = p.expert_offsets[i] + (tile - first) * kTileRows;
+        tile_s[0] = i;
+        tile_s[1] = row0;
+        tile_s[2] = min(kTileRows, p.expert_offsets[i + 1] - row0);
+      }
     }
   }
   __syncthreads();
   const int e = tile_s[0];
-  if (e < 0) return;  // past the routed tiles (the grid is sized from shapes)
+  if (e < 0) {  // past the routed tiles (the grid is sized from shapes)
+    if (!waited) pdl_begin();
+    return;
+  }
   const int tile_row0 = tile_s[1], tile_rows = tile_s[2];
 
   // The CTA's two 16-row weight blocks: first row and valid rows of each.
@@ -365,9 +463,14 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
     // before it.
     int my_slot = -1;
     if constexpr (kLora) {
-      if (static_cast<int>(threadIdx.x) < rows) my_slot = p.row_slot[row0 + threadIdx.x];
+      if (static_cast<int>(threadIdx.x) < rows)
+        my_slot = routed ? local_slot_s[g0 + threadIdx.x] : p.row_slot[row0 + threadIdx.x];
     }
-    gemv_rows(X, p.K, p.K, row0, rows, w, vec, red);
+    gemv_rows(X, p.K, p.K, row0, rows, routed ? token_s + g0 : nullptr, w, vec, red);
+    if (!waited) {  // routed: before t (the routing's pending marks) and the epilogue
+      pdl_begin();
+      waited = true;
+    }
     if constexpr (kLora) {
       if (threadIdx.x < kPassRows) slot_s[threadIdx.x] = my_slot;
       __syncthreads();
@@ -402,6 +505,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
     }
     __syncthreads();  // red, delta_s and slot_s are rewritten by the next pass
   }
+  if (!waited) pdl_begin();  // (the loop above runs at least once)
 }
 
 template <typename T, bool kGated, bool kLora>
@@ -429,6 +533,10 @@ cudaError_t launch_typed(const ExpertGemvParams& p, cudaStream_t stream) {
 cudaError_t launch_expert_gemv(const ExpertGemvParams& p, cudaStream_t stream) {
   if (p.max_rows == 0 || p.N == 0) return cudaSuccess;
   if (p.gated && p.N % 2 != 0) return cudaErrorInvalidValue;
+  // The routing beside fc1: the few-pairs routing's order, one pair per lane (route_locally).
+  if (p.topk_ids.data != nullptr &&
+      (p.k <= 0 || p.T <= 0 || p.T * p.k > kFewPairsMax || p.T * p.k != p.max_rows || p.S + 1 != p.seg_per_expert))
+    return cudaErrorInvalidValue;
   if (p.lora_A != nullptr && (p.R <= 0 || p.R > kLoraMaxRank || p.lora_k_splits < 1 || p.lora_B == nullptr ||
                               p.lora_t == nullptr ||
                               p.row_slot == nullptr || p.lora_tile_prefix == nullptr ||

@@ -723,6 +723,11 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const int few_pairs_max = env_zero("MOELORA_ROUTING_FEW_PAIRS") ? 0 : mc::kFewPairsMax;
   const bool gather_in_routing = mc::routing_can_gather(pairs, nbuckets, few_pairs_max) &&
                                  (decode || !env_zero("MOELORA_ROUTING_GATHER"));
+  // Decode with at most few_pairs_max pairs: the routing runs beside fc1's GEMV, which finds its rows from the ids
+  // itself and reads the tokens' rows (expert_gemv.cu, NOTES.md v29), so the routing writes the row maps but
+  // copies no rows. MOELORA_DECODE_ROUTING_BESIDE=0 keeps fc1 after the routing, on its gathered rows (to compare).
+  const bool routing_beside_fc1 =
+      decode && gather_in_routing && pairs <= few_pairs_max && !env_zero("MOELORA_DECODE_ROUTING_BESIDE");
   // fc1's LoRA shrink on the second stream beside the permute's copy; it reads token rows.
   const bool beside_permute = use_shrink_beside_permute(serial_lora, gather_in_routing);
   // Each sorted row's token, recorded by the permute, for fc1's LoRA shrink (ShrinkRows).
@@ -764,7 +769,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   }
   rp.few_pairs_max = few_pairs_max;
   if (gather_in_routing) {
-    rp.gather_hidden = x.data_ptr(); rp.gather_permuted = permuted.data_ptr();
+    rp.gather_hidden = x.data_ptr(); rp.gather_permuted = routing_beside_fc1 ? nullptr : permuted.data_ptr();
     rp.gather_pair_row = pair_row.data_ptr<int>(); rp.H = H;
     rp.gather_row_slot = need_row_slot ? row_slot.data_ptr<int>() : nullptr;
     rp.gather_row_token = token_rows_shrink ? row_token.data_ptr<int>() : nullptr;
@@ -862,7 +867,13 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
                    static_cast<int>(lora_tile_capacity), row_slot, scale_ptr, d, 2 * I, H, gemv);
     gemv.X = permuted.data_ptr(); gemv.W = w13c.data_ptr(); gemv.D = h.data_ptr();
     gemv.N = 2 * I; gemv.K = H; gemv.gated = true;
+    if (routing_beside_fc1) {
+      gemv.X = x.data_ptr();  // the tokens' rows
+      gemv.topk_ids = rp.topk_ids; gemv.token_slots = rp.token_slots;
+      gemv.T = rp.T; gemv.k = rp.k; gemv.S = S;
+    }
     C10_CUDA_CHECK(mc::launch_expert_gemv(gemv, stream));
+    gemv.topk_ids = {};  // fc2 reads the routing's tables
   } else {
     const GatedExpandOut gated{&h, act};
     if (overlap) {

@@ -263,7 +263,8 @@ __global__ void __launch_bounds__(kFewPairsThreads) routing_few_pairs_kernel(Rou
   for (int i = threadIdx.x; i < p.fill_count; i += blockDim.x) p.fill_words[i] = p.fill_value;
   // The gather's first piece of this warp's first row (pair `warp`), loaded before the routing: the source row
   // is the pair's token, known without it, so this load overlaps the ids' round trip.
-  const bool gather = p.gather_permuted != nullptr;
+  const bool gather = p.gather_permuted != nullptr;  // the rows; the maps too when only gather_pair_row is set
+  const bool maps = p.gather_pair_row != nullptr;
   const int nvec = p.H / 8;
   uint4 first_piece[kCopyInFlight];
   if (gather && warp < pairs) {
@@ -341,13 +342,13 @@ __global__ void __launch_bounds__(kFewPairsThreads) routing_few_pairs_kernel(Rou
       for (int i = 0; i < p.gemm_table_count; ++i) write_expert_gemm_tables(p.gemm_tables[i], me, rows, rows_next - rows);
   }
 
-  if (!gather) return;
+  if (!maps) return;
   // The permute stage, one warp per pair (as permute.cu).
   for (int pair = warp; pair < pairs; pair += kFewPairsThreads / 32) {
     const int prow = __shfl_sync(0xffffffffu, row, pair);
     const int pbucket = __shfl_sync(0xffffffffu, bucket, pair);
     if (lane == 0) record_gathered_pair(p, pair, prow, pbucket);
-    if (prow < 0) continue;
+    if (prow < 0 || !gather) continue;
     const uint4* src = gather_source(p, pair);
     uint4* dst = gather_target(p, prow);
     int done = 0;
@@ -368,6 +369,9 @@ cudaError_t launch_routing(const RoutingParams& p, cudaStream_t stream) {
   const size_t nbuckets = static_cast<size_t>(p.E) * (p.S + 1);
   if (p.fill_count < 0 || (p.fill_count > 0 && p.fill_words == nullptr)) return cudaErrorInvalidValue;
   if (p.few_pairs_max < 0 || p.few_pairs_max > kFewPairsMax) return cudaErrorInvalidValue;
+  // The maps without the rows: the few-pairs kernel's alone.
+  if (p.gather_permuted == nullptr && p.gather_pair_row != nullptr && pairs > p.few_pairs_max)
+    return cudaErrorInvalidValue;
   if (pairs <= p.few_pairs_max) return launch_kernel(routing_few_pairs_kernel, 1, kFewPairsThreads, 0, stream, p);
   if (routing_in_one_kernel(pairs, static_cast<int64_t>(nbuckets), p.few_pairs_max)) {
     if (p.gather_permuted == nullptr) return launch_kernel(routing_one_kernel<16>, 1, kPlanThreads, 0, stream, p);

@@ -49,7 +49,8 @@ struct RoutingParams {
   int lora_tile_capacity;   // segment_tiles_upper_bound(T * k, E * S)
   // Optional: the permute stage folded into a one-kernel routing (one launch less). When gather_permuted is
   // set (only when routing_can_gather), it writes pair_row, the gathered rows and the row maps as
-  // launch_permute would, with each pair's place inside its bucket in pair order.
+  // launch_permute would, with each pair's place inside its bucket in pair order. The few-pairs kernel also
+  // writes the maps alone (gather_pair_row set, gather_permuted null: fc1's decode GEMV reads the tokens' rows).
   const void* gather_hidden;  // [T, H]
   void* gather_permuted;      // [T*k, H]
   int* gather_pair_row;       // [T*k]
@@ -276,6 +277,13 @@ struct ExpertGemvParams {
   const int* lora_tile_segment;  // [lora_tile_capacity] bucket of each LoRA m-tile
   int lora_tile_capacity;
   const int* row_slot;         // [max_rows] each sorted row's adapter slot (routing / permute's row_slot)
+  // fc1 at decode with the routing beside it (topk_ids.data != nullptr; fused_moe_cuda.cpp routing_beside_fc1):
+  // each CTA finds its tile's rows from the ids itself, in the few-pairs routing's order (expert_gemv.cu
+  // route_locally), X is the tokens' rows [T, K], and the CTA waits for the routing (PDL) only after its weight
+  // stream, before it reads or writes what the routing writes (t, the row maps). At most kFewPairsMax pairs.
+  TopkIds topk_ids;
+  const int* token_slots;      // [T] or nullptr (no LoRA)
+  int T, k, S;
 };
 // What the routing writes into every element of lora_t before a GEMV launch with LoRA (RoutingParams::fill_words):
 // a NaN bit pattern that no arithmetic produces. The expand loads an element again while it still reads this.
