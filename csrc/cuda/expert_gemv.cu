@@ -272,17 +272,17 @@ __device__ __forceinline__ float load_t1(const float* ptr) {
 // over the routing's pending mark). The expand adds the ranges' t_s in order. With the routing beside fc1
 // (p.topk_ids set) the m-tile comes from route_locally, X holds the tokens' rows, and the CTA waits for the
 // routing before its first store (the routing writes the pending marks).
-template <typename T>
+template <typename T, bool kRouted>
 __device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)[2][16][kPassRows], int* tile_s,
                                 int* token_s, int* slot_s) {
-  const bool routed = p.topk_ids.data != nullptr;
+  constexpr bool routed = kRouted;
   const int rblocks = lora_rank_blocks(p.R);
   const int split = cta % p.lora_k_splits;
   cta /= p.lora_k_splits;
   const int mt = cta / rblocks, r0 = (cta % rblocks) * 32;
   const int k0 = split * lora_k_chunk(p), klen = max(0, min(lora_k_chunk(p), p.K - k0));
   int seg = -1, tile_row0 = 0, tile_rows = 0;
-  if (routed) {
+  if constexpr (routed) {
     route_locally(p, mt, true, tile_s, token_s, slot_s);
     __syncthreads();
     if (tile_s[0] >= 0) {
@@ -385,24 +385,25 @@ __device__ __forceinline__ void lora_delta(const ExpertGemvParams& p, const T* l
 
 // kLora: p.lora_A != nullptr. Its own instantiation, so that the plain GEMV's registers do not grow with the
 // shrink CTAs' code.
-template <typename T, bool kGated, ActivationKind kAct, bool kLora>
+// kRouted: fc1 with the routing beside it (p.topk_ids set), which waits for the routing only after its weight stream
+// (top of this file); an instantiation of its own, so that the other GEMVs' code is as without it.
+template <typename T, bool kGated, ActivationKind kAct, bool kLora, bool kRouted>
 __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvParams p) {
-  // fc1 with the routing beside it waits for the routing only after its weight stream (top of this file).
-  const bool routed = p.topk_ids.data != nullptr;
+  constexpr bool routed = kRouted;
   bool waited = !routed;
-  if (!routed) pdl_begin();
+  if constexpr (!routed) pdl_begin();
   __shared__ float red[kWarps][2][16][kPassRows];          // per warp: two 16-row weight blocks x the pass's rows
   __shared__ float delta_s[kLora ? 2 : 1][16][kPassRows];  // LoRA: the pass rows' expand output, scaled
   __shared__ int slot_s[kPassRows];                         // LoRA: each row's adapter slot (-1: none)
-  __shared__ int tile_s[4];                                 // the tile's expert, first row, rows (and slot)
-  __shared__ int token_s[kFewPairsMax];                     // routed: each of the tile's rows' token
-  __shared__ int local_slot_s[kFewPairsMax];                // routed: and slot
+  __shared__ int tile_s[routed ? 4 : 3];                    // the tile's expert, first row, rows (routed: slot)
+  __shared__ int token_s[routed ? kFewPairsMax : 1];        // routed: each of the tile's rows' token
+  __shared__ int local_slot_s[routed ? kFewPairsMax : 1];   // routed: and slot
 
   const int shrink_ctas = lora_shrink_ctas(p);
   int cta = blockIdx.x;
   if constexpr (kLora) {  // the first CTAs are the shrink's (see the top of this file)
     if (cta < shrink_ctas) {
-      lora_shrink_cta<T>(p, cta, red, tile_s, token_s, local_slot_s);
+      lora_shrink_cta<T, kRouted>(p, cta, red, tile_s, token_s, local_slot_s);
       return;
     }
     cta -= shrink_ctas;
@@ -413,7 +414,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
   // from the ids (one round of loads too).
   const int col_blocks = column_blocks<kGated>(p.N);
   const int tile = cta / col_blocks, cb = cta % col_blocks;
-  if (routed) {
+  if constexpr (routed) {
     route_locally(p, tile, false, tile_s, token_s, local_slot_s);
   } else {
     if (threadIdx.x == 0) tile_s[0] = -1;
@@ -508,7 +509,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
   if (!waited) pdl_begin();  // (the loop above runs at least once)
 }
 
-template <typename T, bool kGated, bool kLora>
+template <typename T, bool kGated, bool kLora, bool kRouted>
 cudaError_t launch_typed(const ExpertGemvParams& p, cudaStream_t stream) {
   const int64_t tiles_ub = segment_tiles_upper_bound(p.max_rows, p.E < p.max_rows ? p.E : p.max_rows);
   const int64_t grid = tiles_ub * column_blocks<kGated>(p.N) + lora_shrink_ctas(p);
@@ -517,15 +518,24 @@ cudaError_t launch_typed(const ExpertGemvParams& p, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(grid);
   if constexpr (kGated) {
     if (p.activation == ActivationKind::Gelu)
-      return launch_kernel(expert_gemv_kernel<T, true, ActivationKind::Gelu, kLora>, blocks, kThreads, 0, stream, p);
+      return launch_kernel(expert_gemv_kernel<T, true, ActivationKind::Gelu, kLora, kRouted>, blocks, kThreads, 0,
+                           stream, p);
   }
   // The plain epilogue has no activation: one instantiation.
-  return launch_kernel(expert_gemv_kernel<T, kGated, ActivationKind::Silu, kLora>, blocks, kThreads, 0, stream, p);
+  return launch_kernel(expert_gemv_kernel<T, kGated, ActivationKind::Silu, kLora, kRouted>, blocks, kThreads, 0,
+                       stream, p);
 }
 
+// Routed only for fc1 (the gated GEMV; launch_expert_gemv checks).
 template <typename T, bool kGated>
 cudaError_t launch_typed(const ExpertGemvParams& p, cudaStream_t stream) {
-  return p.lora_A != nullptr ? launch_typed<T, kGated, true>(p, stream) : launch_typed<T, kGated, false>(p, stream);
+  if constexpr (kGated) {
+    if (p.topk_ids.data != nullptr)
+      return p.lora_A != nullptr ? launch_typed<T, true, true, true>(p, stream)
+                                 : launch_typed<T, true, false, true>(p, stream);
+  }
+  return p.lora_A != nullptr ? launch_typed<T, kGated, true, false>(p, stream)
+                             : launch_typed<T, kGated, false, false>(p, stream);
 }
 
 }  // namespace
@@ -535,7 +545,7 @@ cudaError_t launch_expert_gemv(const ExpertGemvParams& p, cudaStream_t stream) {
   if (p.gated && p.N % 2 != 0) return cudaErrorInvalidValue;
   // The routing beside fc1: the few-pairs routing's order, one pair per lane (route_locally).
   if (p.topk_ids.data != nullptr &&
-      (p.k <= 0 || p.T <= 0 || p.T * p.k > kFewPairsMax || p.T * p.k != p.max_rows || p.S + 1 != p.seg_per_expert))
+      (!p.gated || p.k <= 0 || p.T <= 0 || p.T * p.k > kFewPairsMax || p.T * p.k != p.max_rows || p.S + 1 != p.seg_per_expert))
     return cudaErrorInvalidValue;
   if (p.lora_A != nullptr && (p.R <= 0 || p.R > kLoraMaxRank || p.lora_k_splits < 1 || p.lora_B == nullptr ||
                               p.lora_t == nullptr ||
