@@ -1090,7 +1090,9 @@ def test_decode_routing_beside_fc1_bit_identical(shape, int64_ids, pdl, monkeypa
     rows, beside the routing kernel (expert_gemv.cu route_locally; the routing writes the maps but no rows); its
     LoRA shrink CTAs likewise. MOELORA_DECODE_ROUTING_BESIDE=0 runs fc1 after the routing on its gathered rows:
     the same rows in the same order, so the same bits, with dropped ids, tokens without adapter and int64 ids.
-    pdl=1: every launch on PDL (T = 1 has it by default), so fc1 really runs while the routing does."""
+    The rule takes it where the call is launched with PDL, so that fc1 really runs while the routing does: T = 1
+    by default (pdl None), every T with MOELORA_PDL=1; at T = 2-4 without PDL both calls run fc1 after the
+    routing."""
     T, H, I, E, k, S, R = shape
     args = make_case(T, H, I, E, k, S, R, seed=90 + T + R)
     if int64_ids:

@@ -545,7 +545,8 @@ cudaError_t launch_expert_gemv(const ExpertGemvParams& p, cudaStream_t stream) {
   if (p.gated && p.N % 2 != 0) return cudaErrorInvalidValue;
   // The routing beside fc1: the few-pairs routing's order, one pair per lane (route_locally).
   if (p.topk_ids.data != nullptr &&
-      (!p.gated || p.k <= 0 || p.T <= 0 || p.T * p.k > kFewPairsMax || p.T * p.k != p.max_rows || p.S + 1 != p.seg_per_expert))
+      (!p.gated || p.k <= 0 || p.T <= 0 || p.T * p.k > kFewPairsMax || p.T * p.k != p.max_rows ||
+       p.S + 1 != p.seg_per_expert))
     return cudaErrorInvalidValue;
   if (p.lora_A != nullptr && (p.R <= 0 || p.R > kLoraMaxRank || p.lora_k_splits < 1 || p.lora_B == nullptr ||
                               p.lora_t == nullptr ||

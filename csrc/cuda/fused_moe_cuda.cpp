@@ -643,7 +643,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const int sm_count = device_attribute(cudaDevAttrMultiProcessorCount, device);
   const bool decode = use_decode_gemv(d);
   const bool pdl_tail = use_pdl_tail(device);  // the activation's and the finalize's launches (below)
-  const mc::ScopedLaunchPolicy launch_policy(use_pdl(pdl_tail, d, decode));
+  const bool pdl = use_pdl(pdl_tail, d, decode);
+  const mc::ScopedLaunchPolicy launch_policy(pdl);
   const mc::ActivationKind act = d.activation == Activation::Silu ? mc::ActivationKind::Silu : mc::ActivationKind::Gelu;
 
   const at::Tensor x = aligned_contiguous(hidden_states);
@@ -723,11 +724,14 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const int few_pairs_max = env_zero("MOELORA_ROUTING_FEW_PAIRS") ? 0 : mc::kFewPairsMax;
   const bool gather_in_routing = mc::routing_can_gather(pairs, nbuckets, few_pairs_max) &&
                                  (decode || !env_zero("MOELORA_ROUTING_GATHER"));
-  // Decode with at most few_pairs_max pairs: the routing runs beside fc1's GEMV, which finds its rows from the ids
-  // itself and reads the tokens' rows (expert_gemv.cu, NOTES.md v29), so the routing writes the row maps but
-  // copies no rows. MOELORA_DECODE_ROUTING_BESIDE=0 keeps fc1 after the routing, on its gathered rows (to compare).
-  const bool routing_beside_fc1 =
-      decode && gather_in_routing && pairs <= few_pairs_max && !env_zero("MOELORA_DECODE_ROUTING_BESIDE");
+  // Decode with at most few_pairs_max pairs, launched with PDL (T = 1 by default): the routing runs beside fc1's
+  // GEMV, which finds its rows from the ids itself and reads the tokens' rows (expert_gemv.cu), so the routing
+  // writes the row maps but copies no rows. Measured on the H100 (NOTES.md v29, graph, 100 interleaved replays,
+  // T = 1, base / R16): qwen3 -1.1 / -2.4 µs, gpt-oss +0.5 / -0.8, mixtral -0.7 / -1.3. Without PDL fc1 cannot
+  // start before the routing ends, and routing its own rows cost it 1-4 µs (T = 2 / 4).
+  // MOELORA_DECODE_ROUTING_BESIDE=0 keeps fc1 after the routing, on its gathered rows (to compare).
+  const bool routing_beside_fc1 = decode && pdl && gather_in_routing && pairs <= few_pairs_max &&
+                                  !env_zero("MOELORA_DECODE_ROUTING_BESIDE");
   // fc1's LoRA shrink on the second stream beside the permute's copy; it reads token rows.
   const bool beside_permute = use_shrink_beside_permute(serial_lora, gather_in_routing);
   // Each sorted row's token, recorded by the permute, for fc1's LoRA shrink (ShrinkRows).
