@@ -30,8 +30,6 @@
 // rows and streams its weights while the routing runs. It waits for the routing (griddepcontrol.wait) only after
 // that, before what the routing writes: the shrink's t (its pending marks), the row maps. Each CTA waits before
 // it exits, so fc1's completion still implies the routing's, which fc2 and the finalize rely on.
-#include <climits>
-
 #include "activation.cuh"
 #include "cuda_utils.cuh"
 #include "mma_operands.cuh"
@@ -167,13 +165,10 @@ __device__ void route_locally(const ExpertGemvParams& p, int tile, bool lora, in
                               int* slot_s) {
   const int lane = threadIdx.x % 32;
   const bool writer = threadIdx.x < 32;
-  const int pairs = p.T * p.k, per_expert = p.S + 1;
-  const int bucket = lane < pairs ? pair_bucket(p.topk_ids, p.token_slots, lane, p.k, p.E, p.S) : -1;
-  const int key = bucket < 0 ? INT_MAX : bucket;
-  const int expert = bucket < 0 ? INT_MAX : bucket / per_expert;
-  const unsigned earlier = (1u << lane) - 1;
-  const unsigned same_bucket = __match_any_sync(0xffffffffu, key);
-  const unsigned same_expert = __match_any_sync(0xffffffffu, expert);
+  const int pairs = p.T * p.k;
+  const FewPairsLane pl = few_pairs_lane(p.topk_ids, p.token_slots, lane, pairs, p.k, p.E, p.S);
+  const int bucket = pl.bucket, key = pl.key, expert = pl.expert;
+  const unsigned earlier = pl.earlier, same_bucket = pl.same_bucket, same_expert = pl.same_expert;
   // The lane standing for its tile: the first pair of its expert, or of its bucket with an adapter.
   const bool leads = bucket >= 0 && (lora ? (same_bucket & earlier) == 0 && bucket_slot(bucket, p.S) >= 0
                                           : (same_expert & earlier) == 0);

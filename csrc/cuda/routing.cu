@@ -275,12 +275,9 @@ __global__ void __launch_bounds__(kFewPairsThreads) routing_few_pairs_kernel(Rou
   }
 
   // Lane j: pair j. Dropped pairs (and lanes past the pairs) get key INT_MAX, above every bucket.
-  const int bucket = lane < pairs ? pair_bucket(p.topk_ids, p.token_slots, lane, p.k, p.E, p.S) : -1;
-  const int key = bucket < 0 ? INT_MAX : bucket;
-  const int expert = bucket < 0 ? INT_MAX : bucket / per_expert;
-  const unsigned earlier = (1u << lane) - 1;
-  const unsigned same_bucket = __match_any_sync(0xffffffffu, key);
-  const unsigned same_expert = __match_any_sync(0xffffffffu, expert);
+  const FewPairsLane pl = few_pairs_lane(p.topk_ids, p.token_slots, lane, pairs, p.k, p.E, p.S);
+  const int bucket = pl.bucket, key = pl.key, expert = pl.expert;
+  const unsigned earlier = pl.earlier, same_bucket = pl.same_bucket, same_expert = pl.same_expert;
   const bool first_of_expert = bucket >= 0 && (same_expert & earlier) == 0;
   // The first pair of a bucket with an adapter stands for that bucket's LoRA tile.
   const bool lora_tile = bucket >= 0 && (same_bucket & earlier) == 0 && bucket_slot(bucket, p.S) >= 0;

@@ -1,6 +1,8 @@
-// Device-side bucket of a (token, expert) pair, shared by routing.cu and permute.cu so both agree, and the
+// Device-side bucket of a (token, expert) pair, shared by routing.cu and permute.cu so both agree, the few-pairs
+// routing's per-lane view (shared with expert_gemv.cu's routed fc1), and the
 // warp row copy of the few-pairs routing's gather (routing.cu).
 #pragma once
+#include <climits>
 #include <cstdint>
 #include <cuda_runtime.h>
 
@@ -25,6 +27,26 @@ __device__ __forceinline__ int pair_bucket(TopkIds topk_ids, const int* token_sl
 
 // The adapter slot of bucket b (pair_bucket's inverse for the slot; -1: no adapter).
 __device__ __forceinline__ int bucket_slot(int bucket, int S) { return bucket % (S + 1) - 1; }
+
+// The few-pairs routing's view of one pair per lane (lane j: pair j; every lane of the warp calls it): the pair's
+// bucket, its sort key and expert (INT_MAX for dropped pairs and lanes past the pairs, above every bucket), and
+// the lanes sharing its bucket / expert. Shared by routing.cu's few-pairs kernel and expert_gemv.cu's fc1 that
+// routes its own rows beside it, so both sort the pairs alike.
+struct FewPairsLane {
+  int bucket, key, expert;
+  unsigned earlier, same_bucket, same_expert;
+};
+__device__ __forceinline__ FewPairsLane few_pairs_lane(TopkIds topk_ids, const int* token_slots, int lane, int pairs,
+                                                       int k, int E, int S) {
+  FewPairsLane l;
+  l.bucket = lane < pairs ? pair_bucket(topk_ids, token_slots, lane, k, E, S) : -1;
+  l.key = l.bucket < 0 ? INT_MAX : l.bucket;
+  l.expert = l.bucket < 0 ? INT_MAX : l.bucket / (S + 1);
+  l.earlier = (1u << lane) - 1;
+  l.same_bucket = __match_any_sync(0xffffffffu, l.key);
+  l.same_expert = __match_any_sync(0xffffffffu, l.expert);
+  return l;
+}
 
 // One warp copies nvec 16-byte vectors, 8 loads per lane in flight before their stores (a load -> store
 // loop would wait one memory round trip per 512 bytes).
