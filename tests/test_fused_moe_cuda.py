@@ -1090,9 +1090,9 @@ def test_decode_routing_beside_fc1_bit_identical(shape, int64_ids, pdl, monkeypa
     rows, beside the routing kernel (expert_gemv.cu route_locally; the routing writes the maps but no rows); its
     LoRA shrink CTAs likewise. MOELORA_DECODE_ROUTING_BESIDE=0 runs fc1 after the routing on its gathered rows:
     the same rows in the same order, so the same bits, with dropped ids, tokens without adapter and int64 ids.
-    The rule takes it where the call is launched with PDL, so that fc1 really runs while the routing does: T = 1,
-    and T = 2-4 without LoRA, by default (pdl None), every T with MOELORA_PDL=1; at T = 2-4 with LoRA and without
-    PDL both calls run fc1 after the routing."""
+    The rule takes it where the call is launched with PDL, so that fc1 really runs while the routing does (T <= 4
+    by default, pdl None; every T with MOELORA_PDL=1), at T = 1 or without LoRA; at T = 2-4 with LoRA both calls
+    run fc1 after the routing."""
     T, H, I, E, k, S, R = shape
     args = make_case(T, H, I, E, k, S, R, seed=90 + T + R)
     if int64_ids:
@@ -1310,27 +1310,27 @@ def test_routing_paths_match_reference(pairs_side, gemm_path):
     check(make_case(T, 128, 64, 16, 4, 6, 16, seed=30), torch.bfloat16)
 
 
-# decode GEMV path (PDL by default at T = 1, and at T = 2-4 without LoRA) / grouped-GEMM path (PDL by default for
-# the activation and the finalize only; T=300: the activation of the rows without an adapter after fc1's fused
+# decode GEMV path (PDL by default, T <= 4) / grouped-GEMM path (PDL by default for the activation and the
+# finalize only; T=300: the activation of the rows without an adapter after fc1's fused
 # expand, several waves)
 @pytest.mark.parametrize("T", [1, 2, 4, 40, 300])
 @pytest.mark.parametrize("lora", [False, True])
 def test_pdl_on_and_off_identical(lora, T, gemm_path, monkeypatch):
     """Programmatic dependent launch changes when kernels start, never what they compute: MOELORA_PDL=0
-    (plain launches), MOELORA_PDL=1, the default (PDL for one-token calls and decode calls without LoRA, and for
-    the activation and the finalize, which reads its rows and weights before its wait) and the default with
-    MOELORA_DECODE_BASE_PDL=0 give the same bits, eagerly and from a captured graph, with dropped ids."""
+    (plain launches), MOELORA_PDL=1, the default (PDL for the decode calls, T <= 4, and for the activation and
+    the finalize, which reads its rows and weights before its wait) and the default with MOELORA_DECODE_T2_PDL=0
+    give the same bits, eagerly and from a captured graph, with dropped ids."""
     args = make_case(T, 256, 128, 16, 4, 4 if lora else 0, 16 if lora else 0, seed=31)
     monkeypatch.setenv("MOELORA_PDL", "0")
     plain = moelora_ext.fused_moe(**args)
     monkeypatch.delenv("MOELORA_PDL")
-    monkeypatch.delenv("MOELORA_DECODE_BASE_PDL", raising=False)
+    monkeypatch.delenv("MOELORA_DECODE_T2_PDL", raising=False)
     poison_allocator()
     assert torch.equal(moelora_ext.fused_moe(**args), plain)
-    monkeypatch.setenv("MOELORA_DECODE_BASE_PDL", "0")
+    monkeypatch.setenv("MOELORA_DECODE_T2_PDL", "0")
     poison_allocator()
     assert torch.equal(moelora_ext.fused_moe(**args), plain)
-    monkeypatch.delenv("MOELORA_DECODE_BASE_PDL")
+    monkeypatch.delenv("MOELORA_DECODE_T2_PDL")
     monkeypatch.setenv("MOELORA_PDL", "1")
     poison_allocator()
     assert torch.equal(moelora_ext.fused_moe(**args), plain)

@@ -70,16 +70,17 @@ bool use_pdl_tail(int device) {
 }
 
 // PDL on every launch of the call (launch_policy.h), where use_pdl_tail holds (`pdl_tail`): MOELORA_PDL=1 always,
-// by default for the decode GEMV path at T = 1, and at T = 2-4 for calls without LoRA. Measured on the H100
-// (benchmarks/NOTES.md v5, v12, v15), graph replays, PDL against plain launches: at T = 1 the base call is 1.5-3 µs
-// faster on every shape and the call with LoRA 0-6 µs (mixtral 305 -> 299), in three runs; from 64 rows per expert
-// on it is slower (mixtral T=256 +15%, T=1024 +23%, qwen3 T=256 with LoRA +4%), up to +24% at prefill (v5). At
-// T = 2-4 it was mixed before every kernel waited before it triggered (v12: mixtral base +9 µs); since then (v30,
-// 60 interleaved replays) the base call gains 2.5-12.5 µs there on every shape, but the call with LoRA loses up to
-// 19 µs (mixtral T=4). MOELORA_DECODE_BASE_PDL=0 keeps T = 2-4 plain (to compare).
+// by default for the decode GEMV path (T <= kDecodeMaxTokens). Measured on the H100 (benchmarks/NOTES.md v5, v12,
+// v15, v30), graph replays, PDL against plain launches: at T = 1 the base call is 1.5-3 µs faster on every shape and
+// the call with LoRA 0-6 µs (mixtral 305 -> 299), in three runs; from 64 rows per expert on it is slower (mixtral
+// T=256 +15%, T=1024 +23%, qwen3 T=256 with LoRA +4%), up to +24% at prefill (v5). At T = 2-4 it was mixed before
+// every kernel waited before it triggered (v12: mixtral base +9 µs); since then (v30, four runs of 60-100
+// interleaved replays) it gains the base call 1.5-6 µs on qwen3 / gpt-oss and the call with LoRA 0.6-1.9 µs there;
+// mixtral spreads by more than that between runs (T=2 base -4..+14 µs, T=4 -1..-29 µs). MOELORA_DECODE_T2_PDL=0
+// keeps T = 2-4 plain (to compare).
 bool use_pdl(bool pdl_tail, const FusedMoeDims& d, bool decode) {
-  const bool base_decode = !d.has_lora && d.T <= mc::kDecodeMaxTokens && !env_zero("MOELORA_DECODE_BASE_PDL");
-  return pdl_tail && env_switch("MOELORA_PDL", decode && (d.T == 1 || base_decode));
+  const bool decode_pdl = decode && (d.T == 1 || (d.T <= mc::kDecodeMaxTokens && !env_zero("MOELORA_DECODE_T2_PDL")));
+  return pdl_tail && env_switch("MOELORA_PDL", decode_pdl);
 }
 
 // Contiguous and 16-byte aligned: the permute stage and the CUTLASS (TMA) GEMMs move 16-byte vectors. A view
@@ -727,16 +728,17 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   const int few_pairs_max = env_zero("MOELORA_ROUTING_FEW_PAIRS") ? 0 : mc::kFewPairsMax;
   const bool gather_in_routing = mc::routing_can_gather(pairs, nbuckets, few_pairs_max) &&
                                  (decode || !env_zero("MOELORA_ROUTING_GATHER"));
-  // Decode with at most few_pairs_max pairs, launched with PDL (T = 1, and T = 2-4 without LoRA, by default): the
+  // Decode with at most few_pairs_max pairs, launched with PDL (T <= 4 by default), at T = 1 or without LoRA: the
   // routing runs beside fc1's GEMV, which finds its rows from the ids itself and reads the tokens' rows
   // (expert_gemv.cu), so the routing writes the row maps but copies no rows. Measured on the H100 (NOTES.md v29,
   // graph, 100 interleaved replays, T = 1, base / R16): qwen3 -1.1 / -2.4 µs, gpt-oss +0.5 / -0.8, mixtral -0.7 /
   // -1.3. Without PDL fc1 cannot start before the routing ends, and routing its own rows cost it 1-4 µs (T = 2 /
-  // 4). With PDL at T = 2-4 (v30, 60 interleaved replays) it gains the base call 0-4 µs on qwen3 / gpt-oss, but the
-  // call with LoRA lost 19-24 µs at mixtral T=4 (v30 runs 1-2), one reason the rule gives those calls no PDL.
+  // 4). At T = 2-4 (PDL since v30) it gains the base call 0-4 µs on qwen3 / gpt-oss (v30, interleaved replays), but
+  // the call with LoRA lost 2-24 µs (v30 runs 1-2, mixtral T=4 most; not broken down), so with LoRA it runs at
+  // T = 1 only.
   // MOELORA_DECODE_ROUTING_BESIDE=0 keeps fc1 after the routing, on its gathered rows (to compare).
   const bool routing_beside_fc1 = decode && pdl && gather_in_routing && pairs <= few_pairs_max &&
-                                  !env_zero("MOELORA_DECODE_ROUTING_BESIDE");
+                                  (d.T == 1 || !d.has_lora) && !env_zero("MOELORA_DECODE_ROUTING_BESIDE");
   // fc1's LoRA shrink on the second stream beside the permute's copy; it reads token rows.
   const bool beside_permute = use_shrink_beside_permute(serial_lora, gather_in_routing);
   // Each sorted row's token, recorded by the permute, for fc1's LoRA shrink (ShrinkRows).
