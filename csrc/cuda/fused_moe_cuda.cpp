@@ -75,9 +75,9 @@ bool use_pdl_tail(int device) {
 // the call with LoRA 0-6 µs (mixtral 305 -> 299), in three runs; from 64 rows per expert on it is slower (mixtral
 // T=256 +15%, T=1024 +23%, qwen3 T=256 with LoRA +4%), up to +24% at prefill (v5). At T = 2-4 it was mixed before
 // every kernel waited before it triggered (v12: mixtral base +9 µs); since then (v30, four runs of 60-100
-// interleaved replays) it gains the base call 1.5-6 µs on qwen3 / gpt-oss and the call with LoRA 0.6-1.9 µs there;
-// mixtral spreads by more than that between runs (T=2 base -4..+14 µs, T=4 -1..-29 µs). MOELORA_DECODE_T2_PDL=0
-// keeps T = 2-4 plain (to compare).
+// interleaved replays) it gains the base call 1.1-6.4 µs on qwen3 / gpt-oss and the call with LoRA 0.1-1.9 µs
+// there; mixtral spreads by more than that between runs (T=2 base -7..+15 µs, LoRA +1..+3; T=4 base -1..-29, LoRA
+// -4..-11). MOELORA_DECODE_T2_PDL=0 keeps T = 2-4 plain (to compare).
 bool use_pdl(bool pdl_tail, const FusedMoeDims& d, bool decode) {
   const bool decode_pdl = decode && (d.T == 1 || (d.T <= mc::kDecodeMaxTokens && !env_zero("MOELORA_DECODE_T2_PDL")));
   return pdl_tail && env_switch("MOELORA_PDL", decode_pdl);
