@@ -1311,8 +1311,7 @@ def test_routing_paths_match_reference(pairs_side, gemm_path):
 
 
 # decode GEMV path (PDL by default, T <= 4) / grouped-GEMM path (PDL by default for the activation and the
-# finalize only; T=300: the activation of the rows without an adapter after fc1's fused
-# expand, several waves)
+# finalize only; T=300: the activation of the rows without an adapter after fc1's fused expand, several waves)
 @pytest.mark.parametrize("T", [1, 2, 4, 40, 300])
 @pytest.mark.parametrize("lora", [False, True])
 def test_pdl_on_and_off_identical(lora, T, gemm_path, monkeypatch):
