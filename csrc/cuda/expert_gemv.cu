@@ -168,10 +168,8 @@ __device__ void route_locally(const ExpertGemvParams& p, int tile, bool lora, in
   const int pairs = p.T * p.k;
   const FewPairsLane pl = few_pairs_lane(p.topk_ids, p.token_slots, lane, pairs, p.k, p.E, p.S);
   const int bucket = pl.bucket, key = pl.key, expert = pl.expert;
-  const unsigned earlier = pl.earlier, same_bucket = pl.same_bucket, same_expert = pl.same_expert;
   // The lane standing for its tile: the first pair of its expert, or of its bucket with an adapter.
-  const bool leads = bucket >= 0 && (lora ? (same_bucket & earlier) == 0 && bucket_slot(bucket, p.S) >= 0
-                                          : (same_expert & earlier) == 0);
+  const bool leads = lora ? pl.leads_lora_tile : pl.first_of_expert;
   int lower = 0, lower_expert = 0, tiles_lower = 0;
   for (int j = 0; j < pairs; ++j) {  // same trip count in every lane (the shuffles)
     const int kj = __shfl_sync(0xffffffffu, key, j);
@@ -189,7 +187,7 @@ __device__ void route_locally(const ExpertGemvParams& p, int tile, bool lora, in
   const int lead = __ffs(found) - 1;
   const int t_key = __shfl_sync(0xffffffffu, key, lead), t_expert = __shfl_sync(0xffffffffu, expert, lead);
   const int row0 = __shfl_sync(0xffffffffu, lora ? lower : lower_expert, lead);
-  const int row = lower + __popc(same_bucket & earlier);  // this pair's sorted row
+  const int row = lower + pl.rank;  // this pair's sorted row
   if (writer && (lora ? key == t_key : expert == t_expert)) {
     token_s[row - row0] = lane / p.k;
     slot_s[row - row0] = bucket_slot(bucket, p.S);
@@ -197,7 +195,7 @@ __device__ void route_locally(const ExpertGemvParams& p, int tile, bool lora, in
   if (writer && lane == lead) {
     tile_s[0] = expert;
     tile_s[1] = row0;
-    tile_s[2] = __popc(lora ? same_bucket : same_expert);
+    tile_s[2] = __popc(lora ? pl.same_bucket : pl.same_expert);
     tile_s[3] = bucket_slot(bucket, p.S);
   }
 }

@@ -277,10 +277,8 @@ __global__ void __launch_bounds__(kFewPairsThreads) routing_few_pairs_kernel(Rou
   // Lane j: pair j. Dropped pairs (and lanes past the pairs) get key INT_MAX, above every bucket.
   const FewPairsLane pl = few_pairs_lane(p.topk_ids, p.token_slots, lane, pairs, p.k, p.E, p.S);
   const int bucket = pl.bucket, key = pl.key, expert = pl.expert;
-  const unsigned earlier = pl.earlier, same_bucket = pl.same_bucket, same_expert = pl.same_expert;
-  const bool first_of_expert = bucket >= 0 && (same_expert & earlier) == 0;
-  // The first pair of a bucket with an adapter stands for that bucket's LoRA tile.
-  const bool lora_tile = bucket >= 0 && (same_bucket & earlier) == 0 && bucket_slot(bucket, p.S) >= 0;
+  const bool first_of_expert = pl.first_of_expert;
+  const bool lora_tile = pl.leads_lora_tile;  // this pair stands for its bucket's LoRA tile
 
   // This lane's pair: sorted row = pairs in lower buckets + earlier pairs of its bucket.
   int lower = 0, lora_tiles_lower = 0;
@@ -290,7 +288,7 @@ __global__ void __launch_bounds__(kFewPairsThreads) routing_few_pairs_kernel(Rou
     lower += kj < key;
     lora_tiles_lower += tj && kj < key;
   }
-  const int rank = __popc(same_bucket & earlier);
+  const int rank = pl.rank;
   const int row = bucket < 0 ? -1 : lower + rank;
   if (warp == 0 && lane < pairs) {
     p.pair_rank[lane] = bucket < 0 ? -1 : rank;

@@ -31,10 +31,14 @@ __device__ __forceinline__ int bucket_slot(int bucket, int S) { return bucket % 
 // The few-pairs routing's view of one pair per lane (lane j: pair j; every lane of the warp calls it): the pair's
 // bucket, its sort key and expert (INT_MAX for dropped pairs and lanes past the pairs, above every bucket), and
 // the lanes sharing its bucket / expert. Shared by routing.cu's few-pairs kernel and expert_gemv.cu's fc1 that
-// routes its own rows beside it, so both sort the pairs alike.
+// routes its own rows beside it, so both sort the pairs alike. Derived from those: whether the pair is the first
+// of its expert, whether it leads its bucket's LoRA tile (the first pair of a bucket with an adapter), and its rank
+// in its bucket (the earlier pairs in it: deterministic, unlike atomics).
 struct FewPairsLane {
   int bucket, key, expert;
   unsigned earlier, same_bucket, same_expert;
+  bool first_of_expert, leads_lora_tile;
+  int rank;
 };
 __device__ __forceinline__ FewPairsLane few_pairs_lane(TopkIds topk_ids, const int* token_slots, int lane, int pairs,
                                                        int k, int E, int S) {
@@ -45,6 +49,9 @@ __device__ __forceinline__ FewPairsLane few_pairs_lane(TopkIds topk_ids, const i
   l.earlier = (1u << lane) - 1;
   l.same_bucket = __match_any_sync(0xffffffffu, l.key);
   l.same_expert = __match_any_sync(0xffffffffu, l.expert);
+  l.first_of_expert = l.bucket >= 0 && (l.same_expert & l.earlier) == 0;
+  l.rank = __popc(l.same_bucket & l.earlier);
+  l.leads_lora_tile = l.bucket >= 0 && l.rank == 0 && bucket_slot(l.bucket, S) >= 0;
   return l;
 }
 
