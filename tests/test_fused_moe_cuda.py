@@ -1341,6 +1341,29 @@ def test_pdl_on_and_off_identical(lora, T, gemm_path, monkeypatch):
         assert torch.equal(static_out, plain)
 
 
+# The decode GEMVs' weight loads (expert_gemv.cu load_weight_pack): 256-byte L2 fills without an L1 line where K <=
+# 2048 (fc1 at H = 256, fc2), with one where K > 2048 (fc1 at H = 2304), or plain ld.global
+# (MOELORA_GEMV_LOAD_HINTS=0): the same bytes, so the same bits.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H", [256, 2304])
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("lora", [False, True])
+def test_gemv_load_hints_identical(lora, T, H, dtype, monkeypatch):
+    args = make_case(T, H, 128, 16, 4, 4 if lora else 0, 16 if lora else 0, dtype=dtype, seed=33)
+    monkeypatch.delenv("MOELORA_PORTABLE", raising=False)
+    monkeypatch.setenv("MOELORA_GEMV_LOAD_HINTS", "0")
+    plain = moelora_ext.fused_moe(**args)
+    monkeypatch.delenv("MOELORA_GEMV_LOAD_HINTS")
+    poison_allocator()
+    hinted = moelora_ext.fused_moe(**args)
+    assert torch.equal(hinted, plain)
+    assert rel_err(hinted, fused_moe_reference(**args)) < TOL[dtype]
+    graph, static_out = capture_graph(args)
+    static_out.fill_(float("nan"))
+    graph.replay()
+    assert torch.equal(static_out, plain)
+
+
 def _rewrite_inputs(args, seed):
     """New routing, new slot ids and new adapter weights, written in place (same storage)."""
     fresh = make_case(args["hidden_states"].shape[0], args["hidden_states"].shape[1], args["w2"].shape[2],

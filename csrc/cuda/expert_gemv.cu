@@ -86,10 +86,36 @@ __device__ __forceinline__ WeightRows<T> weight_rows(const T* W, int64_t K, cons
   return w;
 }
 
+// How the weight stream's 16-byte loads ask for their bytes (NOTES.md v31). A lane loads 16 bytes of a weight
+// row, four lanes 64 contiguous bytes, the CTA's four warps a row's 256 contiguous bytes per batch; nothing reads a
+// weight byte twice. kWeightLoadL2Fill asks the L2 to fill 256 bytes per miss (`.L2::256B`) instead of the
+// requested sectors: -15..-45 µs at mixtral T = 2 / 4, -3..-7 at gpt-oss. kWeightLoadNoL1 also leaves L1 alone
+// (`.L1::no_allocate`): at qwen3 (K <= 2048) another -3..-5 µs per call, while gpt-oss and mixtral (K 2880, 4096)
+// lose 2-6 µs with it. That threshold is fit on those three shapes; why L1 allocation matters only there is not
+// known. Both forms, as inline asm, cost the gated GEMVs 16-34 bytes of spills that the plain C++ load does not;
+// they are measured with them.
+constexpr int kWeightLoadPlain = 0, kWeightLoadL2Fill = 1, kWeightLoadNoL1 = 2;
+template <typename T, int kLoad>
+__device__ __forceinline__ Pack<T, 8> load_weight_pack(const T* src, bool vec, int valid) {
+  if constexpr (kLoad != kWeightLoadPlain) {
+    if (vec && valid == 8) {
+      Pack<T, 8> p;
+      if constexpr (kLoad == kWeightLoadL2Fill)
+        asm volatile("ld.global.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(p.w[0]), "=r"(p.w[1]), "=r"(p.w[2]), "=r"(p.w[3]) : "l"(src));
+      else
+        asm volatile("ld.global.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(p.w[0]), "=r"(p.w[1]), "=r"(p.w[2]), "=r"(p.w[3]) : "l"(src));
+      return p;
+    }
+  }
+  return load_pack<T, 8>(src, vec, valid);
+}
+
 // Sums over k < K of the pass's rows [row0, row0 + rows) of X (row stride ldx) times the CTA's weight rows,
 // into red[warp][jb][j][r] (each warp a quarter of the k blocks).
 // `row_token` (shared memory; nullptr: X's rows are the sorted rows): the X row of each of the pass's rows.
-template <typename T, int NG>
+template <typename T, int NG, int kLoad>
 __device__ __forceinline__ void gemv_pass(const T* X, int64_t ldx, int K, int row0, int rows, const int* row_token,
                                           const WeightRows<T>& w, bool vec, float (*red)[2][16][kPassRows]) {
   constexpr int U = kU<NG>;
@@ -119,7 +145,8 @@ __device__ __forceinline__ void gemv_pass(const T* X, int64_t ldx, int K, int ro
 #pragma unroll
       for (int jb = 0; jb < 2; ++jb)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) wp[u][jb][h] = load_pack<T, 8>(w.row[jb][h] + k, vec, w.valid[jb][h] ? valid : 0);
+        for (int h = 0; h < 2; ++h)
+          wp[u][jb][h] = load_weight_pack<T, kLoad>(w.row[jb][h] + k, vec, w.valid[jb][h] ? valid : 0);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u)
@@ -147,13 +174,13 @@ __device__ __forceinline__ void gemv_pass(const T* X, int64_t ldx, int K, int ro
 }
 
 // One pass over the rows [row0, row0 + rows), rows <= kPassRows: one or two 8-row groups per weight load.
-template <typename T>
+template <typename T, int kLoad>
 __device__ __forceinline__ void gemv_rows(const T* X, int64_t ldx, int K, int row0, int rows, const int* row_token,
                                           const WeightRows<T>& w, bool vec, float (*red)[2][16][kPassRows]) {
   if (rows > kRowGroup)
-    gemv_pass<T, 2>(X, ldx, K, row0, rows, row_token, w, vec, red);
+    gemv_pass<T, 2, kLoad>(X, ldx, K, row0, rows, row_token, w, vec, red);
   else
-    gemv_pass<T, 1>(X, ldx, K, row0, rows, row_token, w, vec, red);
+    gemv_pass<T, 1, kLoad>(X, ldx, K, row0, rows, row_token, w, vec, red);
 }
 
 // The tile of a CTA of fc1 with the routing beside it, found from the ids by every warp alike (only warp 0
@@ -265,7 +292,7 @@ __device__ __forceinline__ float load_t1(const float* ptr) {
 // over the routing's pending mark). The expand adds the ranges' t_s in order. With the routing beside fc1
 // (p.topk_ids set) the m-tile comes from route_locally, X holds the tokens' rows, and the CTA waits for the
 // routing before its first store (the routing writes the pending marks).
-template <typename T, bool kRouted>
+template <typename T, bool kRouted, int kLoad>
 __device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)[2][16][kPassRows], int* tile_s,
                                 int* token_s, int* slot_s) {
   constexpr bool routed = kRouted;
@@ -302,7 +329,7 @@ __device__ void lora_shrink_cta(const ExpertGemvParams& p, int cta, float (*red)
     float* t = p.lora_t + split * lora_split_stride(p);
     for (int g0 = 0; g0 < tile_rows; g0 += kPassRows) {
       const int rows = min(kPassRows, tile_rows - g0);
-      gemv_rows(X + k0, p.K, klen, tile_row0 + g0, rows, routed ? token_s + g0 : nullptr, w, vec, red);
+      gemv_rows<T, kLoad>(X + k0, p.K, klen, tile_row0 + g0, rows, routed ? token_s + g0 : nullptr, w, vec, red);
       if (!waited) {
         pdl_begin();
         waited = true;
@@ -380,7 +407,7 @@ __device__ __forceinline__ void lora_delta(const ExpertGemvParams& p, const T* l
 // shrink CTAs' code.
 // kRouted: fc1 with the routing beside it (p.topk_ids set), which waits for the routing only after its weight stream
 // (top of this file); an instantiation of its own, so that the other GEMVs' code is as without it.
-template <typename T, bool kGated, ActivationKind kAct, bool kLora, bool kRouted>
+template <typename T, bool kGated, ActivationKind kAct, bool kLora, bool kRouted, int kLoad>
 __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvParams p) {
   constexpr bool routed = kRouted;
   bool waited = !routed;
@@ -396,7 +423,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
   int cta = blockIdx.x;
   if constexpr (kLora) {  // the first CTAs are the shrink's (see the top of this file)
     if (cta < shrink_ctas) {
-      lora_shrink_cta<T, kRouted>(p, cta, red, tile_s, token_s, local_slot_s);
+      lora_shrink_cta<T, kRouted, kLoad>(p, cta, red, tile_s, token_s, local_slot_s);
       return;
     }
     cta -= shrink_ctas;
@@ -460,7 +487,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
       if (static_cast<int>(threadIdx.x) < rows)
         my_slot = routed ? local_slot_s[g0 + threadIdx.x] : p.row_slot[row0 + threadIdx.x];
     }
-    gemv_rows(X, p.K, p.K, row0, rows, routed ? token_s + g0 : nullptr, w, vec, red);
+    gemv_rows<T, kLoad>(X, p.K, p.K, row0, rows, routed ? token_s + g0 : nullptr, w, vec, red);
     if (!waited) {  // routed: before t (the routing's pending marks) and the epilogue
       pdl_begin();
       waited = true;
@@ -502,8 +529,8 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gemv_kernel(ExpertGemvPara
   if (!waited) pdl_begin();  // (the loop above runs at least once)
 }
 
-template <typename T, bool kGated, bool kLora, bool kRouted>
-cudaError_t launch_typed(const ExpertGemvParams& p, cudaStream_t stream) {
+template <typename T, bool kGated, bool kLora, bool kRouted, int kLoad>
+cudaError_t launch_with_load(const ExpertGemvParams& p, cudaStream_t stream) {
   const int64_t tiles_ub = segment_tiles_upper_bound(p.max_rows, p.E < p.max_rows ? p.E : p.max_rows);
   const int64_t grid = tiles_ub * column_blocks<kGated>(p.N) + lora_shrink_ctas(p);
   if (grid <= 0) return cudaSuccess;
@@ -511,12 +538,20 @@ cudaError_t launch_typed(const ExpertGemvParams& p, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(grid);
   if constexpr (kGated) {
     if (p.activation == ActivationKind::Gelu)
-      return launch_kernel(expert_gemv_kernel<T, true, ActivationKind::Gelu, kLora, kRouted>, blocks, kThreads, 0,
+      return launch_kernel(expert_gemv_kernel<T, true, ActivationKind::Gelu, kLora, kRouted, kLoad>, blocks, kThreads, 0,
                            stream, p);
   }
   // The plain epilogue has no activation: one instantiation.
-  return launch_kernel(expert_gemv_kernel<T, kGated, ActivationKind::Silu, kLora, kRouted>, blocks, kThreads, 0,
+  return launch_kernel(expert_gemv_kernel<T, kGated, ActivationKind::Silu, kLora, kRouted, kLoad>, blocks, kThreads, 0,
                        stream, p);
+}
+
+// The weight loads' form (load_weight_pack): by K, or plain (ExpertGemvParams::weight_load_hints).
+template <typename T, bool kGated, bool kLora, bool kRouted>
+cudaError_t launch_typed(const ExpertGemvParams& p, cudaStream_t stream) {
+  if (!p.weight_load_hints) return launch_with_load<T, kGated, kLora, kRouted, kWeightLoadPlain>(p, stream);
+  return p.K <= 2048 ? launch_with_load<T, kGated, kLora, kRouted, kWeightLoadNoL1>(p, stream)
+                     : launch_with_load<T, kGated, kLora, kRouted, kWeightLoadL2Fill>(p, stream);
 }
 
 // Routed only for fc1 (the gated GEMV; launch_expert_gemv checks).

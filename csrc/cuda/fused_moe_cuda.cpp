@@ -816,6 +816,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden_states, const at::Tensor& w13
   gemv.E = E; gemv.max_rows = pairs;
   gemv.activation = act;
   gemv.dtype = to_dtype(dtype);
+  gemv.weight_load_hints = !env_zero("MOELORA_GEMV_LOAD_HINTS");
 
   // ---- 2. permute (gather rows into expert-major order) -------------------------------------------
   mc::PermuteParams pp{};
