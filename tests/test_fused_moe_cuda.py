@@ -1341,7 +1341,7 @@ def test_pdl_on_and_off_identical(lora, T, gemm_path, monkeypatch):
         assert torch.equal(static_out, plain)
 
 
-# The decode GEMVs' weight loads (expert_gemv.cu load_weight_pack): 256-byte L2 fills without an L1 line where K <=
+# The decode GEMVs' weight loads (mma_operands.cuh load_stream_pack): 256-byte L2 fills without an L1 line where K <=
 # 2048 (fc1 at H = 256, fc2), with one where K > 2048 (fc1 at H = 2304), or plain ld.global
 # (MOELORA_GEMV_LOAD_HINTS=0): the same bytes, so the same bits.
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

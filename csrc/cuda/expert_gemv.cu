@@ -86,31 +86,17 @@ __device__ __forceinline__ WeightRows<T> weight_rows(const T* W, int64_t K, cons
   return w;
 }
 
-// How the weight stream's 16-byte loads ask for their bytes (NOTES.md v31). A lane loads 16 bytes of a weight
-// row, four lanes 64 contiguous bytes, the CTA's four warps a row's 256 contiguous bytes per batch; nothing reads a
-// weight byte twice. kWeightLoadL2Fill asks the L2 to fill 256 bytes per miss (`.L2::256B`) instead of the
-// requested sectors: -15..-45 µs at mixtral T = 2 / 4, -3..-7 at gpt-oss. kWeightLoadNoL1 also leaves L1 alone
-// (`.L1::no_allocate`): at qwen3 (K <= 2048) another -3..-5 µs per call, while gpt-oss and mixtral (K 2880, 4096)
-// lose 2-6 µs with it. That threshold is fit on those three shapes; why L1 allocation matters only there is not
-// known. Both forms, as inline asm, cost the gated GEMVs 16-34 bytes of spills that the plain C++ load does not;
-// they are measured with them.
-constexpr int kWeightLoadPlain = 0, kWeightLoadL2Fill = 1, kWeightLoadNoL1 = 2;
-template <typename T, int kLoad>
-__device__ __forceinline__ Pack<T, 8> load_weight_pack(const T* src, bool vec, int valid) {
-  if constexpr (kLoad != kWeightLoadPlain) {
-    if (vec && valid == 8) {
-      Pack<T, 8> p;
-      if constexpr (kLoad == kWeightLoadL2Fill)
-        asm volatile("ld.global.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(p.w[0]), "=r"(p.w[1]), "=r"(p.w[2]), "=r"(p.w[3]) : "l"(src));
-      else
-        asm volatile("ld.global.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(p.w[0]), "=r"(p.w[1]), "=r"(p.w[2]), "=r"(p.w[3]) : "l"(src));
-      return p;
-    }
-  }
-  return load_pack<T, 8>(src, vec, valid);
-}
+// How the weight stream's 16-byte loads ask for their bytes (mma_operands.cuh load_stream_pack; NOTES.md v31). A
+// lane loads 16 bytes of a weight row, four lanes 64 contiguous bytes, the CTA's four warps a row's 256 contiguous
+// bytes per batch; nothing reads a weight byte twice. 256-byte L2 fills (kLoadL2Fill): -15..-45 µs at mixtral
+// T = 2 / 4, -3..-7 at gpt-oss. No L1 line as well (kLoadNoL1): at qwen3 (K <= 2048) another -3..-5 µs per call,
+// while gpt-oss and mixtral (K 2880, 4096) lose 2-6 µs with it. That threshold is fit on those three shapes; why
+// L1 allocation matters only there is not known. Both forms, as inline asm, cost the gated GEMVs 16-34 bytes of
+// spills that the plain C++ load does not; they are measured with them.
+using mma_operands::kLoadL2Fill;
+using mma_operands::kLoadNoL1;
+using mma_operands::kLoadPlain;
+using mma_operands::load_stream_pack;
 
 // Sums over k < K of the pass's rows [row0, row0 + rows) of X (row stride ldx) times the CTA's weight rows,
 // into red[warp][jb][j][r] (each warp a quarter of the k blocks).
@@ -146,7 +132,7 @@ __device__ __forceinline__ void gemv_pass(const T* X, int64_t ldx, int K, int ro
       for (int jb = 0; jb < 2; ++jb)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          wp[u][jb][h] = load_weight_pack<T, kLoad>(w.row[jb][h] + k, vec, w.valid[jb][h] ? valid : 0);
+          wp[u][jb][h] = load_stream_pack<T, kLoad>(w.row[jb][h] + k, vec, w.valid[jb][h] ? valid : 0);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u)
@@ -546,12 +532,12 @@ cudaError_t launch_with_load(const ExpertGemvParams& p, cudaStream_t stream) {
                        stream, p);
 }
 
-// The weight loads' form (load_weight_pack): by K, or plain (ExpertGemvParams::weight_load_hints).
+// The weight loads' form (load_stream_pack): by K, or plain (ExpertGemvParams::weight_load_hints).
 template <typename T, bool kGated, bool kLora, bool kRouted>
 cudaError_t launch_typed(const ExpertGemvParams& p, cudaStream_t stream) {
-  if (!p.weight_load_hints) return launch_with_load<T, kGated, kLora, kRouted, kWeightLoadPlain>(p, stream);
-  return p.K <= 2048 ? launch_with_load<T, kGated, kLora, kRouted, kWeightLoadNoL1>(p, stream)
-                     : launch_with_load<T, kGated, kLora, kRouted, kWeightLoadL2Fill>(p, stream);
+  if (!p.weight_load_hints) return launch_with_load<T, kGated, kLora, kRouted, kLoadPlain>(p, stream);
+  return p.K <= 2048 ? launch_with_load<T, kGated, kLora, kRouted, kLoadNoL1>(p, stream)
+                     : launch_with_load<T, kGated, kLora, kRouted, kLoadL2Fill>(p, stream);
 }
 
 // Routed only for fc1 (the gated GEMV; launch_expert_gemv checks).

@@ -65,4 +65,26 @@ __device__ __forceinline__ Pack<T, V> load_pack(const T* src, bool vec, int vali
   return p;
 }
 
+// A streamed operand's 16-byte load (a weight row read once): how it asks for its bytes. kLoadL2Fill asks the L2 for
+// 256-byte fills (`.L2::256B`) instead of the requested sectors; kLoadNoL1 also allocates no L1 line
+// (`.L1::no_allocate`). The data is the same; what they change is measured (expert_gemv.cu, benchmarks/NOTES.md v31;
+// on the LoRA few-rows kernels' adapter loads they changed nothing, v31).
+constexpr int kLoadPlain = 0, kLoadL2Fill = 1, kLoadNoL1 = 2;
+template <typename T, int kLoad>
+__device__ __forceinline__ Pack<T, 8> load_stream_pack(const T* src, bool vec, int valid) {
+  if constexpr (kLoad != kLoadPlain) {
+    if (vec && valid == 8) {
+      Pack<T, 8> p;
+      if constexpr (kLoad == kLoadL2Fill)
+        asm volatile("ld.global.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(p.w[0]), "=r"(p.w[1]), "=r"(p.w[2]), "=r"(p.w[3]) : "l"(src));
+      else
+        asm volatile("ld.global.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(p.w[0]), "=r"(p.w[1]), "=r"(p.w[2]), "=r"(p.w[3]) : "l"(src));
+      return p;
+    }
+  }
+  return load_pack<T, 8>(src, vec, valid);
+}
+
 }  // namespace moelora::cuda::mma_operands

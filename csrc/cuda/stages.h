@@ -285,7 +285,7 @@ struct ExpertGemvParams {
   const int* token_slots;      // [T] or nullptr (no LoRA)
   int T, k, S;
   // false: the weight stream's loads as plain ld.global (MOELORA_GEMV_LOAD_HINTS=0), instead of with 256-byte L2
-  // fills and, where K <= 2048, no L1 line (expert_gemv.cu load_weight_pack; NOTES.md v31).
+  // fills and, where K <= 2048, no L1 line (mma_operands.cuh load_stream_pack; NOTES.md v31).
   bool weight_load_hints = true;
 };
 // What the routing writes into every element of lora_t before a GEMV launch with LoRA (RoutingParams::fill_words):
