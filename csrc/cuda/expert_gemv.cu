@@ -524,12 +524,12 @@ cudaError_t launch_with_load(const ExpertGemvParams& p, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(grid);
   if constexpr (kGated) {
     if (p.activation == ActivationKind::Gelu)
-      return launch_kernel(expert_gemv_kernel<T, true, ActivationKind::Gelu, kLora, kRouted, kLoad>, blocks, kThreads, 0,
-                           stream, p);
+      return launch_kernel(expert_gemv_kernel<T, true, ActivationKind::Gelu, kLora, kRouted, kLoad>, blocks,
+                           kThreads, 0, stream, p);
   }
   // The plain epilogue has no activation: one instantiation.
-  return launch_kernel(expert_gemv_kernel<T, kGated, ActivationKind::Silu, kLora, kRouted, kLoad>, blocks, kThreads, 0,
-                       stream, p);
+  return launch_kernel(expert_gemv_kernel<T, kGated, ActivationKind::Silu, kLora, kRouted, kLoad>, blocks,
+                       kThreads, 0, stream, p);
 }
 
 // The weight loads' form (load_stream_pack): by K, or plain (ExpertGemvParams::weight_load_hints).
